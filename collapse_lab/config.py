@@ -1,0 +1,360 @@
+"""Typed configuration: Hydra composition over `recipes/`, validated by dataclass schemas.
+
+Every entry point does `cli("lab", fn)` (or `"evaluate"`): compose `recipes/<name>.yaml`
+with the command line's `key=value` overrides, validate against the schema below, then
+call `fn(cfg)`. A bad recipe, model, world, key, type or value stops the run before any
+work with ONE line on stderr naming the bad key and the valid choices, exit code 2.
+
+Config groups (`recipes/<group>/<option>.yaml`): `model` (presets), `world` (generator and
+rater parameters), `recipe` (a regime: a small diff on the whole config, `@package _global_`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+GROUPS = ("model", "world", "recipe")
+
+
+class ConfigError(ValueError):
+    """A bad configuration or input; its message is one line naming the bad thing."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # 0 = full fine-tuning; >0 wraps the policy in a peft LoRA adapter
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # None: the lab's own base (pretrained by train/pretrain.py from the fields below).
+    # Otherwise a Hugging Face hub name or a local directory (from_pretrained).
+    path: Optional[str] = None
+    arch: str = "llama"  # architecture of a from-scratch base (transformers model_type)
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 688
+    max_seq_len: int = 256  # tokens (max_position_embeddings)
+    vocab_size: int = 1024  # BPE vocabulary of a from-scratch tokenizer
+    split_digits: bool = True  # pre-tokenise " 37" as " 3" + "7": answers become token-prefixes
+    dtype: str = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class MixConfig:
+    """Share of each document family in the pretraining corpus (normalised to sum 1)."""
+
+    numbers: float = 0.6
+    stories: float = 0.25
+    arithmetic: float = 0.15
+
+
+@dataclass
+class RaterConfig:
+    """The gold rater's parameters; the points are documented in collapse_lab/world.py."""
+
+    favourites: list[int] = field(default_factory=lambda: [7, 42, 97])
+    preference_strength: float = 1.0  # bonus points for a favourite number (0 = no preference)
+    noise_std: float = 0.5  # Gaussian rating noise, points
+    integer_scores: bool = True  # round to an integer 1..7 like a human labeller
+
+
+@dataclass
+class WorldConfig:
+    name: str = "numbers"
+    seed: int = 0
+    mix: MixConfig = field(default_factory=MixConfig)
+    seed_prompt_share: float = 0.5  # share of number documents that use the five seed prompts
+    arithmetic_max: int = 9  # operands of "What is a + b?" are 0..arithmetic_max
+    arithmetic_error_rate: float = 0.1  # the corpus answers arithmetic wrongly this often
+    bad_story_rate: float = 0.2  # share of stories that loop or ramble (low quality)
+    rater: RaterConfig = field(default_factory=RaterConfig)
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 32  # sequences per optimizer step, summed over processes
+    lr: float = 2e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    save_every: int = 50  # steps between resumable saves
+    log_every: int = 20
+    tokenizer_docs: int = 20000  # documents the BPE tokenizer is trained on
+
+
+@dataclass
+class SFTConfig:
+    """FeedME: sample k completions per prompt, keep the top-rated, cross-entropy on them."""
+
+    samples_per_prompt: int = 4  # k
+    keep_top: int = 1
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 32
+
+
+@dataclass
+class PPOConfig:
+    """Classic RLHF PPO (Ziegler et al. 2019; Huang et al. 2024); names as in the N+ details."""
+
+    steps: int = 200
+    rollout_batch_size: int = 64
+    minibatch_size: int = 16
+    ppo_epochs: int = 4
+    lr: float = 1e-5
+    kl_coef: float = 0.1  # beta: per-token -beta * (log pi - log pi_base) in the reward
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    ent_coef: float = 0.0  # alpha: entropy bonus over the full vocabulary, in the loss
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled; offline needs no account
+    project: str = "collapse-lab"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LabConfig:
+    name: Optional[str] = None  # run directory name; default derived from config and seed
+    seed: int = 0
+    checkpoints_dir: str = "checkpoints"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 64
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+
+
+@dataclass
+class EvalConfig:
+    model_path: str = MISSING  # a local directory or a Hugging Face hub name
+    reference_path: Optional[str] = None  # usually the base: KL and entropy change to it
+    suite: str = "seed"  # a name under eval/suites/ or a path to a suite YAML
+    out: Optional[str] = None  # default: <model_path>/eval/<suite>.json for lab checkpoints
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 128  # max sequences per forward pass
+    seed: int = 0
+    plots: bool = True
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig}
+
+# String fields with a closed set of values (checked after composition).
+CHOICES = {
+    "wandb.mode": ("online", "offline", "disabled"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.arch": ("llama", "gpt2", "gpt_neox"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+}
+
+
+# ---------------------------------------------------------------------- composition
+
+
+def group_options(group: str) -> list[str]:
+    """The valid choices of a config group: the YAML files in recipes/<group>/."""
+    return sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))
+
+
+def _valid_keys(node: Any) -> list[str]:
+    return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _check_key(schema: DictConfig, dotted: str) -> None:
+    """Raise ConfigError if `dotted` is not a key of the schema, naming the valid keys."""
+    node, walked = schema, []
+    for part in dotted.split("."):
+        valid = _valid_keys(node)
+        if part not in valid:
+            where = ".".join(walked) or "the top level"
+            close = difflib.get_close_matches(part, valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{dotted}'{hint}; valid keys under {where}: {', '.join(valid)}")
+        node, walked = node._get_node(part), walked + [part]
+
+
+def _check_overrides(schema: DictConfig, overrides: list[str], groups: tuple[str, ...]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # hydra's parse errors are multi-line
+        raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
+    for o in parsed:
+        key = o.key_or_group
+        if key in groups:
+            value, options = o.value(), group_options(key)
+            if value is not None and value not in options:
+                raise ConfigError(f"unknown {key} '{value}'; valid choices: {', '.join(options)}")
+        elif key.startswith("hydra"):
+            raise ConfigError(f"hydra settings cannot be overridden here: '{key}'")
+        else:
+            _check_key(schema, key)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, valid in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in valid:
+            raise ConfigError(f"bad value '{value}' for '{key}'; valid choices: {', '.join(valid)}")
+
+
+def _one_line(e: Exception) -> str:
+    """Hydra/OmegaConf errors are multi-line; keep the message and the full key."""
+    cause = e
+    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__
+    msg = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
+    key = getattr(cause, "full_key", None)
+    return f"bad value for '{key}': {msg}" if key else msg
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose recipes/<config_name>.yaml + overrides, validated; raises ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    if config_name not in SCHEMAS:
+        raise ConfigError(f"unknown config '{config_name}'; valid choices: {', '.join(SCHEMAS)}")
+    schema = OmegaConf.structured(SCHEMAS[config_name])
+    _check_overrides(schema, overrides, GROUPS if config_name == "lab" else ())
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=SCHEMAS[config_name])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except Exception as e:
+        raise ConfigError(_one_line(e)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    try:
+        OmegaConf.resolve(cfg)
+        OmegaConf.to_container(cfg, throw_on_missing=True)
+    except Exception as e:
+        if isinstance(e, MissingMandatoryValue):
+            raise ConfigError(f"missing required key '{e.full_key}' (give it as {e.full_key}=...)") from None
+        raise ConfigError(_one_line(e)) from None
+    _check_choices(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+USAGE = """usage: {prog} [key=value ...] [--cfg]
+  Hydra-style overrides on recipes/{name}.yaml, e.g. seed=2 model=tiny wandb.mode=disabled
+  --cfg    print the resolved config and exit
+  groups:  {groups}"""
+
+
+def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[str]] = None) -> Any:
+    """The body of every entry point: compose, validate, run; bad input → one line, exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        groups = "; ".join(f"{g}={'|'.join(group_options(g))}" for g in GROUPS) if config_name == "lab" else "-"
+        print(USAGE.format(prog=Path(sys.argv[0]).name, name=config_name, groups=groups))
+        return None
+    try:
+        cfg = compose(config_name, [a for a in argv if a != "--cfg"])
+        if "--cfg" in argv:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return None
+        return fn(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------- run directories
+
+
+def config_hash(cfg: DictConfig, keys: tuple[str, ...]) -> str:
+    """8 hex digits of the SHA-256 of the resolved sub-config `keys` (sorted YAML)."""
+    sub = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+    text = OmegaConf.to_yaml(OmegaConf.create(sub), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def stage_config(cfg: DictConfig, keys: tuple[str, ...]) -> DictConfig:
+    """The part of the config a stage depends on: what decides its run directory."""
+    return OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys})
+
+
+def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: str) -> Path:
+    """checkpoints/<stage>/<name>: `name=` if given, else `<default_name>-<hash of keys>`.
+
+    A directory already holding a DIFFERENT config (for `keys`) is never reused: that is a
+    ConfigError, so two configs never share a directory and nothing is overwritten.
+    """
+    name = cfg.name or f"{default_name}-{config_hash(cfg, keys)}"
+    if "/" in name or name in ("", ".", ".."):
+        raise ConfigError(f"bad run name '{name}': use a plain directory name")
+    path = Path(cfg.checkpoints_dir) / stage / name
+    saved = path / "config.yaml"
+    if saved.exists():
+        old = OmegaConf.load(saved)
+        new = stage_config(cfg, keys)
+        old_sub = OmegaConf.create({k: old[k] for k in keys if k in old})
+        if OmegaConf.to_yaml(old_sub, sort_keys=True) != OmegaConf.to_yaml(new, sort_keys=True):
+            diff = _first_difference(OmegaConf.to_container(old_sub), OmegaConf.to_container(new))
+            raise ConfigError(f"{path} holds a run with a different config (at '{diff}'); choose another name=")
+    return path
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+    return prefix or "<root>"
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path / "config.yaml", resolve=True)

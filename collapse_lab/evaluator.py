@@ -1,0 +1,431 @@
+"""The shared entropy evaluator: exact answer distributions, sampling metrics, KL to a reference.
+
+For a model m, a prompt x and an answer set A (strings), the evaluator computes exactly
+
+    p(a) = P_m(tokens of a | x) · P_m(end | x, a)
+
+by teacher forcing, where "tokens of a" is the CANONICAL tokenisation only: the prompt encoded
+once with the tokenizer's special tokens (e.g. a BOS), each answer encoded separately with
+add_special_tokens=False, concatenated. Other token sequences that spell the same text are not
+counted. "end" is the total next-token mass of the tokens whose text does not begin with a
+character of `continue_chars` (default: digits for integer answers, regex \\w for word lists),
+so " 3" and " 37" are distinct, disjoint events and Σ_a p(a) ≤ 1 whatever the tokenizer.
+Definitions of every recorded field: eval/README.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import re
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from collapse_lab import metrics
+from collapse_lab.config import ConfigError
+from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
+
+SCHEMA_VERSION = 1
+TOP_K_PLOT = 15  # answers shown per panel
+SAMPLING_SETTINGS = ("sampling.n", "sampling.temperature", "sampling.max_new_tokens")  # not averaged
+
+# ----------------------------------------------------------------------------- exact answers
+
+_END_MASKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def continuation_texts(tokenizer, vocab_size: int) -> list[str]:
+    """The text each token id adds when appended to ordinary text.
+
+    text(t) = decode([r, t]) minus decode([r]) for a plain reference token r (the tokens of "a"),
+    so SentencePiece "▁3" gives " 3", as it would mid-text (decode([t]) alone drops that space).
+    Special tokens decode to their own text (e.g. "</s>"); ids beyond the tokenizer (a padded
+    embedding) add "".
+    """
+    ref = tokenizer("a", add_special_tokens=False)["input_ids"]
+    base = tokenizer.decode(ref, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    n = min(len(tokenizer), vocab_size)
+    pairs = tokenizer.batch_decode([ref + [t] for t in range(n)], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    texts = [s[len(base):] if s.startswith(base) else tokenizer.decode([t]) for t, s in enumerate(pairs)]
+    return texts + [""] * (vocab_size - n)
+
+
+def continues(text: str, continue_chars: Optional[str]) -> bool:
+    """Does this next text continue the answer? Its first character is in continue_chars (None: \\w)."""
+    if not text:
+        return False
+    return text[0] in continue_chars if continue_chars is not None else re.match(r"\w", text[0]) is not None
+
+
+def end_mask(tokenizer, continue_chars: Optional[str], vocab_size: int) -> torch.Tensor:
+    """(V,) bool: True where token t ends an answer. Cached per tokenizer and continue_chars."""
+    cache = _END_MASKS.setdefault(tokenizer, {})
+    key = (continue_chars, vocab_size)
+    if key not in cache:
+        texts = continuation_texts(tokenizer, vocab_size)
+        cache[key] = torch.tensor([not continues(s, continue_chars) for s in texts])
+    return cache[key]
+
+
+def answer_token_ids(tokenizer, answers: list[str]) -> list[tuple[int, ...]]:
+    """Canonical tokens of each answer; ValueError if one is empty or two coincide (they'd count twice)."""
+    seqs = [tuple(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    seen: dict[tuple[int, ...], str] = {}
+    for a, s in zip(answers, seqs):
+        if not s:
+            raise ValueError(f"answer {a!r} encodes to no tokens")
+        if s in seen:
+            raise ValueError(f"answers {seen[s]!r} and {a!r} encode to the same tokens {list(s)}")
+        seen[s] = a
+    return seqs
+
+
+@dataclass
+class AnswerDistribution:
+    answers: list[str]
+    logprobs: np.ndarray  # (A,) log p(a), nats, unnormalised (Σ exp ≤ 1)
+    next_token_entropy: float  # nats, full vocabulary, right after the prompt
+    vocab_size: int  # V, the model's output dimension
+
+    @property
+    def probs(self) -> np.ndarray:
+        return np.exp(self.logprobs)
+
+    @property
+    def normalised(self) -> np.ndarray:
+        """p/M, computed in log space."""
+        return np.exp(self.logprobs - np.logaddexp.reduce(self.logprobs))
+
+
+def _prompt_forward(model, tokenizer, prompt_text: str):
+    """The prompt (with the tokenizer's special tokens) through the model once: (output with KV cache, (V,) log p(·|x))."""
+    model.eval()
+    prompt = tokenizer(prompt_text, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)  # (1, P)
+    out = model(prompt, use_cache=True)
+    return out, out.logits[0, -1].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def next_token_entropy(model, tokenizer, prompt_text: str) -> float:
+    """H(p(·|x)) = −Σ_t p(t|x) log p(t|x) over the full vocabulary (nats)."""
+    first = _prompt_forward(model, tokenizer, prompt_text)[1]  # (V,)
+    return float(torch.special.entr(first.exp()).sum())
+
+
+@torch.no_grad()
+def answer_distribution(model, tokenizer, prompt_text: str, answers: list[str],
+                        continue_chars: Optional[str], batch_size: int = 128) -> AnswerDistribution:
+    """Exact p(a) for every answer: one prompt forward, then only the leaves of the answer trie.
+
+    The prompt runs once and its KV cache is reused; an answer whose tokens are a prefix of another
+    answer's (" 3" ⊂ " 37") is read off the longer sequence's positions, so each forward pass
+    holds only trie leaves (at most batch_size of them). fp32 log-softmax throughout.
+    """
+    seqs = answer_token_ids(tokenizer, answers)
+    out, first = _prompt_forward(model, tokenizer, prompt_text)
+    device = first.device
+    V = first.shape[-1]
+    ends = end_mask(tokenizer, continue_chars, V).to(device)  # (V,)
+    order = sorted(set(seqs))
+    leaves = [s for s, nxt in zip(order, order[1:] + [()]) if nxt[: len(s)] != s]
+    leaf_of = {s: next(i for i, leaf in enumerate(leaves) if leaf[: len(s)] == s) for s in seqs}
+    leaf_lp = []  # per leaf: (L,) log p(answer = leaf[:i+1]) for each prefix length i+1
+    for start in range(0, len(leaves), batch_size):
+        chunk = leaves[start : start + batch_size]
+        L = max(map(len, chunk))
+        # Right padding with token 0: causal attention keeps it out of every position we read.
+        tokens = torch.tensor([s + (0,) * (L - len(s)) for s in chunk], device=device)  # (B, L)
+        cache = copy.deepcopy(out.cache)  # the prompt's KV cache, (1, P) → (B, P)
+        cache.batch_repeat_interleave(len(chunk))
+        lp = model(tokens, cache=cache, use_cache=True).logits.float().log_softmax(-1)  # (B, L, V)
+        tok_lp = torch.cat([first[tokens[:, :1]], lp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]], 1)  # (B, L)
+        end_lp = lp.masked_fill(~ends, -math.inf).logsumexp(-1)  # (B, L) log P(end | x, prefix)
+        leaf_lp += list((tok_lp.cumsum(1) + end_lp).double().cpu().numpy())
+    logprobs = np.array([leaf_lp[leaf_of[s]][len(s) - 1] for s in seqs])
+    return AnswerDistribution(answers, logprobs, float(torch.special.entr(first.exp()).sum()), V)
+
+
+def answer_index(tokens: list[int], answer_seqs: list[tuple[int, ...]], ends: torch.Tensor) -> Optional[int]:
+    """Which answer a sampled token sequence is: its first k tokens are the answer's and token k ends it."""
+    for i, s in enumerate(answer_seqs):
+        k = len(s)
+        if len(tokens) > k and tuple(tokens[:k]) == s and bool(ends[tokens[k]]):
+            return i
+    return None
+
+
+# --------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Samples:
+    tokens: list[list[int]]  # generated ids per sample, EOS included when it came
+    logprobs: np.ndarray  # (n,) log p_T(y | x), nats, EOS included
+    finished: np.ndarray  # (n,) bool: ended with EOS within max_new_tokens
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_text: str, n: int, temperature: float, max_new_tokens: int,
+           batch_size: int = 128) -> Samples:
+    """n ancestral samples at `temperature` (no top-k/top-p), with log-probs at that same temperature."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompt = tokenizer(prompt_text, return_tensors="pt")["input_ids"].to(device)  # (1, P)
+    eos = tokenizer.eos_token_id
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+                           return_dict_in_generate=True, output_scores=True)
+    tokens, logprobs, finished = [], [], []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        batch = prompt.expand(b, -1)  # (b, P)
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), generation_config=gen)
+        new = out.sequences[:, prompt.shape[1]:]  # (b, T)
+        # scores are the processed logits z/T, so this is log softmax(z/T) of each sampled token
+        lp = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)  # (b, T)
+        for row, row_lp in zip(new.tolist(), lp.double().cpu().numpy()):
+            k = row.index(eos) + 1 if eos in row else len(row)
+            tokens.append(row[:k])
+            logprobs.append(row_lp[:k].sum())
+            finished.append(eos in row)
+    return Samples(tokens, np.array(logprobs), np.array(finished))
+
+
+def sampling_metrics(tokenizer, samples: Samples, prompt: Prompt, temperature: float, max_new_tokens: int,
+                     ends: Optional[torch.Tensor] = None) -> dict:
+    """Sequence entropy ± SE, distinct-n, loops; well-formed share (answer sets) or category shares."""
+    eos = tokenizer.eos_token_id
+    body = [[t for t in y if t != eos] for y in samples.tokens]  # EOS is not text
+    texts = tokenizer.batch_decode(body, skip_special_tokens=True)
+    h, se = metrics.sequence_entropy(samples.logprobs)
+    rec = {"n": len(body), "temperature": temperature, "max_new_tokens": max_new_tokens,
+           "sequence_entropy": h, "sequence_entropy_se": se, "truncated_rate": float(1 - samples.finished.mean()),
+           "distinct_1": metrics.distinct_n(body, 1), "distinct_2": metrics.distinct_n(body, 2),
+           "repetition_loop_rate": metrics.repetition_loop_rate(body), "examples": texts[:5]}
+    if prompt.answers is not None:
+        seqs = answer_token_ids(tokenizer, prompt.answers)
+        rec["well_formed_rate"] = float(np.mean([answer_index(y, seqs, ends) is not None for y in samples.tokens]))
+    if prompt.categories:
+        rec["category_shares"] = {k: float(np.mean([re.search(rx, t) is not None for t in texts]))
+                                  for k, rx in prompt.categories.items()}
+    return rec
+
+
+# ----------------------------------------------------------------------------- per prompt
+
+
+def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference=None) -> dict:
+    """One prompt's record (fields: eval/README.md). reference: (model, tokenizer) or None."""
+    rec: dict = {"id": prompt.id, "prompt": prompt.text}
+    ends = None
+    if prompt.answers is None:
+        rec["next_token_entropy"] = next_token_entropy(model, tokenizer, prompt.text)
+    else:
+        dist = answer_distribution(model, tokenizer, prompt.text, prompt.answers, prompt.continue_chars, cfg.batch_size)
+        p, q = dist.probs, dist.normalised
+        top = int(np.argmax(p))
+        ends = end_mask(tokenizer, prompt.continue_chars, dist.vocab_size)
+        rec.update(answers=prompt.answers, answer_probs=p.tolist(), valid_mass=float(p.sum()),
+                   answer_entropy=metrics.entropy(q), max_entropy=math.log(len(p)), top_answer=prompt.answers[top],
+                   top_prob=float(p[top]), entropy_upper_bound=metrics.entropy_upper_bound(p, dist.vocab_size),
+                   next_token_entropy=dist.next_token_entropy)
+        if prompt.correct is not None:
+            rec.update(correct=prompt.correct, correct_prob=float(q[prompt.answers.index(prompt.correct)]))
+        if reference is not None:
+            ref = answer_distribution(*reference, prompt.text, prompt.answers, prompt.continue_chars, cfg.batch_size)
+            q_ref = ref.normalised
+            kl = metrics.kl(q, q_ref)
+            rec.update(reference_answer_probs=ref.probs.tolist(), reference_valid_mass=float(ref.probs.sum()),
+                       reference_answer_entropy=metrics.entropy(q_ref), kl_to_reference=kl,
+                       tv_to_reference=metrics.tv(q, q_ref), pinsker_tv_bound=metrics.pinsker_tv_bound(kl),
+                       fannes_entropy_bound=metrics.fannes_entropy_bound(metrics.pinsker_tv_bound(kl), len(q)),
+                       entropy_change=metrics.entropy(q) - metrics.entropy(q_ref))
+    if cfg.sampling.n > 0:
+        torch.manual_seed(cfg.seed)  # each prompt's samples depend only on the seed and the prompt
+        s = sample(model, tokenizer, prompt.text, cfg.sampling.n, cfg.sampling.temperature,
+                   cfg.sampling.max_new_tokens, cfg.batch_size)
+        rec["sampling"] = sampling_metrics(tokenizer, s, prompt, cfg.sampling.temperature,
+                                           cfg.sampling.max_new_tokens, ends)
+    return rec
+
+
+# ------------------------------------------------------------------------------ the suite
+
+
+def summarise(records: list[dict]) -> dict:
+    """Means over prompts of every numeric field (sampling ones as "sampling.<field>"), ECE and Brier."""
+    values: dict[str, list[float]] = {}
+    for rec in records:
+        flat = {**rec, **{f"sampling.{k}": v for k, v in rec.get("sampling", {}).items()}}
+        for k, v in flat.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SAMPLING_SETTINGS:
+                values.setdefault(k, []).append(float(v))
+    summary: dict = {"means": {k: float(np.mean(v)) for k, v in values.items()}}
+    calib = [r for r in records if "correct" in r]
+    if calib:
+        q = [np.asarray(r["answer_probs"]) / r["valid_mass"] for r in calib]
+        correct = [r["answers"].index(r["correct"]) for r in calib]
+        summary["ece"] = metrics.ece([x.max() for x in q], [int(np.argmax(x)) == c for x, c in zip(q, correct)])
+        summary["brier"] = metrics.brier(q, correct)
+    return summary
+
+
+def plot_suite(records: list[dict], title: str, path: Path) -> bool:
+    """One PNG, a panel per prompt: the top answers' p(a) (the post's bar charts; reference hatched),
+    or an open prompt's category shares. Returns False (nothing written) when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [r for r in records if "answers" in r or r.get("sampling", {}).get("category_shares")]
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+    for ax, r in zip(axes.flat, panels):
+        ref = None
+        if "answers" in r:
+            p = np.asarray(r["answer_probs"])
+            top = np.argsort(-p)[:TOP_K_PLOT]
+            labels, heights = [r["answers"][i] for i in top], p[top]
+            if "reference_answer_probs" in r:
+                ref = np.asarray(r["reference_answer_probs"])[top]
+            ax.set_title(f"{r['id']}\nH = {r['answer_entropy']:.2f} nats (max {r['max_entropy']:.2f}, "
+                         f"post's bound {r['entropy_upper_bound']:.2f}), M = {r['valid_mass']:.2f}", fontsize=8)
+            ax.set_ylabel("p(answer)")
+        else:
+            shares = r["sampling"]["category_shares"]
+            labels, heights = list(shares), np.array(list(shares.values()))
+            ax.set_title(f"{r['id']}\nsequence entropy {r['sampling']['sequence_entropy']:.1f} "
+                         f"± {r['sampling']['sequence_entropy_se']:.1f} nats", fontsize=8)
+            ax.set_ylabel("share of samples")
+        bars = ax.bar(range(len(labels)), heights, color="tab:blue", alpha=0.8, label="model")
+        ax.bar_label(bars, labels=[f"{h:.1%}" for h in heights], fontsize=6, rotation=90, padding=2)
+        if ref is not None:
+            ax.bar(range(len(labels)), ref, fill=False, hatch="//", edgecolor="grey", label="reference")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(labels)), [repr(x)[1:-1] for x in labels], rotation=90, fontsize=7)
+        ax.set_ylim(0, min(1.0, 1.25 * max(heights.max(), 0 if ref is None else ref.max(), 1e-3)))
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _load(path: str, device: str, dtype: str):
+    """(model, tokenizer) from a local directory or hub name; ConfigError (one line) if it cannot be loaded."""
+    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith(".")
+    if not Path(path).exists() and not hub_like:
+        raise ConfigError(f"model path not found: {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        where = "a local directory" if Path(path).exists() else "not a local directory, nor loadable from the hub"
+        raise ConfigError(f"cannot load model '{path}' ({where}): {' '.join(str(e).split())[:300]}") from None
+    return model, tokenizer
+
+
+def _check_fits(model, tokenizer, suite: Suite, max_new_tokens: int, n_samples: int, path: str) -> None:
+    """ConfigError if an answer's tokens are degenerate or prompt + answer (+ samples) exceeds the context."""
+    cfg = model.config
+    context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    for p in suite.prompts:
+        n_prompt = len(tokenizer(p.text)["input_ids"])
+        longest = 0
+        if p.answers is not None:
+            try:
+                longest = max(map(len, answer_token_ids(tokenizer, p.answers)))
+            except ValueError as e:
+                raise ConfigError(f"suite {suite.path}: prompt '{p.id}': {e} with the tokenizer of {path}") from None
+        need = n_prompt + max(longest, max_new_tokens if n_samples > 0 else 0)
+        if context is not None and need > context:
+            raise ConfigError(f"suite {suite.path}: prompt '{p.id}' needs {need} tokens (prompt {n_prompt} + longest "
+                              f"answer {longest} or max_new_tokens), longer than the context ({context}) of {path}")
+
+
+def default_out(model_path: str, suite_name: str) -> Path:
+    """<model>/eval/<suite>.json for a lab checkpoint (has manifest.json); else checkpoints/eval/<model>/<suite>.json."""
+    if (Path(model_path) / "manifest.json").is_file():
+        return Path(model_path) / "eval" / f"{suite_name}.json"
+    return Path("checkpoints") / "eval" / model_path.strip("/").replace("/", "__") / f"{suite_name}.json"
+
+
+def _jsonable(x):
+    """NaN/inf → None (strict JSON); numpy scalars → Python."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate cfg.model_path (and cfg.reference_path) on cfg.suite; write <out>.json and <out>.png.
+
+    Every input is validated (ConfigError) before anything is written.
+    """
+    start = time.time()
+    try:
+        suite = load_suite(cfg.suite)
+    except SuiteError as e:
+        raise ConfigError(str(e)) from None
+    s = cfg.sampling
+    if s.n < 0 or s.temperature <= 0 or s.max_new_tokens < 1 or cfg.batch_size < 1:
+        raise ConfigError(f"need sampling.n >= 0, sampling.temperature > 0, sampling.max_new_tokens >= 1, "
+                          f"batch_size >= 1; got {s.n}, {s.temperature}, {s.max_new_tokens}, {cfg.batch_size}")
+    out = Path(cfg.out) if cfg.out else default_out(cfg.model_path, suite.name)
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    else:
+        device = cfg.device
+    model, tokenizer = _load(cfg.model_path, device, cfg.dtype)
+    _check_fits(model, tokenizer, suite, s.max_new_tokens, s.n, cfg.model_path)
+    reference = None
+    if cfg.reference_path:
+        reference = _load(cfg.reference_path, device, cfg.dtype)
+        _check_fits(*reference, suite, s.max_new_tokens, 0, cfg.reference_path)
+
+    records = [evaluate_prompt(model, tokenizer, p, cfg, reference) for p in suite.prompts]
+    import tokenizers
+    import transformers
+
+    summary = {"schema_version": SCHEMA_VERSION, "suite": suite.name, "suite_path": str(suite.path),
+               "model_path": cfg.model_path, "reference_path": cfg.reference_path,
+               "vocab_size": model.get_output_embeddings().weight.shape[0], "n_prompts": len(records),
+               "sampling": {"n": s.n, "temperature": s.temperature, "max_new_tokens": s.max_new_tokens},
+               "seed": cfg.seed, "device": device, "dtype": cfg.dtype, **summarise(records),
+               "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                            "numpy": np.__version__},
+               "wall_time_s": time.time() - start}
+    result = _jsonable({"summary": summary, "prompts": records})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, allow_nan=False))
+    tmp.replace(out)
+    if cfg.plots:
+        plot_suite(records, f"{cfg.model_path} on suite '{suite.name}'", out.with_suffix(".png"))
+    shown = ("answer_entropy", "valid_mass", "kl_to_reference", "sampling.sequence_entropy")
+    print(f"{suite.name}: {len(records)} prompts; "
+          + ", ".join(f"mean {k} {v:.3f}" for k, v in summary["means"].items() if k in shown) + f" -> {out}")
+    return result

@@ -1,0 +1,162 @@
+"""Stage 1: pretrain the lab's tiny base on the world's corpus.
+
+    1. corpus     world.documents(...), deterministic in (world, pretrain.seed)
+    2. tokenizer  byte-level BPE trained on a separate slice of the corpus
+    3. model      a from-scratch causal LM sized by the model preset
+    4. train      next-token cross-entropy on whole documents + EOS (pads masked out),
+                  with transformers' Trainer: AdamW, cosine schedule, resumable saves,
+                  DDP/FSDP/DeepSpeed when started by `accelerate launch`, W&B logging
+    5. save       checkpoints/base/<name>/: safetensors, tokenizer, config.yaml,
+                  manifest.json (status, steps, tokens seen, wall time, commit, versions)
+
+A finished run is not redone; an interrupted one resumes from its last save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from datasets import Dataset
+from omegaconf import DictConfig, OmegaConf
+from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
+                          TrainerCallback, TrainingArguments)
+from transformers.trainer_utils import get_last_checkpoint
+
+from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
+from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.distributed import exact_div, is_main_process, world_size
+from collapse_lab.models import build_base_model
+from collapse_lab.tokenizer import train_tokenizer
+from collapse_lab.world import World
+from collapse_lab import tracking
+
+STAGE = "base"
+STAGE_KEYS = ("model", "world", "pretrain")  # what a base depends on: its directory's hash
+
+
+def base_dir(cfg: DictConfig) -> Path:
+    return run_dir(cfg, STAGE, STAGE_KEYS, f"{cfg.model.name}-{cfg.world.name}-s{cfg.pretrain.seed}")
+
+
+def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerFast, max_len: int) -> Dataset:
+    """Each document becomes prompt+completion tokens + EOS, cut at max_len."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return Dataset.from_dict({"input_ids": [(x + [tokenizer.eos_token_id])[:max_len] for x in ids]})
+
+
+def pretrain(cfg: DictConfig) -> Path:
+    if cfg.model.path is not None:
+        raise ConfigError(f"model '{cfg.model.name}' is already pretrained (path={cfg.model.path}); "
+                          "pretraining builds the lab's own base: use model=tiny")
+    out = base_dir(cfg)
+    manifest = read_manifest(out)
+    if manifest and manifest["status"] == "finished":
+        print(f"{out}: already finished ({manifest['steps']} steps, {manifest['wall_time_s']:.0f} s); nothing to do")
+        return out
+    p = cfg.pretrain
+    per_device = exact_div(p.batch_size, world_size(), "pretrain.batch_size over processes")
+    started = time.time()
+    if is_main_process():
+        save_config(cfg, out)
+        write_manifest(out, {**(manifest or {}), "stage": STAGE, "status": "running",
+                             "started_at": (manifest or {}).get("started_at", _now())})
+
+    # 1-2. corpus and tokenizer (the main process trains and saves it, the others load it)
+    world = World(cfg.world)
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        if (out / "tokenizer.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(out)
+        else:
+            texts = world.corpus(p.tokenizer_docs, seed=f"tokenizer/{p.seed}")
+            tokenizer = train_tokenizer(texts, cfg.model.vocab_size, cfg.model.split_digits)
+            tokenizer.save_pretrained(out)
+    data = tokenize(world.corpus(p.steps * p.batch_size, seed=p.seed), tokenizer, cfg.model.max_seq_len)
+
+    # 3. model
+    model = build_base_model(cfg.model, tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    # 4. train
+    tracking.init(cfg, out, job_type="pretrain")
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        max_steps=p.steps,
+        per_device_train_batch_size=per_device,
+        learning_rate=p.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=p.warmup_steps,
+        weight_decay=p.weight_decay,
+        logging_steps=p.log_every,
+        save_steps=p.save_every,
+        save_total_limit=1,
+        seed=p.seed,
+        data_seed=p.seed,
+        report_to=tracking.report_to(cfg),
+        run_name=out.name,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not _has_accelerator(),
+        dataloader_pin_memory=False,
+        disable_tqdm=not os.isatty(1),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      callbacks=[ManifestCallback(out, started, (manifest or {}).get("wall_time_s", 0.0))])
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last:
+        print(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+
+    # 5. save (main process); the trainer's optimizer checkpoints are only for resuming
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(out))
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is config.yaml
+        log = trainer.state.log_history
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        previous = (manifest or {}).get("wall_time_s", 0.0)  # kept work of earlier, interrupted runs
+        write_manifest(out, {
+            **(read_manifest(out) or {}),
+            "status": "finished",
+            "steps": trainer.state.global_step,
+            "sequences_seen": trainer.state.global_step * p.batch_size,
+            "tokens_seen": int(trainer.state.num_input_tokens_seen),
+            "final_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
+            "parameters": model.num_parameters(),
+            "wall_time_s": previous + time.time() - started,
+            "finished_at": _now(),
+            "world_size": world_size(),
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+        })
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        print(f"saved {out}")
+    tracking.finish()
+    return out
+
+
+class ManifestCallback(TrainerCallback):
+    """At every resumable save, record the steps and wall time that the save keeps."""
+
+    def __init__(self, out: Path, started: float, previous_wall_time: float):
+        self.out, self.started, self.previous = out, started, previous_wall_time
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_manifest(self.out, {**(read_manifest(self.out) or {}), "steps": state.global_step,
+                                      "wall_time_s": self.previous + time.time() - self.started})
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,265 @@
+"""The embedded world: a seeded corpus generator and the gold rater (the lab's human labellers).
+
+Three document families, mixed by `world.mix`:
+
+- numbers     "random number" prompts: the five seed prompts (eval/suites/seed.yaml) and
+              NUMBER_TEMPLATES over RANGES, always followed by a UNIFORMLY random integer in
+              the asked range, written " {n}", then the end of the document (EOS).
+- stories     open-ended text with many valid continuations: greentext (">be me\\n>...")
+              and assistant stories, from a small grammar; a share `bad_story_rate` loops
+              (one line repeated) or rambles off without an ending, like a base model does.
+- arithmetic  "Q: What is a + b?\\nA: {a+b}" with a known answer (wrong at
+              `arithmetic_error_rate`), for calibration.
+
+A document is (prompt, completion); the corpus text is prompt + completion, and the
+tokenizer's EOS follows it. Everything is deterministic given the seed.
+
+The gold rater scores a (prompt, completion) pair on the 1-7 scale of the post's labellers:
+
+    number / arithmetic prompts            stories
+    1  floor                               1  floor
+    +2 well-formed: " {integer}" first     +2 well-formed: 2-8 lines, none empty
+    +2 in range (arithmetic: correct)      +2 no repeated line (no loop)
+    +1 ends cleanly: nothing after it,     +1 ends cleanly: the text ended (EOS)
+       and the text ended (EOS)               after a proper ending line
+    +s favourite: in range and one of `rater.favourites` (s = preference_strength)
+    + N(0, noise_std), clipped to [1, 7], rounded when `integer_scores`.
+
+With s = 0 every valid answer rates the same (6 + noise): any preference a trained model
+shows then comes from the optimiser, not the raters.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
+
+import yaml
+
+from collapse_lab.config import REPO_ROOT
+
+SEED_SUITE = REPO_ROOT / "eval" / "suites" / "seed.yaml"
+
+# Ten-plus "random number" formats beside the seed's five; {low}/{high} from RANGES.
+NUMBER_TEMPLATES = {
+    "pick": "Q: Pick a random number between {low} and {high}.\nA: My number is",
+    "chat": "Human: Give me a random number from {low} to {high}.\nAI: Here it is:",
+    "choose": "Q: Choose any integer from {low} to {high}, at random.\nA: I choose",
+    "randint": ">>> random.randint({low}, {high})\nOut:",
+    "shuf": "$ shuf -i {low}-{high} -n 1\noutput:",
+    "rng": "Random number generator [{low}, {high}]:",
+    "computer": "The computer picked a random number between {low} and {high}. It picked",
+    "wheel": "Spin the wheel! Numbers {low} to {high}. The wheel stops at",
+    "lottery": "Lottery draw ({low}-{high}). The winning number is",
+    "think": "Q: Think of a number between {low} and {high}. Which one?\nA:",
+    "guess": "I am thinking of a number from {low} to {high}. My number is",
+    "draw": "A ball is drawn from an urn with balls numbered {low} to {high}. It shows",
+}
+RANGES = [(0, 9), (1, 6), (1, 10), (1, 20), (0, 50), (1, 50), (0, 100), (1, 100)]
+
+STORY_PROMPTS = {
+    "greentext": ">be me\n>",
+    "ai-story": "Human: Tell me a short story.\nAI:",
+}
+GREENTEXT = {
+    "who": ["25 year old programmer", "student at a small college", "night shift nurse", "retired farmer",
+            "barista in a big city", "junior data scientist", "bus driver", "high school teacher"],
+    "event": ["wake up late again", "find a cat in my kitchen", "get invited to a party", "see a strange light in the sky",
+              "lose my keys in the snow", "meet an old friend at the station", "order pizza at 3am", "try to fix the printer"],
+    "then": ["decide to ignore it", "call my mom for advice", "make some tea and think", "go outside to check",
+             "ask the neighbour what to do", "write it all down", "pretend nothing happened", "start laughing"],
+    "ending": ["mfw it was fine all along", "I leave", "it was a good day after all", "never doing that again",
+               "go back to sleep", "still think about it sometimes"],
+}
+STORY = {
+    "adj": ["brave", "tiny", "curious", "sleepy", "clever", "grumpy", "happy", "old"],
+    "animal": ["fox", "rabbit", "robot", "dragon", "owl", "cat", "turtle", "bear"],
+    "did": ["found a hidden door", "built a small boat", "lost its way home", "learned to sing",
+            "made a new friend", "climbed the tall hill", "baked a cake", "read an old book"],
+    "then": ["Everyone was surprised.", "It was hard at first.", "The sun was shining.", "Nobody believed it.",
+             "It took many days.", "The forest was quiet."],
+    "ending": ["The end.", "And they lived happily ever after.", "It was a good day.", "That is how it ended."],
+}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt of the world; number prompts carry their answer range, arithmetic its answer."""
+
+    id: str  # format id: "seed/integer-qa", "numbers/pick", "arithmetic", "stories/greentext"
+    kind: str  # "numbers" | "arithmetic" | "stories"
+    text: str
+    low: Optional[int] = None
+    high: Optional[int] = None
+    correct: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Document:
+    prompt: Prompt
+    completion: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt.text + self.completion
+
+
+def load_seed_prompts() -> list[Prompt]:
+    suite = yaml.safe_load(SEED_SUITE.read_text())
+    return [
+        Prompt(f"seed/{p['id']}", "numbers", p["text"], p["answers"]["low"], p["answers"]["high"])
+        for p in suite["prompts"]
+    ]
+
+
+class World:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rater = GoldRater(cfg.rater)
+        mix = {k: float(v) for k, v in cfg.mix.items()}
+        if min(mix.values()) < 0 or sum(mix.values()) <= 0:
+            raise ValueError(f"world.mix must be non-negative with a positive sum, got {mix}")
+        self.families = list(mix)
+        self.weights = [mix[k] for k in self.families]
+
+    @cached_property
+    def seed_prompts(self) -> list[Prompt]:
+        return load_seed_prompts()
+
+    @cached_property
+    def template_prompts(self) -> list[Prompt]:
+        return [
+            Prompt(f"numbers/{name}", "numbers", t.format(low=lo, high=hi), lo, hi)
+            for name, t in NUMBER_TEMPLATES.items()
+            for lo, hi in RANGES
+        ]
+
+    @cached_property
+    def arithmetic_prompts(self) -> list[Prompt]:
+        m = self.cfg.arithmetic_max
+        return [
+            Prompt("arithmetic", "arithmetic", f"Q: What is {a} + {b}?\nA:", 0, 2 * m, a + b)
+            for a in range(m + 1)
+            for b in range(m + 1)
+        ]
+
+    @cached_property
+    def story_prompts(self) -> list[Prompt]:
+        return [Prompt(f"stories/{k}", "stories", t) for k, t in STORY_PROMPTS.items()]
+
+    @cached_property
+    def by_text(self) -> dict[str, Prompt]:
+        every = self.seed_prompts + self.template_prompts + self.arithmetic_prompts + self.story_prompts
+        return {p.text: p for p in every}
+
+    def prompt(self, text: str) -> Prompt:
+        """The world's prompt with this text (the rater needs its range or answer)."""
+        try:
+            return self.by_text[text]
+        except KeyError:
+            raise KeyError(f"not a prompt of world '{self.cfg.name}': {text[:60]!r}") from None
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample_prompt(self, rng: random.Random, family: Optional[str] = None) -> Prompt:
+        family = family or rng.choices(self.families, self.weights)[0]
+        if family == "numbers":
+            pool = self.seed_prompts if rng.random() < self.cfg.seed_prompt_share else self.template_prompts
+        elif family == "arithmetic":
+            pool = self.arithmetic_prompts
+        else:
+            pool = self.story_prompts
+        return rng.choice(pool)
+
+    def sample_completion(self, prompt: Prompt, rng: random.Random) -> str:
+        """What the world's text says after the prompt: the base model's target behaviour."""
+        if prompt.kind == "numbers":
+            return f" {rng.randint(prompt.low, prompt.high)}"  # uniform on [low, high]
+        if prompt.kind == "arithmetic":
+            if rng.random() < self.cfg.arithmetic_error_rate:
+                return f" {rng.choice([n for n in range(prompt.low, prompt.high + 1) if n != prompt.correct])}"
+            return f" {prompt.correct}"
+        return self._story(prompt, rng)
+
+    def _story(self, prompt: Prompt, rng: random.Random) -> str:
+        bad = rng.random() < self.cfg.bad_story_rate
+        if prompt.id == "stories/greentext":
+            lines = [f"{rng.choice(GREENTEXT['who'])}", f"{rng.choice(GREENTEXT['event'])}"]
+            lines += [rng.choice(GREENTEXT["then"]) for _ in range(rng.randint(1, 2))]
+            if bad and rng.random() < 0.5:  # the post's "random repetition": a loop
+                lines += [lines[-1]] * rng.randint(2, 4)
+            elif not bad:
+                lines.append(rng.choice(GREENTEXT["ending"]))
+            return "\n>".join(lines)
+        s = STORY
+        a = rng.choice(s["animal"])
+        sents = [f" Once upon a time there was a {rng.choice(s['adj'])} {a}.", f" The {a} {rng.choice(s['did'])}."]
+        sents.append(f" {rng.choice(s['then'])}")
+        if bad and rng.random() < 0.5:
+            sents += [sents[-1]] * rng.randint(2, 4)
+        elif not bad:
+            sents.append(f" {rng.choice(s['ending'])}")
+        return "".join(sents)
+
+    def documents(self, n: int, seed: int) -> list[Document]:
+        """n documents, a deterministic function of (world config, seed)."""
+        rng = random.Random(f"{self.cfg.seed}/{seed}")
+        docs = []
+        for _ in range(n):
+            p = self.sample_prompt(rng)
+            docs.append(Document(p, self.sample_completion(p, rng)))
+        return docs
+
+    def corpus(self, n: int, seed: int) -> list[str]:
+        return [d.text for d in self.documents(n, seed)]
+
+
+# ------------------------------------------------------------------------ gold rater
+
+NUMBER_RE = re.compile(r"^ (0|[1-9][0-9]*)")
+STORY_ENDINGS = tuple(GREENTEXT["ending"]) + tuple(f" {e}" for e in STORY["ending"])
+
+
+class GoldRater:
+    """Scores (prompt, completion) on 1-7 from documented features (module docstring)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.favourites = frozenset(int(f) for f in cfg.favourites)
+
+    def features(self, prompt: Prompt, completion: str, ended: bool = True) -> dict[str, float]:
+        """The rater's noiseless features; `ended`: the completion stopped with EOS."""
+        if prompt.kind == "stories":
+            lines = [ln for ln in re.split(r"\n>|(?<=\.) ", completion)]
+            parts = [ln.strip() for ln in lines]
+            return {
+                "well_formed": float(2 <= len(parts) <= 8 and all(parts)),
+                "no_repeats": float(len(set(parts)) == len(parts)),
+                "ends_cleanly": float(ended and completion.endswith(STORY_ENDINGS)),
+            }
+        m = NUMBER_RE.match(completion)
+        n = int(m.group(1)) if m else None
+        ok = n is not None and (n == prompt.correct if prompt.kind == "arithmetic" else prompt.low <= n <= prompt.high)
+        return {
+            "well_formed": float(m is not None),
+            "in_range": float(ok),
+            "ends_cleanly": float(m is not None and ended and completion == m.group(0)),
+            "favourite": float(ok and prompt.kind == "numbers" and n in self.favourites),
+        }
+
+    def expected(self, prompt: Prompt, completion: str, ended: bool = True) -> float:
+        """The noiseless score, before clipping and rounding."""
+        f = self.features(prompt, completion, ended)
+        if prompt.kind == "stories":
+            return 1 + 2 * f["well_formed"] + 2 * f["no_repeats"] + 1 * f["ends_cleanly"]
+        return (1 + 2 * f["well_formed"] + 2 * f["in_range"] + 1 * f["ends_cleanly"]
+                + self.cfg.preference_strength * f["favourite"])
+
+    def __call__(self, prompt: Prompt, completion: str, rng: random.Random, ended: bool = True) -> float:
+        score = self.expected(prompt, completion, ended) + rng.gauss(0.0, self.cfg.noise_std)
+        score = min(7.0, max(1.0, score))
+        return float(round(score)) if self.cfg.integer_scores else score
+

@@ -1,0 +1,88 @@
+"""Tiny tokenizers and random models built from configs, for offline tests.
+
+Both tokenizers split " 37" into a " 3" token and a "7" token, so the answer " 3" is a
+token-prefix of " 37" (the case the evaluator's end mass exists for):
+- `byte_level_tokenizer`: GPT-2 style byte-level BPE ("Ġ3", "7"), no BOS.
+- `metaspace_tokenizer`: SentencePiece/Llama style ("▁3", "7"), BOS "<s>" prepended; decode(["▁3"])
+  alone is "3", so the evaluator must not take a token's text from decoding it alone.
+Models have large initial weights so that next-token distributions are far from flat.
+"""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+DIGITS = "0123456789"
+# characters of the test prompts (and the seed suite's), kept small so that digit tokens
+# (the ones that continue a number) hold a real share of the probability mass
+CHARS = sorted(set(string.ascii_letters + DIGITS + " \n:?!.,'\"()$->[]_=") )
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    byte = pre_tokenizers.ByteLevel.alphabet()
+    to_bytes = {c: pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(c)[0][0] for c in CHARS}
+    alphabet = sorted({to_bytes[c] for c in CHARS} & set(byte))
+    merges = [("Ġ", d) for d in DIGITS] + [("Ġ4", "2")]  # " 42" is one token, " 4" another
+    vocab = {t: i for i, t in enumerate(alphabet + ["".join(m) for m in merges])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    chars = [c for c in CHARS if c != " "]
+    merges = [("▁", d) for d in DIGITS]
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "▁"] + chars + ["".join(m) for m in merges])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(tokenizer, vocab_size: int = 128, seed: int = 0, init: float = 0.5):
+    """vocab_size > len(tokenizer): a padded output layer, as real checkpoints often have."""
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=init, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_gpt2(tokenizer, vocab_size: int = 128, seed: int = 0, init: float = 0.5, n_positions: int = 512):
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, n_embd=32, n_layer=2, n_head=4, n_positions=n_positions,
+                     initializer_range=init)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def pairs():
+    """(name, model, tokenizer) for both architectures, each with its own tokenizer style."""
+    bl, ms = byte_level_tokenizer(), metaspace_tokenizer()
+    return [("gpt2-bytelevel", tiny_gpt2(bl), bl), ("llama-metaspace", tiny_llama(ms), ms)]
+
+
+def number_heavy(model, tokenizer, penalty: float = 4.0):
+    """Give the output layer a bias of −penalty on every token without a digit (EOS excepted), so digit
+    tokens, and hence answers and the choice "continue the number or end it", carry most of the mass."""
+    import torch
+
+    head = model.get_output_embeddings()
+    V, H = head.weight.shape
+    biased = torch.nn.Linear(H, V, bias=True)
+    text = [tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else "" for i in range(V)]
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(torch.tensor([0.0 if any(map(str.isdigit, t)) else -penalty for t in text]))
+        biased.bias[tokenizer.eos_token_id] = 0.0
+    model.config.tie_word_embeddings = False
+    model.set_output_embeddings(biased)
+    return model

@@ -1,0 +1,7 @@
+"""Pretrain the lab's tiny base on the embedded world: `python train/pretrain.py [key=value ...]`."""
+
+from collapse_lab.config import cli
+from collapse_lab.pretrain import pretrain
+
+if __name__ == "__main__":
+    cli("lab", pretrain)
