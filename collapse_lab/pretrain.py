@@ -24,7 +24,7 @@ from pathlib import Path
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
-                          TrainerCallback, TrainingArguments)
+                          TrainerCallback, TrainingArguments, set_seed)
 from transformers.trainer_utils import get_last_checkpoint
 
 from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
@@ -79,7 +79,8 @@ def pretrain(cfg: DictConfig) -> Path:
             tokenizer.save_pretrained(out)
     data = tokenize(world.corpus(p.steps * p.batch_size, seed=p.seed), tokenizer, cfg.model.max_seq_len)
 
-    # 3. model
+    # 3. model (seeded: the initial weights are a function of pretrain.seed)
+    set_seed(p.seed)
     model = build_base_model(cfg.model, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 

@@ -1,0 +1,23 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A pretraining config small enough for a unit test (seconds on 2 cores).
+TINY_PRETRAIN = [
+    "wandb.mode=disabled", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+    "model.intermediate_size=64", "model.vocab_size=300", "pretrain.steps=6", "pretrain.batch_size=4",
+    "pretrain.save_every=2", "pretrain.log_every=2", "pretrain.tokenizer_docs=300",
+]
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command of the lab as a user would, from the repo root."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
