@@ -29,3 +29,33 @@ def build_base_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> PreTrainedMode
         tie_word_embeddings=True,
     )
     return AutoModelForCausalLM.from_config(config, dtype=DTYPES[mcfg.dtype])
+
+
+def load_pretrained(path: str, dtype: str = "float32", lora=None):
+    """(model, tokenizer) from a local directory or a hub name, optionally LoRA-wrapped (peft).
+
+    A path that is neither a directory nor loadable from the hub (offline, typo) is a
+    one-line ConfigError naming it.
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from collapse_lab.config import ConfigError
+
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"model path '{path}' does not exist (a local directory or a Hugging Face hub name)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as e:
+        raise ConfigError(f"cannot load model '{path}': {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # GPT-2/Pythia ship without one; batching needs it
+        tokenizer.pad_token = tokenizer.eos_token
+    if lora is not None and lora.r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return model, tokenizer
