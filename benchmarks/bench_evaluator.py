@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="checkpoint directory or hub name (default: a fresh tiny Llama)")
     ap.add_argument("--suite", default="seed")
-    ap.add_argument("--se", type=float, default=0.01, help="target standard error of the answer entropy, nats")
+    ap.add_argument("--se", type=float, default=0.01, help="target RMSE of the sampled answer-entropy estimate, nats")
     ap.add_argument("--batch-size", type=int, default=128)
     args = ap.parse_args()
     if args.model:
@@ -101,7 +101,7 @@ def main() -> None:
         total_sampling += t_sampling
         ratio = t_sampling / (t_exact / len(prompts))
         print(f"{p.id:<16}{M:>8.3f}{-(q * np.log(q)).sum():>10.3f}{rate:>11.0f}{needed:>16.3g}{t_sampling:>14.3g}{ratio:>9.3g}x")
-    print(f"suite: exact {t_exact:.3f} s vs sampling to SE {args.se} nats {total_sampling:.3g} s "
+    print(f"suite: exact {t_exact:.3f} s vs sampling to RMSE {args.se} nats {total_sampling:.3g} s "
           f"-> {total_sampling / t_exact:.3g}x faster (target >= 100x; exact target <= 2 s)")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import platform
 import re
 import time
 import weakref
@@ -29,10 +28,12 @@ from typing import Optional
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from collapse_lab import metrics
+from collapse_lab.checkpoint import package_versions
 from collapse_lab.config import ConfigError
+from collapse_lab.models import load_pretrained
 from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
 
 SCHEMA_VERSION = 1
@@ -116,27 +117,88 @@ def _prompt_forward(model, tokenizer, prompt_text: str):
     return out, out.logits[0, -1].float().log_softmax(-1)
 
 
+def _entropy(logp: torch.Tensor) -> float:
+    """H = −Σ_t p(t) log p(t) from (V,) log-probs (nats; 0·log 0 = 0)."""
+    return float(torch.special.entr(logp.exp()).sum())
+
+
 @torch.no_grad()
 def next_token_entropy(model, tokenizer, prompt_text: str) -> float:
-    """H(p(·|x)) = −Σ_t p(t|x) log p(t|x) over the full vocabulary (nats)."""
-    first = _prompt_forward(model, tokenizer, prompt_text)[1]  # (V,)
-    return float(torch.special.entr(first.exp()).sum())
+    """H(p(·|x)) over the full vocabulary, right after the prompt (nats)."""
+    return _entropy(_prompt_forward(model, tokenizer, prompt_text)[1])
 
 
 @torch.no_grad()
 def answer_distribution(model, tokenizer, prompt_text: str, answers: list[str],
                         continue_chars: Optional[str], batch_size: int = 128) -> AnswerDistribution:
-    """Exact p(a) for every answer: one prompt forward, then only the leaves of the answer trie.
+    """Exact p(a) for every answer: the prompt once (KV cache), then each answer-trie node once.
 
-    The prompt runs once and its KV cache is reused; an answer whose tokens are a prefix of another
-    answer's (" 3" ⊂ " 37") is read off the longer sequence's positions, so each forward pass
-    holds only trie leaves (at most batch_size of them). fp32 log-softmax throughout.
+    log p(a) = Σ_i log P(a_i | x, a_<i) + log P(end | x, a), read off the trie of the answers'
+    canonical tokens: a node's logits give its children's token probabilities and its own end
+    mass, so " 3" (a prefix of " 37") costs nothing extra. Two ways to run the trie, same result:
+    - tree attention: all nodes in ONE sequence after the cached prompt, a 4D mask letting each
+      node see only the prompt and its ancestors, position = prompt length + depth - 1;
+    - leaf batches: each trie leaf as its own row (shared prefixes recomputed), batch_size rows.
+    Tree attention is used once it has matched leaf batches on this model (checked on its first
+    prompt); architectures whose attention ignores 4D masks fall back to leaf batches.
     """
     seqs = answer_token_ids(tokenizer, answers)
     out, first = _prompt_forward(model, tokenizer, prompt_text)
+    ends = end_mask(tokenizer, continue_chars, first.shape[-1]).to(first.device)  # (V,)
+    if model not in _TREE_OK:
+        leaf = _leaf_logprobs(model, out.cache, first, seqs, ends, batch_size)
+        try:
+            _TREE_OK[model] = np.allclose(_tree_logprobs(model, out.cache, first, seqs, ends), leaf, atol=1e-4)
+        except Exception:  # an architecture without 4D-mask support (e.g. ALiBi models)
+            _TREE_OK[model] = False
+        logprobs = leaf
+    elif _TREE_OK[model]:
+        logprobs = _tree_logprobs(model, out.cache, first, seqs, ends)
+    else:
+        logprobs = _leaf_logprobs(model, out.cache, first, seqs, ends, batch_size)
+    return AnswerDistribution(answers, logprobs, _entropy(first), first.shape[-1])
+
+
+_TREE_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> tree attention verified
+
+
+def _tree_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[int, ...]], ends: torch.Tensor) -> np.ndarray:
+    """(A,) log p(a): every trie node in one forward pass with a tree-attention mask."""
+    node: dict[tuple[int, ...], int] = {}  # token prefix -> node index; parents come before children
+    parent, depth = [], []
+    for s in seqs:
+        for d in range(1, len(s) + 1):
+            if s[:d] not in node:
+                node[s[:d]] = len(parent)
+                parent.append(node[s[: d - 1]] if d > 1 else -1)
+                depth.append(d)
+    Q, P = len(parent), prompt_cache.get_seq_length()
     device = first.device
-    V = first.shape[-1]
-    ends = end_mask(tokenizer, continue_chars, V).to(device)  # (V,)
+    tokens = torch.tensor([[prefix[-1] for prefix in node]], device=device)  # (1, Q)
+    sees = torch.zeros(Q, P + Q, dtype=torch.bool, device=device)  # (Q, P+Q): the prompt and the ancestors
+    sees[:, :P] = True
+    for i in range(Q):
+        j = i
+        while j != -1:
+            sees[i, P + j], j = True, parent[j]
+    mask = torch.zeros(1, 1, Q, P + Q, device=device).masked_fill(~sees, -math.inf)
+    positions = torch.tensor([[P + d - 1 for d in depth]], device=device)  # (1, Q)
+    lp = model(tokens, cache=copy.deepcopy(prompt_cache), attention_mask=mask, position_ids=positions,
+               use_cache=True).logits[0].float().log_softmax(-1)  # (Q, V)
+    parents = torch.tensor(parent, device=device)
+    step_lp = torch.where(parents < 0, first[tokens[0]], lp[parents.clamp(min=0), tokens[0]])  # (Q,) log P(token | parent)
+    prefix_lp = step_lp.double().cpu().numpy()
+    for i, j in enumerate(parent):  # cumulative along the path: parents are already final
+        if j >= 0:
+            prefix_lp[i] += prefix_lp[j]
+    end_lp = lp.masked_fill(~ends, -math.inf).logsumexp(-1).double().cpu().numpy()  # (Q,) log P(end | node)
+    return np.array([prefix_lp[node[s]] + end_lp[node[s]] for s in seqs])
+
+
+def _leaf_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[int, ...]], ends: torch.Tensor,
+                   batch_size: int) -> np.ndarray:
+    """(A,) log p(a): trie leaves as rows of batched forward passes over the expanded prompt cache."""
+    device = first.device
     order = sorted(set(seqs))
     leaves = [s for s, nxt in zip(order, order[1:] + [()]) if nxt[: len(s)] != s]
     leaf_of = {s: next(i for i, leaf in enumerate(leaves) if leaf[: len(s)] == s) for s in seqs}
@@ -146,14 +208,13 @@ def answer_distribution(model, tokenizer, prompt_text: str, answers: list[str],
         L = max(map(len, chunk))
         # Right padding with token 0: causal attention keeps it out of every position we read.
         tokens = torch.tensor([s + (0,) * (L - len(s)) for s in chunk], device=device)  # (B, L)
-        cache = copy.deepcopy(out.cache)  # the prompt's KV cache, (1, P) → (B, P)
+        cache = copy.deepcopy(prompt_cache)  # the prompt's KV cache, (1, P) → (B, P)
         cache.batch_repeat_interleave(len(chunk))
         lp = model(tokens, cache=cache, use_cache=True).logits.float().log_softmax(-1)  # (B, L, V)
         tok_lp = torch.cat([first[tokens[:, :1]], lp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]], 1)  # (B, L)
         end_lp = lp.masked_fill(~ends, -math.inf).logsumexp(-1)  # (B, L) log P(end | x, prefix)
         leaf_lp += list((tok_lp.cumsum(1) + end_lp).double().cpu().numpy())
-    logprobs = np.array([leaf_lp[leaf_of[s]][len(s) - 1] for s in seqs])
-    return AnswerDistribution(answers, logprobs, float(torch.special.entr(first.exp()).sum()), V)
+    return np.array([leaf_lp[leaf_of[s]][len(s) - 1] for s in seqs])
 
 
 def answer_index(tokens: list[int], answer_seqs: list[tuple[int, ...]], ends: torch.Tensor) -> Optional[int]:
@@ -330,17 +391,9 @@ def plot_suite(records: list[dict], title: str, path: Path) -> bool:
 
 
 def _load(path: str, device: str, dtype: str):
-    """(model, tokenizer) from a local directory or hub name; ConfigError (one line) if it cannot be loaded."""
-    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith(".")
-    if not Path(path).exists() and not hub_like:
-        raise ConfigError(f"model path not found: {path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    except (OSError, ValueError, KeyError) as e:
-        where = "a local directory" if Path(path).exists() else "not a local directory, nor loadable from the hub"
-        raise ConfigError(f"cannot load model '{path}' ({where}): {' '.join(str(e).split())[:300]}") from None
-    return model, tokenizer
+    """(model, tokenizer) on `device`, in eval mode; ConfigError (one line) if it cannot be loaded."""
+    model, tokenizer = load_pretrained(path, dtype)
+    return model.to(device).eval(), tokenizer
 
 
 def _check_fits(model, tokenizer, suite: Suite, max_new_tokens: int, n_samples: int, path: str) -> None:
@@ -406,17 +459,12 @@ def run(cfg: DictConfig) -> dict:
         _check_fits(*reference, suite, s.max_new_tokens, 0, cfg.reference_path)
 
     records = [evaluate_prompt(model, tokenizer, p, cfg, reference) for p in suite.prompts]
-    import tokenizers
-    import transformers
-
     summary = {"schema_version": SCHEMA_VERSION, "suite": suite.name, "suite_path": str(suite.path),
                "model_path": cfg.model_path, "reference_path": cfg.reference_path,
                "vocab_size": model.get_output_embeddings().weight.shape[0], "n_prompts": len(records),
                "sampling": {"n": s.n, "temperature": s.temperature, "max_new_tokens": s.max_new_tokens},
                "seed": cfg.seed, "device": device, "dtype": cfg.dtype, **summarise(records),
-               "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-                            "numpy": np.__version__},
+               "versions": package_versions(),
                "wall_time_s": time.time() - start}
     result = _jsonable({"summary": summary, "prompts": records})
     out.parent.mkdir(parents=True, exist_ok=True)

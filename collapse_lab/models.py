@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,20 +40,19 @@ def load_pretrained(path: str, dtype: str = "float32", lora=None):
     A path that is neither a directory nor loadable from the hub (offline, typo) is a
     one-line ConfigError naming it.
     """
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     from collapse_lab.config import ConfigError
 
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
-    if looks_local and not Path(path).expanduser().is_dir():
+    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith(".")
+    if not Path(path).exists() and not hub_like:
         raise ConfigError(f"model path '{path}' does not exist (a local directory or a Hugging Face hub name)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    except OSError as e:
-        raise ConfigError(f"cannot load model '{path}': {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError) as e:
+        where = "a local directory" if Path(path).exists() else "not a local directory, nor loadable from the hub"
+        raise ConfigError(f"cannot load model '{path}' ({where}): {' '.join(str(e).split())[:300]}") from None
     if tokenizer.pad_token is None:  # GPT-2/Pythia ship without one; batching needs it
         tokenizer.pad_token = tokenizer.eos_token
     if lora is not None and lora.r > 0:

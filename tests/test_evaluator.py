@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
 from collapse_lab.config import ConfigError, EvalConfig, cli
+from collapse_lab import evaluator
 from collapse_lab.evaluator import answer_distribution, answer_index, answer_token_ids, end_mask, run, sample
 from tests.tiny_models import byte_level_tokenizer, metaspace_tokenizer, number_heavy, pairs, tiny_gpt2, tiny_llama
 
@@ -41,14 +42,37 @@ def naive_p(model, tok, prompt, answer, continue_chars="0123456789"):
     return p * end
 
 
-@pytest.mark.parametrize("batch_size", [128, 3])
+@pytest.mark.parametrize("path,batch_size", [("tree", 128), ("leaves", 128), ("leaves", 3)])
 @pytest.mark.parametrize("name,model,tok", PAIRS, ids=IDS)
-def test_equals_naive_one_answer_at_a_time(name, model, tok, batch_size):
+def test_equals_naive_one_answer_at_a_time(name, model, tok, path, batch_size):
+    """Both ways of running the answer trie (tree attention; batches of leaves) match the naive sum."""
     answers = [" 3", " 37", " 30", " 4", " 42", " 100", " 10", " 1", " 0", " 99"]
+    evaluator._TREE_OK[model] = path == "tree"
     got = answer_distribution(model, tok, PROMPT, answers, "0123456789", batch_size).probs
+    del evaluator._TREE_OK[model]
     want = np.array([naive_p(model, tok, PROMPT, a) for a in answers])
     assert np.abs(got - want).max() <= 1e-5
     assert np.abs(np.log(got) - np.log(want)).max() <= 1e-4  # relative, for the small ones too
+
+
+@pytest.mark.parametrize("name,model,tok", PAIRS, ids=IDS)
+def test_tree_attention_is_verified_then_used(name, model, tok):
+    evaluator._TREE_OK.pop(model, None)
+    answer_distribution(model, tok, PROMPT, NUMBERS, "0123456789")
+    assert evaluator._TREE_OK[model] is True  # Llama and GPT-2 honour 4D masks: the fast path is on
+
+
+def test_architectures_that_ignore_tree_masks_fall_back_to_leaves(monkeypatch):
+    """If the tree result disagrees on the first prompt, the model is evaluated by leaf batches."""
+    name, model, tok = PAIRS[0]
+    model = tiny_llama(tok, seed=7)  # a fresh model: nothing verified yet
+    real = evaluator._tree_logprobs
+    monkeypatch.setattr(evaluator, "_tree_logprobs", lambda *a: real(*a) + 0.1)  # a model that ignores the mask
+    got = answer_distribution(model, tok, PROMPT, NUMBERS[:20], "0123456789").probs
+    assert evaluator._TREE_OK[model] is False
+    again = answer_distribution(model, tok, PROMPT, NUMBERS[:20], "0123456789").probs
+    want = np.array([naive_p(model, tok, PROMPT, a) for a in NUMBERS[:20]])
+    assert np.abs(got - want).max() <= 1e-5 and np.abs(again - want).max() <= 1e-5
 
 
 @pytest.mark.parametrize("name,model,tok", PAIRS, ids=IDS)
@@ -87,7 +111,7 @@ def test_end_mask_uses_text_in_context():
     assert mask[ids("▁3")] and mask[ids("</s>")] and mask[ids("▁")] and mask[100]  # ...in context " 3" ends
     assert not mask[ids("3")]
     words = end_mask(ms, None, 128)  # \w continues a word answer
-    assert not words[ids("a")] and not words[ids("3")] and words[ids("▁a" if "▁a" in ms.get_vocab() else "▁")]
+    assert not words[ids("a")] and not words[ids("3")] and words[ids("▁")] and words[ids(".")]
 
 
 def test_duplicate_or_empty_tokenisation_is_refused():
@@ -211,7 +235,7 @@ BAD_SUITE = "name: bad\nprompts:\n  - {id: q, text: 'x', answers: {low: 3, high:
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"model_path": "/no/such/model"}, "model path not found: /no/such/model"),
+    ({"model_path": "/no/such/model"}, "model path '/no/such/model' does not exist"),
     ({"suite": "MALFORMED"}, "malformed YAML"),
     ({"suite": "EMPTY"}, "prompt 'q': answers: empty answer set"),
     ({"suite": "nope"}, "unknown suite 'nope'"),
@@ -245,4 +269,4 @@ def test_entry_point(saved, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # the same entry point, in process: bad input → one line, exit 2
         cli("evaluate", run, ["model_path=/no/such/model"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == "error: model path not found: /no/such/model\n"
+    assert capsys.readouterr().err == "error: model path '/no/such/model' does not exist (a local directory or a Hugging Face hub name)\n"
