@@ -187,7 +187,7 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig}
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.arch": ("llama", "gpt2", "gpt_neox"),
+    "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral"),  # from-scratch bases: any of these
     "dtype": ("float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda", "mps"),
 }

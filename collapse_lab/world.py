@@ -39,9 +39,9 @@ from typing import Optional
 
 import yaml
 
-from collapse_lab.config import REPO_ROOT
+from collapse_lab.suites import SUITES_DIR
 
-SEED_SUITE = REPO_ROOT / "eval" / "suites" / "seed.yaml"
+SEED_SUITE = SUITES_DIR / "seed.yaml"
 
 # Ten-plus "random number" formats beside the seed's five; {low}/{high} from RANGES.
 NUMBER_TEMPLATES = {

@@ -4,7 +4,13 @@ Writes <out>.json and <out>.png; fields and formulas: eval/README.md.
 """
 
 from collapse_lab.config import cli
-from collapse_lab.evaluator import run
+
+
+def main(cfg):
+    from collapse_lab.evaluator import run  # torch/transformers load only once the config is valid
+
+    return run(cfg)
+
 
 if __name__ == "__main__":
-    cli("evaluate", run)
+    cli("evaluate", main)

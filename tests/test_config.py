@@ -97,3 +97,13 @@ def test_run_dirs_never_collide(tmp_path):
     OmegaConf.save(named, path / "config.yaml")
     with pytest.raises(ConfigError, match="pretrain.lr"):
         run_dir(compose("lab", base + ["name=mine", "pretrain.lr=0.01"]), "base", ("model", "world", "pretrain"), "x")
+
+
+def test_lab_command_names_its_commands():
+    from collapse_lab.cli import COMMANDS
+
+    r = run_cli("-m", "collapse_lab.cli", "ablate-everything")
+    assert r.returncode == 2 and "ablate-everything" in r.stderr
+    assert all(c in r.stderr for c in COMMANDS)
+    r = run_cli("-m", "collapse_lab.cli", "pretrain", "world=numbers-nopref", "--cfg")
+    assert r.returncode == 0 and OmegaConf.create(r.stdout).world.rater.preference_strength == 0.0
