@@ -20,12 +20,12 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
-from transformers.trainer_utils import get_last_checkpoint
 
 from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
 from collapse_lab.config import ConfigError, run_dir, save_config
@@ -109,7 +109,7 @@ def pretrain(cfg: DictConfig) -> Path:
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[ManifestCallback(out, started, (manifest or {}).get("wall_time_s", 0.0))])
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_complete_checkpoint(Path(args.output_dir))
     if last:
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
@@ -139,6 +139,16 @@ def pretrain(cfg: DictConfig) -> Path:
         print(f"saved {out}")
     tracking.finish()
     return out
+
+
+def last_complete_checkpoint(trainer_dir: Path) -> Optional[str]:
+    """The newest checkpoint-N that was saved completely (Trainer writes trainer_state.json last).
+
+    A kill DURING a save leaves a newer, partial checkpoint-N; transformers' get_last_checkpoint
+    would pick it and fail to resume. The previous one is still there (rotation runs after a save).
+    """
+    done = [d for d in trainer_dir.glob("checkpoint-*") if (d / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda d: int(d.name.split("-")[1]))) if done else None
 
 
 class ManifestCallback(TrainerCallback):

@@ -1,6 +1,11 @@
 """Pretraining: a few steps change the weights, save a loadable base, resume after a kill."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -9,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
 from collapse_lab.config import compose
 from collapse_lab.models import build_base_model
-from collapse_lab.pretrain import base_dir, pretrain
-from conftest import TINY_PRETRAIN
+from collapse_lab.pretrain import base_dir, last_complete_checkpoint, pretrain
+from conftest import REPO, TINY_PRETRAIN
 
 
 def _cfg(tmp_path, *extra):
@@ -73,3 +78,34 @@ def test_interrupted_run_resumes_and_finished_run_is_not_redone(tmp_path, monkey
 def test_different_configs_get_different_dirs(tmp_path):
     assert base_dir(_cfg(tmp_path)) != base_dir(_cfg(tmp_path, "world.rater.noise_std=1.0"))
     assert base_dir(_cfg(tmp_path)) == base_dir(_cfg(tmp_path, "seed=5", "recipe=kl0"))  # regime keys: not the base's
+
+
+def test_resume_skips_a_checkpoint_cut_off_mid_save(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10").mkdir()  # killed while saving: no trainer_state.json yet
+    (tmp_path / "checkpoint-10" / "model.safetensors").write_text("")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_complete_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_sigkilled_run_resumes_with_the_same_command(tmp_path):
+    """A real kill (SIGKILL, no cleanup) after the first save; the same command then finishes the run."""
+    args = [sys.executable, "train/pretrain.py", *TINY_PRETRAIN, "pretrain.steps=400", "pretrain.save_every=5",
+            f"checkpoints_dir={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("base/*/trainer/checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its first save"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (out,) = (tmp_path / "base").iterdir()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+
+    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["steps"] == 400
