@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Set up collapse-lab in ./.venv (idempotent; needs only Python >= 3.10).
-# CPU machines get the CPU build of torch (torch==2.13.0), never a multi-GB CUDA build;
-# a machine with an NVIDIA GPU gets pip's default (CUDA) build; an existing torch is kept.
+# - A Python that already has torch (say a CUDA build on a GPU machine) lends it to the venv
+#   (--system-site-packages): your torch is kept, nothing is downloaded for it.
+# - Otherwise a CPU-only machine gets the CPU build, torch==2.13.0 (never a multi-GB CUDA
+#   build), and a machine with an NVIDIA GPU gets pip's default (CUDA) build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m venv --system-site-packages .venv
+  else
+    "$PYTHON" -m venv .venv
+  fi
+fi
 PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
