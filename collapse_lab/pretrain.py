@@ -22,8 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import torch
+from accelerate import PartialState
 from datasets import Dataset
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
 
@@ -68,8 +70,6 @@ def pretrain(cfg: DictConfig) -> Path:
 
     # 1-2. corpus and tokenizer (the main process trains and saves it, the others load it)
     world = World(cfg.world)
-    from accelerate import PartialState
-
     with PartialState().main_process_first():
         if (out / "tokenizer.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(out)
@@ -102,7 +102,7 @@ def pretrain(cfg: DictConfig) -> Path:
         report_to=tracking.report_to(cfg),
         run_name=out.name,
         include_num_input_tokens_seen="non_padding",
-        use_cpu=not _has_accelerator(),
+        use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=False,
         disable_tqdm=not os.isatty(1),
     )
@@ -161,12 +161,6 @@ class ManifestCallback(TrainerCallback):
         if state.is_world_process_zero:
             write_manifest(self.out, {**(read_manifest(self.out) or {}), "steps": state.global_step,
                                       "wall_time_s": self.previous + time.time() - self.started})
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _now() -> str:

@@ -1,13 +1,12 @@
 """The config contract: every recipe composes; bad input fails fast with one named line."""
 
-from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
 from collapse_lab.config import GROUPS, RECIPES_DIR, ConfigError, compose, group_options, run_dir
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 TOP_LEVEL = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 GROUP_FILES = sorted(p for g in GROUPS for p in (RECIPES_DIR / g).glob("*.yaml"))
