@@ -474,7 +474,24 @@ def run(cfg: DictConfig) -> dict:
     tmp.replace(out)
     if cfg.plots:
         plot_suite(records, f"{cfg.model_path} on suite '{suite.name}'", out.with_suffix(".png"))
-    shown = ("answer_entropy", "valid_mass", "kl_to_reference", "sampling.sequence_entropy")
-    print(f"{suite.name}: {len(records)} prompts; "
-          + ", ".join(f"mean {k} {v:.3f}" for k, v in summary["means"].items() if k in shown) + f" -> {out}")
+    print_table(records, f"{cfg.model_path} on suite '{suite.name}' -> {out}")
     return result
+
+
+def print_table(records: list[dict], title: str) -> None:
+    """The post's table for the terminal: per answer prompt, M, H/log|A|, top answer (and KL)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("prompt", "valid mass M", "H (nats)", "H / log|A|", "top answer", "top p(a)", "KL to ref (nats)"):
+        table.add_column(col, justify="left" if col in ("prompt", "top answer") else "right")
+    for r in records:
+        if "answers" in r:
+            kl = r.get("kl_to_reference")
+            table.add_row(r["id"], f"{r['valid_mass']:.3f}", f"{r['answer_entropy']:.3f}",
+                          f"{r['answer_entropy'] / r['max_entropy']:.3f}", repr(r["top_answer"]), f"{r['top_prob']:.3f}",
+                          "-" if kl is None else f"{kl:.4f}")
+        elif "sampling" in r:
+            table.add_row(r["id"], "-", f"seq {r['sampling']['sequence_entropy']:.2f}", "-", "-", "-", "-")
+    Console(width=140).print(table)
