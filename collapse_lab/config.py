@@ -316,8 +316,7 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
 
 def config_hash(cfg: DictConfig, keys: tuple[str, ...]) -> str:
     """8 hex digits of the SHA-256 of the resolved sub-config `keys` (sorted YAML)."""
-    sub = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
-    text = OmegaConf.to_yaml(OmegaConf.create(sub), sort_keys=True)
+    text = OmegaConf.to_yaml(stage_config(cfg, keys), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

@@ -233,8 +233,7 @@ class GoldRater:
     def features(self, prompt: Prompt, completion: str, ended: bool = True) -> dict[str, float]:
         """The rater's noiseless features; `ended`: the completion stopped with EOS."""
         if prompt.kind == "stories":
-            lines = [ln for ln in re.split(r"\n>|(?<=\.) ", completion)]
-            parts = [ln.strip() for ln in lines]
+            parts = [ln.strip() for ln in re.split(r"\n>|(?<=\.) ", completion)]  # greentext lines / sentences
             return {
                 "well_formed": float(2 <= len(parts) <= 8 and all(parts)),
                 "no_repeats": float(len(set(parts)) == len(parts)),
