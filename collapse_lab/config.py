@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +34,12 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class LoraConfig:
-    r: int = 0  # 0 = full fine-tuning; >0 wraps the policy in a peft LoRA adapter
+class PeftConfig:
+    """LoRA through peft: the policy trains an adapter; its reference is the same model with
+    the adapter disabled (no second copy of the weights)."""
+
+    enabled: bool = False
+    r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: str = "all-linear"
@@ -56,7 +60,6 @@ class ModelConfig:
     vocab_size: int = 1024  # BPE vocabulary of a from-scratch tokenizer
     split_digits: bool = True  # pre-tokenise " 37" as " 3" + "7": answers become token-prefixes
     dtype: str = "float32"
-    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -88,6 +91,20 @@ class WorldConfig:
     arithmetic_error_rate: float = 0.1  # the corpus answers arithmetic wrongly this often
     bad_story_rate: float = 0.2  # share of stories that loop or ramble (low quality)
     rater: RaterConfig = field(default_factory=RaterConfig)
+    # Prompt families that regimes train on (ratings, SFT, PPO draw from the same ones).
+    train_families: list[str] = field(default_factory=lambda: ["numbers"])
+    # world=bandit only: ONE prompt, episodes of ONE token, reward r(t) from a table of
+    # [token text, reward] pairs (each text must be one token); every other token gets
+    # default_reward. The rater of the bandit world scores by the same table, noiselessly.
+    prompt: str = "Human: Pick a random number from 1 to 9.\nAI:"
+    rewards: list[Any] = field(default_factory=list)
+    default_reward: float = 0.0
+
+
+# World keys that shape the pretraining corpus: the base depends on these and nothing else
+# (the rater, the bandit table and the training families are for the regimes).
+CORPUS_KEYS = ("world.seed", "world.mix", "world.seed_prompt_share", "world.arithmetic_max",
+               "world.arithmetic_error_rate", "world.bad_story_rate")
 
 
 @dataclass
@@ -104,11 +121,34 @@ class PretrainConfig:
 
 
 @dataclass
-class SFTConfig:
-    """FeedME: sample k completions per prompt, keep the top-rated, cross-entropy on them."""
+class RatingsConfig:
+    """The RATING BUDGET: `prompts` training prompts x `samples_per_prompt` (k) base samples,
+    each scored once by the gold rater. FeedME and the reward model share these ratings."""
 
+    prompts: int = 256
     samples_per_prompt: int = 4  # k
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    seed: int = 0
+
+
+@dataclass
+class RewardModelConfig:
+    """A sequence-classification head on the base, trained on pairs from the ratings (TRL)."""
+
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 32
+    eval_fraction: float = 0.1  # held-out prompts for pairwise accuracy and Spearman
+
+
+@dataclass
+class SFTConfig:
+    """FeedME: keep the top-rated of each prompt's k rated samples, cross-entropy on them."""
+
     keep_top: int = 1
+    min_score: Optional[float] = None  # also require score >= this (e.g. 7: only 7/7 samples)
+    rounds: int = 1  # iterated FeedME: sample from the current model, rate, keep best, again
     epochs: int = 1
     lr: float = 1e-4
     batch_size: int = 32
@@ -136,6 +176,9 @@ class PPOConfig:
     whiten_advantages: bool = True
     temperature: float = 1.0
     max_new_tokens: int = 8
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a completion cut off at max_new_tokens
+    save_every: int = 50  # steps between resumable checkpoints
+    log_every: int = 1
 
 
 @dataclass
@@ -152,9 +195,18 @@ class LabConfig:
     name: Optional[str] = None  # run directory name; default derived from config and seed
     seed: int = 0
     checkpoints_dir: str = "checkpoints"
+    # The base every regime starts from and is compared with (the KL reference). None: the
+    # model preset's `path`, or for the lab's own `tiny` the base pretrained here (first if missing).
+    base_path: Optional[str] = None
+    # Where regimes get rewards: the world's gold rater, or a reward model trained on the ratings.
+    reward: str = "gold"
+    reward_model_path: Optional[str] = None  # reward=rm: None trains one from the ratings first
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    ratings: RatingsConfig = field(default_factory=RatingsConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -186,6 +238,7 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig}
 # String fields with a closed set of values (checked after composition).
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
+    "reward": ("gold", "rm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral"),  # from-scratch bases: any of these
     "dtype": ("float32", "bfloat16", "float16"),
@@ -321,27 +374,36 @@ def config_hash(cfg: DictConfig, keys: tuple[str, ...]) -> str:
 
 
 def stage_config(cfg: DictConfig, keys: tuple[str, ...]) -> DictConfig:
-    """The part of the config a stage depends on: what decides its run directory."""
-    return OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys})
+    """The part of the config a stage depends on (what decides its run directory).
 
-
-def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: str) -> Path:
-    """checkpoints/<stage>/<name>: `name=` if given, else `<default_name>-<hash of keys>`.
-
-    A directory already holding a DIFFERENT config (for `keys`) is never reused: that is a
-    ConfigError, so two configs never share a directory and nothing is overwritten.
+    Keys may be dotted (`world.mix`) to take part of a section.
     """
-    name = cfg.name or f"{default_name}-{config_hash(cfg, keys)}"
+    out = OmegaConf.create({})
+    for key in keys:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        value = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+        OmegaConf.update(out, key, value, force_add=True)
+    return out
+
+
+def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: str, named: bool = True) -> Path:
+    """checkpoints/<stage>/<name>: `name=` if given (and `named`), else `<default_name>-<hash of keys>`.
+
+    `named=False` for upstream stages a command runs on the way (the base of a PPO run does
+    not take the PPO run's name). A directory already holding a DIFFERENT config (for `keys`)
+    is never reused: that is a ConfigError, so two configs never share a directory.
+    """
+    name = cfg.name if named and cfg.name else f"{default_name}-{config_hash(cfg, keys)}"
     if "/" in name or name in ("", ".", ".."):
         raise ConfigError(f"bad run name '{name}': use a plain directory name")
     path = Path(cfg.checkpoints_dir) / stage / name
     saved = path / "config.yaml"
     if saved.exists():
-        old = OmegaConf.load(saved)
+        saved_cfg = OmegaConf.load(saved)
+        old = stage_config(saved_cfg, tuple(k for k in keys if OmegaConf.select(saved_cfg, k) is not None))
         new = stage_config(cfg, keys)
-        old_sub = OmegaConf.create({k: old[k] for k in keys if k in old})
-        if OmegaConf.to_yaml(old_sub, sort_keys=True) != OmegaConf.to_yaml(new, sort_keys=True):
-            diff = _first_difference(OmegaConf.to_container(old_sub), OmegaConf.to_container(new))
+        if OmegaConf.to_yaml(old, sort_keys=True) != OmegaConf.to_yaml(new, sort_keys=True):
+            diff = _first_difference(OmegaConf.to_container(old), OmegaConf.to_container(new))
             raise ConfigError(f"{path} holds a run with a different config (at '{diff}'); choose another name=")
     return path
 

@@ -34,7 +34,7 @@ def build_base_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> PreTrainedMode
     return AutoModelForCausalLM.from_config(config, dtype=DTYPES[mcfg.dtype])
 
 
-def load_pretrained(path: str, dtype: str = "float32", lora=None):
+def load_pretrained(path: str, dtype: str = "float32", peft=None):
     """(model, tokenizer) from a local directory or a hub name, optionally LoRA-wrapped (peft).
 
     A path that is neither a directory nor loadable from the hub (offline, typo) is a
@@ -55,9 +55,14 @@ def load_pretrained(path: str, dtype: str = "float32", lora=None):
         raise ConfigError(f"cannot load model '{path}' ({where}): {' '.join(str(e).split())[:300]}") from None
     if tokenizer.pad_token is None:  # GPT-2/Pythia ship without one; batching needs it
         tokenizer.pad_token = tokenizer.eos_token
-    if lora is not None and lora.r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    if peft is not None and peft.enabled:
+        model = add_lora(model, peft)
     return model, tokenizer
+
+
+def add_lora(model, peft, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` in a peft LoRA adapter (`peft` section of the config); only the adapter trains."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
+                                            target_modules=peft.target_modules, task_type=task_type))

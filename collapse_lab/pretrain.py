@@ -30,7 +30,7 @@ from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTra
                           TrainerCallback, TrainingArguments, set_seed)
 
 from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
-from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir, save_config
 from collapse_lab.distributed import exact_div, is_main_process, world_size
 from collapse_lab.models import build_base_model
 from collapse_lab.tokenizer import train_tokenizer
@@ -38,11 +38,11 @@ from collapse_lab.world import World
 from collapse_lab import tracking
 
 STAGE = "base"
-STAGE_KEYS = ("model", "world", "pretrain")  # what a base depends on: its directory's hash
+STAGE_KEYS = ("model", "pretrain") + CORPUS_KEYS  # what a base depends on: its directory's hash
 
 
-def base_dir(cfg: DictConfig) -> Path:
-    return run_dir(cfg, STAGE, STAGE_KEYS, f"{cfg.model.name}-{cfg.world.name}-s{cfg.pretrain.seed}")
+def base_dir(cfg: DictConfig, named: bool = True) -> Path:
+    return run_dir(cfg, STAGE, STAGE_KEYS, f"{cfg.model.name}-s{cfg.pretrain.seed}", named)
 
 
 def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerFast, max_len: int) -> Dataset:
@@ -51,11 +51,23 @@ def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerFast, max_len: int)
     return Dataset.from_dict({"input_ids": [(x + [tokenizer.eos_token_id])[:max_len] for x in ids]})
 
 
-def pretrain(cfg: DictConfig) -> Path:
+def resolve_base(cfg: DictConfig) -> str:
+    """The base every regime starts from and is compared with: `base_path=`, else the model
+    preset's `path` (a real model), else the lab's own base, pretrained first if missing."""
+    if cfg.base_path:
+        return cfg.base_path
+    if cfg.model.path:
+        return cfg.model.path
+    return str(pretrain(cfg, named=False))
+
+
+def pretrain(cfg: DictConfig, named: bool = True) -> Path:
+    """Pretrain (or resume, or find finished) the base; `named=False` when another stage
+    needs it on the way (its directory then ignores that stage's `name=`)."""
     if cfg.model.path is not None:
         raise ConfigError(f"model '{cfg.model.name}' is already pretrained (path={cfg.model.path}); "
                           "pretraining builds the lab's own base: use model=tiny")
-    out = base_dir(cfg)
+    out = base_dir(cfg, named)
     manifest = read_manifest(out)
     if manifest and manifest["status"] == "finished":
         print(f"{out}: already finished ({manifest['steps']} steps, {manifest['wall_time_s']:.0f} s); nothing to do")

@@ -174,6 +174,15 @@ class World:
             pool = self.story_prompts
         return rng.choice(pool)
 
+    def train_prompt(self, rng: random.Random) -> Prompt:
+        """A prompt of the regimes' training distribution: `world.train_families`, weighted by
+        the corpus mix. Ratings, FeedME and PPO all draw from this one function."""
+        families = list(self.cfg.train_families)
+        unknown = [f for f in families if f not in self.families]
+        if unknown or not families:
+            raise ValueError(f"world.train_families: unknown {unknown}; valid choices: {', '.join(self.families)}")
+        return self.sample_prompt(rng, rng.choices(families, [self.weights[self.families.index(f)] for f in families])[0])
+
     def sample_completion(self, prompt: Prompt, rng: random.Random) -> str:
         """What the world's text says after the prompt: the base model's target behaviour."""
         if prompt.kind == "numbers":
@@ -262,3 +271,50 @@ class GoldRater:
         score = min(7.0, max(1.0, score))
         return float(round(score)) if self.cfg.integer_scores else score
 
+
+
+# ------------------------------------------------------------------- the bandit world
+
+
+class TableRater:
+    """world=bandit's rater: the reward table's value for the completion, no noise."""
+
+    def __init__(self, table: dict[str, float], default: float):
+        self.table, self.default = table, default
+
+    def expected(self, prompt: Prompt, completion: str, ended: bool = True) -> float:
+        return self.table.get(completion, self.default)
+
+    def __call__(self, prompt: Prompt, completion: str, rng: random.Random, ended: bool = True) -> float:
+        return self.expected(prompt, completion, ended)
+
+
+class BanditWorld:
+    """One prompt, episodes of ONE token, reward r(t) from `world.rewards` (exact checks:
+    collapse_lab/bandit.py has the regimes' closed-form optima on it)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        table = {}
+        for pair in cfg.rewards:
+            if len(pair) != 2 or not isinstance(pair[0], str):
+                raise ValueError(f"world.rewards: each entry must be [token text, reward], got {list(pair)}")
+            table[pair[0]] = float(pair[1])
+        self.rater = TableRater(table, float(cfg.default_reward))
+        self.the_prompt = Prompt("bandit", "bandit", cfg.prompt)
+
+    def prompt(self, text: str) -> Prompt:
+        if text != self.the_prompt.text:
+            raise KeyError(f"not the bandit prompt: {text[:60]!r}")
+        return self.the_prompt
+
+    def sample_prompt(self, rng: random.Random, family: Optional[str] = None) -> Prompt:
+        return self.the_prompt
+
+    train_prompt = sample_prompt
+
+
+def make_world(cfg):
+    """The world a regime trains in: `world=bandit` is the exact-check bandit, any other the
+    generated world (the pretraining corpus always comes from `World`)."""
+    return BanditWorld(cfg) if cfg.name == "bandit" else World(cfg)

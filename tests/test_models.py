@@ -23,12 +23,12 @@ def test_build_every_arch(tokenizer, arch):
 
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m"])
 def test_preset_loads_from_a_local_directory_with_lora(tmp_path, tokenizer, preset):
-    cfg = compose("lab", [f"model={preset}", f"model.path={tmp_path}", "model.lora.r=4"])
+    cfg = compose("lab", [f"model={preset}", f"model.path={tmp_path}", "peft.enabled=true", "peft.r=4"])
     config = AutoConfig.for_model(cfg.model.arch, vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, intermediate_size=64, n_inner=64)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    model, tok = load_pretrained(cfg.model.path, cfg.model.dtype, cfg.model.lora)
+    model, tok = load_pretrained(cfg.model.path, cfg.model.dtype, cfg.peft)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert tok.pad_token is not None

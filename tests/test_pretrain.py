@@ -76,8 +76,15 @@ def test_interrupted_run_resumes_and_finished_run_is_not_redone(tmp_path, monkey
 
 
 def test_different_configs_get_different_dirs(tmp_path):
-    assert base_dir(_cfg(tmp_path)) != base_dir(_cfg(tmp_path, "world.rater.noise_std=1.0"))
-    assert base_dir(_cfg(tmp_path)) == base_dir(_cfg(tmp_path, "seed=5", "recipe=kl0"))  # regime keys: not the base's
+    assert base_dir(_cfg(tmp_path)) != base_dir(_cfg(tmp_path, "world.mix.stories=0.5"))
+    assert base_dir(_cfg(tmp_path)) != base_dir(_cfg(tmp_path, "pretrain.seed=1"))
+    # ONE base for every regime: regime keys, the rater and the bandit world are not the base's
+    same = [("seed=5", "recipe=kl0"), ("world=numbers-nopref",), ("world=bandit",), ("world.rater.noise_std=1.0",)]
+    for overrides in same:
+        assert base_dir(_cfg(tmp_path)) == base_dir(_cfg(tmp_path, *overrides)), overrides
+    # name= names the stage being run, not the base a later stage builds on the way
+    assert base_dir(_cfg(tmp_path, "name=mine")).name == "mine"
+    assert base_dir(_cfg(tmp_path, "name=mine"), named=False) == base_dir(_cfg(tmp_path))
 
 
 def test_resume_skips_a_checkpoint_cut_off_mid_save(tmp_path):
