@@ -4,13 +4,19 @@
                done yet), then evaluate it with the shared evaluator on the seed suite
     pretrain   train/pretrain.py
     evaluate   eval/evaluate.py
+    ablate     the matched ablation: base -> ratings -> reward model -> regimes x seeds ->
+               evaluator -> report, in checkpoints/ablations/<name>/ (collapse_lab/ablate.py)
+    report     collapse-lab report <ablation dir>: regenerate the report from stored results
+    sweep      collapse-lab sweep recipes/sweeps/<file>.yaml: a W&B sweep's grid, run locally
 """
 
 from __future__ import annotations
 
 import sys
 
-from collapse_lab.config import cli
+from pathlib import Path
+
+from collapse_lab.config import ConfigError, cli
 
 
 def _run(cfg):
@@ -34,15 +40,60 @@ def _evaluate(cfg):
     return run(cfg)
 
 
+def _ablate(argv: list[str]):
+    from collapse_lab.ablate import main, plan
+
+    if "--cfg" in argv:
+        from omegaconf import OmegaConf
+
+        p = plan([a for a in argv if a != "--cfg"])
+        print(OmegaConf.to_yaml(p.cfg), end="")
+        print(f"lab overrides: {' '.join(p.lab)}\nout: {p.out}")
+        return None
+    return main(argv)
+
+
+def _report(argv: list[str]):
+    from collapse_lab.report import build
+
+    if len(argv) != 1:
+        raise ConfigError(f"usage: collapse-lab report <ablation dir>; got {len(argv)} arguments")
+    path = Path(argv[0])
+    if not (path / "ablation.yaml").is_file() or not (path / "runs.json").is_file():
+        raise ConfigError(f"{path} is not a finished ablation directory (needs ablation.yaml and runs.json)")
+    result = build(path)
+    print(result["verdict"]["text"])
+    print(f"wrote {path / 'report.md'}, {path / 'report.json'}, {path / 'plots'}/")
+    return result
+
+
+def _sweep(argv: list[str]):
+    from collapse_lab.sweep import main
+
+    return main(argv)
+
+
 COMMANDS = {"run": ("lab", _run), "pretrain": ("lab", _pretrain), "evaluate": ("evaluate", _evaluate)}
+# Commands that parse their own arguments (ConfigError -> one line, exit 2, as for the others).
+OWN_ARGS = {"ablate": _ablate, "report": _report, "sweep": _sweep}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in OWN_ARGS):
         got = f"unknown command '{argv[0]}'" if argv else "no command"
-        print(f"error: {got}; valid choices: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"error: {got}; valid choices: {', '.join([*COMMANDS, *OWN_ARGS])}", file=sys.stderr)
         sys.exit(2)
+    if argv[0] in OWN_ARGS:
+        if any(a in ("-h", "--help") for a in argv[1:]):
+            print(__doc__)
+            return None
+        try:
+            OWN_ARGS[argv[0]](argv[1:])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return None
     config_name, fn = COMMANDS[argv[0]]
     cli(config_name, fn, argv[1:])
 

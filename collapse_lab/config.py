@@ -233,7 +233,53 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
-SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig}
+@dataclass
+class CollapseRule:
+    """When the report calls a regime `collapsed` (stated in report.md too).
+
+    d = mean over the seed prompts of H/log|A| (normalised answer entropy), regime minus base,
+    per seed; collapsed iff mean(d) < -threshold AND the upper end of its `confidence`
+    interval is below 0 (across seeds; with one seed, across the prompts instead).
+    """
+
+    threshold: float = 0.05  # in units of log|A| (0.05 ~ 0.23 nats on 101 answers)
+    confidence: float = 0.95
+
+
+@dataclass
+class AblateEvalConfig:
+    """The shared evaluator's settings for every model of an ablation (base included)."""
+
+    suites: list[str] = field(default_factory=lambda: ["seed", "arithmetic", "stories"])
+    samples: int = 64  # sampling.n on the seed and stories suites (0: exact metrics only)
+    max_new_tokens: int = 8  # seed suite samples (a number and EOS fit in 8)
+    story_max_new_tokens: int = 32
+    temperature: float = 1.0
+    gold_samples: int = 64  # samples per seed prompt scored by the gold rater (mean gold reward)
+    seed: int = 0
+
+
+@dataclass
+class AblateConfig:
+    """`collapse-lab ablate`: base -> ratings -> reward model -> regimes x seeds -> evaluator -> report.
+
+    Any override that is not a key below is a LAB override (model=, world.*, ppo.*, ...), applied
+    to every stage after the preset's `lab` list; `world.preference=X` is an alias of
+    `world.rater.preference_strength=X`. The recipe, seed and name of each stage are set here.
+    """
+
+    name: Optional[str] = None  # checkpoints/ablations/<name>; default <preset>-<hash of the config>
+    preset: str = "default"  # recipes/preset/<preset>.yaml (quick | default)
+    seed: int = 0  # the first replicate seed; replicates are seed, seed+1, ..., seed+seeds-1
+    seeds: int = 3
+    regimes: list[str] = field(default_factory=lambda: ["sft", "bok", "kl0", "kl0.01", "kl0.1", "ent0.01"])
+    checkpoints_dir: str = "checkpoints"
+    lab: list[str] = field(default_factory=list)  # lab overrides of the preset (pretrain.steps=..., ...)
+    collapse: CollapseRule = field(default_factory=CollapseRule)
+    eval: AblateEvalConfig = field(default_factory=AblateEvalConfig)
+
+
+SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig, "ablate": AblateConfig}
 
 # String fields with a closed set of values (checked after composition).
 CHOICES = {

@@ -1,0 +1,541 @@
+"""The ablation's report: a pure function of an ablation directory's stored results.
+
+    build(dir) reads   ablation.yaml (the config and the collapse rule), runs.json,
+                       evals/<regime>/s<seed>/{seed,arithmetic,stories,gold}.json (the evaluator),
+                       runs/<stage>/s<seed>/{manifest.json,metrics.jsonl} (budgets, training curves)
+               writes  report.json, report.md, plots/*.png   (nothing typed by hand)
+
+Statistics. Per regime, each metric is averaged over the seed prompts within a run, then
+summarised ACROSS SEEDS as mean and a t-interval, mean ± t(1-(1-c)/2, n-1)·s/√n (c = the
+rule's confidence, 0.95). With one seed there is no across-seed interval; the collapse test then
+uses the interval across the five prompts instead, and says so.
+
+The collapse rule (also stated in report.md): d = mean over the seed prompts of H/log|A|,
+regime minus base, per seed; `collapsed` iff mean(d) < -threshold and the interval's upper end
+is below 0. The verdict compares every PPO regime with a KL penalty (beta > 0 or adaptive) with
+FeedME (sft) by the paired difference of d across seeds (seeds share their ratings), at the
+rating budgets their manifests record; a comparison whose budgets differ is flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from collapse_lab import metrics
+
+# (key in a run's record, label, format): the per-regime numbers, in table order.
+COLLAPSE_METRICS = [
+    ("norm_entropy", "H / log|A|", ".3f"),
+    ("answer_entropy", "H (nats)", ".3f"),
+    ("delta_norm_entropy", "Δ(H/log|A|) vs base", "+.3f"),
+    ("valid_mass", "valid mass M", ".3f"),
+    ("top_prob", "top p(a)", ".3f"),
+    ("entropy_upper_bound", "post's bound (nats)", ".2f"),
+    ("next_token_entropy", "next-token H (nats)", ".2f"),
+    ("kl_to_reference", "KL to base (nats)", ".4f"),
+    ("tv_to_reference", "TV", ".3f"),
+    ("abs_entropy_change", "|ΔH| (nats)", ".3f"),
+    ("fannes_entropy_bound", "Fannes bound (nats)", ".3f"),
+    ("within_bound", "|ΔH| ≤ bound (share)", ".2f"),
+]
+DIVERSITY_METRICS = [
+    ("sequence_entropy", "seq. entropy (nats)", ".2f"),
+    ("distinct_1", "distinct-1", ".3f"),
+    ("distinct_2", "distinct-2", ".3f"),
+    ("repetition_loop_rate", "repetition loops", ".3f"),
+    ("well_formed_rate", "well-formed", ".3f"),
+    ("stories.sequence_entropy", "stories seq. H (nats)", ".1f"),
+    ("stories.distinct_2", "stories distinct-2", ".3f"),
+    ("stories.repetition_loop_rate", "stories loops", ".3f"),
+    ("ece", "ECE", ".3f"),
+    ("brier", "Brier", ".3f"),
+    ("gold_reward", "gold reward (1-7)", ".2f"),
+]
+BUDGET_KEYS = ("samples_scored", "steps", "tokens_trained")
+TRAINING_CURVES = ("objective/kl", "objective/rlhf_reward", "objective/entropy", "objective/scores",
+                   "policy/clipfrac", "val/vf_loss", "loss", "train/loss")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def interval(values: list[float], confidence: float = 0.95) -> dict:
+    """{mean, lo, hi, n, values}: a t-interval across `values` (lo = hi = None when n < 2)."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if len(x) == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "values": []}
+    mean = float(x.mean())
+    lo = hi = None
+    if len(x) > 1:
+        half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+        lo, hi = mean - half, mean + half
+    return {"mean": mean, "lo": lo, "hi": hi, "n": int(len(x)), "values": [float(v) for v in x]}
+
+
+def collapse_test(d_seeds: list[float], d_prompts: list[float], threshold: float, confidence: float) -> dict:
+    """The collapse rule on d = Δ(H/log|A|) vs base: per seed (≥ 2 seeds) or, with one seed, per prompt."""
+    across = "seeds" if len(d_seeds) >= 2 else "prompts"
+    ci = interval(d_seeds if across == "seeds" else d_prompts, confidence)
+    collapsed = ci["mean"] is not None and ci["hi"] is not None and ci["mean"] < -threshold and ci["hi"] < 0
+    return {**ci, "across": across, "collapsed": bool(collapsed)}
+
+
+# ------------------------------------------------------------------------- one run's record
+
+
+def run_record(evals: Path) -> dict:
+    """The numbers of ONE evaluated model (a regime at a seed, or the base): flat, per-prompt means."""
+    seed = _json(evals / "seed.json")
+    prompts = [p for p in seed["prompts"] if "answers" in p]
+    rec: dict[str, Any] = {"per_prompt": {}}
+    for p in prompts:
+        rec["per_prompt"][p["id"]] = {
+            "answer_entropy": p["answer_entropy"], "norm_entropy": p["answer_entropy"] / p["max_entropy"],
+            "top_answer": p["top_answer"], "top_prob": p["top_prob"], "valid_mass": p["valid_mass"]}
+    col = lambda k: [p[k] for p in prompts if p.get(k) is not None]
+    for key in ("answer_entropy", "valid_mass", "top_prob", "entropy_upper_bound", "next_token_entropy",
+                "kl_to_reference", "tv_to_reference", "fannes_entropy_bound"):
+        rec[key] = _mean(col(key))
+    rec["norm_entropy"] = _mean([p["answer_entropy"] / p["max_entropy"] for p in prompts])
+    changes = col("entropy_change")
+    rec["abs_entropy_change"] = _mean([abs(c) for c in changes])
+    rec["within_bound"] = _mean([float(abs(p["entropy_change"]) <= p["fannes_entropy_bound"] + 1e-9)
+                                 for p in prompts if p.get("entropy_change") is not None])
+    rec["points"] = [(p["kl_to_reference"], abs(p["entropy_change"])) for p in prompts
+                     if p.get("kl_to_reference") is not None]  # for the |ΔH| vs KL plot
+    for key in ("sequence_entropy", "distinct_1", "distinct_2", "repetition_loop_rate", "well_formed_rate"):
+        rec[key] = _mean([p["sampling"][key] for p in prompts if p.get("sampling", {}).get(key) is not None])
+    # the post's figure: the run's answer distribution per prompt
+    rec["answers"] = {p["id"]: {"answers": p["answers"], "probs": p["answer_probs"],
+                                "max_entropy": p["max_entropy"]} for p in prompts}
+    stories = _json(evals / "stories.json", missing=True)
+    if stories:
+        s = [p["sampling"] for p in stories["prompts"] if "sampling" in p]
+        for key in ("sequence_entropy", "distinct_2", "repetition_loop_rate"):
+            rec[f"stories.{key}"] = _mean([x[key] for x in s if x.get(key) is not None])
+    arith = _json(evals / "arithmetic.json", missing=True)
+    if arith:
+        rec["ece"], rec["brier"] = arith["summary"].get("ece"), arith["summary"].get("brier")
+    gold = _json(evals / "gold.json", missing=True)
+    rec["gold_reward"] = gold.get("mean") if gold else None
+    return rec
+
+
+def budget_of(run_dir: Path) -> dict:
+    """The manifest's budget counters and compute."""
+    m = _json(run_dir / "manifest.json", missing=True) or {}
+    return {"status": m.get("status"), **{k: m.get(k) for k in BUDGET_KEYS},
+            "wall_time_s": m.get("wall_time_s"), "manifest": m}
+
+
+def budgets_matched(a: dict, b: dict) -> tuple[bool, str]:
+    """Do two runs spend the same RATING BUDGET? collapse_lab.budget's rule when it exists,
+    else equality of `samples_scored`."""
+    try:
+        from collapse_lab import budget as budget_module
+
+        for fn in ("compare", "compare_budgets", "matched", "budgets_matched", "check"):
+            if callable(getattr(budget_module, fn, None)):
+                matched, message = getattr(budget_module, fn)(a["manifest"], b["manifest"])
+                return bool(matched), str(message)
+    except ImportError:
+        pass
+    sa, sb = a.get("samples_scored"), b.get("samples_scored")
+    if sa is None or sb is None:
+        return False, f"rating budget unknown ({sa} vs {sb} samples scored)"
+    return sa == sb, f"{sa} vs {sb} samples scored"
+
+
+# ------------------------------------------------------------------------------- the report
+
+
+def build(ablation: Path, write: bool = True) -> dict:
+    """report.json / report.md / plots from the ablation directory alone; returns the report."""
+    ablation = Path(ablation)
+    config = yaml.safe_load((ablation / "ablation.yaml").read_text())
+    acfg = config["ablate"]
+    threshold, confidence = float(acfg["collapse"]["threshold"]), float(acfg["collapse"]["confidence"])
+    index = _json(ablation / "runs.json")
+    base = run_record(ablation / "evals" / "base")
+    by_regime: dict[str, list[dict]] = {}
+    for r in index["runs"]:
+        rec = run_record(ablation / r["evals"])
+        rec.update(seed=r["seed"], family=r["family"], recipe=r["recipe"],
+                   budget=budget_of(ablation / "runs" / r["regime"] / f"s{r['seed']}"),
+                   lab=_yaml(ablation / "runs" / r["regime"] / f"s{r['seed']}" / "config.yaml"))
+        rec["delta_norm_entropy"] = rec["norm_entropy"] - base["norm_entropy"]
+        rec["delta_prompts"] = [rec["per_prompt"][k]["norm_entropy"] - base["per_prompt"][k]["norm_entropy"]
+                                for k in rec["per_prompt"]]
+        by_regime.setdefault(r["regime"], []).append(rec)
+
+    regimes = {}
+    for name, runs in by_regime.items():
+        runs.sort(key=lambda x: x["seed"])
+        metrics_ = {key: interval([x.get(key) for x in runs], confidence)
+                    for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS}
+        per_prompt = {pid: interval([x["per_prompt"][pid]["answer_entropy"] for x in runs], confidence)
+                      for pid in runs[0]["per_prompt"]}
+        top, top_p = _top_answer([x["answers"] for x in runs])
+        test = collapse_test([x["delta_norm_entropy"] for x in runs],
+                             list(np.mean([x["delta_prompts"] for x in runs], axis=0)), threshold, confidence)
+        budget = {k: interval([x["budget"][k] for x in runs if x["budget"][k] is not None], confidence)
+                  for k in BUDGET_KEYS}
+        lab = runs[0]["lab"] or {}
+        regimes[name] = {
+            "family": runs[0]["family"], "recipe": runs[0]["recipe"], "seeds": [x["seed"] for x in runs],
+            "kl_coef": _get(lab, "ppo.kl_coef") if runs[0]["family"] == "ppo" else None,
+            "adaptive_kl": _get(lab, "ppo.adaptive_kl") if runs[0]["family"] == "ppo" else None,
+            "ent_coef": _get(lab, "ppo.ent_coef") if runs[0]["family"] == "ppo" else None,
+            "metrics": metrics_, "answer_entropy_per_prompt": per_prompt, "top_answer": top, "top_prob": top_p,
+            "collapse_test": test, "collapsed": test["collapsed"], "budget": budget,
+            "status": sorted({str(x["budget"]["status"]) for x in runs}),
+        }
+    base_top, base_top_p = _top_answer([base["answers"]])
+    base_out = {"metrics": {key: base.get(key) for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS
+                            if key != "delta_norm_entropy"},
+                "answer_entropy_per_prompt": {k: v["answer_entropy"] for k, v in base["per_prompt"].items()},
+                "top_answer": base_top, "top_prob": base_top_p}
+    comparisons = compare(by_regime, regimes, confidence)
+    compute = {name: {"wall_time_s": interval([x["budget"]["wall_time_s"] for x in runs
+                                               if x["budget"]["wall_time_s"] is not None], confidence)["mean"]}
+               for name, runs in by_regime.items()}
+    rule = (f"collapsed iff the mean over seeds of d = Δ(H/log|A|) (mean over the seed prompts, regime minus "
+            f"base) is below -{threshold:g} AND the upper end of its {confidence:.0%} t-interval is below 0 "
+            f"(interval across seeds; with one seed, across the prompts)")
+    report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
+              "comparisons": comparisons, "compute": compute,
+              "preference_strength": _get(next(iter(by_regime.values()))[0]["lab"] or {},
+                                          "world.rater.preference_strength") if by_regime else None}
+    report["verdict"] = verdict(report)
+    if write:
+        plots = make_plots(ablation, base, by_regime, report)
+        report["plots"] = [str(p.relative_to(ablation)) for p in plots]
+        (ablation / "report.json").write_text(json.dumps(_jsonable(report), indent=1, sort_keys=True) + "\n")
+        (ablation / "report.md").write_text(markdown(report))
+    return report
+
+
+def compare(by_regime: dict, regimes: dict, confidence: float) -> list[dict]:
+    """Each PPO regime with a KL penalty vs each FeedME regime: paired difference of d across seeds
+    (positive: PPO keeps more answer entropy), and whether their rating budgets match."""
+    out = []
+    kl_ppo = [n for n, r in regimes.items() if r["family"] == "ppo" and ((r["kl_coef"] or 0) > 0 or r["adaptive_kl"])]
+    feedme = [n for n, r in regimes.items() if r["family"] == "feedme"]
+    for f in feedme:
+        for p in kl_ppo:
+            fr = {x["seed"]: x for x in by_regime[f]}
+            pr = {x["seed"]: x for x in by_regime[p]}
+            seeds = sorted(set(fr) & set(pr))
+            if len(seeds) >= 2:
+                diff, across = interval([pr[s]["delta_norm_entropy"] - fr[s]["delta_norm_entropy"] for s in seeds],
+                                        confidence), "seeds"
+            else:
+                s = seeds[0]
+                diff, across = interval(list(np.subtract(pr[s]["delta_prompts"], fr[s]["delta_prompts"])),
+                                        confidence), "prompts"
+            matched = [budgets_matched(pr[s]["budget"], fr[s]["budget"]) for s in seeds]
+            less = diff["lo"] is not None and diff["lo"] > 0
+            more = diff["hi"] is not None and diff["hi"] < 0
+            out.append({"ppo": p, "feedme": f, "difference": diff, "across": across,
+                        "ppo_collapses_less": bool(less), "ppo_collapses_more": bool(more),
+                        "budget_matched": all(m for m, _ in matched),
+                        "budget_message": "; ".join(sorted({msg for _, msg in matched}))})
+    return out
+
+
+def verdict(report: dict) -> dict:
+    """The paragraph answering the post's question, computed from the table."""
+    regimes = report["regimes"]
+    collapsed = [n for n, r in regimes.items() if r["collapsed"]]
+    fine = [n for n, r in regimes.items() if not r["collapsed"]]
+    t = report["config"]["ablate"]["collapse"]["threshold"]
+    pref = report.get("preference_strength")
+    lines = [f"Collapsed (rule: mean Δ(H/log|A|) below -{t:g} with the interval below 0): "
+             f"{', '.join(collapsed) or 'none'}. Not collapsed: {', '.join(fine) or 'none'}."
+             + (f" Rater preference strength: {pref:g}." if pref is not None else "")]
+    for name in collapsed:
+        r = regimes[name]
+        lines.append(f"{name}: H/log|A| {_fmt(r['metrics']['norm_entropy'])} "
+                     f"(base {report['base']['metrics']['norm_entropy']:.3f}), top answer {r['top_answer']!r} "
+                     f"at {r['top_prob']:.1%}.")
+    comps = report["comparisons"]
+    answer = "not tested (no FeedME or no KL-penalised PPO regime in this ablation)"
+    if comps:
+        matched = [c for c in comps if c["budget_matched"]]
+        parts = []
+        for c in comps:
+            word = ("less than" if c["ppo_collapses_less"] else "MORE than" if c["ppo_collapses_more"]
+                    else "not distinguishably differently from")
+            flag = "" if c["budget_matched"] else f" [BUDGETS NOT MATCHED: {c['budget_message']}]"
+            parts.append(f"{c['ppo']} collapses {word} {c['feedme']} (paired difference of Δ(H/log|A|) "
+                         f"{_fmt(c['difference'], '+.3f')} across {c['across']}){flag}")
+        lines.append("; ".join(parts) + ".")
+        sft_collapsed = any(regimes[c["feedme"]]["collapsed"] for c in matched)
+        if not matched:
+            answer = "UNDECIDED: no comparison has matched rating budgets"
+        elif all(c["ppo_collapses_less"] for c in matched) and sft_collapsed:
+            answer = "YES: every KL-penalised PPO regime keeps more answer entropy than FeedME at a matched budget"
+        elif any(c["ppo_collapses_more"] for c in matched):
+            answer = "NO: at a matched budget some KL-penalised PPO regime collapses MORE than FeedME"
+        elif not sft_collapsed and not any(regimes[c["ppo"]]["collapsed"] for c in matched):
+            answer = "NOT APPLICABLE here: neither FeedME nor KL-penalised PPO collapses"
+        else:
+            answer = "MIXED / not significant: the intervals do not separate every KL-penalised PPO regime from FeedME"
+    lines.append(f"Does PPO with a KL penalty collapse less than FeedME at a matched budget? {answer}.")
+    return {"collapsed": collapsed, "not_collapsed": fine, "answer": answer, "text": " ".join(lines)}
+
+
+# ------------------------------------------------------------------------------- markdown
+
+
+def markdown(report: dict) -> str:
+    regimes, base = report["regimes"], report["base"]
+    c = report["config"]["ablate"]
+    md = [f"# Ablation report: `{Path(report['ablation']).name}`", "",
+          f"Generated by `collapse-lab report {report['ablation']}` from the stored results alone. "
+          f"Preset `{c['preset']}`, seeds {c['seed']}..{c['seed'] + c['seeds'] - 1}, regimes {', '.join(regimes)}; "
+          f"lab overrides: `{' '.join(report['config']['lab']) or '(none)'}`. Means over seeds with "
+          f"{c['collapse']['confidence']:.0%} t-intervals across seeds in brackets (none with one seed).", "",
+          "## Verdict", "", report["verdict"]["text"], "",
+          f"**Rule.** A regime is `collapsed` {report['rule']}.", "",
+          "## Collapse (the post's five prompts, exact answer distributions)", ""]
+    cols = ["regime", "collapsed"] + [label for _, label, _ in COLLAPSE_METRICS] + ["top answer (p)"]
+    md += [_row(cols), _row(["---"] * len(cols))]
+    md.append(_row(["base", "-"] + [_cell(base["metrics"].get(k), f) for k, _, f in COLLAPSE_METRICS]
+                   + [f"{base['top_answer']!r} ({base['top_prob']:.3f})"]))
+    for name, r in regimes.items():
+        md.append(_row([name, "**yes**" if r["collapsed"] else "no"]
+                       + [_fmt(r["metrics"][k], f) for k, _, f in COLLAPSE_METRICS]
+                       + [f"{r['top_answer']!r} ({r['top_prob']:.3f})"]))
+    prompts = list(base["answer_entropy_per_prompt"])
+    md += ["", "Answer entropy per seed prompt (nats; max log 101 = 4.62, log 100 = 4.61):", "",
+           _row(["regime"] + prompts + ["mean"]), _row(["---"] * (len(prompts) + 2)),
+           _row(["base"] + [f"{base['answer_entropy_per_prompt'][p]:.3f}" for p in prompts]
+                + [f"{base['metrics']['answer_entropy']:.3f}"])]
+    for name, r in regimes.items():
+        md.append(_row([name] + [_fmt(r["answer_entropy_per_prompt"][p]) for p in prompts]
+                       + [_fmt(r["metrics"]["answer_entropy"])]))
+    md += ["", "## Diversity, calibration, reward", ""]
+    cols = ["regime"] + [label for _, label, _ in DIVERSITY_METRICS]
+    md += [_row(cols), _row(["---"] * len(cols)),
+           _row(["base"] + [_cell(base["metrics"].get(k), f) for k, _, f in DIVERSITY_METRICS])]
+    for name, r in regimes.items():
+        md.append(_row([name] + [_fmt(r["metrics"][k], f) for k, _, f in DIVERSITY_METRICS]))
+    md += ["", "## Rating budget and compute", "",
+           _row(["regime", "family", "samples scored (rating budget)", "gradient steps", "tokens trained",
+                 "wall time (s)", "status"]), _row(["---"] * 7)]
+    for name, r in regimes.items():
+        b = r["budget"]
+        md.append(_row([name, r["family"]] + [_cell(b[k]["mean"], ".0f") for k in BUDGET_KEYS]
+                       + [_cell(report["compute"][name]["wall_time_s"], ".1f"), "/".join(r["status"])]))
+    if report["comparisons"]:
+        md += ["", "Comparisons (PPO with a KL penalty vs FeedME; difference of Δ(H/log|A|), positive = PPO "
+               "keeps more entropy):", "", _row(["PPO", "FeedME", "difference [interval]", "across",
+                                                  "budget matched", "budgets"]), _row(["---"] * 6)]
+        for cmp_ in report["comparisons"]:
+            md.append(_row([cmp_["ppo"], cmp_["feedme"], _fmt(cmp_["difference"], "+.3f"), cmp_["across"],
+                            "yes" if cmp_["budget_matched"] else "**NO**", cmp_["budget_message"]]))
+    md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report.get("plots", [])] + [""]
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def make_plots(ablation: Path, base: dict, by_regime: dict, report: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from collapse_lab.evaluator import plot_suite
+
+    out = ablation / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    # 1. the post's figure per regime: seed-averaged p(a) per seed prompt, base hatched
+    for name, runs in [("base", [base])] + list(by_regime.items()):
+        records = []
+        for pid, a in runs[0]["answers"].items():
+            probs = np.mean([r["answers"][pid]["probs"] for r in runs], axis=0)
+            records.append({"id": pid, "answers": a["answers"], "answer_probs": probs.tolist(),
+                            "answer_entropy": float(np.mean([r["per_prompt"][pid]["answer_entropy"] for r in runs])),
+                            "max_entropy": a["max_entropy"], "valid_mass": float(probs.sum()),
+                            "entropy_upper_bound": metrics.entropy_upper_bound(probs, _vocab(ablation)),
+                            **({"reference_answer_probs": base["answers"][pid]["probs"]} if name != "base" else {})})
+        path = out / f"post_{name}.png"
+        plot_suite(records, f"{name}: p(answer) on the seed prompts (mean over {len(runs)} seed(s)); base hatched", path)
+        written.append(path)
+    names = list(report["regimes"])
+    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    # 2. entropy per regime with intervals
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for i, n in enumerate(names):
+        s = report["regimes"][n]["metrics"]["norm_entropy"]
+        err = None if s["lo"] is None else [[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]]
+        ax.errorbar([i], [s["mean"]], yerr=err, fmt="o", color=colors[n], capsize=4)
+        ax.scatter([i] * len(s["values"]), s["values"], s=8, color=colors[n], alpha=0.5)
+    b = base["norm_entropy"]
+    thr = report["config"]["ablate"]["collapse"]["threshold"]
+    ax.axhline(b, color="k", lw=1, label=f"base {b:.3f}")
+    ax.axhline(b - thr, color="r", lw=1, ls="--", label=f"collapse threshold (base - {thr:g})")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("H / log|A| (mean of 5 prompts)")
+    ax.set_title("answer entropy per regime (dots: seeds; bars: 95% interval)", fontsize=9)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out / "entropy.png"))
+    # 3. |ΔH| against KL, with the Pinsker + Fannes–Audenaert bound (d = 101)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    kls = [k for runs in by_regime.values() for r in runs for k, _ in r["points"] if k > 0]
+    grid = np.logspace(math.log10(max(min(kls, default=1e-4), 1e-6) / 2), math.log10(max(max(kls, default=1.0), 1.0) * 2), 200)
+    ax.plot(grid, [metrics.fannes_entropy_bound(metrics.pinsker_tv_bound(k), 101) for k in grid], "k-", lw=1,
+            label="Fannes–Audenaert(Pinsker(KL)), d = 101")
+    for n, runs in by_regime.items():
+        pts = np.array([p for r in runs for p in r["points"]])
+        if len(pts):
+            ax.scatter(np.maximum(pts[:, 0], 1e-6), pts[:, 1], s=10, color=colors[n], label=n)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(p ‖ p_base) on the answers (nats)")
+    ax.set_ylabel("|ΔH| (nats)")
+    ax.set_title("entropy change vs KL to base (a point per prompt and seed)", fontsize=9)
+    ax.legend(fontsize=6)
+    written.append(_save(fig, out / "kl_entropy.png"))
+    # 4. gold reward against KL: the over-optimisation frontier
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    if base.get("gold_reward") is not None:
+        ax.scatter([0], [base["gold_reward"]], color="k", marker="s", label="base")
+    for n in names:
+        m = report["regimes"][n]["metrics"]
+        if m["gold_reward"]["mean"] is None:
+            continue
+        xerr = None if m["kl_to_reference"]["lo"] is None else [[m["kl_to_reference"]["mean"] - m["kl_to_reference"]["lo"]], [m["kl_to_reference"]["hi"] - m["kl_to_reference"]["mean"]]]
+        yerr = None if m["gold_reward"]["lo"] is None else [[m["gold_reward"]["mean"] - m["gold_reward"]["lo"]], [m["gold_reward"]["hi"] - m["gold_reward"]["mean"]]]
+        ax.errorbar([m["kl_to_reference"]["mean"]], [m["gold_reward"]["mean"]], xerr=xerr, yerr=yerr, fmt="o",
+                    color=colors[n], capsize=3, label=n)
+    ax.set_xlabel("KL to base on the answers (nats)")
+    ax.set_ylabel("mean gold reward (noiseless, 1-7)")
+    ax.set_title("reward vs KL (over-optimisation frontier)", fontsize=9)
+    ax.legend(fontsize=6)
+    written.append(_save(fig, out / "reward_kl.png"))
+    # 5. training curves
+    curves = {}
+    for n in names:
+        for seed in report["regimes"][n]["seeds"]:
+            rows = _jsonl(ablation / "runs" / n / f"s{seed}" / "metrics.jsonl")
+            for key in TRAINING_CURVES:
+                pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+                if pts:
+                    curves.setdefault(key, []).append((n, seed, pts))
+    if curves:
+        keys = list(curves)
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            seen = set()
+            for n, seed, pts in curves[key]:
+                x, y = zip(*pts)
+                ax.plot(x, y, color=colors[n], lw=1, alpha=0.8, label=None if n in seen else n)
+                seen.add(n)
+            ax.set_title(key, fontsize=8)
+            ax.set_xlabel("step", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.legend(fontsize=5)
+        written.append(_save(fig, out / "training.png"))
+    return written
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _top_answer(answer_sets: list[dict]) -> tuple[Optional[str], Optional[float]]:
+    """The answer with the largest p(a) averaged over prompts and seeds (missing = 0), and that mean."""
+    total: dict[str, float] = {}
+    n = 0
+    for per_prompt in answer_sets:
+        for a in per_prompt.values():
+            n += 1
+            for ans, p in zip(a["answers"], a["probs"]):
+                total[ans] = total.get(ans, 0.0) + p
+    if not total:
+        return None, None
+    best = max(sorted(total), key=lambda k: total[k])
+    return best, total[best] / n
+
+
+def _vocab(ablation: Path) -> int:
+    return int(_json(ablation / "evals" / "base" / "seed.json")["summary"]["vocab_size"])
+
+
+def _mean(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _fmt(s: dict, f: str = ".3f") -> str:
+    if s is None or s.get("mean") is None:
+        return "-"
+    if s.get("lo") is None:
+        return format(s["mean"], f)
+    return f"{format(s['mean'], f)} [{format(s['lo'], f)}, {format(s['hi'], f)}]"
+
+
+def _cell(x, f: str) -> str:
+    return "-" if x is None else format(x, f)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _json(path: Path, missing: bool = False):
+    if missing and not Path(path).exists():
+        return None
+    return json.loads(Path(path).read_text())
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _yaml(path: Path):
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
