@@ -220,7 +220,7 @@ class Display:
         self.done += 1
         line = f"[{self.done}/{self.total}] {label}: {summary} ({time.time() - start:.1f} s)"
         self.lines.append(line)
-        self.progress.console.print(line, markup=False)
+        self.progress.console.print(line, markup=False, soft_wrap=True)
         self.progress.advance(self.task)
         return result
 

@@ -207,7 +207,7 @@ def build(ablation: Path, write: bool = True) -> dict:
     compute = {name: {"wall_time_s": interval([x["budget"]["wall_time_s"] for x in runs
                                                if x["budget"]["wall_time_s"] is not None], confidence)["mean"]}
                for name, runs in by_regime.items()}
-    rule = (f"collapsed iff the mean over seeds of d = Δ(H/log|A|) (mean over the seed prompts, regime minus "
+    rule = (f"iff the mean over seeds of d = Δ(H/log|A|) (mean over the seed prompts, regime minus "
             f"base) is below -{threshold:g} AND the upper end of its {confidence:.0%} t-interval is below 0 "
             f"(interval across seeds; with one seed, across the prompts)")
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,

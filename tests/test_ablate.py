@@ -1,0 +1,193 @@
+"""`collapse-lab ablate`: config contract, the regime table, and the orchestrator on a tiny base.
+
+The fast tests drive the REAL orchestrator, evaluator and report over a tiny base, with stand-in
+stage functions (a few cross-entropy steps towards " 97" for FeedME, an untouched copy for PPO),
+so they do not depend on the trainers. The slow tests run the real stages.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from collapse_lab import ablate
+from collapse_lab.checkpoint import write_manifest
+from collapse_lab.config import ConfigError, compose, group_options
+from conftest import REPO, TINY_PRETRAIN, run_cli
+
+TINY_EVAL = ["eval.suites=[seed,arithmetic]", "eval.samples=8", "eval.gold_samples=8"]
+
+
+def test_every_regime_has_a_recipe_and_a_stage_module_path():
+    for name, regime in ablate.REGIMES.items():
+        assert regime.family in ("feedme", "ppo")
+        module, fn = regime.stage.split(":")
+        assert module.startswith("collapse_lab.") and fn
+    # every PPO recipe the lab has is reachable from the table
+    for recipe in group_options("recipe"):
+        if recipe.startswith(("kl", "ent")):
+            assert recipe in ablate.REGIMES, recipe
+
+
+def test_overrides_split_into_ablation_and_lab_with_the_preference_alias():
+    a, lab = ablate.split_overrides(["preset=quick", "seeds=2", "regimes=[sft]", "world.preference=0",
+                                     "model=tiny", "ppo.steps=3", "collapse.threshold=0.1", "name=x"])
+    assert a == ["preset=quick", "seeds=2", "regimes=[sft]", "collapse.threshold=0.1", "name=x"]
+    assert lab == ["world.rater.preference_strength=0", "model=tiny", "ppo.steps=3"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["regimes=[sft,nope]"], "unknown regime(s) ['nope']"),
+    (["preset=fast"], "unknown preset 'fast'; valid choices: default, quick"),
+    (["regimes=[sft]", "ppo.kl_coeff=1"], "unknown key 'ppo.kl_coeff'"),
+    (["regimes=[sft]", "recipe=kl0"], "'recipe' cannot be given to ablate"),
+    (["regimes=[sft]", "seeds=0"], "seeds must be >= 1"),
+    (["regimes=[sft]", "eval.suites=[nosuch]"], "unknown suite 'nosuch'"),
+    (["regimes=[sft]", "seedz=2"], "unknown key 'seedz'"),
+])
+def test_bad_input_is_one_line_naming_it(args, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        ablate.plan(args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
+    r = run_cli("-m", "collapse_lab.cli", "ablate", "regimes=[sft,nope]", f"checkpoints_dir={tmp_path}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "valid choices: sft, bok, kl0" in r.stderr
+    assert not any(tmp_path.iterdir())
+    r = run_cli("-m", "collapse_lab.cli", "report", str(tmp_path))
+    assert r.returncode == 2 and "not a finished ablation directory" in r.stderr
+
+
+def test_seed_replicates_vary_the_training_seed_and_the_ratings_seed_but_not_the_base():
+    p = ablate.plan(["regimes=[sft]", "seed=4", "seeds=2"])
+    assert p.seeds == [4, 5]
+    c4, c5 = p.lab_config(4, "sft"), p.lab_config(5, "sft")
+    assert (c4.seed, c4.ratings.seed, c5.seed, c5.ratings.seed) == (4, 4, 5, 5)
+    assert c4.pretrain == c5.pretrain and c4.model == c5.model
+    from collapse_lab.pretrain import base_dir
+
+    assert base_dir(c4, named=False) == base_dir(c5, named=False)  # ONE base
+    assert ablate.plan(["regimes=[sft]", "world.preference=0"]).lab_config(0, "sft").world.rater.preference_strength == 0
+
+
+def test_an_ablation_directory_never_holds_two_configs(tmp_path):
+    p = ablate.plan(["regimes=[sft]", f"checkpoints_dir={tmp_path}", "name=a"])
+    p.out.mkdir(parents=True)
+    (p.out / "ablation.yaml").write_text(f"digest: {p.digest}\n")
+    ablate.plan(["regimes=[sft]", f"checkpoints_dir={tmp_path}", "name=a"])  # same: fine
+    with pytest.raises(ConfigError, match="different config"):
+        ablate.plan(["regimes=[sft]", f"checkpoints_dir={tmp_path}", "name=a", "seeds=2"])
+
+
+# ------------------------------------------------------------------ the orchestrator, stand-in stages
+
+
+def _fake_stage(kind):
+    """A stand-in stage: writes a finished run directory like the real ones (manifest with the
+    rating budget). FeedME pushes the base towards " 97" on the seed prompts (a real collapse)."""
+
+    def stage(cfg, named=True):
+        from collapse_lab.pretrain import resolve_base
+
+        base = Path(resolve_base(cfg))
+        out = Path(cfg.checkpoints_dir) / "fake" / f"{kind}-kl{cfg.ppo.kl_coef}-s{cfg.seed}"
+        if (out / "manifest.json").exists():
+            return out
+        shutil.copytree(base, out, ignore=shutil.ignore_patterns("eval", "manifest.json"), dirs_exist_ok=True)
+        steps = 0
+        if kind == "sft":
+            steps = 60 + 10 * cfg.seed
+            _push_towards(out, " 1", steps)
+        write_manifest(out, {"stage": kind, "status": "finished", "base_path": str(base), "samples_scored": 64,
+                             "steps": steps, "tokens_trained": steps * 10, "wall_time_s": 0.1})
+        (out / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "objective/kl": 0.01 * i}) + "\n"
+                                                   for i in range(3)))
+        return out
+
+    return stage
+
+
+def _push_towards(path: Path, answer: str, steps: int) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from collapse_lab.world import load_seed_prompts
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    texts = [p.text + answer for p in load_seed_prompts()]
+    torch.manual_seed(0)
+    for _ in range(steps):
+        batch = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+        loss = sum(model(torch.tensor([b]), labels=torch.tensor([b])).loss for b in batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def fake_ablation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("abl")
+    stages = {ablate.RATINGS: _fake_stage("ratings"), ablate.REWARD_MODEL: _fake_stage("rm"),
+              "collapse_lab.sft:train_sft": _fake_stage("sft"), "collapse_lab.ppo:train_ppo": _fake_stage("ppo")}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ablate, "load_stage", lambda spec: stages[spec])
+    args = ["regimes=[sft,kl0.1]", "seeds=2", f"checkpoints_dir={root}", "name=fake", *TINY_EVAL,
+            *[f"{o}" for o in TINY_PRETRAIN]]
+    out = ablate.main(args)
+    yield out, args, stages, mp
+    mp.undo()
+
+
+def test_ablation_layout_report_and_verdict(fake_ablation):
+    out, *_ = fake_ablation
+    assert out == out.parent / "fake" and out.parent.name == "ablations"
+    for f in ("report.md", "report.json", "runs.json", "ablation.yaml", "manifest.json", "plots/entropy.png",
+              "plots/kl_entropy.png", "plots/reward_kl.png", "plots/training.png", "plots/post_sft.png",
+              "plots/post_base.png", "evals/base/seed.json", "evals/sft/s1/gold.json", "runs/sft/s0/manifest.json"):
+        assert (out / f).exists(), f
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["regimes"]) == {"sft", "kl0.1"}
+    sft, ppo = rep["regimes"]["sft"], rep["regimes"]["kl0.1"]
+    assert sft["seeds"] == [0, 1] and sft["metrics"]["norm_entropy"]["n"] == 2
+    assert sft["collapsed"] and not ppo["collapsed"]  # the stand-in FeedME was pushed to " 1"
+    assert sft["top_answer"] == " 1" and sft["top_prob"] > 0.5 and sft["metrics"]["kl_to_reference"]["mean"] > 0.01
+    assert abs(ppo["metrics"]["kl_to_reference"]["mean"]) < 1e-9  # an untouched copy of the base
+    (cmp_,) = rep["comparisons"]
+    assert cmp_["ppo_collapses_less"] and cmp_["budget_matched"]
+    assert rep["verdict"]["answer"].startswith("YES")
+    md = (out / "report.md").read_text()
+    assert "## Verdict" in md and rep["rule"] in md and "| sft | **yes** |" in md
+
+
+def test_rerun_reuses_every_stage_and_report_regenerates_identically(fake_ablation, capsys):
+    out, args, stages, mp = fake_ablation
+    before = json.loads((out / "report.json").read_text())
+    stamps = {p: p.stat().st_mtime for p in (out / "evals").rglob("seed.json")}
+    calls = []
+    for spec, fn in list(stages.items()):
+        stages[spec] = (lambda f: (lambda cfg, named=True: calls.append(1) or f(cfg, named)))(fn)
+    ablate.main(args)
+    assert {p: p.stat().st_mtime for p in (out / "evals").rglob("seed.json")} == stamps  # not re-evaluated
+    assert json.loads((out / "report.json").read_text()) == before
+    (out / "report.md").unlink()
+    shutil.rmtree(out / "plots")
+    r = run_cli("-m", "collapse_lab.cli", "report", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "report.md").exists() and (out / "plots" / "entropy.png").exists()
+    assert json.loads((out / "report.json").read_text()) == before
+
+
+def test_report_survives_clearing_the_stage_cache(fake_ablation, tmp_path):
+    out, *_ = fake_ablation
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("plots", "report.*"))
+    from collapse_lab.report import build
+
+    a, b = build(copy), json.loads((out / "report.json").read_text())
+    assert a["regimes"]["sft"]["metrics"] == b["regimes"]["sft"]["metrics"]
