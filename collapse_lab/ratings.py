@@ -1,0 +1,140 @@
+"""Ratings: the RATING BUDGET that FeedME and the reward model share.
+
+    1. prompts  n = ratings.prompts draws of world.train_prompt(rng)  (the regimes' one prompt source)
+    2. sample   k = ratings.samples_per_prompt completions of each from the base, full vocabulary,
+                at ratings.temperature (1: the base's own distribution), ratings.max_new_tokens
+                tokens (world=bandit: ONE token, its episodes' length)
+    3. score    each completion ONCE by the world's rater (the gold rater is noisy, like a labeller)
+    4. save     checkpoints/ratings/<name>/: the rated samples as a `datasets` Dataset (data/),
+                manifest.json with samples_scored = n * k, the budget every regime is matched on
+
+Everything is a function of (base, world, ratings section, seed): the prompt draws, the sampling
+(torch's RNG) and the rating noise are seeded from `seed` and `ratings.seed`, so a second run with
+the same config finds the finished directory, and a rerun elsewhere gives the same rows.
+
+Columns: prompt (text), prompt_id (which of the n draws: the k samples of one draw share it),
+format_id (the world's prompt id, e.g. "seed/integer-qa"), completion (text, EOS removed),
+completion_ids (the sampled token ids, EOS included when it came), ended (stopped with EOS),
+score (the rating), expected (the rater's noiseless score), sample_index (0..k-1).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_from_disk
+from omegaconf import DictConfig
+
+from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
+from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.rollout import generate
+
+STAGE = "ratings"
+GENERATE_BATCH = 512  # sequences per generate() call
+
+
+def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """What the ratings depend on (their directory's hash): the base, the world, this section."""
+    keys = ("seed", "base_path", "model", "world", "ratings")
+    return keys + (("pretrain",) if not cfg.base_path and not cfg.model.path else ())
+
+
+def ratings_dir(cfg: DictConfig, named: bool = True) -> Path:
+    r = cfg.ratings
+    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-n{r.prompts}k{r.samples_per_prompt}"
+                   f"-s{cfg.seed}", named)
+
+
+def episode_tokens(cfg: DictConfig) -> int:
+    """Tokens per sampled completion: the bandit's episodes are one token, whatever the section says."""
+    return 1 if cfg.world.name == "bandit" else cfg.ratings.max_new_tokens
+
+
+def stable_seed(*parts) -> int:
+    """A 31-bit seed from any parts (torch.manual_seed takes ints; Python's hash() is salted)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def check(cfg: DictConfig) -> None:
+    r = cfg.ratings
+    if r.prompts < 1 or r.samples_per_prompt < 1 or r.temperature <= 0 or r.max_new_tokens < 1:
+        raise ConfigError(f"need ratings.prompts >= 1, ratings.samples_per_prompt >= 1, ratings.temperature > 0, "
+                          f"ratings.max_new_tokens >= 1; got {r.prompts}, {r.samples_per_prompt}, {r.temperature}, "
+                          f"{r.max_new_tokens}")
+
+
+def rate_samples(model, tokenizer, world, n_prompts: int, k: int, temperature: float, max_new_tokens: int,
+                 seed_key: str) -> Dataset:
+    """n_prompts training prompts x k samples of `model`, each rated once: the rows described above.
+
+    `seed_key` seeds the prompt draws, the sampling and the rating noise (one RNG each).
+    """
+    prompt_rng, rater_rng = random.Random(f"prompts/{seed_key}"), random.Random(f"rater/{seed_key}")
+    prompts = [world.train_prompt(prompt_rng) for _ in range(n_prompts)]
+    torch.manual_seed(stable_seed("sample", seed_key))
+    # (prompt_id, sample_index), k per draw; sorted by prompt length so a batch's left padding is short
+    lengths = [len(ids) for ids in tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]]
+    flat = sorted(((i, j) for i in range(n_prompts) for j in range(k)), key=lambda ij: (lengths[ij[0]], ij))
+    was_training = model.training
+    model.eval()
+    rows = {}
+    for start in range(0, len(flat), GENERATE_BATCH):
+        chunk = flat[start:start + GENERATE_BATCH]
+        rollout = generate(model, tokenizer, [prompts[i].text for i, _ in chunk], max_new_tokens, temperature)
+        for (i, j), ids, mask, text, ended in zip(chunk, rollout.responses.tolist(), rollout.response_mask.tolist(),
+                                                  rollout.texts, rollout.ended.tolist()):
+            p = prompts[i]
+            rows[i, j] = {"prompt": p.text, "prompt_id": i, "format_id": p.id, "completion": text,
+                          "completion_ids": [t for t, m in zip(ids, mask) if m], "ended": bool(ended),
+                          "score": float(world.rater(p, text, rater_rng, bool(ended))),
+                          "expected": float(world.rater.expected(p, text, bool(ended))), "sample_index": j}
+    model.train(was_training)
+    return Dataset.from_list([rows[key] for key in sorted(rows)])
+
+
+def summary(data: Dataset) -> dict:
+    """Score statistics of a ratings dataset (for manifests and the note)."""
+    scores = torch.tensor(list(data["score"]))
+    return {"mean_score": float(scores.mean()), "top_score_share": float((scores == scores.max()).float().mean()),
+            "ended_share": float(torch.tensor(list(data["ended"])).float().mean())}
+
+
+def load_ratings(path: Path) -> Dataset:
+    return load_from_disk(str(Path(path) / "data"))
+
+
+def rate(cfg: DictConfig, named: bool = True) -> Path:
+    """Sample, rate and save (or find finished) this config's ratings; returns their directory."""
+    from collapse_lab.models import load_pretrained
+    from collapse_lab.pretrain import resolve_base
+    from collapse_lab.world import make_world
+
+    check(cfg)
+    out = ratings_dir(cfg, named)
+    manifest = read_manifest(out)
+    if manifest and manifest["status"] == "finished":
+        print(f"{out}: already finished ({manifest['samples_scored']} samples scored); nothing to do")
+        return out
+    started = time.time()
+    base = resolve_base(cfg)
+    save_config(cfg, out)
+    write_manifest(out, {"stage": STAGE, "status": "running", "base_path": base})
+    world = make_world(cfg.world)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_pretrained(base, cfg.model.dtype)
+    r = cfg.ratings
+    data = rate_samples(model.to(device), tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
+                        episode_tokens(cfg), seed_key=f"ratings/{cfg.seed}/{r.seed}")
+    data.save_to_disk(str(out / "data"))
+    write_manifest(out, {
+        "stage": STAGE, "status": "finished", "base_path": base,
+        "samples_scored": len(data), "prompts": r.prompts, "samples_per_prompt": r.samples_per_prompt,
+        "steps": 0, "tokens_trained": 0, **summary(data),
+        "wall_time_s": time.time() - started, "git_commit": git_commit(), "versions": package_versions(),
+    })
+    print(f"saved {out} ({len(data)} rated samples, {time.time() - started:.1f} s)")
+    return out

@@ -1,0 +1,191 @@
+"""The reward model behind `reward=rm`: learned from the SAME ratings FeedME keeps the best of.
+
+    1. ratings  the ratings stage (collapse_lab/ratings.py); a share reward_model.eval_fraction of the
+                prompt draws is held out
+    2. pairs    within each prompt draw, every two samples with different scores: (chosen, rejected)
+    3. train    TRL's RewardTrainer (Bradley-Terry: −log σ(r_chosen − r_rejected)) on a sequence-
+                classification head (one logit) initialised from the base
+    4. check    on the held-out draws: pairwise accuracy (ties in r count ½) and Spearman's ρ between
+                r and the gold score (and the rater's noiseless score), scored through
+                collapse_lab.rewards.ModelReward, the very interface PPO uses
+    5. save     checkpoints/reward/<name>/: model + tokenizer, manifest.json (samples_scored = the ratings')
+
+Texts are `prompt + completion + EOS-if-it-ended`, tokenised without special tokens: exactly what
+ModelReward scores (TRL would append EOS to every text; a cut-off completion must not get one).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from transformers import set_seed
+
+from collapse_lab import tracking
+from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
+from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.ratings import load_ratings, rate
+from collapse_lab.ratings import stage_keys as ratings_keys
+
+STAGE = "reward"
+
+
+def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
+    return ratings_keys(cfg) + ("reward_model",)
+
+
+def reward_dir(cfg: DictConfig, named: bool = True) -> Path:
+    r = cfg.ratings
+    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-rm-n{r.prompts}k{r.samples_per_prompt}"
+                   f"-s{cfg.seed}", named)
+
+
+def check(cfg: DictConfig) -> None:
+    m = cfg.reward_model
+    if m.epochs <= 0 or m.lr <= 0 or m.batch_size < 1 or not 0 < m.eval_fraction < 1:
+        raise ConfigError(f"need reward_model.epochs > 0, reward_model.lr > 0, reward_model.batch_size >= 1, "
+                          f"0 < reward_model.eval_fraction < 1; got {m.epochs}, {m.lr}, {m.batch_size}, {m.eval_fraction}")
+
+
+def rm_text(prompt: str, completion: str, ended: bool, eos: str) -> str:
+    """What the reward model reads (as collapse_lab.rewards.ModelReward builds it)."""
+    return prompt + completion + (eos if ended else "")
+
+
+def split_prompts(prompt_ids: list[int], eval_fraction: float, seed) -> tuple[set[int], set[int]]:
+    """(train, held-out) prompt draws: a seeded shuffle, at least one of each."""
+    ids = sorted(set(prompt_ids))
+    random.Random(f"rm-split/{seed}").shuffle(ids)
+    n_eval = min(len(ids) - 1, max(1, round(eval_fraction * len(ids))))
+    return set(ids[n_eval:]), set(ids[:n_eval])
+
+
+def preference_pairs(ratings: Dataset, prompt_ids: set[int]) -> list[tuple[int, int]]:
+    """(chosen row, rejected row) for every two samples of one prompt draw whose scores differ."""
+    groups: dict[int, list[int]] = {}
+    for row, pid in enumerate(ratings["prompt_id"]):
+        if pid in prompt_ids:
+            groups.setdefault(pid, []).append(row)
+    scores = list(ratings["score"])
+    pairs = []
+    for rows in groups.values():
+        for a in rows:
+            for b in rows:
+                if scores[a] > scores[b]:
+                    pairs.append((a, b))
+    return pairs
+
+
+def pairwise_accuracy(rewards, pairs: list[tuple[int, int]]) -> float:
+    """Share of pairs with r(chosen) > r(rejected), a tie counting ½ (chance: 0.5)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    diff = np.array([r[a] - r[b] for a, b in pairs])
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean()) if pairs else float("nan")
+
+
+def train_reward_model(cfg: DictConfig, named: bool = True) -> Path:
+    """Train (or find finished) the reward model on this config's ratings; returns its directory."""
+    from collapse_lab.pretrain import resolve_base
+
+    check(cfg)
+    out = reward_dir(cfg, named)
+    manifest = read_manifest(out)
+    if manifest and manifest["status"] == "finished":
+        print(f"{out}: already finished (held-out accuracy {manifest['eval_pairwise_accuracy']:.3f}); nothing to do")
+        return out
+    started = time.time()
+    ratings_path = rate(cfg, named=False)
+    base = resolve_base(cfg)
+    save_config(cfg, out)
+    write_manifest(out, {"stage": STAGE, "status": "running", "base_path": base, "ratings_path": str(ratings_path)})
+    ratings = load_ratings(ratings_path)
+    tracking.init(cfg, out, job_type="reward")
+    metrics = fit_reward_model(cfg, ratings, base, out)
+    tracking.finish()
+    write_manifest(out, {
+        **(read_manifest(out) or {}), "status": "finished", "samples_scored": len(ratings), **metrics,
+        "wall_time_s": time.time() - started, "git_commit": git_commit(), "versions": package_versions(),
+    })
+    print(f"saved {out}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} ({metrics['eval_pairs']} "
+          f"pairs), Spearman with gold {metrics['eval_spearman_gold']:.3f}, with the noiseless score "
+          f"{metrics['eval_spearman_expected']:.3f} ({time.time() - started:.1f} s)")
+    return out
+
+
+def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) -> dict:
+    """Steps 2-4 on a ratings dataset: train, save model + tokenizer to `out`, return the budget and checks."""
+    from scipy.stats import spearmanr
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from collapse_lab.models import DTYPES
+    from collapse_lab.rewards import ModelReward
+    from collapse_lab.world import make_world
+
+    m = cfg.reward_model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # 1-2. held-out prompt draws; pairs within a draw
+    train_ids, eval_ids = split_prompts(list(ratings["prompt_id"]), m.eval_fraction, cfg.seed)
+    train_pairs, eval_pairs = preference_pairs(ratings, train_ids), preference_pairs(ratings, eval_ids)
+    if not train_pairs:
+        raise ConfigError(f"the ratings give no training pair (every prompt's samples scored alike); "
+                          "raise ratings.prompts or ratings.samples_per_prompt")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [rm_text(p, c, e, tokenizer.eos_token)
+             for p, c, e in zip(ratings["prompt"], ratings["completion"], ratings["ended"])]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    data = Dataset.from_dict({"chosen_ids": [ids[a] for a, _ in train_pairs],
+                              "rejected_ids": [ids[b] for _, b in train_pairs]})
+
+    # 3. Bradley-Terry on a one-logit head over the base (TRL)
+    set_seed(cfg.seed)  # the head is initialised at random
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = RewardConfig(
+        output_dir=str(out / "trainer"), num_train_epochs=m.epochs, learning_rate=m.lr,
+        per_device_train_batch_size=m.batch_size, lr_scheduler_type="linear", max_length=None,
+        logging_steps=max(1, len(data) // m.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
+        run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
+        dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    (out / "training_args.bin").unlink(missing_ok=True)
+
+    # 4. held-out checks, through the interface PPO uses
+    world = make_world(cfg.world)
+    held = [i for i, pid in enumerate(ratings["prompt_id"]) if pid in eval_ids]
+    reward = ModelReward(str(out), device)
+    prompts = [world.prompt(t) for t in ratings["prompt"]]
+    completions, ended = list(ratings["completion"]), list(ratings["ended"])
+    scores = reward([prompts[i] for i in held], [completions[i] for i in held], [ended[i] for i in held]).numpy()
+    rm = np.full(len(ratings), np.nan)
+    rm[held] = scores
+    gold, expected = np.array(ratings["score"])[held], np.array(ratings["expected"])[held]
+    metrics = {
+        "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
+        "eval_pairwise_accuracy": pairwise_accuracy(rm, eval_pairs),
+        "train_pairwise_accuracy": _train_accuracy(trainer),
+        "eval_spearman_gold": float(spearmanr(scores, gold).statistic),
+        "eval_spearman_expected": float(spearmanr(scores, expected).statistic),
+    }
+    pair_tokens = sum(map(len, data["chosen_ids"])) + sum(map(len, data["rejected_ids"]))
+    return {"steps": trainer.state.global_step, "tokens_trained": round(pair_tokens * m.epochs), **metrics}
+
+
+def _train_accuracy(trainer) -> float:
+    """The last logged training accuracy (TRL logs it per logging step)."""
+    return next((x["accuracy"] for x in reversed(trainer.state.log_history) if "accuracy" in x), float("nan"))

@@ -1,0 +1,188 @@
+"""FeedME (text-davinci-002 style): supervised fine-tuning on the top-rated of each prompt's k samples.
+
+    1. ratings   round 1: the ratings stage (collapse_lab/ratings.py), the same rated samples the
+                 reward model is trained on; round r > 1 (sft.rounds, iterated FeedME): n new prompts,
+                 k samples each from the CURRENT model, rated the same way
+    2. keep      per prompt draw, the sft.keep_top highest-scored samples (ties: the lowest sample
+                 index, i.e. a uniformly random one among tied i.i.d. samples), and only those scoring
+                 >= sft.min_score when set
+    3. train     TRL's SFTTrainer on (prompt, completion) token sequences exactly as sampled, loss on
+                 completion tokens only (the prompt's are masked to -100); EOS is part of the target
+                 when the sample ended with it, not otherwise
+    4. save      checkpoints/sft/<name>/: the HF-loadable causal LM + tokenizer, manifest.json with the
+                 budget: samples_scored = rounds * n * k ratings, steps, tokens_trained
+
+Top-1 of k is distillation of best-of-k: on world=bandit (one prompt, one-token episodes, a noiseless
+rater) the trained model's next-token distribution must approach the closed form P(a) = F(≤a)^k − F(<a)^k
+(collapse_lab/bok.py); the manifest records that distance as `bandit_tv_to_best_of_k`.
+A killed run is redone from the start (it takes seconds on the tiny base).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from transformers import set_seed
+
+from collapse_lab import tracking
+from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
+from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.ratings import episode_tokens, load_ratings, rate, rate_samples
+from collapse_lab.ratings import stage_keys as ratings_keys
+
+STAGE = "sft"
+
+
+def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
+    return ratings_keys(cfg) + ("peft", "sft")
+
+
+def sft_dir(cfg: DictConfig, named: bool = True) -> Path:
+    s, k = cfg.sft, cfg.ratings.samples_per_prompt
+    rounds = f"-r{s.rounds}" if s.rounds > 1 else ""
+    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-top{s.keep_top}of{k}{rounds}"
+                   f"-s{cfg.seed}", named)
+
+
+def check(cfg: DictConfig) -> None:
+    s = cfg.sft
+    if s.keep_top < 1 or s.rounds < 1 or s.epochs <= 0 or s.lr <= 0 or s.batch_size < 1:
+        raise ConfigError(f"need sft.keep_top >= 1, sft.rounds >= 1, sft.epochs > 0, sft.lr > 0, sft.batch_size >= 1; "
+                          f"got {s.keep_top}, {s.rounds}, {s.epochs}, {s.lr}, {s.batch_size}")
+    if s.keep_top > cfg.ratings.samples_per_prompt:
+        raise ConfigError(f"sft.keep_top={s.keep_top} exceeds the k={cfg.ratings.samples_per_prompt} samples per prompt "
+                          "(ratings.samples_per_prompt)")
+
+
+def select_top(ratings: Dataset, keep_top: int = 1, min_score=None) -> Dataset:
+    """Per prompt draw (prompt_id), the keep_top highest-scored rows, ties to the lower sample_index;
+    with min_score, only rows scoring >= min_score (a draw may then keep none)."""
+    best: dict[int, list[tuple[float, int, int]]] = {}
+    for row, (pid, score, j) in enumerate(zip(ratings["prompt_id"], ratings["score"], ratings["sample_index"])):
+        if min_score is None or score >= min_score:
+            best.setdefault(pid, []).append((-score, j, row))
+    keep = sorted(row for rows in best.values() for _, _, row in sorted(rows)[:keep_top])
+    return ratings.select(keep)
+
+
+def feedme_dataset(kept: Dataset, tokenizer) -> Dataset:
+    """Pre-tokenised rows for SFTTrainer: input_ids = prompt tokens + sampled completion tokens (EOS
+    included when it came), completion_mask = 0 on the prompt, 1 on the completion (the loss)."""
+    prompt_ids = tokenizer(list(kept["prompt"]), add_special_tokens=False)["input_ids"]  # as generate() encoded them
+    completion_ids = list(kept["completion_ids"])
+    return Dataset.from_dict({
+        "input_ids": [p + c for p, c in zip(prompt_ids, completion_ids)],
+        "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)],
+    })
+
+
+def train_sft(cfg: DictConfig, named: bool = True) -> Path:
+    """FeedME on this config's ratings (or find it finished); returns the model's directory."""
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from collapse_lab.models import add_lora, load_pretrained
+    from collapse_lab.pretrain import resolve_base
+    from collapse_lab.world import make_world
+
+    check(cfg)
+    out = sft_dir(cfg, named)
+    manifest = read_manifest(out)
+    if manifest and manifest["status"] == "finished":
+        print(f"{out}: already finished ({manifest['steps']} steps, {manifest['samples_scored']} samples scored); "
+              "nothing to do")
+        return out
+    started = time.time()
+    ratings_path = rate(cfg, named=False)  # round 1's ratings: the ones the reward model also uses
+    base = resolve_base(cfg)
+    save_config(cfg, out)
+    write_manifest(out, {"stage": STAGE, "status": "running", "base_path": base, "ratings_path": str(ratings_path)})
+    s, r = cfg.sft, cfg.ratings
+    world = make_world(cfg.world)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    set_seed(cfg.seed)
+    model, tokenizer = load_pretrained(base, cfg.model.dtype)
+    if cfg.peft.enabled:
+        model = add_lora(model, cfg.peft)
+    model.to(device)
+    tracking.init(cfg, out, job_type="sft")
+
+    samples_scored, steps, tokens_trained, rounds, log = 0, 0, 0, [], []
+    for rnd in range(1, s.rounds + 1):
+        # 1. ratings: the shared stage, then the current model's own samples
+        if rnd == 1:
+            ratings = load_ratings(ratings_path)
+        else:
+            ratings = rate_samples(model, tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
+                                   episode_tokens(cfg), seed_key=f"sft/{cfg.seed}/{r.seed}/round{rnd}")
+            ratings.save_to_disk(str(out / f"ratings-round{rnd}"))
+        samples_scored += len(ratings)
+        # 2. keep the best of each prompt's k
+        kept = select_top(ratings, s.keep_top, s.min_score)
+        if len(kept) == 0:
+            raise ConfigError(f"sft round {rnd}: no sample scored >= sft.min_score={s.min_score}; lower it")
+        data = feedme_dataset(kept, tokenizer)
+        # 3. cross-entropy on the kept completions' tokens (TRL)
+        args = TRLSFTConfig(
+            output_dir=str(out / "trainer"), num_train_epochs=s.epochs, learning_rate=s.lr,
+            per_device_train_batch_size=s.batch_size, lr_scheduler_type="linear", warmup_steps=0,
+            completion_only_loss=True, max_length=None, packing=False,
+            logging_steps=max(1, len(data) // s.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
+            run_name=out.name, seed=cfg.seed + rnd, data_seed=cfg.seed + rnd, use_cpu=device == "cpu",
+            dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.train()
+        model = trainer.model
+        completion_tokens = sum(map(sum, list(data["completion_mask"])))
+        steps += trainer.state.global_step
+        tokens_trained += round(completion_tokens * s.epochs)
+        loss = next((x["loss"] for x in reversed(trainer.state.log_history) if "loss" in x), None)
+        rounds.append({"round": rnd, "samples_scored": len(ratings), "kept": len(kept),
+                       "kept_mean_score": float(torch.tensor(list(kept["score"])).mean()),
+                       "ratings_mean_score": float(torch.tensor(list(ratings["score"])).mean()),
+                       "steps": trainer.state.global_step, "final_loss": loss})
+        log += [{"round": rnd, **x} for x in trainer.state.log_history]
+        print(f"sft round {rnd}: kept {len(kept)} of {len(ratings)} (mean score {rounds[-1]['kept_mean_score']:.2f}), "
+              f"{trainer.state.global_step} steps, loss {loss}")
+
+    # 4. save (LoRA merged in: the evaluator loads a plain causal LM)
+    final = model.merge_and_unload() if cfg.peft.enabled else model
+    final.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    extra = {}
+    if cfg.world.name == "bandit":
+        extra["bandit_tv_to_best_of_k"] = bandit_tv_to_best_of_k(final, base, tokenizer, cfg)
+        print(f"bandit: TV(FeedME, best-of-{r.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f}")
+    write_manifest(out, {
+        **(read_manifest(out) or {}), "status": "finished", "samples_scored": samples_scored,
+        "steps": steps, "tokens_trained": tokens_trained, "rounds": rounds, **extra,
+        "wall_time_s": time.time() - started, "git_commit": git_commit(), "versions": package_versions(),
+    })
+    tracking.finish()
+    print(f"saved {out} ({time.time() - started:.1f} s)")
+    return out
+
+
+@torch.no_grad()
+def bandit_tv_to_best_of_k(model, base_path: str, tokenizer, cfg: DictConfig) -> float:
+    """TV between the model's full next-token distribution at the bandit prompt and best-of-k of the base's
+    (k = ratings.samples_per_prompt, scores from the reward table: collapse_lab/bok.py)."""
+    from collapse_lab.bandit import next_token_probs, reward_vector
+    from collapse_lab.bok import best_of_k
+    from collapse_lab.models import load_pretrained
+
+    base, _ = load_pretrained(base_path, cfg.model.dtype)
+    pi0 = next_token_probs(base.to(model.device).eval(), tokenizer, cfg.world.prompt).numpy()
+    target = best_of_k(pi0, reward_vector(tokenizer, cfg.world, len(pi0)).numpy(), cfg.ratings.samples_per_prompt)
+    pi = next_token_probs(model.eval(), tokenizer, cfg.world.prompt).numpy()
+    return float(0.5 * abs(pi - target).sum())
