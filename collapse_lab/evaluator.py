@@ -287,14 +287,20 @@ def sampling_metrics(tokenizer, samples: Samples, prompt: Prompt, temperature: f
 # ----------------------------------------------------------------------------- per prompt
 
 
-def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference=None) -> dict:
-    """One prompt's record (fields: eval/README.md). reference: (model, tokenizer) or None."""
+def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference=None, policy=None) -> dict:
+    """One prompt's record (fields: eval/README.md). reference: (model, tokenizer) or None.
+
+    policy: a best-of-k policy over `model` (collapse_lab/bok.py): exact answer distributions only."""
     rec: dict = {"id": prompt.id, "prompt": prompt.text}
     ends = None
+    if policy is not None and prompt.answers is None:
+        return rec  # best-of-k has a closed form on answer sets only
     if prompt.answers is None:
         rec["next_token_entropy"] = next_token_entropy(model, tokenizer, prompt.text)
     else:
         dist = answer_distribution(model, tokenizer, prompt.text, prompt.answers, prompt.continue_chars, cfg.batch_size)
+        if policy is not None:
+            dist = policy.transform(prompt.text, dist)
         p, q = dist.probs, dist.normalised
         top = int(np.argmax(p))
         ends = end_mask(tokenizer, prompt.continue_chars, dist.vocab_size)
@@ -313,7 +319,7 @@ def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference
                        tv_to_reference=metrics.tv(q, q_ref), pinsker_tv_bound=metrics.pinsker_tv_bound(kl),
                        fannes_entropy_bound=metrics.fannes_entropy_bound(metrics.pinsker_tv_bound(kl), len(q)),
                        entropy_change=metrics.entropy(q) - metrics.entropy(q_ref))
-    if cfg.sampling.n > 0:
+    if cfg.sampling.n > 0 and policy is None:
         torch.manual_seed(cfg.seed)  # each prompt's samples depend only on the seed and the prompt
         s = sample(model, tokenizer, prompt.text, cfg.sampling.n, cfg.sampling.temperature,
                    cfg.sampling.max_new_tokens, cfg.batch_size)
@@ -452,14 +458,17 @@ def run(cfg: DictConfig) -> dict:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     else:
         device = cfg.device
-    model, tokenizer = _load(cfg.model_path, device, cfg.dtype)
+    from collapse_lab.bok import load_policy
+
+    policy = load_policy(cfg.model_path)  # a best-of-k directory: its base, transformed per prompt
+    model, tokenizer = _load(policy.base_path if policy else cfg.model_path, device, cfg.dtype)
     _check_fits(model, tokenizer, suite, s.max_new_tokens, s.n, cfg.model_path)
     reference = None
     if cfg.reference_path:
         reference = _load(cfg.reference_path, device, cfg.dtype)
         _check_fits(*reference, suite, s.max_new_tokens, 0, cfg.reference_path)
 
-    records = [evaluate_prompt(model, tokenizer, p, cfg, reference) for p in suite.prompts]
+    records = [evaluate_prompt(model, tokenizer, p, cfg, reference, policy) for p in suite.prompts]
     summary = {"schema_version": SCHEMA_VERSION, "suite": suite.name, "suite_path": str(suite.path),
                "model_path": cfg.model_path, "reference_path": cfg.reference_path,
                "vocab_size": model.get_output_embeddings().weight.shape[0], "n_prompts": len(records),
