@@ -31,7 +31,7 @@ from transformers import set_seed
 from collapse_lab import tracking
 from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
 from collapse_lab.config import ConfigError, run_dir, save_config
-from collapse_lab.ratings import load_ratings, rate
+from collapse_lab.ratings import flush_denormals, load_ratings, rate
 from collapse_lab.ratings import stage_keys as ratings_keys
 
 STAGE = "reward"
@@ -95,6 +95,7 @@ def train_reward_model(cfg: DictConfig, named: bool = True) -> Path:
     from collapse_lab.pretrain import resolve_base
 
     check(cfg)
+    flush_denormals()
     out = reward_dir(cfg, named)
     manifest = read_manifest(out)
     if manifest and manifest["status"] == "finished":

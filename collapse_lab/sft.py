@@ -34,7 +34,7 @@ from transformers import set_seed
 from collapse_lab import tracking
 from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
 from collapse_lab.config import ConfigError, run_dir, save_config
-from collapse_lab.ratings import episode_tokens, load_ratings, rate, rate_samples
+from collapse_lab.ratings import episode_tokens, flush_denormals, load_ratings, rate, rate_samples
 from collapse_lab.ratings import stage_keys as ratings_keys
 
 STAGE = "sft"
@@ -93,6 +93,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     from collapse_lab.world import make_world
 
     check(cfg)
+    flush_denormals()
     out = sft_dir(cfg, named)
     manifest = read_manifest(out)
     if manifest and manifest["status"] == "finished":
