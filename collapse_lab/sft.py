@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
@@ -162,8 +163,9 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     shutil.rmtree(out / "trainer", ignore_errors=True)
     extra = {}
     if cfg.world.name == "bandit":
-        extra["bandit_tv_to_best_of_k"] = bandit_tv_to_best_of_k(final, base, tokenizer, cfg)
-        print(f"bandit: TV(FeedME, best-of-{r.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f}")
+        extra = bandit_tv_to_best_of_k(final, base, tokenizer, cfg, kept)
+        print(f"bandit: TV(FeedME, best-of-{r.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f} (its kept "
+              f"samples' own TV, the sampling floor: {extra['bandit_tv_kept_samples_to_best_of_k']:.4f})")
     write_manifest(out, {
         **(read_manifest(out) or {}), "status": "finished", "samples_scored": samples_scored,
         "steps": steps, "tokens_trained": tokens_trained, "rounds": rounds, **extra,
@@ -175,9 +177,10 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
 
 
 @torch.no_grad()
-def bandit_tv_to_best_of_k(model, base_path: str, tokenizer, cfg: DictConfig) -> float:
+def bandit_tv_to_best_of_k(model, base_path: str, tokenizer, cfg: DictConfig, kept: Dataset) -> dict:
     """TV between the model's full next-token distribution at the bandit prompt and best-of-k of the base's
-    (k = ratings.samples_per_prompt, scores from the reward table: collapse_lab/bok.py)."""
+    (k = ratings.samples_per_prompt, scores from the reward table: collapse_lab/bok.py); and the TV of the
+    last round's kept samples (their empirical distribution: what SFT can at best reproduce) to it."""
     from collapse_lab.bandit import next_token_probs, reward_vector
     from collapse_lab.bok import best_of_k
     from collapse_lab.models import load_pretrained
@@ -186,4 +189,6 @@ def bandit_tv_to_best_of_k(model, base_path: str, tokenizer, cfg: DictConfig) ->
     pi0 = next_token_probs(base.to(model.device).eval(), tokenizer, cfg.world.prompt).numpy()
     target = best_of_k(pi0, reward_vector(tokenizer, cfg.world, len(pi0)).numpy(), cfg.ratings.samples_per_prompt)
     pi = next_token_probs(model.eval(), tokenizer, cfg.world.prompt).numpy()
-    return float(0.5 * abs(pi - target).sum())
+    empirical = np.bincount([ids[0] for ids in kept["completion_ids"]], minlength=len(pi)) / len(kept)
+    return {"bandit_tv_to_best_of_k": float(0.5 * abs(pi - target).sum()),
+            "bandit_tv_kept_samples_to_best_of_k": float(0.5 * abs(empirical - target).sum())}

@@ -9,6 +9,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
+import torch  # noqa: E402
+
+# Subnormal floats are ~90x slower on CPU; torch's worker threads copy this setting when they start,
+# so it must come before any test computes (collapse_lab/ratings.py: flush_denormals).
+torch.set_flush_denormal(True)
+
 # A pretraining config small enough for a unit test (seconds on 2 cores).
 TINY_PRETRAIN = [
     "wandb.mode=disabled", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
