@@ -1,0 +1,105 @@
+"""FeedME: top-k selection, completion-only loss, training moves the weights, budget; and the exact check:
+top-1 of k on the one-token bandit reproduces best-of-k."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from collapse_lab.config import ConfigError, compose
+from collapse_lab.pretrain import pretrain
+from collapse_lab.sft import feedme_dataset, select_top, train_sft
+from conftest import TINY_PRETRAIN
+from tiny_models import byte_level_tokenizer, tiny_gpt2
+
+SMALL = ["ratings.prompts=8", "ratings.samples_per_prompt=2", "ratings.max_new_tokens=4", "sft.batch_size=4",
+         "sft.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return pretrain(compose("lab", TINY_PRETRAIN + [f"checkpoints_dir={tmp_path_factory.mktemp('ck')}"]))
+
+
+def _ratings(scores_by_prompt):
+    rows = [{"prompt": f"p{i}", "prompt_id": i, "completion": f"c{i}{j}", "completion_ids": [j + 1], "ended": True,
+             "score": float(s), "sample_index": j} for i, scores in enumerate(scores_by_prompt) for j, s in enumerate(scores)]
+    return Dataset.from_list(rows)
+
+
+def test_select_top_per_prompt_ties_and_threshold():
+    data = _ratings([[3, 7, 5, 7], [2, 2, 2, 2], [6, 1, 4, 5]])
+    kept = select_top(data)
+    assert list(kept["completion"]) == ["c01", "c10", "c20"]  # ties: the lower sample index
+    assert sorted(select_top(data, keep_top=2)["completion"]) == ["c01", "c03", "c10", "c11", "c20", "c23"]
+    assert list(select_top(data, min_score=7)["completion"]) == ["c01"]  # only 7/7; prompts without one keep none
+
+
+def test_only_completion_tokens_carry_loss(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    tok = byte_level_tokenizer()
+    tok.pad_token = tok.eos_token
+    kept = Dataset.from_list([{"prompt": "Q: 1-9?\nA:", "completion_ids": [tok(" 7").input_ids[0], tok.eos_token_id]},
+                              {"prompt": "Q: hi\nA:", "completion_ids": [tok(" 3").input_ids[0]]}])  # cut off: no EOS
+    data = feedme_dataset(kept, tok)
+    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=None, report_to=[], use_cpu=True)
+    trainer = SFTTrainer(model=tiny_gpt2(tok, vocab_size=len(tok)), args=args, train_dataset=data, processing_class=tok)
+    for row, kept_row in zip(trainer.train_dataset, kept):
+        n_prompt = len(tok(kept_row["prompt"]).input_ids)
+        assert row["input_ids"][n_prompt:] == kept_row["completion_ids"]
+        assert row["labels"] == [-100] * n_prompt + kept_row["completion_ids"]
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert (batch["labels"] != -100).sum() == 3  # two completion tokens + one
+
+
+def test_train_sft_moves_weights_and_records_the_budget(tmp_path, tiny_base):
+    cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", "recipe=sft",
+                          *SMALL])
+    out = train_sft(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "finished" and m["stage"] == "sft" and m["base_path"] == str(tiny_base)
+    assert m["samples_scored"] == 16 and m["rounds"][0]["kept"] == 8 and m["steps"] == 2
+    assert m["tokens_trained"] > 0 and m["wall_time_s"] > 0 and "git_commit" in m and "versions" in m
+    before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert train_sft(cfg) == out  # finished: found, not redone
+
+    cfg2 = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", "recipe=sft",
+                           *SMALL, "sft.rounds=2"])
+    m2 = json.loads((train_sft(cfg2) / "manifest.json").read_text())
+    assert m2["samples_scored"] == 32 and [r["round"] for r in m2["rounds"]] == [1, 2]
+
+
+def test_bad_sft_config_is_one_line(tmp_path, tiny_base):
+    cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", *SMALL,
+                          "sft.keep_top=3"])
+    with pytest.raises(ConfigError, match="exceeds the k=2"):
+        train_sft(cfg)
+
+
+@pytest.mark.slow
+def test_feedme_top1_of_k_reproduces_best_of_k_on_the_bandit(tmp_path):
+    """SFT on the best of k samples IS distillation of best-of-k: TV <= 0.03 on the full vocabulary."""
+    from collapse_lab.bandit import next_token_probs
+
+    tok = byte_level_tokenizer()
+    model = tiny_gpt2(tok, vocab_size=len(tok), init=1.0)
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0  # a deterministic policy
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    prompt = "Q: 1-9?\nA:"
+    pi0 = next_token_probs(model, tok, prompt)
+    top = [int(i) for i in pi0.argsort(descending=True)[:3]]
+    # the base's 2nd and 3rd tokens are rewarded, its favourite is not: best-of-k moves mass onto them
+    rewards = f"[[{json.dumps(tok.decode([top[1]]))},1.0],[{json.dumps(tok.decode([top[2]]))},0.5]]"
+    cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tmp_path / 'base'}",
+                          "world=bandit", f"world.prompt={json.dumps(prompt)}", f"world.rewards={rewards}",
+                          "ratings.prompts=4096", "ratings.samples_per_prompt=4", "sft.epochs=4", "sft.lr=3e-3",
+                          "sft.batch_size=512"])
+    m = json.loads((train_sft(cfg) / "manifest.json").read_text())
+    assert m["bandit_tv_kept_samples_to_best_of_k"] < 0.03  # the sampling floor
+    assert m["bandit_tv_to_best_of_k"] <= 0.03, m
