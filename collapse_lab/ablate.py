@@ -92,6 +92,7 @@ class Plan:
 
     cfg: DictConfig  # AblateConfig
     lab: list[str]  # preset's lab list + the command line's lab overrides
+    base: Optional[str] = None  # set once resolved: every later stage gets base_path=<it>
 
     @property
     def seeds(self) -> list[int]:
@@ -100,6 +101,8 @@ class Plan:
     def lab_overrides(self, seed: Optional[int] = None, regime: Optional[str] = None) -> list[str]:
         """The overrides of one stage: common ones, then its seed, then its recipe."""
         o = [f"checkpoints_dir={self.cfg.checkpoints_dir}", *self.lab]
+        if self.base is not None:
+            o.append(f"base_path={self.base}")
         if seed is not None:
             o += [f"seed={seed}", f"ratings.seed={seed}"]
         if regime is not None:
@@ -255,6 +258,7 @@ def run(p: Plan) -> Path:
     with Display(total) as show:
         # 1. the base (shared by every seed)
         base = Path(show.stage("base", lambda: _done(Path(resolve_base(p.lab_config())))))
+        p.base = str(base)  # explicit from here on: every stage and seed starts from THIS base
         _copy_run(base, out / "runs" / "base")
         show.stage("evaluate base", lambda: _evaluated(evaluate(p, base, base, out / "evals" / "base")))
         for seed in p.seeds:
@@ -327,7 +331,8 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
 def gold_reward(p: Plan, model_path: Path) -> dict:
     """Mean NOISELESS gold score (world.rater.expected) of `eval.gold_samples` samples per seed
     prompt at `eval.temperature`: what the post's raters would give the regime on its prompts.
-    A completion cut at eval.max_new_tokens counts as not ended (the rater's rule)."""
+    A completion cut at eval.max_new_tokens counts as not ended (the rater's rule). For best-of-k
+    each sample is the best-scored of k base samples (the policy itself, by the same scores)."""
     import numpy as np
     import torch
 
@@ -336,19 +341,21 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
 
     e = p.cfg.eval
     world = make_world(p.lab_config().world)
-    if not (model_path / "config.json").exists() and (model_path / "manifest.json").exists():
-        return {"per_prompt": {}, "mean": None, "note": "not a sampleable model"}
+    k = 1  # a best-of-k directory (collapse_lab/bok.py): k base samples per query, the best-scored kept
+    spec = _read_json(model_path / "bok.json")
+    if spec is not None:
+        model_path, k = Path(spec["base_path"]), int(spec["k"])
     model, tokenizer = _load(str(model_path), "cuda" if torch.cuda.is_available() else "cpu", "float32")
     per_prompt = {}
     for prompt in world.seed_prompts:
         torch.manual_seed(e.seed)
-        s = sample(model, tokenizer, prompt.text, e.gold_samples, e.temperature, e.max_new_tokens)
+        s = sample(model, tokenizer, prompt.text, e.gold_samples * k, e.temperature, e.max_new_tokens)
         eos = tokenizer.eos_token_id
         texts = tokenizer.batch_decode([[t for t in y if t != eos] for y in s.tokens], skip_special_tokens=True)
-        per_prompt[prompt.id.removeprefix("seed/")] = float(np.mean(
-            [world.rater.expected(prompt, t, bool(f)) for t, f in zip(texts, s.finished)]))
+        scores = np.array([world.rater.expected(prompt, t, bool(f)) for t, f in zip(texts, s.finished)])
+        per_prompt[prompt.id.removeprefix("seed/")] = float(scores.reshape(e.gold_samples, k).max(1).mean())
     return {"per_prompt": per_prompt, "mean": float(np.mean(list(per_prompt.values()))),
-            "n": e.gold_samples, "temperature": e.temperature, "max_new_tokens": e.max_new_tokens,
+            "n": e.gold_samples, "best_of": k, "temperature": e.temperature, "max_new_tokens": e.max_new_tokens,
             "preference_strength": float(world.cfg.rater.preference_strength) if hasattr(world.cfg, "rater") else None}
 
 

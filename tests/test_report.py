@@ -1,0 +1,90 @@
+"""The report's statistics, collapse rule and verdict on small synthetic inputs (pure functions)."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from collapse_lab import report
+
+
+def test_interval_is_the_t_interval_across_values():
+    x = [0.1, 0.3, 0.2, 0.6]
+    ci = report.interval(x, 0.95)
+    half = stats.t.ppf(0.975, 3) * np.std(x, ddof=1) / 2
+    assert ci["mean"] == pytest.approx(0.3) and ci["n"] == 4
+    assert ci["lo"] == pytest.approx(0.3 - half) and ci["hi"] == pytest.approx(0.3 + half)
+    one = report.interval([0.5])
+    assert one["mean"] == 0.5 and one["lo"] is None and one["hi"] is None
+    assert report.interval([None, float("nan")])["mean"] is None
+
+
+def test_collapse_rule_needs_both_the_threshold_and_an_interval_below_zero():
+    # a large, consistent drop: collapsed
+    assert report.collapse_test([-0.3, -0.32, -0.28], [], 0.05, 0.95)["collapsed"]
+    # a large mean drop whose interval crosses 0 (one seed barely moves): not collapsed
+    assert not report.collapse_test([-0.6, 0.05], [], 0.05, 0.95)["collapsed"]
+    # a consistent but small drop (within the threshold): not collapsed
+    assert not report.collapse_test([-0.02, -0.021, -0.019], [], 0.05, 0.95)["collapsed"]
+    # one seed: the interval is across the prompts, and says so
+    t = report.collapse_test([-0.2], [-0.2, -0.25, -0.15, -0.22, -0.18], 0.05, 0.95)
+    assert t["collapsed"] and t["across"] == "prompts" and t["n"] == 5
+
+
+def _regime(family, d, kl_coef=None, collapsed=None, top=" 97", p=0.3):
+    test = report.collapse_test(d, [], 0.05, 0.95)
+    return {"family": family, "kl_coef": kl_coef, "adaptive_kl": False, "collapsed": test["collapsed"] if collapsed is None else collapsed,
+            "top_answer": top, "top_prob": p,
+            "metrics": {"norm_entropy": report.interval([0.99 + x for x in d])}}
+
+
+def _report(regimes, comparisons):
+    return {"regimes": regimes, "comparisons": comparisons, "base": {"metrics": {"norm_entropy": 0.99}},
+            "config": {"ablate": {"collapse": {"threshold": 0.05}}}, "preference_strength": 1.0}
+
+
+def _runs(d_by_seed, samples):
+    return [{"seed": s, "delta_norm_entropy": d, "delta_prompts": [d] * 5,
+             "budget": {"samples_scored": samples, "manifest": {"samples_scored": samples}}}
+            for s, d in enumerate(d_by_seed)]
+
+
+def test_verdict_yes_when_feedme_collapses_and_kl_ppo_keeps_entropy_at_a_matched_budget():
+    by = {"sft": _runs([-0.4, -0.35, -0.45], 1024), "kl0.1": _runs([-0.01, 0.0, -0.02], 1024)}
+    regimes = {"sft": _regime("feedme", [-0.4, -0.35, -0.45]), "kl0.1": _regime("ppo", [-0.01, 0.0, -0.02], 0.1)}
+    comps = report.compare(by, regimes, 0.95)
+    (c,) = comps
+    assert c["ppo_collapses_less"] and c["budget_matched"] and c["across"] == "seeds"
+    v = report.verdict(_report(regimes, comps))
+    assert v["collapsed"] == ["sft"] and v["answer"].startswith("YES")
+    assert "sft: H/log|A|" in v["text"]
+
+
+def test_verdict_no_when_kl_ppo_collapses_more():
+    by = {"sft": _runs([-0.01, -0.02, 0.0], 1024), "kl0.1": _runs([-0.4, -0.35, -0.45], 1024)}
+    regimes = {"sft": _regime("feedme", [-0.01, -0.02, 0.0]), "kl0.1": _regime("ppo", [-0.4, -0.35, -0.45], 0.1)}
+    v = report.verdict(_report(regimes, report.compare(by, regimes, 0.95)))
+    assert v["answer"].startswith("NO") and v["collapsed"] == ["kl0.1"]
+
+
+def test_unmatched_budgets_are_flagged_and_do_not_decide_the_verdict():
+    by = {"sft": _runs([-0.4, -0.35, -0.45], 1024), "kl0.1": _runs([0.0, 0.0, -0.01], 12800)}
+    regimes = {"sft": _regime("feedme", [-0.4, -0.35, -0.45]), "kl0.1": _regime("ppo", [0.0, 0.0, -0.01], 0.1)}
+    comps = report.compare(by, regimes, 0.95)
+    assert not comps[0]["budget_matched"] and "1024" in comps[0]["budget_message"]
+    v = report.verdict(_report(regimes, comps))
+    assert "BUDGETS NOT MATCHED" in v["text"] and v["answer"].startswith("UNDECIDED")
+
+
+def test_kl0_is_not_a_kl_penalised_regime():
+    by = {"sft": _runs([-0.4, -0.35], 1), "kl0": _runs([0.0, 0.01], 1)}
+    regimes = {"sft": _regime("feedme", [-0.4, -0.35]), "kl0": _regime("ppo", [0.0, 0.01], 0.0)}
+    assert report.compare(by, regimes, 0.95) == []
+    assert report.verdict(_report(regimes, []))["answer"].startswith("not tested")
+
+
+def test_top_answer_is_the_argmax_of_the_mean_over_prompts_and_seeds():
+    a = {"p1": {"answers": [" 1", " 2"], "probs": [0.6, 0.4]}, "p2": {"answers": [" 1", " 2", " 3"], "probs": [0.1, 0.1, 0.8]}}
+    top, p = report._top_answer([a])
+    assert top == " 3" and p == pytest.approx(0.4)

@@ -1,0 +1,77 @@
+"""W&B sweep files (valid for `wandb sweep`, every grid point a valid ablation) and the local runner."""
+
+import json
+
+import pytest
+import yaml
+
+from collapse_lab import ablate, sweep
+from collapse_lab.config import ConfigError
+from conftest import REPO, TINY_PRETRAIN
+from test_ablate import TINY_EVAL, _fake_stage
+
+SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
+
+
+def test_the_three_sweeps_exist():
+    assert {p.stem for p in SWEEPS} >= {"beta", "alpha", "preference"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_file_is_a_wandb_grid_whose_every_point_is_a_valid_ablation(path):
+    spec = yaml.safe_load(path.read_text())
+    # what `wandb sweep` / `wandb agent` need: a method, parameters with value(s), a command that
+    # passes the parameters Hydra-style to a program that exists
+    assert spec["method"] == "grid" and spec["metric"]["goal"] in ("maximize", "minimize")
+    assert "${args_no_hyphens}" in spec["command"] and (REPO / spec["program"]).is_file()
+    assert spec["command"][spec["command"].index("${program}") + 1] == "ablate"
+    loaded = sweep.load(path)
+    points = sweep.grid(loaded)
+    assert len(points) >= 3 and len(sweep.swept(loaded)) == 1
+    regime = spec["metric"]["name"].split("/")[0]
+    for pt in points:
+        p = ablate.plan(sweep.point_overrides(loaded, pt, []))
+        assert regime in p.cfg.regimes
+        lab = p.lab_config(p.seeds[0], regime)
+        assert lab.wandb.mode == "offline" and lab.wandb.group == spec["name"]
+    # the swept value reaches the stage's config
+    key = sweep.swept(loaded)[0]
+    last = ablate.plan(sweep.point_overrides(loaded, points[-1], [])).lab_config(0, regime)
+    lab_key = "world.rater.preference_strength" if key == "world.preference" else key
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.select(last, lab_key) == points[-1][key]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("method: bayes\nparameters: {seeds: {value: 1}}", "the local runner runs grids"),
+    ("method: grid\nparameters: {}", "non-empty 'parameters'"),
+    ("method: grid\nparameters: {seeds: {values: []}}", "must be a non-empty list"),
+    ("method: grid\nparameterz: {seeds: {value: 1}}", "non-empty 'parameters'"),
+    ("method: grid\nfoo: 1\nparameters: {seeds: {value: 1}}", "unknown keys ['foo']"),
+])
+def test_bad_sweep_files_are_one_line_errors(tmp_path, text, message):
+    f = tmp_path / "s.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        sweep.load(f)
+    assert message in str(e.value)
+
+
+def test_local_runner_runs_the_grid_and_writes_one_comparison(tmp_path, monkeypatch):
+    stages = {ablate.RATINGS: _fake_stage("ratings"), ablate.REWARD_MODEL: _fake_stage("rm"),
+              "collapse_lab.sft:train_sft": _fake_stage("sft"), "collapse_lab.ppo:train_ppo": _fake_stage("ppo")}
+    monkeypatch.setattr(ablate, "load_stage", lambda spec: stages[spec])
+    f = tmp_path / "mini.yaml"
+    f.write_text(yaml.safe_dump({"name": "mini", "method": "grid", "program": "collapse_lab/cli.py",
+                                 "metric": {"name": "kl0.1/norm_entropy", "goal": "maximize"},
+                                 "parameters": {"ppo.kl_coef": {"values": [0.01, 0.1]},
+                                                "regimes": {"value": "[sft,kl0.1]"}, "seeds": {"value": 1}},
+                                 "command": ["${program}", "ablate", "${args_no_hyphens}"]}))
+    out = sweep.main([str(f), f"checkpoints_dir={tmp_path / 'ck'}", "wandb.mode=disabled", *TINY_EVAL, *TINY_PRETRAIN])
+    assert out == tmp_path / "ck" / "sweeps" / "mini"
+    rep = json.loads((out / "report.json").read_text())
+    assert [(r["point"]["ppo.kl_coef"], r["regime"]) for r in rep["rows"]] == [
+        (0.01, "sft"), (0.01, "kl0.1"), (0.1, "sft"), (0.1, "kl0.1")]
+    assert len({r["ablation"] for r in rep["rows"]}) == 2  # one ablation per point
+    assert (out / "report.md").read_text().count("| 0.1 |") == 2 and (out / "plots" / "sweep.png").exists()
