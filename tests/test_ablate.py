@@ -191,3 +191,38 @@ def test_report_survives_clearing_the_stage_cache(fake_ablation, tmp_path):
 
     a, b = build(copy), json.loads((out / "report.json").read_text())
     assert a["regimes"]["sft"]["metrics"] == b["regimes"]["sft"]["metrics"]
+
+
+# ------------------------------------------------------------------ the real stages (slow)
+
+
+def _real_ablation(*args):
+    return ablate.main(["wandb.mode=disabled", *args])
+
+
+@pytest.mark.slow
+def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tmp_path):
+    """The science check: raters with no favourite answers give FeedME nothing to collapse onto."""
+    out = _real_ablation("preset=quick", "world.preference=0", "regimes=[sft,bok,kl0.1]", f"checkpoints_dir={tmp_path}")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["preference_strength"] == 0
+    for feedme in ("sft", "bok"):
+        assert not rep["regimes"][feedme]["collapsed"], rep["verdict"]["text"]
+        assert feedme not in rep["verdict"]["collapsed"]
+    assert "Does PPO with a KL penalty collapse less than FeedME" in rep["verdict"]["text"]
+
+
+@pytest.mark.slow
+def test_same_seed_twice_gives_identical_report_numbers_and_another_seed_does_not(tmp_path):
+    """Every stage retrained in a second checkpoints dir (the base copied over): same numbers."""
+    args = ["preset=quick", "regimes=[sft,kl0.1]", "ppo.steps=3", *TINY_EVAL, *TINY_PRETRAIN]
+    a = _real_ablation(*args, f"checkpoints_dir={tmp_path / 'a'}")
+    shutil.copytree(tmp_path / "a" / "base", tmp_path / "b" / "base")
+    b = _real_ablation(*args, f"checkpoints_dir={tmp_path / 'b'}")
+    c = _real_ablation(*args, "seed=1", f"checkpoints_dir={tmp_path / 'b'}")
+    ra, rb, rc = (json.loads((x / "report.json").read_text()) for x in (a, b, c))
+    numbers = lambda r: {n: v["metrics"] for n, v in r["regimes"].items()}
+    assert numbers(ra) == numbers(rb)
+    assert ra["verdict"]["text"] == rb["verdict"]["text"]
+    assert numbers(rc)["sft"]["norm_entropy"] != numbers(ra)["sft"]["norm_entropy"]
+    assert numbers(rc)["kl0.1"]["kl_to_reference"] != numbers(ra)["kl0.1"]["kl_to_reference"]

@@ -1,0 +1,58 @@
+"""Wall time of `collapse-lab ablate` from an EMPTY checkpoints/ (its own base included).
+
+    python benchmarks/bench_ablate.py                 # preset=quick, then preset=default
+    python benchmarks/bench_ablate.py preset=quick    # one preset (extra overrides pass through)
+
+Each run gets a fresh temporary checkpoints_dir, so nothing is cached. Prints per preset the wall
+time, its ratio to the issue's target (quick <= 180 s, default <= 900 s), and the per-stage lines
+of the ablation's manifest (the slowest stages first), plus the machine it ran on. Run it with
+nothing else running; tests never assert wall-clock times.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_S = {"quick": 180, "default": 900}
+
+
+def run(preset: str, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as ck:
+        start = time.time()
+        r = subprocess.run([sys.executable, "-m", "collapse_lab.cli", "ablate", f"preset={preset}", f"checkpoints_dir={ck}",
+                            *extra], cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+        wall = time.time() - start
+        if r.returncode != 0:
+            sys.exit(f"{preset}: failed ({r.returncode}):\n{r.stderr[-2000:]}")
+        (abl,) = (Path(ck) / "ablations").iterdir()
+        stages = json.loads((abl / "manifest.json").read_text())["stages"]
+        verdict = json.loads((abl / "report.json").read_text())["verdict"]["text"]
+    return {"preset": preset, "wall_s": wall, "stages": stages, "verdict": verdict}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    presets = [a.split("=", 1)[1] for a in args if a.startswith("preset=")] or ["quick", "default"]
+    extra = [a for a in args if not a.startswith("preset=")]
+    print(f"{date.today()} {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs "
+          f"(torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')})")
+    for preset in presets:
+        res = run(preset, extra)
+        target = TARGET_S.get(preset)
+        ratio = f", {res['wall_s'] / target:.2f} x the {target} s target" if target else ""
+        print(f"preset={preset}: {res['wall_s']:.0f} s from an empty checkpoints/{ratio}")
+        slow = sorted(res["stages"], key=lambda s: -float(s.rsplit("(", 1)[1].split(" s)")[0]))
+        for line in slow[:8]:
+            print("   ", line)
+        print("   verdict:", res["verdict"])
+
+
+if __name__ == "__main__":
+    main()
