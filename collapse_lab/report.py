@@ -203,13 +203,15 @@ def build(ablation: Path, write: bool = True) -> dict:
                             if key != "delta_norm_entropy"},
                 "answer_entropy_per_prompt": {k: v["answer_entropy"] for k, v in base["per_prompt"].items()},
                 "top_answer": base_top, "top_prob": base_top_p}
-    comparisons = compare(by_regime, regimes, confidence)
+    comparisons = compare(by_regime, regimes, confidence, threshold)
     compute = {name: {"wall_time_s": interval([x["budget"]["wall_time_s"] for x in runs
                                                if x["budget"]["wall_time_s"] is not None], confidence)["mean"]}
                for name, runs in by_regime.items()}
     rule = (f"iff the mean over seeds of d = Δ(H/log|A|) (mean over the seed prompts, regime minus "
             f"base) is below -{threshold:g} AND the upper end of its {confidence:.0%} t-interval is below 0 "
-            f"(interval across seeds; with one seed, across the prompts)")
+            f"(interval across seeds; with one seed, across the prompts). PPO with a KL penalty 'collapses less' "
+            f"than FeedME when the paired difference of d (PPO minus FeedME) has its interval above 0 and a mean "
+            f"of at least {threshold:g}")
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
               "comparisons": comparisons, "compute": compute,
               "preference_strength": _get(next(iter(by_regime.values()))[0]["lab"] or {},
@@ -223,9 +225,11 @@ def build(ablation: Path, write: bool = True) -> dict:
     return report
 
 
-def compare(by_regime: dict, regimes: dict, confidence: float) -> list[dict]:
+def compare(by_regime: dict, regimes: dict, confidence: float, threshold: float = 0.0) -> list[dict]:
     """Each PPO regime with a KL penalty vs each FeedME regime: paired difference of d across seeds
-    (positive: PPO keeps more answer entropy), and whether their rating budgets match."""
+    (positive: PPO keeps more answer entropy), and whether their rating budgets match. PPO collapses
+    less (more) when the difference's interval is above (below) 0 AND its mean is at least
+    `threshold` (the collapse rule's) in size."""
     out = []
     kl_ppo = [n for n, r in regimes.items() if r["family"] == "ppo" and ((r["kl_coef"] or 0) > 0 or r["adaptive_kl"])]
     feedme = [n for n, r in regimes.items() if r["family"] == "feedme"]
@@ -242,8 +246,10 @@ def compare(by_regime: dict, regimes: dict, confidence: float) -> list[dict]:
                 diff, across = interval(list(np.subtract(pr[s]["delta_prompts"], fr[s]["delta_prompts"])),
                                         confidence), "prompts"
             matched = [budgets_matched(pr[s]["budget"], fr[s]["budget"]) for s in seeds]
-            less = diff["lo"] is not None and diff["lo"] > 0
-            more = diff["hi"] is not None and diff["hi"] < 0
+            # significant (interval excludes 0) AND as large as the collapse threshold: a difference of
+            # 0.001 of log|A| with a tight interval is not "collapsing less"
+            less = diff["lo"] is not None and diff["lo"] > 0 and diff["mean"] >= threshold
+            more = diff["hi"] is not None and diff["hi"] < 0 and diff["mean"] <= -threshold
             out.append({"ppo": p, "feedme": f, "difference": diff, "across": across,
                         "ppo_collapses_less": bool(less), "ppo_collapses_more": bool(more),
                         "budget_matched": all(m for m, _ in matched),
@@ -436,8 +442,12 @@ def make_plots(ablation: Path, base: dict, by_regime: dict, report: dict) -> lis
                     curves.setdefault(key, []).append((n, seed, pts))
     if curves:
         keys = list(curves)
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
-        for ax, key in zip(axes[0], keys):
+        cols = min(4, len(keys))
+        rows = math.ceil(len(keys) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
+        for ax in axes.flat[len(keys):]:
+            ax.axis("off")
+        for ax, key in zip(axes.flat, keys):
             seen = set()
             for n, seed, pts in curves[key]:
                 x, y = zip(*pts)
