@@ -180,11 +180,16 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
         "eval_pairwise_accuracy": pairwise_accuracy(rm, eval_pairs),
         "train_pairwise_accuracy": _train_accuracy(trainer),
-        "eval_spearman_gold": float(spearmanr(scores, gold).statistic),
-        "eval_spearman_expected": float(spearmanr(scores, expected).statistic),
+        "eval_spearman_gold": _spearman(spearmanr, scores, gold),
+        "eval_spearman_expected": _spearman(spearmanr, scores, expected),
     }
     pair_tokens = sum(map(len, data["chosen_ids"])) + sum(map(len, data["rejected_ids"]))
     return {"steps": trainer.state.global_step, "tokens_trained": round(pair_tokens * m.epochs), **metrics}
+
+
+def _spearman(spearmanr, x, y) -> float:
+    """Spearman's rho; NaN (no warning) when either side is constant."""
+    return float(spearmanr(x, y).statistic) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
 
 
 def _train_accuracy(trainer) -> float:
