@@ -177,6 +177,8 @@ class PPOConfig:
     temperature: float = 1.0
     max_new_tokens: int = 8
     missing_eos_penalty: float = 1.0  # subtracted from the score of a completion cut off at max_new_tokens
+    anneal_lr: bool = True  # linear decay to 0 over the run (CleanRL's default)
+    max_grad_norm: float = 1.0  # 0 = no clipping
     save_every: int = 50  # steps between resumable checkpoints
     log_every: int = 1
 

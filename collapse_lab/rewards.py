@@ -9,6 +9,7 @@ completion as not ending cleanly, and the reward model sees EOS only when there 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -18,6 +19,8 @@ from collapse_lab.world import Prompt
 
 class Reward(Protocol):
     def __call__(self, prompts: list[Prompt], completions: list[str], ended: list[bool]) -> torch.Tensor: ...
+
+    def reseed(self, key: str) -> None: ...
 
 
 class GoldReward:
@@ -30,18 +33,25 @@ class GoldReward:
     def __call__(self, prompts, completions, ended) -> torch.Tensor:
         return torch.tensor([self.rater(p, c, self.rng, bool(e)) for p, c, e in zip(prompts, completions, ended)])
 
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.setstate(_tuples(state["rng"]))
+    def reseed(self, key: str) -> None:
+        """Rating noise as a function of `key` (seed/process/step): a resumed run rates alike."""
+        self.rng.seed(f"gold-reward/{key}")
 
 
 class ModelReward:
-    """A trained reward model (sequence classification, one logit) scoring prompt + completion."""
+    """A trained reward model (sequence classification, one logit) scoring prompt + completion.
+
+    `samples_scored`: the ratings it was trained on (its manifest's), the budget a policy
+    optimising it has spent; querying it is free.
+    """
 
     def __init__(self, path: str, device, dtype=torch.float32, batch_size: int = 64):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from collapse_lab.checkpoint import read_manifest
+
+        self.path = path
+        self.samples_scored = (read_manifest(Path(path)) or {}).get("samples_scored")
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
@@ -61,11 +71,8 @@ class ModelReward:
             scores.append(self.model(**batch).logits[:, 0].float().cpu())
         return torch.cat(scores)
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def reseed(self, key: str) -> None:
+        pass  # deterministic
 
 
 def make_reward(cfg, world, device) -> Reward:
@@ -79,8 +86,3 @@ def make_reward(cfg, world, device) -> Reward:
 
         path = str(train_reward_model(cfg, named=False))
     return ModelReward(path, device)
-
-
-def _tuples(x):
-    """random.Random state after a JSON/YAML round trip: lists back to tuples."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x

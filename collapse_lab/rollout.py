@@ -74,10 +74,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def response_logits(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
     """(B, Tr, V) next-token logits / temperature at each response position."""
+    tr = rollout.input_ids.shape[1] - rollout.query_len
     out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                position_ids=position_ids(rollout.attention_mask), use_cache=False)
-    q = rollout.query_len
-    return out.logits[:, q - 1:-1].float() / temperature
+                position_ids=position_ids(rollout.attention_mask), use_cache=False,
+                logits_to_keep=tr + 1)  # the LM head only where response tokens are predicted
+    return out.logits[:, :-1].float() / temperature
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,12 @@ def init(cfg: DictConfig, out: Path, job_type: str):
     )
 
 
+def log(row: dict, step: int) -> None:
+    """Log a metrics row to the active W&B run, if any."""
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].log(row, step=step)
+
+
 def finish() -> None:
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()

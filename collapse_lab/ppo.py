@@ -1,0 +1,392 @@
+"""Classic RLHF PPO (Ziegler et al. 2019; Stiennon et al. 2020; Huang et al. 2024, "The N+
+implementation details of RLHF with PPO"), one step = the five numbered steps of `train_ppo`:
+
+    1. rollout   sample completions from the policy (temperature T, the FULL vocabulary)
+    2. score     reward at the last token: gold rater or reward model; −penalty if cut off
+    3. KL        per-token reward −β·(log π − log π_ref), π_ref the frozen base
+    4. GAE       values from a separate value model, δ_t = r_t + γV_{t+1} − V_t,
+                 A_t = Σ_l (γλ)^l δ_{t+l}, returns = A + V, advantages whitened
+    5. update    K epochs of minibatches: clipped policy loss, clipped value loss, and
+                 −α·H(π(·|s)) over the full vocabulary for `ent<α>` recipes
+
+Recipes: β = `ppo.kl_coef` (`kl0`, `kl0.1`, ...; `klauto` adapts it), α = `ppo.ent_coef`.
+The value model is the base with a fresh scalar head (AutoModelForTokenClassification), not
+the reward model: the same initialisation whatever the reward source.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+from transformers import AutoModelForTokenClassification, get_scheduler
+
+from collapse_lab import tracking
+from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
+from collapse_lab.config import run_dir, save_config
+from collapse_lab.distributed import exact_div
+from collapse_lab.models import DTYPES, add_lora, load_pretrained
+from collapse_lab.pretrain import resolve_base
+from collapse_lab.rewards import make_reward
+from collapse_lab.rollout import Rollout, entropy_from_logits, generate, position_ids, response_logits, token_logprobs
+from collapse_lab.world import make_world
+
+STAGE = "ppo"
+
+
+def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """What a PPO run depends on (its directory's hash)."""
+    keys = ("seed", "base_path", "model", "peft", "world", "reward", "ppo")
+    if not cfg.base_path and not cfg.model.path:
+        keys += ("pretrain",)  # the lab's own base is made from these
+    if cfg.reward == "rm":
+        keys += ("reward_model_path",) if cfg.reward_model_path else ("ratings", "reward_model")
+    return keys
+
+
+def ppo_dir(cfg: DictConfig, named: bool = True) -> Path:
+    kl = "klauto" if cfg.ppo.adaptive_kl else f"kl{cfg.ppo.kl_coef:g}"
+    ent = f"-ent{cfg.ppo.ent_coef:g}" if cfg.ppo.ent_coef else ""
+    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-{kl}{ent}-s{cfg.seed}", named)
+
+
+@dataclass
+class Batches:
+    """Batch arithmetic in ONE place: global sizes from the recipe, per-process sizes derived."""
+
+    rollout: int  # sequences per PPO step, over all processes
+    minibatch: int  # sequences per gradient step, over all processes
+    rollout_per_device: int
+    minibatch_per_device: int
+    minibatches: int  # gradient steps per epoch
+
+
+def batch_sizes(p: DictConfig, world_size: int) -> Batches:
+    return Batches(
+        rollout=p.rollout_batch_size,
+        minibatch=p.minibatch_size,
+        rollout_per_device=exact_div(p.rollout_batch_size, world_size, "ppo.rollout_batch_size over processes"),
+        minibatch_per_device=exact_div(p.minibatch_size, world_size, "ppo.minibatch_size over processes"),
+        minibatches=exact_div(p.rollout_batch_size, p.minibatch_size, "ppo.rollout_batch_size over ppo.minibatch_size"),
+    )
+
+
+class KLController:
+    """β, fixed or adaptive (Ziegler et al. 2019): e = clip(KL/KL_target − 1, ±0.2),
+    β ← β·(1 + e·n/horizon), n = samples in the batch."""
+
+    def __init__(self, p: DictConfig):
+        self.value, self.adaptive, self.target, self.horizon = float(p.kl_coef), p.adaptive_kl, p.kl_target, p.kl_horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.adaptive:
+            e = max(-0.2, min(0.2, kl / self.target - 1))
+            self.value *= 1 + e * n / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class Progress:
+    """Counters a resumed run continues from, checkpointed with the models and optimiser.
+    (Prompt and rater randomness is seeded per (seed, process, step): nothing to store.)"""
+
+    def __init__(self):
+        self.step, self.samples_scored, self.tokens_trained, self.wall_time_s = 0, 0, 0, 0.0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """(B, T) advantages and returns; values past the last real token are 0 (terminal)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    values = values * mask
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * mask[:, t + 1] if t + 1 < rewards.shape[1] else delta
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def value_predictions(value_model, rollout: Rollout) -> torch.Tensor:
+    """(B, Tr) V(s_t): the value head's output at the position that predicts response token t."""
+    out = value_model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                      position_ids=position_ids(rollout.attention_mask), use_cache=False)
+    return out.logits[:, rollout.query_len - 1:-1, 0].float()
+
+
+def minibatch(r: Rollout, idx: torch.Tensor) -> Rollout:
+    return Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.ended[idx],
+                   [r.texts[i] for i in idx.tolist()], r.query_len)
+
+
+def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
+    p = cfg.ppo
+    out = ppo_dir(cfg, named)
+    manifest = read_manifest(out)
+    if manifest and manifest.get("status") == "finished":
+        print(f"{out}: already finished ({manifest['steps']} steps); nothing to do")
+        return out
+    bandit_world = cfg.world.name == "bandit"  # episodes of one token, no EOS to miss
+    max_new_tokens, missing_eos_penalty = (1, 0.0) if bandit_world else (p.max_new_tokens, p.missing_eos_penalty)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    batches = batch_sizes(p, accelerator.num_processes)
+    base = resolve_base(cfg)  # every process: pretraining (if needed) is itself multi-process
+    set_seed(cfg.seed, device_specific=True)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+        write_manifest(out, {**(manifest or {}), "stage": STAGE, "status": "running", "base_path": base})
+
+    # models: the policy (LoRA: reference = the same weights, adapter disabled), a frozen
+    # reference copy for full fine-tuning, and a value model (base trunk + fresh scalar head)
+    policy, tokenizer = load_pretrained(base, cfg.model.dtype, cfg.peft)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    ref = None if cfg.peft.enabled else load_pretrained(base, cfg.model.dtype)[0].requires_grad_(False).eval()
+    value = AutoModelForTokenClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
+    value.config.pad_token_id = tokenizer.pad_token_id
+    torch.nn.init.zeros_(_head(value).weight)  # V = 0 at the start: no initial value-loss shock
+    if cfg.peft.enabled:
+        value = add_lora(value, cfg.peft, task_type="TOKEN_CLS")
+    policy.eval(), value.eval()  # dropout off: log-probs must match between rollout and update
+    params = [q for m in (policy, value) for q in m.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=p.lr, eps=1e-5, weight_decay=0.0)
+    updates = p.steps * p.ppo_epochs * batches.minibatches
+    scheduler = get_scheduler("linear" if p.anneal_lr else "constant", optimizer, 0, updates)
+    policy, value, optimizer, scheduler = accelerator.prepare(policy, value, optimizer, scheduler)
+    if ref is not None:
+        ref = ref.to(accelerator.device)
+
+    world = make_world(cfg.world)
+    reward = make_reward(cfg, world, accelerator.device)
+    kl_ctl = KLController(p)
+    progress = Progress()
+    accelerator.register_for_checkpointing(kl_ctl, progress)
+    resume = _last_checkpoint(out)
+    if resume:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"resuming from {resume} (step {progress.step})")
+    bandit = _bandit_setup(cfg, tokenizer, ref if ref is not None else accelerator.unwrap_model(policy)) if bandit_world else None
+
+    tracking.init(cfg, out, job_type="ppo")
+    metrics_file = out / "metrics.jsonl"
+    bar = tqdm(total=p.steps, initial=progress.step, desc=f"ppo {out.name}", disable=not accelerator.is_main_process)
+    started = time.time() - progress.wall_time_s
+    while progress.step < p.steps:
+        step_start = time.time()
+        unwrapped = accelerator.unwrap_model(policy)
+        seed_here = f"{cfg.seed}/{accelerator.process_index}/{progress.step}"  # prompts and rater noise
+        prompt_rng = random.Random(f"ppo-prompts/{seed_here}")
+        prompts = [world.train_prompt(prompt_rng) for _ in range(batches.rollout_per_device)]
+        reward.reseed(seed_here)
+
+        # 1. rollout: completions, their log-probs under the sampling distribution (π at T), the reference's, values
+        with torch.no_grad():
+            rollout = generate(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens, p.temperature)
+            mask = rollout.response_mask.float()  # (B, Tr) 1 up to and including EOS
+            logits = response_logits(policy, rollout, p.temperature)  # (B, Tr, V)
+            logprobs = token_logprobs(logits, rollout.responses)  # (B, Tr) nats
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+            del logits
+            if ref is None:
+                with unwrapped.disable_adapter():
+                    ref_logprobs = token_logprobs(response_logits(policy, rollout, p.temperature), rollout.responses)
+            else:
+                ref_logprobs = token_logprobs(response_logits(ref, rollout, p.temperature), rollout.responses)
+            values = value_predictions(value, rollout)  # (B, Tr)
+
+            # 2. score: the reward at the last token; completions cut off at max_new_tokens are penalised
+            scores = reward(prompts, rollout.texts, rollout.ended.tolist()).to(mask.device).float()
+            scores = scores - missing_eos_penalty * (~rollout.ended).float()
+
+            # 3. per-token KL penalty into the reward (k1 estimator: its gradient is that of β·KL)
+            kl = (logprobs - ref_logprobs) * mask  # (B, Tr) nats
+            rewards = -kl_ctl.value * kl
+            last = mask.sum(1).long() - 1  # index of each completion's last token
+            rewards[torch.arange(len(last)), last] += scores
+
+            # 4. GAE over response tokens, then whitened advantages
+            advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
+            if p.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+        # 5. K epochs of minibatch updates
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio")}
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(batches.rollout_per_device)
+            for start in range(0, batches.rollout_per_device, batches.minibatch_per_device):
+                idx = order[start:start + batches.minibatch_per_device]
+                mb, m = minibatch(rollout, idx), mask[idx]
+                new_logits = response_logits(policy, mb, p.temperature)
+                new_logprobs = token_logprobs(new_logits, mb.responses)
+                log_ratio = (new_logprobs - logprobs[idx]) * m
+                ratio = torch.exp(log_ratio)
+                adv = advantages[idx]
+                pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip_range, 1 + p.clip_range)), m)
+                v = value_predictions(value, mb)
+                v_clipped = values[idx] + (v - values[idx]).clamp(-p.clip_range_value, p.clip_range_value)
+                vf_losses = torch.max((v - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2)
+                vf_loss = 0.5 * masked_mean(vf_losses, m)
+                ent = masked_mean(entropy_from_logits(new_logits), m)  # keeps its gradient: the α·H bonus
+                loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * ent
+                if not torch.isfinite(loss):
+                    _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
+                          f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "
+                          f"last good checkpoint: {_last_checkpoint(out) or 'none'}")
+                accelerator.backward(loss)
+                if p.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, p.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                with torch.no_grad():
+                    stats["pg_loss"].append(pg_loss)
+                    stats["vf_loss"].append(vf_loss)
+                    stats["entropy"].append(ent)
+                    stats["approxkl"].append(0.5 * masked_mean(log_ratio ** 2, m))
+                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > p.clip_range).float(), m))
+                    stats["vf_clipfrac"].append(masked_mean(((v - values[idx]).abs() > p.clip_range_value).float(), m))
+                    stats["ratio"].append(masked_mean(ratio, m))
+
+        # bookkeeping: β update, metrics (averaged over processes), checkpoint
+        seq_kl = kl.sum(1)
+        row = {
+            "objective/kl": seq_kl.mean(), "objective/kl_coef": torch.tensor(kl_ctl.value),
+            "objective/entropy": entropy, "objective/scores": scores.mean(),
+            "objective/non_score_reward": (-kl_ctl.value * seq_kl).mean(),
+            "objective/rlhf_reward": (scores - kl_ctl.value * seq_kl).mean(),
+            "policy/approxkl": _mean(stats["approxkl"]), "policy/clipfrac": _mean(stats["clipfrac"]),
+            "policy/entropy": _mean(stats["entropy"]), "policy/ratio": _mean(stats["ratio"]),
+            "loss/policy": _mean(stats["pg_loss"]), "val/vf_loss": _mean(stats["vf_loss"]),
+            "val/clipfrac": _mean(stats["vf_clipfrac"]), "val/mean": masked_mean(values, mask),
+            "ppo/returns/mean": masked_mean(returns, mask), "ppo/advantages/mean": masked_mean(advantages, mask),
+            "rollout/length": mask.sum(1).mean(), "rollout/eos_rate": rollout.ended.float().mean(),
+        }
+        row = {k: accelerator.reduce(v.detach().float().to(accelerator.device), "mean").item() for k, v in row.items()}
+        kl_ctl.update(row["objective/kl"], batches.rollout)
+        progress.step += 1
+        progress.samples_scored += batches.rollout
+        progress.tokens_trained += int(accelerator.reduce(mask.sum().to(accelerator.device), "sum").item())
+        progress.wall_time_s = time.time() - started
+        row.update({"step": progress.step, "ppo/lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - step_start,
+                    "budget/samples_scored": progress.samples_scored})
+        if bandit is not None and (progress.step % p.log_every == 0 or progress.step == p.steps):
+            row.update(bandit(accelerator.unwrap_model(policy)))
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            tracking.log(row, step=progress.step)
+            bar.set_postfix({"kl": f"{row['objective/kl']:.3f}", "score": f"{row['objective/scores']:.2f}"})
+        bar.update(1)
+        if progress.step % p.save_every == 0 and progress.step < p.steps:
+            _checkpoint(out, accelerator, progress.step)
+    bar.close()
+
+    # save: the HF-loadable policy (LoRA merged in), final metrics, manifest
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(policy)
+        if cfg.peft.enabled:
+            final.save_pretrained(out / "adapter")
+            final = final.merge_and_unload()
+        final.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        last_row = json.loads(metrics_file.read_text().splitlines()[-1])
+        (out / "metrics.json").write_text(json.dumps(last_row, indent=1) + "\n")
+        write_manifest(out, {
+            **(read_manifest(out) or {}), "status": "finished", "reward": cfg.reward,
+            "samples_scored": getattr(reward, "samples_scored", progress.samples_scored),
+            "steps": progress.step, "tokens_trained": progress.tokens_trained,
+            "wall_time_s": progress.wall_time_s, "world_size": accelerator.num_processes,
+            "final": last_row, "git_commit": git_commit(), "versions": package_versions(),
+        })
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        print(f"saved {out}")
+    tracking.finish()
+    accelerator.end_training()
+    return out
+
+
+# ------------------------------------------------------------------------------ plumbing
+
+
+def _head(model):
+    return getattr(model, "score", None) or model.classifier
+
+
+def _mean(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(xs).mean()
+
+
+def _bandit_setup(cfg, tokenizer, reference):
+    """A function of the policy giving the bandit metrics: TV to the closed-form optimum."""
+    from collapse_lab.bandit import next_token_probs, optimum, reward_vector, total_variation
+
+    if cfg.peft.enabled:
+        with reference.disable_adapter():
+            pi0 = next_token_probs(reference, tokenizer, cfg.world.prompt)
+    else:
+        pi0 = next_token_probs(reference, tokenizer, cfg.world.prompt)
+    r = reward_vector(tokenizer, cfg.world, len(pi0))
+    target = optimum(pi0, r, cfg.ppo.kl_coef, cfg.ppo.ent_coef)
+    best = int(r.argmax())
+
+    def metrics(policy) -> dict:
+        pi = next_token_probs(policy, tokenizer, cfg.world.prompt)
+        return {"bandit/tv_to_optimum": total_variation(pi, target), "bandit/best_token_prob": pi[best].item(),
+                "bandit/expected_reward": float((pi * r.double()).sum())}
+
+    return metrics
+
+
+def _last_checkpoint(out: Path):
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _checkpoint(out: Path, accelerator: Accelerator, step: int) -> None:
+    """accelerate's save_state (models, optimiser, scheduler, every process's RNG, β, progress)
+    into a temporary directory renamed into place: a kill mid-save leaves the last one intact."""
+    tmp = out / "checkpoints" / f"tmp-{step}"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(out / "checkpoints" / f"step-{step}")
+        for old in (out / "checkpoints").glob("step-*"):
+            if old.name != f"step-{step}":
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _fail(out: Path, accelerator: Accelerator, message: str):
+    if accelerator.is_main_process:
+        write_manifest(out, {**(read_manifest(out) or {}), "status": "failed", "error": message})
+    raise FloatingPointError(message)
