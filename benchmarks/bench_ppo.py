@@ -38,7 +38,6 @@ import pstats
 import random
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 

@@ -54,9 +54,9 @@ def test_fsdp_is_fsdp2_full_shard_wrapping_decoder_layers():
     assert fsdp["fsdp_version"] == 2
     assert fsdp["fsdp_reshard_after_forward"] is True  # FSDP2's full shard
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # the lab's tiny base (model.arch=llama)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == LlamaDecoderLayer.__name__
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == LlamaDecoderLayer.__name__  # the lab's tiny base (llama)
 
 
 def test_deepspeed_is_zero2():
