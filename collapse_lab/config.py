@@ -162,7 +162,7 @@ class PPOConfig:
     rollout_batch_size: int = 64
     minibatch_size: int = 16
     ppo_epochs: int = 4
-    lr: float = 1e-5
+    lr: float = 2e-4  # for the tiny base; real models fine-tuned in full want ~1e-6..1e-5
     kl_coef: float = 0.1  # beta: per-token -beta * (log pi - log pi_base) in the reward
     adaptive_kl: bool = False
     kl_target: float = 6.0
@@ -406,6 +406,11 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
         if "--cfg" in argv:
             print(OmegaConf.to_yaml(cfg), end="")
             return None
+        import torch
+
+        # Subnormal floats make CPU training ~50x slower once weights get small; worker threads copy
+        # this setting when they start, so it is set before any computation of the run.
+        torch.set_flush_denormal(True)
         return fn(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -448,7 +453,8 @@ def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: st
     saved = path / "config.yaml"
     if saved.exists():
         saved_cfg = OmegaConf.load(saved)
-        old = stage_config(saved_cfg, tuple(k for k in keys if OmegaConf.select(saved_cfg, k) is not None))
+        absent = object()  # a key the saved config lacks (an older schema), not a key set to null
+        old = stage_config(saved_cfg, tuple(k for k in keys if OmegaConf.select(saved_cfg, k, default=absent) is not absent))
         new = stage_config(cfg, keys)
         if OmegaConf.to_yaml(old, sort_keys=True) != OmegaConf.to_yaml(new, sort_keys=True):
             diff = _first_difference(OmegaConf.to_container(old), OmegaConf.to_container(new))

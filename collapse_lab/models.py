@@ -64,5 +64,7 @@ def add_lora(model, peft, task_type: str = "CAUSAL_LM"):
     """Wrap `model` in a peft LoRA adapter (`peft` section of the config); only the adapter trains."""
     from peft import LoraConfig, get_peft_model
 
+    heads = ["score", "classifier"] if task_type != "CAUSAL_LM" else None  # trained in full (modules_to_save)
     return get_peft_model(model, LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
-                                            target_modules=peft.target_modules, task_type=task_type))
+                                            target_modules=peft.target_modules, task_type=task_type,
+                                            exclude_modules=heads))

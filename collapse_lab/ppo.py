@@ -20,6 +20,7 @@ import json
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
-from collapse_lab.rollout import Rollout, entropy_from_logits, generate, position_ids, response_logits, token_logprobs
+from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate, position_ids,
+                                  response_logits, select, token_logprobs)
 from collapse_lab.world import make_world
 
 STAGE = "ppo"
@@ -117,10 +119,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x − mean)/std over real tokens, and the scale 1/std it applied."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+    scale = torch.rsqrt(masked_mean((x - mean) ** 2, mask) + 1e-8)
+    return (x - mean) * scale * mask, scale
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -142,11 +145,6 @@ def value_predictions(value_model, rollout: Rollout) -> torch.Tensor:
     out = value_model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                       position_ids=position_ids(rollout.attention_mask), use_cache=False)
     return out.logits[:, rollout.query_len - 1:-1, 0].float()
-
-
-def minibatch(r: Rollout, idx: torch.Tensor) -> Rollout:
-    return Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.ended[idx],
-                   [r.texts[i] for i in idx.tolist()], r.query_len)
 
 
 def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
@@ -208,20 +206,19 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         prompts = [world.train_prompt(prompt_rng) for _ in range(batches.rollout_per_device)]
         reward.reseed(seed_here)
 
-        # 1. rollout: completions, their log-probs under the sampling distribution (π at T), the reference's, values
+        # 1. rollout: completions with their log-probs under the sampling distribution (π at T, from
+        #    the generation's logits), the reference's log-probs, values (rows batched by prompt length)
         with torch.no_grad():
             rollout = generate(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens, p.temperature)
             mask = rollout.response_mask.float()  # (B, Tr) 1 up to and including EOS
-            logits = response_logits(policy, rollout, p.temperature)  # (B, Tr, V)
-            logprobs = token_logprobs(logits, rollout.responses)  # (B, Tr) nats
-            entropy = masked_mean(entropy_from_logits(logits), mask)
-            del logits
-            if ref is None:
-                with unwrapped.disable_adapter():
-                    ref_logprobs = token_logprobs(response_logits(policy, rollout, p.temperature), rollout.responses)
-            else:
-                ref_logprobs = token_logprobs(response_logits(ref, rollout, p.temperature), rollout.responses)
-            values = value_predictions(value, rollout)  # (B, Tr)
+            logprobs = rollout.logprobs  # (B, Tr) nats
+            entropy = masked_mean(rollout.entropy, mask)
+            chunk = batches.minibatch_per_device
+            ref_model = policy if ref is None else ref
+            with unwrapped.disable_adapter() if ref is None else nullcontext():
+                ref_logprobs = by_prompt_length(rollout, lambda r: token_logprobs(
+                    response_logits(ref_model, r, p.temperature), r.responses), chunk)
+            values = by_prompt_length(rollout, lambda r: value_predictions(value, r), chunk)  # (B, Tr)
 
             # 2. score: the reward at the last token; completions cut off at max_new_tokens are penalised
             scores = reward(prompts, rollout.texts, rollout.ended.tolist()).to(mask.device).float()
@@ -235,16 +232,19 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
 
             # 4. GAE over response tokens, then whitened advantages
             advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
+            # Whitening scales the reward's gradient by 1/std(A); the entropy bonus gets the same
+            # scale, so the objective keeps its optimum (E[r] − β·KL + α·H, divided by std(A)).
+            adv_scale = torch.tensor(1.0)
             if p.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+                advantages, adv_scale = masked_whiten(advantages, mask)
 
-        # 5. K epochs of minibatch updates
+        # 5. K epochs of minibatch updates (loss = clipped policy loss + c_v·value loss − α·H)
         stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio")}
         for _ in range(p.ppo_epochs):
             order = torch.randperm(batches.rollout_per_device)
             for start in range(0, batches.rollout_per_device, batches.minibatch_per_device):
                 idx = order[start:start + batches.minibatch_per_device]
-                mb, m = minibatch(rollout, idx), mask[idx]
+                mb, m = select(rollout, idx), mask[idx]
                 new_logits = response_logits(policy, mb, p.temperature)
                 new_logprobs = token_logprobs(new_logits, mb.responses)
                 log_ratio = (new_logprobs - logprobs[idx]) * m
@@ -256,7 +256,7 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
                 vf_losses = torch.max((v - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2)
                 vf_loss = 0.5 * masked_mean(vf_losses, m)
                 ent = masked_mean(entropy_from_logits(new_logits), m)  # keeps its gradient: the α·H bonus
-                loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * ent
+                loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * adv_scale * ent
                 if not torch.isfinite(loss):
                     _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
                           f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "

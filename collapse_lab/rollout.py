@@ -8,7 +8,7 @@ loss uses exactly the distribution that sampled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ class Rollout:
     ended: torch.Tensor  # (B,) bool: the completion stopped with EOS (not cut at max_new_tokens)
     texts: list[str]  # completions decoded, EOS and padding removed
     query_len: int  # Tq
+    logprobs: torch.Tensor | None = None  # (B, Tr) log π_T(token_t | s_t) of the sampling distribution, nats
+    entropy: torch.Tensor | None = None  # (B, Tr) H(π_T(·|s_t)) over the full vocabulary, nats
 
     @property
     def responses(self) -> torch.Tensor:  # (B, Tr)
@@ -41,16 +43,24 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0) -> Rollout:
-    """Sample one completion per prompt (torch's global RNG: seed it for reproducibility)."""
+    """Sample one completion per prompt (torch's global RNG: seed it for reproducibility).
+
+    The responses are as wide as the longest one (generation stops when all have ended). The
+    sampled tokens' log-probabilities come from the generation's own logits (divided by the
+    temperature, as the sampler did): no second forward pass of the policy is needed.
+    """
     batch = encode_prompts(tokenizer, prompts, model.device)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
-                              max_new_tokens=max_new_tokens, min_new_tokens=1,
+                              max_new_tokens=max_new_tokens, min_new_tokens=1, output_logits=True,
+                              return_dict_in_generate=True,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    out = model.generate(**batch, generation_config=config)
+    gen = model.generate(**batch, generation_config=config)
     q = batch["input_ids"].shape[1]
-    response = out[:, q:]
-    if response.shape[1] < max_new_tokens:  # every sequence ended early: pad to a fixed width
-        response = F.pad(response, (0, max_new_tokens - response.shape[1]), value=tokenizer.pad_token_id)
+    response = gen.sequences[:, q:]
+    logits = torch.stack(gen.logits, 1).float() / temperature  # (B, Tr, V) raw logits / T
+    logprobs = token_logprobs(logits, response)
+    entropy = entropy_from_logits(logits)
+    del logits
     is_eos = response == tokenizer.eos_token_id
     # 1 up to and including the first EOS; generate pads after it (pad may equal EOS)
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
@@ -64,7 +74,35 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         ended=ended,
         texts=texts,
         query_len=q,
+        logprobs=logprobs * response_mask,
+        entropy=entropy * response_mask,
     )
+
+
+def trim_left_padding(r: Rollout) -> Rollout:
+    """Drop prompt columns that are padding in every row (a batch of short prompts need not
+    carry the width of the longest prompt of the rollout)."""
+    real = r.attention_mask[:, :r.query_len].any(0).nonzero()
+    first = int(real[0]) if len(real) else 0
+    if first == 0:
+        return r
+    return replace(r, input_ids=r.input_ids[:, first:], attention_mask=r.attention_mask[:, first:],
+                   query_len=r.query_len - first)
+
+
+def select(r: Rollout, idx: torch.Tensor) -> Rollout:
+    """The rows `idx` of a rollout, left padding trimmed."""
+    pick = lambda x: None if x is None else x[idx]  # noqa: E731
+    return trim_left_padding(Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.ended[idx],
+                                     [r.texts[i] for i in idx.tolist()], r.query_len, pick(r.logprobs), pick(r.entropy)))
+
+
+def by_prompt_length(r: Rollout, fn, chunk: int) -> torch.Tensor:
+    """fn(sub-rollout) -> (b, Tr) for chunks of rows of similar prompt length (each trimmed of
+    its own padding), reassembled in the rollout's order: the no-gradient forwards of a step."""
+    order = r.attention_mask[:, :r.query_len].sum(1).argsort()
+    out = [fn(select(r, order[i:i + chunk])) for i in range(0, len(order), chunk)]
+    return torch.cat(out)[order.argsort()]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

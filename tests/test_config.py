@@ -31,13 +31,13 @@ def test_every_group_yaml_composes_and_lands(path):
 
 
 def test_top_level_configs_compose():
-    assert TOP_LEVEL == ["evaluate", "lab"]
+    assert TOP_LEVEL == ["ablate", "evaluate", "lab"]
     assert compose("lab", []).model.name == "tiny"
     assert compose("evaluate", ["model_path=x"]).suite == "seed"
 
 
 def test_recipes_are_the_regimes():
-    assert {"sft", "kl0", "kl0.01", "kl0.1", "kl1", "ent0.01"} <= set(group_options("recipe"))
+    assert {"sft", "bok", "kl0", "kl0.01", "kl0.1", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01"} <= set(group_options("recipe"))
     assert compose("lab", ["recipe=kl0.01"]).ppo.kl_coef == 0.01
     assert compose("lab", ["recipe=kl0"]).ppo.kl_coef == 0.0
 

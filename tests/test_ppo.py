@@ -1,0 +1,270 @@
+"""PPO: batch arithmetic, GAE, the entropy bonus's gradient, exact bandit optima, resume, NaN
+stop, LoRA, every PPO recipe, and two processes through accelerate."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from collapse_lab import ppo as ppo_module
+from collapse_lab.bandit import optimum, total_variation
+from collapse_lab.checkpoint import read_manifest
+from collapse_lab.config import ConfigError, compose, group_options
+from collapse_lab.models import load_pretrained
+from collapse_lab.ppo import batch_sizes, gae, masked_whiten, train_ppo
+from collapse_lab.pretrain import pretrain
+from collapse_lab.rollout import entropy_from_logits
+
+from conftest import REPO, TINY_PRETRAIN
+
+PPO_RECIPES = [r for r in group_options("recipe") if r.startswith(("kl", "ent"))]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    # vocabulary large enough that the bandit table's " 7", " 4", " 2" are single tokens
+    overrides = TINY_PRETRAIN + ["model.vocab_size=600", "pretrain.tokenizer_docs=2000"]
+    return str(pretrain(compose("lab", overrides + [f"checkpoints_dir={tmp_path_factory.mktemp('base')}"])))
+
+
+def _cfg(base, tmp_path, *overrides):
+    return compose("lab", ["wandb.mode=disabled", f"base_path={base}", f"checkpoints_dir={tmp_path}", *overrides])
+
+
+def _bandit(base, tmp_path, *overrides):
+    """A fast bandit run: 256 one-token episodes per step, one epoch of one minibatch."""
+    return _cfg(base, tmp_path, "world=bandit", "ppo.rollout_batch_size=256", "ppo.minibatch_size=256",
+                "ppo.ppo_epochs=1", "ppo.lr=5e-3", "ppo.steps=150", "ppo.log_every=150", *overrides)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------ pure parts
+
+
+def test_batch_arithmetic_is_one_function_that_raises():
+    p = compose("lab", ["ppo.rollout_batch_size=64", "ppo.minibatch_size=16"]).ppo
+    b = batch_sizes(p, 2)
+    assert (b.rollout_per_device, b.minibatch_per_device, b.minibatches) == (32, 8, 4)
+    with pytest.raises(ConfigError, match="rollout_batch_size over processes"):
+        batch_sizes(p, 3)
+    with pytest.raises(ConfigError, match="over ppo.minibatch_size"):
+        batch_sizes(compose("lab", ["ppo.rollout_batch_size=64", "ppo.minibatch_size=24"]).ppo, 1)
+
+
+def test_gae_matches_the_naive_sum():
+    torch.manual_seed(0)
+    r, v = torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]).float()
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(r, v, mask, gamma, lam)
+    for b in range(3):
+        n = int(mask[b].sum())
+        vals = list(v[b, :n]) + [0.0]  # terminal after the last real token
+        deltas = [r[b, t] + gamma * vals[t + 1] - vals[t] for t in range(n)]
+        for t in range(n):
+            naive = sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t))
+            assert adv[b, t].item() == pytest.approx(float(naive), abs=1e-5)
+            assert ret[b, t].item() == pytest.approx(float(naive + vals[t]), abs=1e-5)
+        assert adv[b, n:].abs().sum() == 0
+
+
+def test_whitening_ignores_padding():
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w, scale = masked_whiten(x, mask)
+    assert scale.item() == pytest.approx(1 / math.sqrt(2 / 3), rel=1e-6)
+    assert w[0, :3].mean().item() == pytest.approx(0, abs=1e-6) and w[0, 3] == 0
+
+
+def test_entropy_bonus_keeps_its_gradient():
+    """H = -sum softmax(z) log_softmax(z) over the whole vocabulary, differentiable (a detached
+    entropy is a known bug class): its gradient matches finite differences."""
+    z = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    h = entropy_from_logits(z).sum()
+    assert h.requires_grad
+    (grad,) = torch.autograd.grad(h, z)
+    assert grad.abs().sum() > 0
+    eps, dz = 1e-6, torch.zeros_like(z)
+    dz[1, 2, 4] = eps
+    fd = (entropy_from_logits(z + dz).sum() - entropy_from_logits(z - dz).sum()) / (2 * eps)
+    assert grad[1, 2, 4].item() == pytest.approx(fd.item(), rel=1e-4)
+
+
+def test_closed_form_optimum():
+    pi0, r = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.0, 1.0, 0.0])
+    p = optimum(pi0, r, beta=1.0)
+    assert p[1] / p[0] == pytest.approx(0.3 / 0.5 * math.e)
+    q = optimum(pi0, r, beta=0.1, alpha=0.05)  # pi0^(2/3) exp(r/0.15)
+    expected = pi0.double() ** (2 / 3) * torch.exp(r.double() / 0.15)
+    assert total_variation(q, expected / expected.sum()) < 1e-12
+    assert optimum(pi0, r, 0.0).tolist() == [0.0, 1.0, 0.0]
+
+
+# ----------------------------------------------------------------- bandit: exact optima
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_bandit_reaches_the_closed_form(base, tmp_path, beta):
+    out = train_ppo(_bandit(base, tmp_path, f"ppo.kl_coef={beta}"))
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["bandit/tv_to_optimum"] <= 0.01, final
+    first = _rows(out)[0]
+    assert first["objective/kl"] == pytest.approx(0.0, abs=0.02)  # step 1 samples from the base
+
+
+def test_entropy_bonus_reaches_its_closed_form(base, tmp_path):
+    """(β, α) = (0.1, 0.05): π* ∝ π0^(2/3)·exp(r/0.15) puts 0.55 on " 7" and the rest on a broad
+    tail. The test model (32-wide, 1 layer, near-uniform π0) fits the best token's mass exactly
+    but not every one of 600 tail probabilities, hence TV ≤ 0.1 here; on the lab's base the
+    figure is in the README. Without the bonus (or with it detached) π(" 7") goes to ~0.97."""
+    from collapse_lab.bandit import next_token_probs, optimum, reward_vector
+
+    cfg = _bandit(base, tmp_path, "ppo.kl_coef=0.1", "ppo.ent_coef=0.05")
+    out = train_ppo(cfg)
+    final = json.loads((out / "metrics.json").read_text())
+    reference, tok = load_pretrained(base)
+    r = reward_vector(tok, cfg.world, reference.config.vocab_size)
+    target = optimum(next_token_probs(reference, tok, cfg.world.prompt), r, 0.1, 0.05)
+    assert final["bandit/best_token_prob"] == pytest.approx(target[int(r.argmax())].item(), abs=0.03)
+    assert final["bandit/tv_to_optimum"] <= 0.1, final
+
+
+def test_kl0_drives_mass_to_the_best_token(base, tmp_path):
+    out = train_ppo(_bandit(base, tmp_path, "recipe=kl0", "ppo.lr=2e-2", "ppo.steps=30", "ppo.log_every=30"))
+    assert json.loads((out / "metrics.json").read_text())["bandit/best_token_prob"] > 0.95
+
+
+def test_bandit_table_must_be_single_tokens(base, tmp_path):
+    with pytest.raises(ConfigError, match="not one token"):
+        train_ppo(_bandit(base, tmp_path, 'world.rewards=[[" 13",1.0]]'))
+
+
+# ------------------------------------------------------------ the language-model world
+
+
+@pytest.mark.parametrize("recipe", PPO_RECIPES)
+def test_every_ppo_recipe_runs(base, tmp_path, recipe):
+    cfg = _cfg(base, tmp_path, f"recipe={recipe}", "ppo.steps=2", "ppo.rollout_batch_size=8",
+               "ppo.minibatch_size=4", "ppo.ppo_epochs=2")
+    out = train_ppo(cfg)
+    rows, manifest = _rows(out), read_manifest(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("objective/kl", "objective/entropy", "objective/rlhf_reward", "policy/clipfrac",
+                "policy/approxkl", "val/vf_loss", "objective/kl_coef"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in rows), key
+    assert manifest["status"] == "finished" and manifest["samples_scored"] == 16 and manifest["steps"] == 2
+    assert manifest["tokens_trained"] > 0 and manifest["base_path"] == base
+    assert OmegaConf.load(out / "config.yaml").ppo.kl_coef == cfg.ppo.kl_coef
+    policy, _ = load_pretrained(str(out))  # the saved policy is an ordinary HF causal LM
+    reference, _ = load_pretrained(base)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), reference.parameters()))
+    assert "finished" in str(train_ppo(cfg)) or read_manifest(out)["status"] == "finished"
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(base, tmp_path, monkeypatch):
+    common = ("ppo.steps=6", "ppo.save_every=2", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4")
+    whole = _rows(train_ppo(_cfg(base, tmp_path / "a", *common)))
+
+    real, calls = ppo_module.make_reward, {"n": 0}
+
+    def dies_at_step_5(*a, **k):
+        reward = real(*a, **k)
+
+        def scored(*x):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt  # killed mid-step, after the step-4 checkpoint
+            return reward(*x)
+
+        scored.reseed = reward.reseed
+        return scored
+
+    monkeypatch.setattr(ppo_module, "make_reward", dies_at_step_5)
+    cfg = _cfg(base, tmp_path / "b", *common)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(cfg)
+    assert read_manifest(ppo_module.ppo_dir(cfg))["status"] == "running"
+    monkeypatch.setattr(ppo_module, "make_reward", real)
+    resumed = _rows(train_ppo(cfg))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    drop = ("time/step_s",)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(whole)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(base, tmp_path, monkeypatch):
+    real, calls = ppo_module.make_reward, {"n": 0}
+
+    def nan_at_step_3(*a, **k):
+        reward = real(*a, **k)
+
+        def scored(*x):
+            calls["n"] += 1
+            s = reward(*x)
+            return s * float("nan") if calls["n"] == 3 else s
+
+        scored.reseed = reward.reseed
+        return scored
+
+    monkeypatch.setattr(ppo_module, "make_reward", nan_at_step_3)
+    cfg = _cfg(base, tmp_path, "ppo.steps=4", "ppo.save_every=2", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4")
+    with pytest.raises(FloatingPointError, match="non-finite PPO loss at step 3.*step-2"):
+        train_ppo(cfg)
+    out = ppo_module.ppo_dir(cfg)
+    assert read_manifest(out)["status"] == "failed"
+    assert (out / "checkpoints" / "step-2").is_dir()
+
+
+def test_lora_trains_only_the_adapter_and_the_reference_is_the_base(base, tmp_path):
+    cfg = _cfg(base, tmp_path, "peft.enabled=true", "peft.r=4", "ppo.steps=2", "ppo.rollout_batch_size=8",
+               "ppo.minibatch_size=8", "ppo.lr=1e-2")
+    out = train_ppo(cfg)
+    rows = _rows(out)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # adapter B = 0 at start: π = π_ref
+    assert rows[1]["objective/kl"] != 0.0
+    assert (out / "adapter" / "adapter_config.json").exists()
+    merged, _ = load_pretrained(str(out))
+    reference, _ = load_pretrained(base)
+    assert any(not torch.equal(a, b) for a, b in zip(merged.parameters(), reference.parameters()))
+
+
+def test_real_model_preset_runs_the_same_code(tmp_path, base):
+    """model=gpt2 pointed at a tiny GPT-2 built from a config (no hub): same trainer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    config = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path / "gpt2-tiny"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    cfg = compose("lab", ["wandb.mode=disabled", "model=gpt2", f"model.path={path}", f"checkpoints_dir={tmp_path}",
+                          "model.dtype=float32", "ppo.steps=1", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4"])
+    out = train_ppo(cfg)
+    assert read_manifest(out)["base_path"] == str(path) and (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate(base, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train/ppo.py",
+           "recipe=kl0.1", f"base_path={base}", f"checkpoints_dir={tmp_path}", "name=two", "wandb.mode=disabled",
+           "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "ppo" / "two"
+    manifest = read_manifest(out)
+    assert manifest["world_size"] == 2 and manifest["samples_scored"] == 16  # the GLOBAL batch, 2 x 4
+    assert len(_rows(out)) == 2 and not list(tmp_path.glob("ppo/*/")) == []
+    assert sorted(p.name for p in (tmp_path / "ppo").iterdir()) == ["two"]  # one run directory
+    bad = subprocess.run([*cmd[:-2], "ppo.rollout_batch_size=9", "ppo.minibatch_size=9", "name=bad"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "not divisible by 2" in bad.stderr
