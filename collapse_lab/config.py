@@ -161,6 +161,7 @@ class PPOConfig:
     steps: int = 200
     rollout_batch_size: int = 64
     minibatch_size: int = 16
+    micro_batch_size: int = 8  # sequences per forward/backward (per process); gradients accumulate to a minibatch
     ppo_epochs: int = 4
     lr: float = 2e-4  # for the tiny base; real models fine-tuned in full want ~1e-6..1e-5
     kl_coef: float = 0.1  # beta: per-token -beta * (log pi - log pi_base) in the reward

@@ -38,8 +38,8 @@ from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
-from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate, position_ids,
-                                  response_logits, select, token_logprobs)
+from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate, length_chunks,
+                                  position_ids, response_logits, select, token_logprobs)
 from collapse_lab.world import make_world
 
 STAGE = "ppo"
@@ -213,7 +213,7 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
             mask = rollout.response_mask.float()  # (B, Tr) 1 up to and including EOS
             logprobs = rollout.logprobs  # (B, Tr) nats
             entropy = masked_mean(rollout.entropy, mask)
-            chunk = batches.minibatch_per_device
+            chunk = p.micro_batch_size
             ref_model = policy if ref is None else ref
             with unwrapped.disable_adapter() if ref is None else nullcontext():
                 ref_logprobs = by_prompt_length(rollout, lambda r: token_logprobs(
@@ -238,43 +238,47 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
             if p.whiten_advantages:
                 advantages, adv_scale = masked_whiten(advantages, mask)
 
-        # 5. K epochs of minibatch updates (loss = clipped policy loss + c_v·value loss − α·H)
+        # 5. K epochs of minibatch updates (loss = clipped policy loss + c_v·value loss − α·H), each
+        #    minibatch's gradient accumulated over micro-batches of similar prompt length; every
+        #    term is a mean over the minibatch's tokens, so the split does not change the update
         stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio")}
         for _ in range(p.ppo_epochs):
             order = torch.randperm(batches.rollout_per_device)
             for start in range(0, batches.rollout_per_device, batches.minibatch_per_device):
                 idx = order[start:start + batches.minibatch_per_device]
-                mb, m = select(rollout, idx), mask[idx]
-                new_logits = response_logits(policy, mb, p.temperature)
-                new_logprobs = token_logprobs(new_logits, mb.responses)
-                log_ratio = (new_logprobs - logprobs[idx]) * m
-                ratio = torch.exp(log_ratio)
-                adv = advantages[idx]
-                pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip_range, 1 + p.clip_range)), m)
-                v = value_predictions(value, mb)
-                v_clipped = values[idx] + (v - values[idx]).clamp(-p.clip_range_value, p.clip_range_value)
-                vf_losses = torch.max((v - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2)
-                vf_loss = 0.5 * masked_mean(vf_losses, m)
-                ent = masked_mean(entropy_from_logits(new_logits), m)  # keeps its gradient: the α·H bonus
-                loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * adv_scale * ent
-                if not torch.isfinite(loss):
-                    _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
-                          f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "
-                          f"last good checkpoint: {_last_checkpoint(out) or 'none'}")
-                accelerator.backward(loss)
+                n_tokens = mask[idx].sum().clamp_min(1)
+                sums = dict.fromkeys(stats, 0.0)
+                for micro in length_chunks(rollout, idx, p.micro_batch_size):
+                    mb, m = select(rollout, micro), mask[micro]
+                    new_logits = response_logits(policy, mb, p.temperature)
+                    log_ratio = (token_logprobs(new_logits, mb.responses) - logprobs[micro]) * m
+                    ratio = torch.exp(log_ratio)
+                    adv = advantages[micro]
+                    pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip_range, 1 + p.clip_range))
+                    v = value_predictions(value, mb)
+                    v_clipped = values[micro] + (v - values[micro]).clamp(-p.clip_range_value, p.clip_range_value)
+                    vf_losses = 0.5 * torch.max((v - returns[micro]) ** 2, (v_clipped - returns[micro]) ** 2)
+                    entropies = entropy_from_logits(new_logits)  # keeps its gradient: the α·H bonus
+                    pg_loss, vf_loss, ent = ((x * m).sum() / n_tokens for x in (pg_losses, vf_losses, entropies))
+                    loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * adv_scale * ent
+                    if not torch.isfinite(loss):
+                        _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
+                              f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "
+                              f"last good checkpoint: {_last_checkpoint(out) or 'none'}")
+                    accelerator.backward(loss)
+                    with torch.no_grad():
+                        for key, x in (("pg_loss", pg_losses), ("vf_loss", vf_losses), ("entropy", entropies),
+                                       ("approxkl", 0.5 * log_ratio ** 2), ("ratio", ratio),
+                                       ("clipfrac", ((ratio - 1).abs() > p.clip_range).float()),
+                                       ("vf_clipfrac", ((v - values[micro]).abs() > p.clip_range_value).float())):
+                            sums[key] += (x * m).sum() / n_tokens
                 if p.max_grad_norm:
                     accelerator.clip_grad_norm_(params, p.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-                with torch.no_grad():
-                    stats["pg_loss"].append(pg_loss)
-                    stats["vf_loss"].append(vf_loss)
-                    stats["entropy"].append(ent)
-                    stats["approxkl"].append(0.5 * masked_mean(log_ratio ** 2, m))
-                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > p.clip_range).float(), m))
-                    stats["vf_clipfrac"].append(masked_mean(((v - values[idx]).abs() > p.clip_range_value).float(), m))
-                    stats["ratio"].append(masked_mean(ratio, m))
+                for key in stats:
+                    stats[key].append(torch.as_tensor(sums[key]))
 
         # bookkeeping: β update, metrics (averaged over processes), checkpoint
         seq_kl = kl.sum(1)

@@ -97,12 +97,18 @@ def select(r: Rollout, idx: torch.Tensor) -> Rollout:
                                      [r.texts[i] for i in idx.tolist()], r.query_len, pick(r.logprobs), pick(r.entropy)))
 
 
+def length_chunks(r: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The rows `idx` sorted by prompt length, in chunks of `size`: each chunk then pads only to
+    its own longest prompt (micro-batches of a minibatch, and the no-gradient forwards)."""
+    idx = idx[r.attention_mask[idx, :r.query_len].sum(1).argsort()]
+    return list(idx.split(size))
+
+
 def by_prompt_length(r: Rollout, fn, chunk: int) -> torch.Tensor:
-    """fn(sub-rollout) -> (b, Tr) for chunks of rows of similar prompt length (each trimmed of
-    its own padding), reassembled in the rollout's order: the no-gradient forwards of a step."""
-    order = r.attention_mask[:, :r.query_len].sum(1).argsort()
-    out = [fn(select(r, order[i:i + chunk])) for i in range(0, len(order), chunk)]
-    return torch.cat(out)[order.argsort()]
+    """fn(sub-rollout) -> (b, Tr) over length-sorted chunks, reassembled in the rollout's order."""
+    chunks = length_chunks(r, torch.arange(len(r.texts)), chunk)
+    out = torch.cat([fn(select(r, c)) for c in chunks])
+    return out[torch.cat(chunks).argsort()]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
