@@ -137,7 +137,7 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
     train_ids, eval_ids = split_prompts(list(ratings["prompt_id"]), m.eval_fraction, cfg.seed)
     train_pairs, eval_pairs = preference_pairs(ratings, train_ids), preference_pairs(ratings, eval_ids)
     if not train_pairs:
-        raise ConfigError(f"the ratings give no training pair (every prompt's samples scored alike); "
+        raise ConfigError("the ratings give no training pair (every prompt's samples scored alike); "
                           "raise ratings.prompts or ratings.samples_per_prompt")
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:

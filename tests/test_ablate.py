@@ -14,8 +14,8 @@ import torch
 
 from collapse_lab import ablate
 from collapse_lab.checkpoint import write_manifest
-from collapse_lab.config import ConfigError, compose, group_options
-from conftest import REPO, TINY_PRETRAIN, run_cli
+from collapse_lab.config import ConfigError, group_options
+from conftest import TINY_PRETRAIN, run_cli
 
 TINY_EVAL = ["eval.suites=[seed,arithmetic]", "eval.samples=8", "eval.gold_samples=8"]
 

@@ -1,6 +1,5 @@
 """The report's statistics, collapse rule and verdict on small synthetic inputs (pure functions)."""
 
-import math
 
 import numpy as np
 import pytest

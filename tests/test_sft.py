@@ -3,7 +3,6 @@ top-1 of k on the one-token bandit reproduces best-of-k."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset
