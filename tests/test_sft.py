@@ -61,7 +61,8 @@ def test_train_sft_moves_weights_and_records_the_budget(tmp_path, tiny_base):
     out = train_sft(cfg)
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "finished" and m["stage"] == "sft" and m["base_path"] == str(tiny_base)
-    assert m["samples_scored"] == 16 and m["rounds"][0]["kept"] == 8 and m["steps"] == 2
+    steps_per_epoch = -(-8 // cfg.sft.batch_size)  # 8 kept samples
+    assert m["samples_scored"] == 16 and m["rounds"][0]["kept"] == 8 and m["steps"] == cfg.sft.epochs * steps_per_epoch
     assert m["tokens_trained"] > 0 and m["wall_time_s"] > 0 and "git_commit" in m and "versions" in m
     before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
