@@ -174,6 +174,11 @@ class PPOConfig:
     clip_range: float = 0.2
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
+    # separate: its own trunk + scalar head (the N+ details' choice); shared: a scalar head on the
+    # policy's last hidden state, the value loss training the trunk too (TRL's old ValueHead);
+    # head: that head on the policy's DETACHED hidden state (the policy's update is PPO's alone).
+    # shared/head read the rollout's values off generation: no value forward, no second model.
+    value_model: str = "separate"
     whiten_advantages: bool = True
     temperature: float = 1.0
     max_new_tokens: int = 8
@@ -287,6 +292,7 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig, "ablate": AblateConfig}
 # String fields with a closed set of values (checked after composition).
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
+    "ppo.value_model": ("separate", "shared", "head"),
     "reward": ("gold", "rm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral"),  # from-scratch bases: any of these
