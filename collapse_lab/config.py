@@ -144,10 +144,16 @@ class RewardModelConfig:
 
 @dataclass
 class SFTConfig:
-    """FeedME: keep the top-rated of each prompt's k rated samples, cross-entropy on them."""
+    """FeedME: keep the top-rated of each prompt's k rated samples, cross-entropy on them.
+
+    select=random is FeedME's finite-sample CONTROL (recipe sft-random): per prompt, as many of its k
+    samples as `top` keeps, drawn uniformly at random (seeded) regardless of score, i.e. SFT on as many
+    unselected base samples, from the same ratings (the same rating budget).
+    """
 
     keep_top: int = 1
     min_score: Optional[float] = None  # also require score >= this (e.g. 7: only 7/7 samples)
+    select: str = "top"  # top | random (the control: scores ignored, only the count per prompt kept)
     rounds: int = 1  # iterated FeedME: sample from the current model, rate, keep best, again
     epochs: int = 1
     lr: float = 1e-4
@@ -248,6 +254,10 @@ class CollapseRule:
     d = mean over the seed prompts of H/log|A| (normalised answer entropy), regime minus base,
     per seed; collapsed iff mean(d) < -threshold AND the upper end of its `confidence`
     interval is below 0 (across seeds; with one seed, across the prompts instead).
+    A regime with a finite-sample control in the ablation (sft: sft-random, SFT on as many randomly
+    chosen base samples) must ALSO meet that rule on d_c = H/log|A| (regime) - H/log|A| (control),
+    paired by seed: fitting N samples narrows the entropy by ~(|A|-1)/(2N) nats without any selection,
+    and only a drop beyond the control's is collapse. Best-of-k is exact (no finite sample): base only.
     """
 
     threshold: float = 0.05  # in units of log|A| (0.05 ~ 0.23 nats on 101 answers)
@@ -281,6 +291,9 @@ class AblateConfig:
     seed: int = 0  # the first replicate seed; replicates are seed, seed+1, ..., seed+seeds-1
     seeds: int = 3
     regimes: list[str] = field(default_factory=lambda: ["sft", "bok", "kl0", "kl0.01", "kl0.1", "ent0.01"])
+    # also train each listed regime's control for every seed (sft -> sft-random), unless listed already;
+    # the collapse rule then needs the regime's drop vs its control too (CollapseRule)
+    controls: bool = True
     checkpoints_dir: str = "checkpoints"
     lab: list[str] = field(default_factory=list)  # lab overrides of the preset (pretrain.steps=..., ...)
     collapse: CollapseRule = field(default_factory=CollapseRule)

@@ -5,12 +5,14 @@
                  k samples each from the CURRENT model, rated the same way
     2. keep      per prompt draw, the sft.keep_top highest-scored samples (ties: the lowest sample
                  index, i.e. a uniformly random one among tied i.i.d. samples), and only those scoring
-                 >= sft.min_score when set
+                 >= sft.min_score when set; sft.select=random (the control, recipe sft-random): the same
+                 number per prompt drawn uniformly from its k, scores ignored (seeded by seed and round)
     3. train     TRL's SFTTrainer on (prompt, completion) token sequences exactly as sampled, loss on
                  completion tokens only (the prompt's are masked to -100); EOS is part of the target
                  when the sample ended with it, not otherwise
     4. save      checkpoints/sft/<name>/: the HF-loadable causal LM + tokenizer, manifest.json with the
-                 budget: samples_scored = rounds * n * k ratings, steps, tokens_trained
+                 budget: samples_scored = rounds * n * k ratings, steps, tokens_trained (select=random
+                 consumes the same ratings: the same budget, spent on no selection)
 
 Top-1 of k is distillation of best-of-k: on world=bandit (one prompt, one-token episodes, a noiseless
 rater) the trained model's next-token distribution must approach the closed form P(a) = F(≤a)^k − F(<a)^k
@@ -39,6 +41,7 @@ from collapse_lab.ratings import episode_tokens, flush_denormals, load_ratings, 
 from collapse_lab.ratings import stage_keys as ratings_keys
 
 STAGE = "sft"
+SELECT = ("top", "random")  # sft.select: FeedME, and its finite-sample control
 
 
 def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
@@ -48,8 +51,8 @@ def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
 def sft_dir(cfg: DictConfig, named: bool = True) -> Path:
     s, k = cfg.sft, cfg.ratings.samples_per_prompt
     rounds = f"-r{s.rounds}" if s.rounds > 1 else ""
-    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-top{s.keep_top}of{k}{rounds}"
-                   f"-s{cfg.seed}", named)
+    return run_dir(cfg, STAGE, stage_keys(cfg),
+                   f"{cfg.model.name}-{cfg.world.name}-{s.select}{s.keep_top}of{k}{rounds}-s{cfg.seed}", named)
 
 
 def check(cfg: DictConfig) -> None:
@@ -57,6 +60,8 @@ def check(cfg: DictConfig) -> None:
     if s.keep_top < 1 or s.rounds < 1 or s.epochs <= 0 or s.lr <= 0 or s.batch_size < 1:
         raise ConfigError(f"need sft.keep_top >= 1, sft.rounds >= 1, sft.epochs > 0, sft.lr > 0, sft.batch_size >= 1; "
                           f"got {s.keep_top}, {s.rounds}, {s.epochs}, {s.lr}, {s.batch_size}")
+    if s.select not in SELECT:
+        raise ConfigError(f"bad value '{s.select}' for 'sft.select'; valid choices: {', '.join(SELECT)}")
     if s.keep_top > cfg.ratings.samples_per_prompt:
         raise ConfigError(f"sft.keep_top={s.keep_top} exceeds the k={cfg.ratings.samples_per_prompt} samples per prompt "
                           "(ratings.samples_per_prompt)")
@@ -70,6 +75,21 @@ def select_top(ratings: Dataset, keep_top: int = 1, min_score=None) -> Dataset:
         if min_score is None or score >= min_score:
             best.setdefault(pid, []).append((-score, j, row))
     keep = sorted(row for rows in best.values() for _, _, row in sorted(rows)[:keep_top])
+    return ratings.select(keep)
+
+
+def select_random(ratings: Dataset, keep_top: int = 1, min_score=None, seed=0) -> Dataset:
+    """The control of select_top: per prompt draw, as many rows as select_top keeps (min(keep_top, #rows
+    scoring >= min_score)), drawn uniformly without replacement from ALL its rows, scores ignored;
+    numpy's default_rng(seed) over the draws in prompt_id order."""
+    rows: dict[int, list[int]] = {}
+    for row, pid in enumerate(ratings["prompt_id"]):
+        rows.setdefault(pid, []).append(row)
+    counts = {pid: 0 for pid in rows}
+    for pid in select_top(ratings, keep_top, min_score)["prompt_id"]:
+        counts[pid] += 1
+    rng = np.random.default_rng(seed)
+    keep = sorted(int(x) for pid in sorted(rows) for x in rng.choice(rows[pid], counts[pid], replace=False))
     return ratings.select(keep)
 
 
@@ -126,8 +146,11 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
                                    episode_tokens(cfg), seed_key=f"sft/{cfg.seed}/{r.seed}/round{rnd}")
             ratings.save_to_disk(str(out / f"ratings-round{rnd}"))
         samples_scored += len(ratings)
-        # 2. keep the best of each prompt's k
-        kept = select_top(ratings, s.keep_top, s.min_score)
+        # 2. keep the best of each prompt's k (the control: as many, at random)
+        if s.select == "random":
+            kept = select_random(ratings, s.keep_top, s.min_score, seed=[cfg.seed, rnd])
+        else:
+            kept = select_top(ratings, s.keep_top, s.min_score)
         if len(kept) == 0:
             raise ConfigError(f"sft round {rnd}: no sample scored >= sft.min_score={s.min_score}; lower it")
         data = feedme_dataset(kept, tokenizer)
@@ -152,8 +175,8 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
                        "ratings_mean_score": float(torch.tensor(list(ratings["score"])).mean()),
                        "steps": trainer.state.global_step, "final_loss": loss})
         log += [{"round": rnd, **x} for x in trainer.state.log_history]
-        print(f"sft round {rnd}: kept {len(kept)} of {len(ratings)} (mean score {rounds[-1]['kept_mean_score']:.2f}), "
-              f"{trainer.state.global_step} steps, loss {loss}")
+        print(f"sft round {rnd}: kept ({s.select}) {len(kept)} of {len(ratings)} "
+              f"(mean score {rounds[-1]['kept_mean_score']:.2f}), {trainer.state.global_step} steps, loss {loss}")
 
     # 4. save (LoRA merged in: the evaluator loads a plain causal LM)
     final = model.merge_and_unload() if cfg.peft.enabled else model
@@ -168,7 +191,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
               f"samples' own TV, the sampling floor: {extra['bandit_tv_kept_samples_to_best_of_k']:.4f})")
     write_manifest(out, {
         **(read_manifest(out) or {}), "status": "finished", "samples_scored": samples_scored,
-        "steps": steps, "tokens_trained": tokens_trained, "rounds": rounds, **extra,
+        "steps": steps, "tokens_trained": tokens_trained, "rounds": rounds, "select": s.select, **extra,
         "wall_time_s": time.time() - started, "git_commit": git_commit(), "versions": package_versions(),
     })
     tracking.finish()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from collapse_lab.config import ConfigError, compose
 from collapse_lab.pretrain import pretrain
-from collapse_lab.sft import feedme_dataset, select_top, train_sft
+from collapse_lab.sft import feedme_dataset, select_random, select_top, train_sft
 from conftest import TINY_PRETRAIN
 from tiny_models import byte_level_tokenizer, tiny_gpt2
 
@@ -35,6 +35,26 @@ def test_select_top_per_prompt_ties_and_threshold():
     assert list(kept["completion"]) == ["c01", "c10", "c20"]  # ties: the lower sample index
     assert sorted(select_top(data, keep_top=2)["completion"]) == ["c01", "c03", "c10", "c11", "c20", "c23"]
     assert list(select_top(data, min_score=7)["completion"]) == ["c01"]  # only 7/7; prompts without one keep none
+
+
+def test_select_random_keeps_as_many_per_prompt_ignores_scores_and_is_seeded():
+    """The control: per prompt exactly as many rows as select_top keeps, but not the same rows, same seed same rows."""
+    from collections import Counter
+
+    import numpy as np
+
+    scores = np.random.default_rng(0).integers(1, 8, size=(50, 4)).tolist()
+    data = _ratings(scores)
+    for keep_top, min_score in ((1, None), (2, None), (3, 6)):
+        top, rnd = select_top(data, keep_top, min_score), select_random(data, keep_top, min_score, seed=[0, 1])
+        assert Counter(rnd["prompt_id"]) == Counter(top["prompt_id"])  # the same count per prompt draw
+        assert len(set(rnd["completion"])) == len(rnd)  # without replacement
+        assert list(rnd["completion"]) == list(select_random(data, keep_top, min_score, seed=[0, 1])["completion"])
+    top, rnd = select_top(data), select_random(data, seed=[0, 1])
+    assert len(rnd) == 50 and list(rnd["completion"]) != list(top["completion"])
+    assert list(rnd["completion"]) != list(select_random(data, seed=[1, 1])["completion"])
+    assert np.mean(rnd["score"]) < np.mean(top["score"]) - 1  # scores ignored: the top-rated are not favoured
+    assert np.mean(rnd["score"]) == pytest.approx(np.mean(scores), abs=0.6)
 
 
 def test_only_completion_tokens_carry_loss(tmp_path):
@@ -73,11 +93,25 @@ def test_train_sft_moves_weights_and_records_the_budget(tmp_path, tiny_base):
     m2 = json.loads((train_sft(cfg2) / "manifest.json").read_text())
     assert m2["samples_scored"] == 32 and [r["round"] for r in m2["rounds"]] == [1, 2]
 
+    # the control: its own directory, the same ratings (the same budget), as many samples kept
+    cfg3 = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}",
+                           "recipe=sft-random", *SMALL])
+    assert cfg3.sft.select == "random" and cfg3.sft.epochs == cfg.sft.epochs and cfg3.sft.lr == cfg.sft.lr
+    out3 = train_sft(cfg3)
+    m3 = json.loads((out3 / "manifest.json").read_text())
+    assert out3 != out and "random1of2" in out3.name and m3["select"] == "random" and m["select"] == "top"
+    assert m3["ratings_path"] == m["ratings_path"] and m3["samples_scored"] == m["samples_scored"] == 16
+    assert m3["rounds"][0]["kept"] == 8 and m3["steps"] == m["steps"]
+
 
 def test_bad_sft_config_is_one_line(tmp_path, tiny_base):
     cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", *SMALL,
                           "sft.keep_top=3"])
     with pytest.raises(ConfigError, match="exceeds the k=2"):
+        train_sft(cfg)
+    cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", *SMALL,
+                          "sft.select=best"])
+    with pytest.raises(ConfigError, match="'sft.select'; valid choices: top, random"):
         train_sft(cfg)
 
 
