@@ -1,6 +1,7 @@
 """Completions/s of the lab's PPO against TRL's GRPOTrainer, same model, same batch, one run.
 
-    python benchmarks/bench_ppo.py [--steps N] [--warmup W] [--batch 32] [--new-tokens 16] [--profile]
+    python benchmarks/bench_ppo.py [--steps N] [--warmup W] [--batch 32] [--new-tokens 16]
+                                   [--value-models separate,head] [--threads 1] [--profile]
 
 Both train the lab's base (checkpoints/base/..., made first if missing) for W warm-up steps (not
 timed) and then N timed steps, each step generating --batch completions of up to
@@ -10,7 +11,9 @@ gold rater, with a KL coefficient of 0.1 to the frozen base and ONE optimisation
 - lab: `train_ppo` with ppo.ppo_epochs=1, ppo.minibatch_size = ppo.rollout_batch_size = --batch
   (one gradient step per PPO step), reward=gold; step time = `time/step_s` of metrics.jsonl
   (rollout, the three no-grad forwards, scoring, GAE, the update and the metric reduction; not
-  the JSON write or the progress bar, which come after it).
+  the JSON write or the progress bar, which come after it). Once per --value-models entry
+  (ppo.value_model: `separate` = a second model, the default; `shared` / `head` = a scalar head
+  on the policy's hidden states, values read off generation: no value forward or backward).
 - TRL: GRPOTrainer, beta=0.1, --batch/4 prompts x num_generations=4 per step
   (per_device_train_batch_size = --batch: one generation and one optimizer step per step),
   num_iterations=1, max_completion_length=--new-tokens, top_k=0, float32 (bf16=False) and no
@@ -20,8 +23,8 @@ gold rater, with a KL coefficient of 0.1 to the frozen base and ONE optimisation
 completions/s = batch x timed steps / summed step time, and batch / median step time (steadier
 when another process shares the cores: with torch's OpenMP threads = cores, a preempted thread
 stalls every parallel op and a step can take ~10x longer; --threads 1 avoids that). Prints both
-trainers' figures, the ratio lab / TRL (the issue's target is >= 2x) and the machine. --profile
-adds the seconds per lab step spent in each part of `train_ppo` (generate, the three no-grad
+trainers' figures, the ratio lab / TRL for each value model (the issue's target is >= 2x) and the
+machine. --profile (first value model only) adds the seconds per lab step spent in each part of `train_ppo` (generate, the three no-grad
 forwards, the update's forwards, backward and optimizer step, GAE, bookkeeping) and a cProfile
 by own time. Run it with nothing else running; tests never assert wall-clock times.
 """
@@ -47,8 +50,8 @@ KL_COEF = 0.1
 GENERATIONS = 4  # TRL: completions per prompt (GRPO needs a group); the lab samples one per prompt
 
 
-def lab_overrides(args, ck: str, base: str) -> list[str]:
-    return [f"checkpoints_dir={ck}", f"base_path={base}", "wandb.mode=disabled", "reward=gold",
+def lab_overrides(args, ck: str, base: str, value_model: str) -> list[str]:
+    return [f"checkpoints_dir={ck}", f"ppo.value_model={value_model}", f"base_path={base}", "wandb.mode=disabled", "reward=gold",
             f"ppo.steps={args.warmup + args.steps}", f"ppo.rollout_batch_size={args.batch}",
             f"ppo.minibatch_size={args.batch}", "ppo.ppo_epochs=1", f"ppo.max_new_tokens={args.new_tokens}",
             f"ppo.kl_coef={KL_COEF}", "ppo.temperature=1.0", "ppo.save_every=1000000", "name=bench"]
@@ -126,13 +129,13 @@ class Breakdown:
         return "\n".join(lines)
 
 
-def bench_lab(args, base: str) -> dict:
+def bench_lab(args, base: str, value_model: str, profile: bool) -> dict:
     from collapse_lab.ppo import train_ppo
 
     with tempfile.TemporaryDirectory() as ck:
-        cfg = compose("lab", lab_overrides(args, ck, base))
-        prof = cProfile.Profile() if args.profile else None
-        breakdown = Breakdown() if args.profile else None
+        cfg = compose("lab", lab_overrides(args, ck, base, value_model))
+        prof = cProfile.Profile() if profile else None
+        breakdown = Breakdown() if profile else None
         if breakdown:
             breakdown.install()
         start = time.perf_counter()
@@ -221,7 +224,12 @@ def main() -> None:
     ap.add_argument("--only", choices=("lab", "trl"), help="run one side only (no ratio)")
     ap.add_argument("--profile", action="store_true", help="time each part of the lab's step, and cProfile it")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a shared machine")
+    ap.add_argument("--value-models", default="separate,head",
+                    help="comma-separated ppo.value_model choices to time (separate | shared | head)")
     args = ap.parse_args()
+    value_models = args.value_models.split(",")
+    if bad := [v for v in value_models if v not in ("separate", "shared", "head")]:
+        raise SystemExit(f"--value-models: unknown {bad}; valid: separate, shared, head")
     if args.batch % GENERATIONS:
         raise SystemExit(f"--batch must be a multiple of {GENERATIONS} (TRL's num_generations)")
     torch.set_flush_denormal(True)  # subnormal floats make CPU training ~50x slower
@@ -242,21 +250,23 @@ def main() -> None:
 
     results = {}
     if args.only in (None, "lab"):
-        results["lab"] = bench_lab(args, base)
+        for i, vm in enumerate(value_models):
+            results[f"lab[{vm}]"] = bench_lab(args, base, vm, args.profile and i == 0)
     if args.only in (None, "trl"):
         results["trl"] = bench_trl(args, base)
     for name, r in results.items():
         s = sorted(r["step_s"])
         extra = f"; mean completion length {sum(r['lengths']) / len(r['lengths']):.1f} tokens" if "lengths" in r else ""
-        print(f"{name:>4}: {rate(r, args.batch):6.1f} completions/s ({args.batch / s[len(s) // 2]:.1f} at the median step "
+        print(f"{name:>14}: {rate(r, args.batch):6.1f} completions/s ({args.batch / s[len(s) // 2]:.1f} at the median step "
               f"{s[len(s) // 2]:.3f} s, "
               f"min {s[0]:.3f}, max {s[-1]:.3f}; whole run incl. loading {r['wall_s']:.1f} s){extra}")
-    if len(results) == 2:
-        ratio = rate(results["lab"], args.batch) / rate(results["trl"], args.batch)
-        median = {k: sorted(r["step_s"])[len(r["step_s"]) // 2] for k, r in results.items()}
-        print(f"ratio lab / TRL: {ratio:.2f}x (target >= 2x); at the median steps {median['trl'] / median['lab']:.2f}x")
-    if "profile" in results.get("lab", {}):
-        print(results["lab"]["profile"])
+    median = {k: sorted(r["step_s"])[len(r["step_s"]) // 2] for k, r in results.items()}
+    for name in [k for k in results if k.startswith("lab") and "trl" in results]:
+        ratio = rate(results[name], args.batch) / rate(results["trl"], args.batch)
+        print(f"ratio {name} / TRL: {ratio:.2f}x (target >= 2x); at the median steps {median['trl'] / median[name]:.2f}x")
+    for r in results.values():
+        if "profile" in r:
+            print(r["profile"])
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ implementation details of RLHF with PPO"), one step = the five numbered steps of
     1. rollout   sample completions from the policy (temperature T, the FULL vocabulary)
     2. score     reward at the last token: gold rater or reward model; −penalty if cut off
     3. KL        per-token reward −β·(log π − log π_ref), π_ref the frozen base
-    4. GAE       values from a separate value model, δ_t = r_t + γV_{t+1} − V_t,
+    4. GAE       values V(s_t), δ_t = r_t + γV_{t+1} − V_t,
                  A_t = Σ_l (γλ)^l δ_{t+l}, returns = A + V, advantages whitened
     5. update    K epochs of minibatches: clipped policy loss, clipped value loss, and
                  −α·H(π(·|s)) over the full vocabulary for `ent<α>` recipes
 
 Recipes: β = `ppo.kl_coef` (`kl0`, `kl0.1`, ...; `klauto` adapts it), α = `ppo.ent_coef`.
-The value model is the base with a fresh scalar head (AutoModelForTokenClassification), not
-the reward model: the same initialisation whatever the reward source.
+Values (`ppo.value_model`): `separate` (default) is the base with a fresh scalar head
+(AutoModelForTokenClassification), not the reward model, so the same initialisation whatever the
+reward source; `shared` and `head` put a scalar head on the policy's last hidden state (trained
+with the trunk, or on the detached state), which saves a model's forward and backward passes.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from collapse_lab.models import DTYPES, add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
 from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate, length_chunks,
-                                  position_ids, response_logits, select, token_logprobs)
+                                  position_ids, response_logits, select, token_logprobs, width)
 from collapse_lab.world import make_world
 
 STAGE = "ppo"
@@ -141,10 +143,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def value_predictions(value_model, rollout: Rollout) -> torch.Tensor:
-    """(B, Tr) V(s_t): the value head's output at the position that predicts response token t."""
+    """(B, Tr) V(s_t) of a separate value model: its head's output where response token t is predicted."""
     out = value_model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                       position_ids=position_ids(rollout.attention_mask), use_cache=False)
     return out.logits[:, rollout.query_len - 1:-1, 0].float()
+
+
+def value_model(policy, base: str, cfg: DictConfig, pad_token_id: int) -> torch.nn.Module:
+    """`separate`: the base + a scalar head (own LoRA under peft); `shared`/`head`: a scalar head
+    for the policy's last hidden state. Heads start at 0: V = 0, no initial value-loss shock."""
+    if cfg.ppo.value_model != "separate":
+        head = torch.nn.Linear(policy.config.hidden_size, 1, dtype=DTYPES[cfg.model.dtype])
+        torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+        return head
+    value = AutoModelForTokenClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
+    value.config.pad_token_id = pad_token_id
+    torch.nn.init.zeros_(_head(value).weight)
+    return add_lora(value, cfg.peft, task_type="TOKEN_CLS") if cfg.peft.enabled else value
 
 
 def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
@@ -165,15 +180,12 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         write_manifest(out, {**(manifest or {}), "stage": STAGE, "status": "running", "base_path": base})
 
     # models: the policy (LoRA: reference = the same weights, adapter disabled), a frozen
-    # reference copy for full fine-tuning, and a value model (base trunk + fresh scalar head)
+    # reference copy for full fine-tuning, and the value model or head
     policy, tokenizer = load_pretrained(base, cfg.model.dtype, cfg.peft)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     ref = None if cfg.peft.enabled else load_pretrained(base, cfg.model.dtype)[0].requires_grad_(False).eval()
-    value = AutoModelForTokenClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
-    value.config.pad_token_id = tokenizer.pad_token_id
-    torch.nn.init.zeros_(_head(value).weight)  # V = 0 at the start: no initial value-loss shock
-    if cfg.peft.enabled:
-        value = add_lora(value, cfg.peft, task_type="TOKEN_CLS")
+    value = value_model(policy, base, cfg, tokenizer.pad_token_id)
+    on_policy = p.value_model != "separate"  # values read off the policy's hidden states
     policy.eval(), value.eval()  # dropout off: log-probs must match between rollout and update
     params = [q for m in (policy, value) for q in m.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=p.lr, eps=1e-5, weight_decay=0.0)
@@ -209,16 +221,21 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         # 1. rollout: completions with their log-probs under the sampling distribution (π at T, from
         #    the generation's logits), the reference's log-probs, values (rows batched by prompt length)
         with torch.no_grad():
-            rollout = generate(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens, p.temperature)
+            rollout = generate(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens, p.temperature,
+                               hidden=on_policy)
             mask = rollout.response_mask.float()  # (B, Tr) 1 up to and including EOS
             logprobs = rollout.logprobs  # (B, Tr) nats
             entropy = masked_mean(rollout.entropy, mask)
             chunk = p.micro_batch_size
             ref_model = policy if ref is None else ref
             with unwrapped.disable_adapter() if ref is None else nullcontext():
-                ref_logprobs = by_prompt_length(rollout, lambda r: token_logprobs(
-                    response_logits(ref_model, r, p.temperature), r.responses), chunk)
-            values = by_prompt_length(rollout, lambda r: value_predictions(value, r), chunk)  # (B, Tr)
+                ref_logprobs = by_prompt_length(rollout, lambda r, model=ref_model: token_logprobs(
+                    response_logits(model, r, p.temperature), r.responses), chunk)
+            if on_policy:
+                values = value(rollout.hidden).squeeze(-1).float() * mask  # (B, Tr)
+                rollout.hidden = None
+            else:
+                values = by_prompt_length(rollout, lambda r: value_predictions(value, r), chunk)  # (B, Tr)
 
             # 2. score: the reward at the last token; completions cut off at max_new_tokens are penalised
             scores = reward(prompts, rollout.texts, rollout.ended.tolist()).to(mask.device).float()
@@ -239,8 +256,9 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
                 advantages, adv_scale = masked_whiten(advantages, mask)
 
         # 5. K epochs of minibatch updates (loss = clipped policy loss + c_v·value loss − α·H), each
-        #    minibatch's gradient accumulated over micro-batches of similar prompt length; every
-        #    term is a mean over the minibatch's tokens, so the split does not change the update
+        #    minibatch's gradient accumulated over micro-batches of similar prompt length (each cut
+        #    to its own longest response); every term is a mean over the minibatch's tokens, so the
+        #    split does not change the update
         stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio")}
         for _ in range(p.ppo_epochs):
             order = torch.randperm(batches.rollout_per_device)
@@ -249,15 +267,19 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
                 n_tokens = mask[idx].sum().clamp_min(1)
                 sums = dict.fromkeys(stats, 0.0)
                 for micro in length_chunks(rollout, idx, p.micro_batch_size):
-                    mb, m = select(rollout, micro), mask[micro]
-                    new_logits = response_logits(policy, mb, p.temperature)
-                    log_ratio = (token_logprobs(new_logits, mb.responses) - logprobs[micro]) * m
+                    mb = select(rollout, micro)
+                    m, old_logprobs, adv, old_v, ret = (x[micro, :width(mb)] for x in
+                                                        (mask, logprobs, advantages, values, returns))
+                    if on_policy:
+                        new_logits, h = response_logits(policy, mb, p.temperature, hidden=True)
+                        v = value(h.detach() if p.value_model == "head" else h).squeeze(-1).float()
+                    else:
+                        new_logits, v = response_logits(policy, mb, p.temperature), value_predictions(value, mb)
+                    log_ratio = (token_logprobs(new_logits, mb.responses) - old_logprobs) * m
                     ratio = torch.exp(log_ratio)
-                    adv = advantages[micro]
                     pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip_range, 1 + p.clip_range))
-                    v = value_predictions(value, mb)
-                    v_clipped = values[micro] + (v - values[micro]).clamp(-p.clip_range_value, p.clip_range_value)
-                    vf_losses = 0.5 * torch.max((v - returns[micro]) ** 2, (v_clipped - returns[micro]) ** 2)
+                    v_clipped = old_v + (v - old_v).clamp(-p.clip_range_value, p.clip_range_value)
+                    vf_losses = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
                     entropies = entropy_from_logits(new_logits)  # keeps its gradient: the α·H bonus
                     pg_loss, vf_loss, ent = ((x * m).sum() / n_tokens for x in (pg_losses, vf_losses, entropies))
                     loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * adv_scale * ent
@@ -270,7 +292,7 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
                         for key, x in (("pg_loss", pg_losses), ("vf_loss", vf_losses), ("entropy", entropies),
                                        ("approxkl", 0.5 * log_ratio ** 2), ("ratio", ratio),
                                        ("clipfrac", ((ratio - 1).abs() > p.clip_range).float()),
-                                       ("vf_clipfrac", ((v - values[micro]).abs() > p.clip_range_value).float())):
+                                       ("vf_clipfrac", ((v - old_v).abs() > p.clip_range_value).float())):
                             sums[key] += (x * m).sum() / n_tokens
                 if p.max_grad_norm:
                     accelerator.clip_grad_norm_(params, p.max_grad_norm)

@@ -25,6 +25,7 @@ class Rollout:
     query_len: int  # Tq
     logprobs: torch.Tensor | None = None  # (B, Tr) log π_T(token_t | s_t) of the sampling distribution, nats
     entropy: torch.Tensor | None = None  # (B, Tr) H(π_T(·|s_t)) over the full vocabulary, nats
+    hidden: torch.Tensor | None = None  # (B, Tr, H) last hidden state where token t was predicted
 
     @property
     def responses(self) -> torch.Tensor:  # (B, Tr)
@@ -42,17 +43,19 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict[str, torch.Ten
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0) -> Rollout:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+             hidden: bool = False) -> Rollout:
     """Sample one completion per prompt (torch's global RNG: seed it for reproducibility).
 
     The responses are as wide as the longest one (generation stops when all have ended). The
     sampled tokens' log-probabilities come from the generation's own logits (divided by the
-    temperature, as the sampler did): no second forward pass of the policy is needed.
+    temperature, as the sampler did): no second forward pass of the policy is needed. With
+    `hidden`, the last hidden state at each sampling position comes too (a value head's input).
     """
     batch = encode_prompts(tokenizer, prompts, model.device)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
                               max_new_tokens=max_new_tokens, min_new_tokens=1, output_logits=True,
-                              return_dict_in_generate=True,
+                              output_hidden_states=hidden, return_dict_in_generate=True,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     gen = model.generate(**batch, generation_config=config)
     q = batch["input_ids"].shape[1]
@@ -76,6 +79,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         query_len=q,
         logprobs=logprobs * response_mask,
         entropy=entropy * response_mask,
+        hidden=torch.stack([h[-1][:, -1] for h in gen.hidden_states], 1) if hidden else None,
     )
 
 
@@ -90,11 +94,29 @@ def trim_left_padding(r: Rollout) -> Rollout:
                    query_len=r.query_len - first)
 
 
+def trim_right_padding(r: Rollout) -> Rollout:
+    """Drop response columns past every row's EOS (responses are as wide as the rollout's longest;
+    a batch of short ones need not carry that width). Per-token outputs are then `width(r)` wide."""
+    w = max(int(r.response_mask.sum(1).max()), 1)
+    if w == r.response_mask.shape[1]:
+        return r
+    cut = lambda x: None if x is None else x[:, :w]  # noqa: E731
+    return replace(r, input_ids=r.input_ids[:, :r.query_len + w], attention_mask=r.attention_mask[:, :r.query_len + w],
+                   response_mask=r.response_mask[:, :w], logprobs=cut(r.logprobs), entropy=cut(r.entropy),
+                   hidden=cut(r.hidden))
+
+
+def width(r: Rollout) -> int:
+    """Tr: response columns."""
+    return r.response_mask.shape[1]
+
+
 def select(r: Rollout, idx: torch.Tensor) -> Rollout:
-    """The rows `idx` of a rollout, left padding trimmed."""
+    """The rows `idx` of a rollout, left and right padding trimmed."""
     pick = lambda x: None if x is None else x[idx]  # noqa: E731
-    return trim_left_padding(Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.ended[idx],
-                                     [r.texts[i] for i in idx.tolist()], r.query_len, pick(r.logprobs), pick(r.entropy)))
+    rows = Rollout(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], r.ended[idx],
+                   [r.texts[i] for i in idx.tolist()], r.query_len, pick(r.logprobs), pick(r.entropy), pick(r.hidden))
+    return trim_right_padding(trim_left_padding(rows))
 
 
 def length_chunks(r: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -105,9 +127,10 @@ def length_chunks(r: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor
 
 
 def by_prompt_length(r: Rollout, fn, chunk: int) -> torch.Tensor:
-    """fn(sub-rollout) -> (b, Tr) over length-sorted chunks, reassembled in the rollout's order."""
+    """fn(sub-rollout) -> (b, w) over length-sorted chunks (each trimmed to its own width w),
+    zero-padded back to (B, Tr) and reassembled in the rollout's order."""
     chunks = length_chunks(r, torch.arange(len(r.texts)), chunk)
-    out = torch.cat([fn(select(r, c)) for c in chunks])
+    out = torch.cat([F.pad(y, (0, width(r) - y.shape[1])) for y in (fn(select(r, c)) for c in chunks)])
     return out[torch.cat(chunks).argsort()]
 
 
@@ -116,13 +139,15 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
-def response_logits(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """(B, Tr, V) next-token logits / temperature at each response position."""
-    tr = rollout.input_ids.shape[1] - rollout.query_len
+def response_logits(model, rollout: Rollout, temperature: float = 1.0, hidden: bool = False):
+    """(B, Tr, V) next-token logits / temperature at each response position; with `hidden`,
+    also the (B, Tr, H) last hidden states there (the LM head's input: a value head's too)."""
+    tr = width(rollout)
     out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                 position_ids=position_ids(rollout.attention_mask), use_cache=False,
-                logits_to_keep=tr + 1)  # the LM head only where response tokens are predicted
-    return out.logits[:, :-1].float() / temperature
+                logits_to_keep=tr + 1, output_hidden_states=hidden)  # LM head only where responses are predicted
+    logits = out.logits[:, :-1].float() / temperature
+    return (logits, out.hidden_states[-1][:, -tr - 1:-1]) if hidden else logits
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -168,6 +168,41 @@ def test_every_ppo_recipe_runs(base, tmp_path, recipe):
     assert "finished" in str(train_ppo(cfg)) or read_manifest(out)["status"] == "finished"
 
 
+@pytest.mark.parametrize("value_model", ["separate", "shared", "head"])
+def test_first_minibatch_ratio_is_one_and_values_come_from_the_chosen_model(base, tmp_path, value_model):
+    """One epoch of one minibatch: the update's log-probs (a fresh forward over micro-batches, each
+    cut to its own width) equal the sampler's (the generation's logits), so ratio = 1, approxkl = 0."""
+    cfg = _cfg(base, tmp_path, "ppo.steps=1", "ppo.rollout_batch_size=16", "ppo.minibatch_size=16",
+               "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=12", f"ppo.value_model={value_model}")
+    row = _rows(train_ppo(cfg))[0]
+    assert row["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert row["policy/approxkl"] < 1e-9 and row["policy/clipfrac"] == 0
+    assert row["val/mean"] == 0  # every value head starts at 0
+    assert row["val/vf_loss"] > 0
+
+
+def test_value_model_choices_are_checked(base, tmp_path):
+    with pytest.raises(ConfigError, match="ppo.value_model.*separate"):
+        _cfg(base, tmp_path, "ppo.value_model=tied")
+
+
+def test_rollout_values_from_generation_match_a_forward_pass(base):
+    """shared/head read V(s_t) off generate's hidden states: the same as a forward over the rollout."""
+    from collapse_lab.rollout import generate, response_logits, select
+
+    policy, tok = load_pretrained(base)
+    torch.manual_seed(0)
+    r = generate(policy, tok, ["Q: Pick a number.\nA:", "Q: Name a random number between 1 and 100, please.\nA:"],
+                 max_new_tokens=6, hidden=True)
+    logits, h = response_logits(policy, r, hidden=True)
+    m = r.response_mask.bool()
+    assert torch.allclose(r.hidden[m], h[m], atol=1e-4)
+    assert torch.allclose(torch.log_softmax(logits, -1).gather(2, r.responses.unsqueeze(-1)).squeeze(-1)[m],
+                          r.logprobs[m], atol=1e-4)
+    one = select(r, torch.tensor([0]))  # cut to its own response length
+    assert one.responses.shape[1] == int(r.response_mask[0].sum()) <= r.responses.shape[1]
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(base, tmp_path, monkeypatch):
     common = ("ppo.steps=6", "ppo.save_every=2", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4")
     whole = _rows(train_ppo(_cfg(base, tmp_path / "a", *common)))
