@@ -10,10 +10,10 @@ implementation details of RLHF with PPO"), one step = the five numbered steps of
                  −α·H(π(·|s)) over the full vocabulary for `ent<α>` recipes
 
 Recipes: β = `ppo.kl_coef` (`kl0`, `kl0.1`, ...; `klauto` adapts it), α = `ppo.ent_coef`.
-Values (`ppo.value_model`): `separate` (default) is the base with a fresh scalar head
-(AutoModelForTokenClassification), not the reward model, so the same initialisation whatever the
-reward source; `shared` and `head` put a scalar head on the policy's last hidden state (trained
-with the trunk, or on the detached state), which saves a model's forward and backward passes.
+Values (`ppo.value_model`): `head` (default) and `shared` put a scalar head on the policy's last
+hidden state (on the detached state, or trained with the trunk), read off generation at rollout
+time, which saves a second model's forward and backward passes; `separate` is the base with a
+fresh scalar head (AutoModelForTokenClassification), not the reward model: the N+ details' choice.
 """
 
 from __future__ import annotations
