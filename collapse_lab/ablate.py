@@ -3,7 +3,8 @@
     1. base          pretrain.resolve_base: ONE base for every regime and seed (the KL reference)
     2. ratings       per replicate seed: k base samples per training prompt, scored by the gold rater
     3. reward model  per replicate seed: trained on those ratings (PPO's reward: the matched budget)
-    4. regimes       every regime x every seed, through the ONE table `REGIMES` (name -> recipe, stage)
+    4. regimes       every regime x every seed, through the ONE table `REGIMES` (name -> recipe, stage),
+                     and (controls=true) each listed regime's control right after it: sft -> sft-random
     5. evaluator     the shared evaluator on the base and on every result (reference: the base),
                      plus the mean gold reward of samples on the seed prompts
     6. report        collapse_lab.report.build(ablation dir): report.md, report.json, plots/*.png
@@ -58,6 +59,7 @@ class Regime:
     recipe: str
     stage: str
     family: str  # "feedme" (trains on the ratings) | "ppo" (trains on the reward model)
+    control_of: str | None = None  # a control: the regime whose collapse call also needs a drop below it
 
     def function(self) -> Callable:
         return load_stage(self.stage)
@@ -69,7 +71,10 @@ REGIMES: dict[str, Regime] = {
     "bok": Regime("bok", "collapse_lab.bok:make_bok", "feedme"),
     **{name: Regime(name, _PPO, "ppo")
        for name in ("kl0", "kl0.01", "kl0.1", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01")},
+    # FeedME's finite-sample control: as many base samples per prompt, chosen at random (sft.select=random)
+    "sft-random": Regime("sft-random", "collapse_lab.sft:train_sft", "feedme", control_of="sft"),
 }
+CONTROLS = {r.control_of: name for name, r in REGIMES.items() if r.control_of}  # regime -> its control
 RATINGS = "collapse_lab.ratings:rate"
 REWARD_MODEL = "collapse_lab.reward_model:train_reward_model"
 
@@ -93,6 +98,13 @@ class Plan:
     cfg: DictConfig  # AblateConfig
     lab: list[str]  # preset's lab list + the command line's lab overrides
     base: Optional[str] = None  # set once resolved: every later stage gets base_path=<it>
+
+    @property
+    def regimes(self) -> list[str]:
+        """The listed regimes, each followed (controls=true) by its control unless that is listed too."""
+        listed = list(self.cfg.regimes)
+        extra = lambda r: [CONTROLS[r]] if self.cfg.controls and r in CONTROLS and CONTROLS[r] not in listed else []
+        return [x for r in listed for x in [r, *extra(r)]]
 
     @property
     def seeds(self) -> list[int]:
@@ -181,7 +193,7 @@ def plan(argv: list[str]) -> Plan:
     if "seed" not in cfg.eval.suites:
         raise ConfigError("eval.suites must include 'seed' (the post's prompts: the collapse rule reads them)")
     p = Plan(cfg, [*cfg.lab, *lab])
-    for regime in cfg.regimes:  # every stage's config composes: a bad lab key fails here, not mid-run
+    for regime in p.regimes:  # every stage's config composes: a bad lab key fails here, not mid-run
         p.lab_config(p.seeds[0], regime)
     out = p.out
     saved = out / "ablation.yaml"
@@ -250,10 +262,10 @@ def run(p: Plan) -> Path:
     previous = _read_json(out / "manifest.json") or {}
     _write_json(out / "manifest.json", {**previous, "stage": STAGE, "status": "running",
                                         "started_at": previous.get("started_at", _now())})
-    families = {REGIMES[r].family for r in cfg.regimes}
+    families = {REGIMES[r].family for r in p.regimes}
     n_seeds = len(p.seeds)
     upstream = ("feedme" in families or "ppo" in families) * n_seeds + ("ppo" in families) * n_seeds
-    total = 2 + upstream + len(cfg.regimes) * n_seeds * 2 + 1
+    total = 2 + upstream + len(p.regimes) * n_seeds * 2 + 1
     runs: list[dict] = []
     with Display(total) as show:
         # 1. the base (shared by every seed)
@@ -270,7 +282,7 @@ def run(p: Plan) -> Path:
                 rm = show.stage(f"reward model s{seed}", lambda: _done(load_stage(REWARD_MODEL)(lab, named=False)))
                 _copy_run(Path(rm), out / "runs" / "reward_model" / f"s{seed}")
             # 4-5. every regime, then the evaluator on it
-            for name in cfg.regimes:
+            for name in p.regimes:
                 regime = REGIMES[name]
                 rcfg = p.lab_config(seed, name)
                 path = Path(show.stage(f"{name} s{seed}", lambda: _done(regime.function()(rcfg, named=False))))
@@ -278,7 +290,7 @@ def run(p: Plan) -> Path:
                 evals = out / "evals" / name / f"s{seed}"
                 show.stage(f"evaluate {name} s{seed}", lambda: _evaluated(evaluate(p, path, base, evals)))
                 runs.append({"regime": name, "seed": seed, "family": regime.family, "recipe": regime.recipe,
-                             "path": str(path), "evals": str(evals.relative_to(out))})
+                             "control_of": regime.control_of, "path": str(path), "evals": str(evals.relative_to(out))})
         _write_json(out / "runs.json", {"base": str(base), "runs": runs})
         # 6. the report
         result = show.stage("report", lambda: (report.build(out), f"{out / 'report.md'}"))

@@ -12,9 +12,12 @@ uses the interval across the five prompts instead, and says so.
 
 The collapse rule (also stated in report.md): d = mean over the seed prompts of H/log|A|,
 regime minus base, per seed; `collapsed` iff mean(d) < -threshold and the interval's upper end
-is below 0. The verdict compares every PPO regime with a KL penalty (beta > 0 or adaptive) with
-FeedME (sft) by the paired difference of d across seeds (seeds share their ratings), at the
-rating budgets their manifests record; a comparison whose budgets differ is flagged.
+is below 0. A regime whose finite-sample control ran too (runs.json `control_of`: sft-random for
+sft, SFT on as many randomly chosen base samples) must also meet it on d_c = d - d(control), paired
+by seed (one seed: by prompt); the control's own row is shown, marked, and not judged. The verdict
+compares every PPO regime with a KL penalty (beta > 0 or adaptive) with FeedME (sft) by the paired
+difference of d across seeds (seeds share their ratings), at the rating budgets their manifests record;
+a comparison whose budgets differ is flagged.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ COLLAPSE_METRICS = [
     ("norm_entropy", "H / log|A|", ".3f"),
     ("answer_entropy", "H (nats)", ".3f"),
     ("delta_norm_entropy", "Δ(H/log|A|) vs base", "+.3f"),
+    ("delta_norm_entropy_control", "Δ(H/log|A|) vs control", "+.3f"),
     ("valid_mass", "valid mass M", ".3f"),
     ("top_prob", "top p(a)", ".3f"),
     ("entropy_upper_bound", "post's bound (nats)", ".2f"),
@@ -86,6 +90,22 @@ def collapse_test(d_seeds: list[float], d_prompts: list[float], threshold: float
     ci = interval(d_seeds if across == "seeds" else d_prompts, confidence)
     collapsed = ci["mean"] is not None and ci["hi"] is not None and ci["mean"] < -threshold and ci["hi"] < 0
     return {**ci, "across": across, "collapsed": bool(collapsed)}
+
+
+def regime_collapse(runs: list[dict], control_runs: list[dict] | None, threshold: float, confidence: float) -> dict:
+    """One regime's call: the rule on d vs base, and with its control's runs (same seeds) ALSO on
+    d_c = d - d(control) = Δ(H/log|A|) regime minus control, paired by seed (one seed: by prompt)."""
+    vs_base = collapse_test([x["delta_norm_entropy"] for x in runs],
+                            list(np.mean([x["delta_prompts"] for x in runs], axis=0)), threshold, confidence)
+    ctrl = {x["seed"]: x for x in control_runs or []}
+    paired = [(x, ctrl[x["seed"]]) for x in runs if x["seed"] in ctrl]
+    if not paired:
+        return {"collapse_test": vs_base, "collapse_test_control": None, "collapsed": vs_base["collapsed"]}
+    vs_control = collapse_test([x["delta_norm_entropy"] - c["delta_norm_entropy"] for x, c in paired],
+                               list(np.mean([np.subtract(x["delta_prompts"], c["delta_prompts"]) for x, c in paired],
+                                            axis=0)), threshold, confidence)
+    return {"collapse_test": vs_base, "collapse_test_control": vs_control,
+            "collapsed": vs_base["collapsed"] and vs_control["collapsed"]}
 
 
 # ------------------------------------------------------------------------- one run's record
@@ -168,13 +188,21 @@ def build(ablation: Path, write: bool = True) -> dict:
     by_regime: dict[str, list[dict]] = {}
     for r in index["runs"]:
         rec = run_record(ablation / r["evals"])
-        rec.update(seed=r["seed"], family=r["family"], recipe=r["recipe"],
+        rec.update(seed=r["seed"], family=r["family"], recipe=r["recipe"], control_of=r.get("control_of"),
                    budget=budget_of(ablation / "runs" / r["regime"] / f"s{r['seed']}"),
                    lab=_yaml(ablation / "runs" / r["regime"] / f"s{r['seed']}" / "config.yaml"))
         rec["delta_norm_entropy"] = rec["norm_entropy"] - base["norm_entropy"]
         rec["delta_prompts"] = [rec["per_prompt"][k]["norm_entropy"] - base["per_prompt"][k]["norm_entropy"]
                                 for k in rec["per_prompt"]]
         by_regime.setdefault(r["regime"], []).append(rec)
+    # each regime's control, when it ran: sft -> sft-random (runs.json's control_of)
+    control = {runs[0]["control_of"]: name for name, runs in by_regime.items()
+               if runs[0].get("control_of") in by_regime}
+    for name, ctrl in control.items():
+        at = {x["seed"]: x for x in by_regime[ctrl]}
+        for rec in by_regime[name]:
+            if rec["seed"] in at:
+                rec["delta_norm_entropy_control"] = rec["norm_entropy"] - at[rec["seed"]]["norm_entropy"]
 
     regimes = {}
     for name, runs in by_regime.items():
@@ -184,8 +212,8 @@ def build(ablation: Path, write: bool = True) -> dict:
         per_prompt = {pid: interval([x["per_prompt"][pid]["answer_entropy"] for x in runs], confidence)
                       for pid in runs[0]["per_prompt"]}
         top, top_p = _top_answer([x["answers"] for x in runs])
-        test = collapse_test([x["delta_norm_entropy"] for x in runs],
-                             list(np.mean([x["delta_prompts"] for x in runs], axis=0)), threshold, confidence)
+        call = regime_collapse(runs, by_regime.get(control.get(name)), threshold, confidence)
+        control_of = runs[0].get("control_of")
         budget = {k: interval([x["budget"][k] for x in runs if x["budget"][k] is not None], confidence)
                   for k in BUDGET_KEYS}
         lab = runs[0]["lab"] or {}
@@ -195,12 +223,13 @@ def build(ablation: Path, write: bool = True) -> dict:
             "adaptive_kl": _get(lab, "ppo.adaptive_kl") if runs[0]["family"] == "ppo" else None,
             "ent_coef": _get(lab, "ppo.ent_coef") if runs[0]["family"] == "ppo" else None,
             "metrics": metrics_, "answer_entropy_per_prompt": per_prompt, "top_answer": top, "top_prob": top_p,
-            "collapse_test": test, "collapsed": test["collapsed"], "budget": budget,
+            "control": control.get(name), "control_of": control_of, **call,
+            "collapsed": None if control_of else call["collapsed"], "budget": budget,
             "status": sorted({str(x["budget"]["status"]) for x in runs}),
         }
     base_top, base_top_p = _top_answer([base["answers"]])
     base_out = {"metrics": {key: base.get(key) for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS
-                            if key != "delta_norm_entropy"},
+                            if not key.startswith("delta_norm_entropy")},
                 "answer_entropy_per_prompt": {k: v["answer_entropy"] for k, v in base["per_prompt"].items()},
                 "top_answer": base_top, "top_prob": base_top_p}
     comparisons = compare(by_regime, regimes, confidence, threshold)
@@ -209,7 +238,11 @@ def build(ablation: Path, write: bool = True) -> dict:
                for name, runs in by_regime.items()}
     rule = (f"iff the mean over seeds of d = Δ(H/log|A|) (mean over the seed prompts, regime minus "
             f"base) is below -{threshold:g} AND the upper end of its {confidence:.0%} t-interval is below 0 "
-            f"(interval across seeds; with one seed, across the prompts). PPO with a KL penalty 'collapses less' "
+            f"(interval across seeds; with one seed, across the prompts); a regime with a finite-sample control in "
+            f"the ablation (sft-random for sft: SFT on as many base samples per prompt, chosen at random from the "
+            f"same ratings) must ALSO meet that rule on its paired Δ(H/log|A|) vs the control, so a drop that "
+            f"fitting a finite sample causes without any selection is not called collapse (the control itself is "
+            f"shown, not judged). PPO with a KL penalty 'collapses less' "
             f"than FeedME when the paired difference of d (PPO minus FeedME) has its interval above 0 and a mean "
             f"of at least {threshold:g}")
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
@@ -232,7 +265,7 @@ def compare(by_regime: dict, regimes: dict, confidence: float, threshold: float 
     `threshold` (the collapse rule's) in size."""
     out = []
     kl_ppo = [n for n, r in regimes.items() if r["family"] == "ppo" and ((r["kl_coef"] or 0) > 0 or r["adaptive_kl"])]
-    feedme = [n for n, r in regimes.items() if r["family"] == "feedme"]
+    feedme = [n for n, r in regimes.items() if r["family"] == "feedme" and not r.get("control_of")]
     for f in feedme:
         for p in kl_ppo:
             fr = {x["seed"]: x for x in by_regime[f]}
@@ -260,13 +293,22 @@ def compare(by_regime: dict, regimes: dict, confidence: float, threshold: float 
 def verdict(report: dict) -> dict:
     """The paragraph answering the post's question, computed from the table."""
     regimes = report["regimes"]
-    collapsed = [n for n, r in regimes.items() if r["collapsed"]]
-    fine = [n for n, r in regimes.items() if not r["collapsed"]]
+    judged = {n: r for n, r in regimes.items() if not r.get("control_of")}
+    collapsed = [n for n, r in judged.items() if r["collapsed"]]
+    fine = [n for n, r in judged.items() if not r["collapsed"]]
     t = report["config"]["ablate"]["collapse"]["threshold"]
     pref = report.get("preference_strength")
-    lines = [f"Collapsed (rule: mean Δ(H/log|A|) below -{t:g} with the interval below 0): "
-             f"{', '.join(collapsed) or 'none'}. Not collapsed: {', '.join(fine) or 'none'}."
+    lines = [f"Collapsed (rule: mean Δ(H/log|A|) below -{t:g} with the interval below 0, vs the base and, where a "
+             f"finite-sample control ran, vs that control too): {', '.join(collapsed) or 'none'}. "
+             f"Not collapsed: {', '.join(fine) or 'none'}."
              + (f" Rater preference strength: {pref:g}." if pref is not None else "")]
+    for name, r in judged.items():
+        if r.get("control") and r.get("collapse_test_control"):
+            b, c = r["collapse_test"], r["collapse_test_control"]
+            lines.append(f"{name} vs base: Δ(H/log|A|) {_fmt(b, '+.3f')}; vs its control {r['control']} (as many "
+                         f"base samples per prompt, picked at random, not by score): {_fmt(c, '+.3f')} (intervals "
+                         f"across {c['across']}); {'both' if b['collapsed'] and c['collapsed'] else 'not both'} "
+                         f"below -{t:g} with the interval below 0.")
     for name in collapsed:
         r = regimes[name]
         lines.append(f"{name}: H/log|A| {_fmt(r['metrics']['norm_entropy'])} "
@@ -318,7 +360,8 @@ def markdown(report: dict) -> str:
     md.append(_row(["base", "-"] + [_cell(base["metrics"].get(k), f) for k, _, f in COLLAPSE_METRICS]
                    + [f"{base['top_answer']!r} ({base['top_prob']:.3f})"]))
     for name, r in regimes.items():
-        md.append(_row([name, "**yes**" if r["collapsed"] else "no"]
+        called = f"control of {r['control_of']}" if r.get("control_of") else "**yes**" if r["collapsed"] else "no"
+        md.append(_row([name, called]
                        + [_fmt(r["metrics"][k], f) for k, _, f in COLLAPSE_METRICS]
                        + [f"{r['top_answer']!r} ({r['top_prob']:.3f})"]))
     prompts = list(base["answer_entropy_per_prompt"])
@@ -340,8 +383,14 @@ def markdown(report: dict) -> str:
                  "wall time (s)", "status"]), _row(["---"] * 7)]
     for name, r in regimes.items():
         b = r["budget"]
-        md.append(_row([name, r["family"]] + [_cell(b[k]["mean"], ".0f") for k in BUDGET_KEYS]
+        md.append(_row([name, r["family"] + (f" (control of {r['control_of']})" if r.get("control_of") else "")]
+                       + [_cell(b[k]["mean"], ".0f") for k in BUDGET_KEYS]
                        + [_cell(report["compute"][name]["wall_time_s"], ".1f"), "/".join(r["status"])]))
+    for name, r in regimes.items():
+        if r.get("control_of"):
+            md += ["", (f"`{name}` is trained on the same ratings as `{r['control_of']}` (the same ratings "
+                        f"stage): its rating budget is {r['control_of']}'s, spent on a random pick instead of the "
+                        "top-rated one.")]
     if report["comparisons"]:
         md += ["", "Comparisons (PPO with a KL penalty vs FeedME; difference of Δ(H/log|A|), positive = PPO "
                "keeps more entropy):", "", _row(["PPO", "FeedME", "difference [interval]", "across",

@@ -87,3 +87,50 @@ def test_top_answer_is_the_argmax_of_the_mean_over_prompts_and_seeds():
     a = {"p1": {"answers": [" 1", " 2"], "probs": [0.6, 0.4]}, "p2": {"answers": [" 1", " 2", " 3"], "probs": [0.1, 0.1, 0.8]}}
     top, p = report._top_answer([a])
     assert top == " 3" and p == pytest.approx(0.4)
+
+
+def _d(d, prompts, seed=0):
+    return {"seed": seed, "delta_norm_entropy": d, "delta_prompts": prompts}
+
+
+def test_feedme_below_base_but_not_below_its_finite_sample_control_is_not_collapsed():
+    # one seed (the quick preset): both intervals across the five prompts, paired by prompt for the control
+    sft = [_d(-0.08, [-0.07, -0.09, -0.08, -0.075, -0.085])]
+    control = [_d(-0.076, [-0.075, -0.08, -0.07, -0.08, -0.075])]  # SFT on as many random base samples
+    call = report.regime_collapse(sft, control, 0.05, 0.95)
+    assert call["collapse_test"]["collapsed"]  # the old rule alone would call it collapsed
+    vs = call["collapse_test_control"]
+    assert vs["across"] == "prompts" and vs["mean"] == pytest.approx(-0.004) and not vs["collapsed"]
+    assert not call["collapsed"]
+    # without the control the rule is the old one
+    alone = report.regime_collapse(sft, None, 0.05, 0.95)
+    assert alone["collapsed"] and alone["collapse_test_control"] is None
+
+
+def test_feedme_below_base_and_below_its_control_is_collapsed_paired_by_seed():
+    sft = [_d(-0.40, [-0.4] * 5, 0), _d(-0.35, [-0.35] * 5, 1), _d(-0.45, [-0.45] * 5, 2)]
+    control = [_d(-0.08, [-0.08] * 5, 0), _d(-0.06, [-0.06] * 5, 1), _d(-0.09, [-0.09] * 5, 2)]
+    call = report.regime_collapse(sft, control, 0.05, 0.95)
+    vs = call["collapse_test_control"]
+    assert vs["across"] == "seeds" and vs["values"] == pytest.approx([-0.32, -0.29, -0.36]) and vs["collapsed"]
+    assert call["collapse_test"]["collapsed"] and call["collapsed"]
+    # far below the control but NOT below the base by the threshold (the control gained entropy): not collapsed
+    up = [_d(0.3, [0.3] * 5, s) for s in range(3)]
+    small = [_d(-0.03, [-0.03] * 5, 0), _d(-0.02, [-0.02] * 5, 1), _d(-0.04, [-0.04] * 5, 2)]
+    call = report.regime_collapse(small, up, 0.05, 0.95)
+    assert call["collapse_test_control"]["collapsed"] and not call["collapsed"]
+
+
+def test_the_control_is_shown_not_judged_and_named_in_the_verdict():
+    by = {"sft": _runs([-0.08, -0.07, -0.09], 1024), "sft-random": _runs([-0.08, -0.07, -0.085], 1024),
+          "kl0.1": _runs([-0.01, 0.0, -0.02], 1024)}
+    call = report.regime_collapse(by["sft"], by["sft-random"], 0.05, 0.95)
+    regimes = {"sft": {**_regime("feedme", [-0.08, -0.07, -0.09], collapsed=call["collapsed"]), **call,
+                       "control": "sft-random"},
+               "sft-random": {**_regime("feedme", [-0.08, -0.07, -0.085], collapsed=None), "control_of": "sft"},
+               "kl0.1": _regime("ppo", [-0.01, 0.0, -0.02], 0.1)}
+    comps = report.compare(by, regimes, 0.95)
+    assert [(c["ppo"], c["feedme"]) for c in comps] == [("kl0.1", "sft")]  # the control is no FeedME to compare
+    v = report.verdict(_report(regimes, comps))
+    assert v["collapsed"] == [] and "sft-random" not in v["not_collapsed"] and "sft" in v["not_collapsed"]
+    assert "vs its control sft-random" in v["text"] and "not both" in v["text"]
