@@ -73,6 +73,23 @@ def test_seed_replicates_vary_the_training_seed_and_the_ratings_seed_but_not_the
     assert ablate.plan(["regimes=[sft]", "world.preference=0"]).lab_config(0, "sft").world.rater.preference_strength == 0
 
 
+def test_feedme_gets_its_finite_sample_control_right_after_it_unless_listed_or_turned_off():
+    assert ablate.plan(["regimes=[sft,kl0.1]"]).regimes == ["sft", "sft-random", "kl0.1"]
+    assert ablate.plan(["regimes=[kl0.1,sft-random,sft]"]).regimes == ["kl0.1", "sft-random", "sft"]
+    assert ablate.plan(["regimes=[sft,kl0.1]", "controls=false"]).regimes == ["sft", "kl0.1"]
+    assert ablate.plan(["regimes=[bok,kl0.1]"]).regimes == ["bok", "kl0.1"]  # best-of-k is exact: no control
+    p = ablate.plan(["regimes=[sft]", "seed=3"])
+    top, rnd = p.lab_config(3, "sft"), p.lab_config(3, "sft-random")
+    assert (top.sft.select, rnd.sft.select) == ("top", "random")
+    assert {k: v for k, v in rnd.sft.items() if k != "select"} == {k: v for k, v in top.sft.items() if k != "select"}
+    assert rnd.ratings == top.ratings  # the same ratings stage: the same rating budget
+    from collapse_lab.ratings import ratings_dir
+    from collapse_lab.sft import sft_dir
+
+    assert ratings_dir(rnd, named=False) == ratings_dir(top, named=False)
+    assert sft_dir(rnd, named=False) != sft_dir(top, named=False)
+
+
 def test_an_ablation_directory_never_holds_two_configs(tmp_path):
     p = ablate.plan(["regimes=[sft]", f"checkpoints_dir={tmp_path}", "name=a"])
     p.out.mkdir(parents=True)
@@ -87,18 +104,20 @@ def test_an_ablation_directory_never_holds_two_configs(tmp_path):
 
 def _fake_stage(kind):
     """A stand-in stage: writes a finished run directory like the real ones (manifest with the
-    rating budget). FeedME pushes the base towards " 97" on the seed prompts (a real collapse)."""
+    rating budget). FeedME pushes the base towards " 1" on the seed prompts (a real collapse); its
+    control (sft.select=random) is an untouched copy of the base."""
 
     def stage(cfg, named=True):
         from collapse_lab.pretrain import resolve_base
 
         base = Path(resolve_base(cfg))
-        out = Path(cfg.checkpoints_dir) / "fake" / f"{kind}-kl{cfg.ppo.kl_coef}-s{cfg.seed}"
+        name = f"{kind}-{cfg.sft.select}" if kind == "sft" else kind
+        out = Path(cfg.checkpoints_dir) / "fake" / f"{name}-kl{cfg.ppo.kl_coef}-s{cfg.seed}"
         if (out / "manifest.json").exists():
             return out
         shutil.copytree(base, out, ignore=shutil.ignore_patterns("eval", "manifest.json"), dirs_exist_ok=True)
         steps = 0
-        if kind == "sft":
+        if kind == "sft" and cfg.sft.select == "top":
             steps = 60 + 10 * cfg.seed
             _push_towards(out, " 1", steps)
         write_manifest(out, {"stage": kind, "status": "finished", "base_path": str(base), "samples_scored": 64,
@@ -148,14 +167,19 @@ def test_ablation_layout_report_and_verdict(fake_ablation):
     assert out == out.parent / "fake" and out.parent.name == "ablations"
     for f in ("report.md", "report.json", "runs.json", "ablation.yaml", "manifest.json", "plots/entropy.png",
               "plots/kl_entropy.png", "plots/reward_kl.png", "plots/training.png", "plots/post_sft.png",
-              "plots/post_base.png", "evals/base/seed.json", "evals/sft/s1/gold.json", "runs/sft/s0/manifest.json"):
+              "plots/post_base.png", "evals/base/seed.json", "evals/sft/s1/gold.json", "runs/sft/s0/manifest.json",
+              "runs/sft-random/s1/manifest.json", "evals/sft-random/s0/seed.json"):
         assert (out / f).exists(), f
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["regimes"]) == {"sft", "kl0.1"}
-    sft, ppo = rep["regimes"]["sft"], rep["regimes"]["kl0.1"]
+    assert set(rep["regimes"]) == {"sft", "sft-random", "kl0.1"}
+    sft, ppo, ctrl = rep["regimes"]["sft"], rep["regimes"]["kl0.1"], rep["regimes"]["sft-random"]
     assert sft["seeds"] == [0, 1] and sft["metrics"]["norm_entropy"]["n"] == 2
     assert sft["collapsed"] and not ppo["collapsed"]  # the stand-in FeedME was pushed to " 1"
+    assert sft["control"] == "sft-random" and sft["collapse_test_control"]["collapsed"]  # below its control too
+    assert ctrl["control_of"] == "sft" and ctrl["collapsed"] is None and ppo["collapse_test_control"] is None
+    assert sft["metrics"]["delta_norm_entropy_control"]["mean"] < -0.05
+    assert abs(ctrl["metrics"]["delta_norm_entropy"]["mean"]) < 1e-9  # the stand-in control: the base itself
     assert sft["top_answer"] == " 1" and sft["top_prob"] > 0.5 and sft["metrics"]["kl_to_reference"]["mean"] > 0.01
     assert abs(ppo["metrics"]["kl_to_reference"]["mean"]) < 1e-9  # an untouched copy of the base
     (cmp_,) = rep["comparisons"]
@@ -163,6 +187,7 @@ def test_ablation_layout_report_and_verdict(fake_ablation):
     assert rep["verdict"]["answer"].startswith("YES")
     md = (out / "report.md").read_text()
     assert "## Verdict" in md and rep["rule"] in md and "| sft | **yes** |" in md
+    assert "| sft-random | control of sft |" in md and "vs its control sft-random" in rep["verdict"]["text"]
 
 
 def test_rerun_reuses_every_stage_and_report_regenerates_identically(fake_ablation, capsys):
@@ -201,16 +226,14 @@ def _real_ablation(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "measured (quick preset, 1 seed, world.preference=0): sft H/log|A| 0.913 vs base 0.989, d = -0.076, "
-    "called collapsed; FeedME fine-tuned on 128 top-rated samples fits their EMPIRICAL answer distribution "
-    "(entropy of 128 uniform draws on 101 answers ~ 4.2 nats): finite-sample narrowing, not a rater preference. "
-    "Open: a larger rating budget in the quick preset, or a rule that discounts the training set's own entropy"))
 def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tmp_path):
-    """The science check: raters with no favourite answers give FeedME nothing to collapse onto."""
+    """The science check: raters with no favourite answers give FeedME nothing to collapse onto. FeedME fits
+    its N kept samples' EMPIRICAL answer distribution (~(|A|-1)/(2N) nats below the base's with no selection
+    at all), so the rule also needs a drop below its control, sft-random (as many random base samples)."""
     out = _real_ablation("preset=quick", "world.preference=0", "regimes=[sft,bok,kl0.1]", f"checkpoints_dir={tmp_path}")
     rep = json.loads((out / "report.json").read_text())
     assert rep["preference_strength"] == 0
+    assert rep["regimes"]["sft"]["control"] == "sft-random" and rep["regimes"]["sft-random"]["control_of"] == "sft"
     for feedme in ("sft", "bok"):
         assert not rep["regimes"][feedme]["collapsed"], rep["verdict"]["text"]
         assert feedme not in rep["verdict"]["collapsed"]
