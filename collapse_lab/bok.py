@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
+from collapse_lab.checkpoint import already_finished, git_commit, package_versions, write_manifest
 from collapse_lab.config import ConfigError, run_dir, save_config
 
 STAGE = "bok"
@@ -96,9 +96,7 @@ def make_bok(cfg: DictConfig, named: bool = True) -> Path:
     if k < 1:
         raise ConfigError(f"need ratings.samples_per_prompt >= 1 (the k of best-of-k), got {k}")
     out = bok_dir(cfg, named)
-    manifest = read_manifest(out)
-    if manifest and manifest["status"] == "finished":
-        print(f"{out}: already finished (best of {k}); nothing to do")
+    if already_finished(out, "best of {k}"):
         return out
     started = time.time()
     base = resolve_base(cfg)

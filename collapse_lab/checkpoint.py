@@ -10,7 +10,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from collapse_lab.config import REPO_ROOT
+from omegaconf import DictConfig
+
+from collapse_lab.config import REPO_ROOT, save_config
 
 PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "trl", "peft", "datasets", "hydra-core", "wandb")
 
@@ -50,3 +52,20 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     tmp = path / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path / "manifest.json")
+
+
+def already_finished(out: Path, summary: str) -> bool:
+    """True when `out` holds a finished run; then print `<out>: already finished (<summary>); nothing to do`,
+    `summary` a format string over the manifest's fields, e.g. "{steps} steps, {wall_time_s:.0f} s"."""
+    manifest = read_manifest(out)
+    if not manifest or manifest.get("status") != "finished":
+        return False
+    print(f"{out}: already finished ({summary.format_map(manifest)}); nothing to do")
+    return True
+
+
+def start_run(cfg: DictConfig, out: Path, stage: str, previous: dict[str, Any] | None = None, **fields) -> None:
+    """A stage's run starts in `out`: the resolved config.yaml, and manifest.json with status running, the stage
+    and `fields`, over `previous` (an interrupted run's manifest, whose counters a resumed run continues)."""
+    save_config(cfg, out)
+    write_manifest(out, {**(previous or {}), "stage": stage, "status": "running", **fields})

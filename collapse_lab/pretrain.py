@@ -29,8 +29,9 @@ from omegaconf import DictConfig
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
 
-from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
-from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir, save_config
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
+                                     write_manifest)
+from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
 from collapse_lab.distributed import exact_div, is_main_process, world_size
 from collapse_lab.models import build_base_model
 from collapse_lab.tokenizer import train_tokenizer
@@ -68,17 +69,14 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
         raise ConfigError(f"model '{cfg.model.name}' is already pretrained (path={cfg.model.path}); "
                           "pretraining builds the lab's own base: use model=tiny")
     out = base_dir(cfg, named)
-    manifest = read_manifest(out)
-    if manifest and manifest["status"] == "finished":
-        print(f"{out}: already finished ({manifest['steps']} steps, {manifest['wall_time_s']:.0f} s); nothing to do")
+    if already_finished(out, "{steps} steps, {wall_time_s:.0f} s"):
         return out
+    manifest = read_manifest(out)  # an interrupted run's (resumed), or None
     p = cfg.pretrain
     per_device = exact_div(p.batch_size, world_size(), "pretrain.batch_size over processes")
     started = time.time()
     if is_main_process():
-        save_config(cfg, out)
-        write_manifest(out, {**(manifest or {}), "stage": STAGE, "status": "running",
-                             "started_at": (manifest or {}).get("started_at", _now())})
+        start_run(cfg, out, STAGE, manifest, started_at=(manifest or {}).get("started_at", _now()))
 
     # 1-2. corpus and tokenizer (the main process trains and saves it, the others load it)
     world = World(cfg.world)

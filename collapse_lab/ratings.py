@@ -29,8 +29,8 @@ import torch
 from datasets import Dataset, load_from_disk
 from omegaconf import DictConfig
 
-from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
-from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.checkpoint import already_finished, git_commit, package_versions, start_run, write_manifest
+from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.rollout import generate
 
 STAGE = "ratings"
@@ -127,14 +127,11 @@ def rate(cfg: DictConfig, named: bool = True) -> Path:
     check(cfg)
     flush_denormals()
     out = ratings_dir(cfg, named)
-    manifest = read_manifest(out)
-    if manifest and manifest["status"] == "finished":
-        print(f"{out}: already finished ({manifest['samples_scored']} samples scored); nothing to do")
+    if already_finished(out, "{samples_scored} samples scored"):
         return out
     started = time.time()
     base = resolve_base(cfg)
-    save_config(cfg, out)
-    write_manifest(out, {"stage": STAGE, "status": "running", "base_path": base})
+    start_run(cfg, out, STAGE, base_path=base)
     world = make_world(cfg.world)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_pretrained(base, cfg.model.dtype)

@@ -29,8 +29,9 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
-from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
+                                     write_manifest)
+from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.ratings import flush_denormals, load_ratings, rate
 from collapse_lab.ratings import stage_keys as ratings_keys
 
@@ -97,15 +98,12 @@ def train_reward_model(cfg: DictConfig, named: bool = True) -> Path:
     check(cfg)
     flush_denormals()
     out = reward_dir(cfg, named)
-    manifest = read_manifest(out)
-    if manifest and manifest["status"] == "finished":
-        print(f"{out}: already finished (held-out accuracy {manifest['eval_pairwise_accuracy']:.3f}); nothing to do")
+    if already_finished(out, "held-out accuracy {eval_pairwise_accuracy:.3f}"):
         return out
     started = time.time()
     ratings_path = rate(cfg, named=False)
     base = resolve_base(cfg)
-    save_config(cfg, out)
-    write_manifest(out, {"stage": STAGE, "status": "running", "base_path": base, "ratings_path": str(ratings_path)})
+    start_run(cfg, out, STAGE, base_path=base, ratings_path=str(ratings_path))
     ratings = load_ratings(ratings_path)
     tracking.init(cfg, out, job_type="reward")
     metrics = fit_reward_model(cfg, ratings, base, out)
