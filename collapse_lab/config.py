@@ -169,7 +169,10 @@ class PPOConfig:
     minibatch_size: int = 16
     micro_batch_size: int = 8  # sequences per forward/backward (per process); gradients accumulate to a minibatch
     ppo_epochs: int = 4
-    lr: float = 2e-4  # for the tiny base; real models fine-tuned in full want ~1e-6..1e-5
+    lr: float = 5e-5  # the policy's, for the tiny base (1e-4 overshoots); real models want ~1e-6..1e-5
+    # the value model's or head's (None: lr). Adam's step is ~lr whatever vf_coef, and a fresh
+    # scalar head at 5e-5 needs ~100 steps to reach returns of ~6: hence its own, larger rate
+    value_lr: Optional[float] = 1e-3
     kl_coef: float = 0.1  # beta: per-token -beta * (log pi - log pi_base) in the reward
     adaptive_kl: bool = False
     kl_target: float = 6.0

@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, get_scheduler
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
-from collapse_lab.config import run_dir, save_config
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
+                                     write_manifest)
+from collapse_lab.config import run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
@@ -165,9 +166,7 @@ def value_model(policy, base: str, cfg: DictConfig, pad_token_id: int) -> torch.
 def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     p = cfg.ppo
     out = ppo_dir(cfg, named)
-    manifest = read_manifest(out)
-    if manifest and manifest.get("status") == "finished":
-        print(f"{out}: already finished ({manifest['steps']} steps); nothing to do")
+    if already_finished(out, "{steps} steps"):
         return out
     bandit_world = cfg.world.name == "bandit"  # episodes of one token, no EOS to miss
     max_new_tokens, missing_eos_penalty = (1, 0.0) if bandit_world else (p.max_new_tokens, p.missing_eos_penalty)
@@ -176,8 +175,7 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     base = resolve_base(cfg)  # every process: pretraining (if needed) is itself multi-process
     set_seed(cfg.seed, device_specific=True)
     if accelerator.is_main_process:
-        save_config(cfg, out)
-        write_manifest(out, {**(manifest or {}), "stage": STAGE, "status": "running", "base_path": base})
+        start_run(cfg, out, STAGE, read_manifest(out), base_path=base)
 
     # models: the policy (LoRA: reference = the same weights, adapter disabled), a frozen
     # reference copy for full fine-tuning, and the value model or head
@@ -187,8 +185,10 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     value = value_model(policy, base, cfg, tokenizer.pad_token_id)
     on_policy = p.value_model != "separate"  # values read off the policy's hidden states
     policy.eval(), value.eval()  # dropout off: log-probs must match between rollout and update
-    params = [q for m in (policy, value) for q in m.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=p.lr, eps=1e-5, weight_decay=0.0)
+    groups = [{"params": [q for q in m.parameters() if q.requires_grad], "lr": lr}
+              for m, lr in ((policy, p.lr), (value, p.value_lr or p.lr))]
+    params = [q for g in groups for q in g["params"]]
+    optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
     updates = p.steps * p.ppo_epochs * batches.minibatches
     scheduler = get_scheduler("linear" if p.anneal_lr else "constant", optimizer, 0, updates)
     policy, value, optimizer, scheduler = accelerator.prepare(policy, value, optimizer, scheduler)
