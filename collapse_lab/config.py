@@ -310,6 +310,7 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig, "ablate": AblateConfig}
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "ppo.value_model": ("separate", "shared", "head"),
+    "sft.select": ("top", "random"),
     "reward": ("gold", "rm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral"),  # from-scratch bases: any of these

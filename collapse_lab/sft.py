@@ -35,13 +35,14 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import git_commit, package_versions, read_manifest, write_manifest
-from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
+                                     write_manifest)
+from collapse_lab.config import CHOICES, ConfigError, run_dir
 from collapse_lab.ratings import episode_tokens, flush_denormals, load_ratings, rate, rate_samples
 from collapse_lab.ratings import stage_keys as ratings_keys
 
 STAGE = "sft"
-SELECT = ("top", "random")  # sft.select: FeedME, and its finite-sample control
+SELECT = CHOICES["sft.select"]  # FeedME, and its finite-sample control
 
 
 def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
@@ -116,16 +117,12 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     check(cfg)
     flush_denormals()
     out = sft_dir(cfg, named)
-    manifest = read_manifest(out)
-    if manifest and manifest["status"] == "finished":
-        print(f"{out}: already finished ({manifest['steps']} steps, {manifest['samples_scored']} samples scored); "
-              "nothing to do")
+    if already_finished(out, "{steps} steps, {samples_scored} samples scored"):
         return out
     started = time.time()
     ratings_path = rate(cfg, named=False)  # round 1's ratings: the ones the reward model also uses
     base = resolve_base(cfg)
-    save_config(cfg, out)
-    write_manifest(out, {"stage": STAGE, "status": "running", "base_path": base, "ratings_path": str(ratings_path)})
+    start_run(cfg, out, STAGE, base_path=base, ratings_path=str(ratings_path))
     s, r = cfg.sft, cfg.ratings
     world = make_world(cfg.world)
     device = "cuda" if torch.cuda.is_available() else "cpu"
