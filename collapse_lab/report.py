@@ -99,13 +99,16 @@ def regime_collapse(runs: list[dict], control_runs: list[dict] | None, threshold
                             list(np.mean([x["delta_prompts"] for x in runs], axis=0)), threshold, confidence)
     ctrl = {x["seed"]: x for x in control_runs or []}
     paired = [(x, ctrl[x["seed"]]) for x in runs if x["seed"] in ctrl]
-    if not paired:
-        return {"collapse_test": vs_base, "collapse_test_control": None, "collapsed": vs_base["collapsed"]}
-    vs_control = collapse_test([x["delta_norm_entropy"] - c["delta_norm_entropy"] for x, c in paired],
-                               list(np.mean([np.subtract(x["delta_prompts"], c["delta_prompts"]) for x, c in paired],
-                                            axis=0)), threshold, confidence)
-    return {"collapse_test": vs_base, "collapse_test_control": vs_control,
-            "collapsed": vs_base["collapsed"] and vs_control["collapsed"]}
+    tests = [vs_base]
+    if paired:
+        tests.append(collapse_test([x["delta_norm_entropy"] - c["delta_norm_entropy"] for x, c in paired],
+                                   list(np.mean([np.subtract(x["delta_prompts"], c["delta_prompts"])
+                                                 for x, c in paired], axis=0)), threshold, confidence))
+    collapsed = all(t["collapsed"] for t in tests)
+    # a mean drop beyond the threshold whose interval still reaches 0: not called, not cleared either
+    beyond = all(t["mean"] is not None and t["mean"] < -threshold for t in tests)
+    return {"collapse_test": vs_base, "collapse_test_control": tests[1] if paired else None, "collapsed": collapsed,
+            "call": "collapsed" if collapsed else "inconclusive" if beyond else "not collapsed"}
 
 
 # ------------------------------------------------------------------------- one run's record
@@ -224,7 +227,8 @@ def build(ablation: Path, write: bool = True) -> dict:
             "ent_coef": _get(lab, "ppo.ent_coef") if runs[0]["family"] == "ppo" else None,
             "metrics": metrics_, "answer_entropy_per_prompt": per_prompt, "top_answer": top, "top_prob": top_p,
             "control": control.get(name), "control_of": control_of, **call,
-            "collapsed": None if control_of else call["collapsed"], "budget": budget,
+            "collapsed": None if control_of else call["collapsed"], "call": None if control_of else call["call"],
+            "budget": budget,
             "status": sorted({str(x["budget"]["status"]) for x in runs}),
         }
     base_top, base_top_p = _top_answer([base["answers"]])
@@ -294,13 +298,17 @@ def verdict(report: dict) -> dict:
     """The paragraph answering the post's question, computed from the table."""
     regimes = report["regimes"]
     judged = {n: r for n, r in regimes.items() if not r.get("control_of")}
-    collapsed = [n for n, r in judged.items() if r["collapsed"]]
-    fine = [n for n, r in judged.items() if not r["collapsed"]]
+    call = lambda r: r.get("call") or ("collapsed" if r["collapsed"] else "not collapsed")  # noqa: E731
+    collapsed = [n for n, r in judged.items() if call(r) == "collapsed"]
+    unclear = [n for n, r in judged.items() if call(r) == "inconclusive"]
+    fine = [n for n, r in judged.items() if call(r) == "not collapsed"]
     t = report["config"]["ablate"]["collapse"]["threshold"]
     pref = report.get("preference_strength")
     lines = [f"Collapsed (rule: mean Δ(H/log|A|) below -{t:g} with the interval below 0, vs the base and, where a "
              f"finite-sample control ran, vs that control too): {', '.join(collapsed) or 'none'}. "
-             f"Not collapsed: {', '.join(fine) or 'none'}."
+             + (f"Inconclusive (mean below -{t:g} but the interval reaches 0: the seeds disagree; run more "
+                f"seeds): {', '.join(unclear)}. " if unclear else "")
+             + f"Not collapsed: {', '.join(fine) or 'none'}."
              + (f" Rater preference strength: {pref:g}." if pref is not None else "")]
     for name, r in judged.items():
         if r.get("control") and r.get("collapse_test_control"):
@@ -309,7 +317,7 @@ def verdict(report: dict) -> dict:
                          f"base samples per prompt, picked at random, not by score): {_fmt(c, '+.3f')} (intervals "
                          f"across {c['across']}); {'both' if b['collapsed'] and c['collapsed'] else 'not both'} "
                          f"below -{t:g} with the interval below 0.")
-    for name in collapsed:
+    for name in collapsed + unclear:
         r = regimes[name]
         lines.append(f"{name}: H/log|A| {_fmt(r['metrics']['norm_entropy'])} "
                      f"(base {report['base']['metrics']['norm_entropy']:.3f}), top answer {r['top_answer']!r} "
@@ -327,18 +335,20 @@ def verdict(report: dict) -> dict:
                          f"{_fmt(c['difference'], '+.3f')} across {c['across']}){flag}")
         lines.append("; ".join(parts) + ".")
         sft_collapsed = any(regimes[c["feedme"]]["collapsed"] for c in matched)
+        any_drop = any(call(regimes[c[k]]) != "not collapsed" for c in matched for k in ("feedme", "ppo"))
         if not matched:
             answer = "UNDECIDED: no comparison has matched rating budgets"
         elif all(c["ppo_collapses_less"] for c in matched) and sft_collapsed:
             answer = "YES: every KL-penalised PPO regime keeps more answer entropy than FeedME at a matched budget"
         elif any(c["ppo_collapses_more"] for c in matched):
             answer = "NO: at a matched budget some KL-penalised PPO regime collapses MORE than FeedME"
-        elif not sft_collapsed and not any(regimes[c["ppo"]]["collapsed"] for c in matched):
+        elif not any_drop:
             answer = "NOT APPLICABLE here: neither FeedME nor KL-penalised PPO collapses"
         else:
             answer = "MIXED / not significant: the intervals do not separate every KL-penalised PPO regime from FeedME"
     lines.append(f"Does PPO with a KL penalty collapse less than FeedME at a matched budget? {answer}.")
-    return {"collapsed": collapsed, "not_collapsed": fine, "answer": answer, "text": " ".join(lines)}
+    return {"collapsed": collapsed, "inconclusive": unclear, "not_collapsed": fine, "answer": answer,
+            "text": " ".join(lines)}
 
 
 # ------------------------------------------------------------------------------- markdown
@@ -360,7 +370,8 @@ def markdown(report: dict) -> str:
     md.append(_row(["base", "-"] + [_cell(base["metrics"].get(k), f) for k, _, f in COLLAPSE_METRICS]
                    + [f"{base['top_answer']!r} ({base['top_prob']:.3f})"]))
     for name, r in regimes.items():
-        called = f"control of {r['control_of']}" if r.get("control_of") else "**yes**" if r["collapsed"] else "no"
+        called = (f"control of {r['control_of']}" if r.get("control_of") else "**yes**" if r["collapsed"]
+                  else "inconclusive" if r.get("call") == "inconclusive" else "no")
         md.append(_row([name, called]
                        + [_fmt(r["metrics"][k], f) for k, _, f in COLLAPSE_METRICS]
                        + [f"{r['top_answer']!r} ({r['top_prob']:.3f})"]))

@@ -134,3 +134,19 @@ def test_the_control_is_shown_not_judged_and_named_in_the_verdict():
     v = report.verdict(_report(regimes, comps))
     assert v["collapsed"] == [] and "sft-random" not in v["not_collapsed"] and "sft" in v["not_collapsed"]
     assert "vs its control sft-random" in v["text"] and "not both" in v["text"]
+
+
+def test_a_large_drop_that_the_seeds_disagree_on_is_inconclusive_not_cleared():
+    """Mean d far below -threshold but the interval reaches 0 (one seed barely moved): neither
+    collapsed nor 'not collapsed', and the verdict does not answer NOT APPLICABLE."""
+    d_ppo, d_sft = [-0.9, -0.05, -0.1], [-0.02, -0.03, -0.025]
+    call = report.regime_collapse([_d(d, [d] * 5, s) for s, d in enumerate(d_ppo)], None, 0.05, 0.95)
+    assert not call["collapsed"] and call["call"] == "inconclusive"
+    cleared = report.regime_collapse([_d(d, [d] * 5, s) for s, d in enumerate(d_sft)], None, 0.05, 0.95)
+    assert cleared["call"] == "not collapsed"
+    by = {"sft": _runs(d_sft, 1024), "kl0.1": _runs(d_ppo, 1024)}
+    regimes = {"sft": {**_regime("feedme", d_sft), "call": cleared["call"]},
+               "kl0.1": {**_regime("ppo", d_ppo, 0.1), "call": call["call"]}}
+    v = report.verdict(_report(regimes, report.compare(by, regimes, 0.95)))
+    assert v["inconclusive"] == ["kl0.1"] and v["collapsed"] == [] and v["not_collapsed"] == ["sft"]
+    assert "Inconclusive" in v["text"] and not v["answer"].startswith("NOT APPLICABLE")
