@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ablate.py                 # preset=quick, then preset=default
     python benchmarks/bench_ablate.py preset=quick    # one preset (extra overrides pass through)
+    python benchmarks/bench_ablate.py preset=default --keep docs/example   # keep the ablation's directory
 
 Each run gets a fresh temporary checkpoints_dir, so nothing is cached. Prints per preset the wall
 time, its ratio to the issue's target (quick <= 180 s, default <= 900 s), and the per-stage lines
@@ -12,6 +13,7 @@ nothing else running; tests never assert wall-clock times.
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_S = {"quick": 180, "default": 900}
 
 
-def run(preset: str, extra: list[str]) -> dict:
+def run(preset: str, extra: list[str], keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as ck:
         start = time.time()
         r = subprocess.run([sys.executable, "-m", "collapse_lab.cli", "ablate", f"preset={preset}", f"checkpoints_dir={ck}",
@@ -34,17 +36,23 @@ def run(preset: str, extra: list[str]) -> dict:
         (abl,) = (Path(ck) / "ablations").iterdir()
         stages = json.loads((abl / "manifest.json").read_text())["stages"]
         verdict = json.loads((abl / "report.json").read_text())["verdict"]["text"]
+        if keep:  # the ablation's own directory (report, plots, evals, run records): no model weights
+            shutil.copytree(abl, keep / preset, dirs_exist_ok=True)
     return {"preset": preset, "wall_s": wall, "stages": stages, "verdict": verdict}
 
 
 def main() -> None:
     args = sys.argv[1:]
+    keep = None
+    if "--keep" in args:
+        i = args.index("--keep")
+        keep, args = Path(args[i + 1]), args[:i] + args[i + 2:]
     presets = [a.split("=", 1)[1] for a in args if a.startswith("preset=")] or ["quick", "default"]
     extra = [a for a in args if not a.startswith("preset=")]
     print(f"{date.today()} {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs "
           f"(torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')})")
     for preset in presets:
-        res = run(preset, extra)
+        res = run(preset, extra, keep)
         target = TARGET_S.get(preset)
         ratio = f", {res['wall_s'] / target:.2f} x the {target} s target" if target else ""
         print(f"preset={preset}: {res['wall_s']:.0f} s from an empty checkpoints/{ratio}")

@@ -111,8 +111,10 @@ class Plan:
         return list(range(self.cfg.seed, self.cfg.seed + self.cfg.seeds))
 
     def lab_overrides(self, seed: Optional[int] = None, regime: Optional[str] = None) -> list[str]:
-        """The overrides of one stage: common ones, then its seed, then its recipe."""
-        o = [f"checkpoints_dir={self.cfg.checkpoints_dir}", *self.lab]
+        """The overrides of one stage: common ones, then its seed, then its recipe. PPO's reward is
+        the reward model trained on the seed's ratings (reward=rm: FeedME's rating budget), unless
+        the preset or the command line says otherwise (reward=gold)."""
+        o = [f"checkpoints_dir={self.cfg.checkpoints_dir}", "reward=rm", *self.lab]
         if self.base is not None:
             o.append(f"base_path={self.base}")
         if seed is not None:
