@@ -85,7 +85,7 @@ class Breakdown:
 
         from collapse_lab import ppo
 
-        original = ppo.generate
+        original = ppo.generate_by_length
 
         def generate(*a, **kw):
             self.steps.append({})
@@ -95,7 +95,7 @@ class Breakdown:
             self.widths.append(out.input_ids.shape[1])
             return out
 
-        ppo.generate = generate
+        ppo.generate_by_length = generate
 
         def logits_part(model, *_):
             if torch.is_grad_enabled():

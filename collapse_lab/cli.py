@@ -1,11 +1,12 @@
 """`collapse-lab <command> [key=value ...]`: the lab-level commands.
 
-    run        the lab's main job on the embedded default: pretrain the tiny base (if not
-               done yet), then evaluate it with the shared evaluator on the seed suite
+    ablate     the lab's main job, the matched ablation: base -> ratings -> reward model ->
+               regimes x seeds -> evaluator -> report, in checkpoints/ablations/<name>/
+               (collapse_lab/ablate.py)
+    run        the base alone: pretrain the tiny base (if not done yet), then evaluate it
+               with the shared evaluator on the seed suite
     pretrain   train/pretrain.py
     evaluate   eval/evaluate.py
-    ablate     the matched ablation: base -> ratings -> reward model -> regimes x seeds ->
-               evaluator -> report, in checkpoints/ablations/<name>/ (collapse_lab/ablate.py)
     report     collapse-lab report <ablation dir>: regenerate the report from stored results
     sweep      collapse-lab sweep recipes/sweeps/<file>.yaml: a W&B sweep's grid, run locally
 """

@@ -41,7 +41,7 @@ from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
-from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate, length_chunks,
+from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate_by_length, length_chunks,
                                   position_ids, response_logits, select, token_logprobs, width)
 from collapse_lab.world import make_world
 
@@ -221,8 +221,8 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         # 1. rollout: completions with their log-probs under the sampling distribution (π at T, from
         #    the generation's logits), the reference's log-probs, values (rows batched by prompt length)
         with torch.no_grad():
-            rollout = generate(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens, p.temperature,
-                               hidden=on_policy)
+            rollout = generate_by_length(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens,
+                                         p.temperature, hidden=on_policy, chunk=p.micro_batch_size)
             mask = rollout.response_mask.float()  # (B, Tr) 1 up to and including EOS
             logprobs = rollout.logprobs  # (B, Tr) nats
             entropy = masked_mean(rollout.entropy, mask)

@@ -186,14 +186,18 @@ def test_value_model_choices_are_checked(base, tmp_path):
         _cfg(base, tmp_path, "ppo.value_model=tied")
 
 
-def test_rollout_values_from_generation_match_a_forward_pass(base):
-    """shared/head read V(s_t) off generate's hidden states: the same as a forward over the rollout."""
-    from collapse_lab.rollout import generate, response_logits, select
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_rollout_values_from_generation_match_a_forward_pass(base, chunk):
+    """shared/head read V(s_t) off generate's hidden states: the same as a forward over the rollout;
+    generated in chunks of similar prompt length, rows come back in the prompts' order, re-padded."""
+    from collapse_lab.rollout import generate_by_length, response_logits, select
 
     policy, tok = load_pretrained(base)
     torch.manual_seed(0)
-    r = generate(policy, tok, ["Q: Pick a number.\nA:", "Q: Name a random number between 1 and 100, please.\nA:"],
-                 max_new_tokens=6, hidden=True)
+    prompts = ["Q: Name a random number between 1 and 100, please.\nA:", "Q: Pick a number.\nA:", "Q: One?\nA:"]
+    r = generate_by_length(policy, tok, prompts, max_new_tokens=6, hidden=True, chunk=chunk)
+    for i, text in enumerate(prompts):
+        assert tok.decode(r.input_ids[i, :r.query_len][r.attention_mask[i, :r.query_len].bool()]) == text
     logits, h = response_logits(policy, r, hidden=True)
     m = r.response_mask.bool()
     assert torch.allclose(r.hidden[m], h[m], atol=1e-4)

@@ -14,7 +14,7 @@ def quick_start() -> list[str]:
 
 def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
     main_job, tests = quick_start()
-    assert "collapse-lab run" in main_job and "scripts/setup.sh" in main_job
+    assert "collapse-lab ablate" in main_job and "scripts/setup.sh" in main_job  # the lab's main job
     assert "pytest" in tests and "scripts/setup.sh" in tests
     ci = (REPO / ".ci" / "run").read_text()
     assert tests in ci
