@@ -418,13 +418,15 @@ def _log_to_wandb(p: Plan, out: Path, result: dict) -> None:
 
 
 def flat_summary(result: dict) -> dict[str, float]:
-    """{'<regime>/<metric>': mean} of the report's scalar per-regime numbers, and 'collapsed'."""
+    """{'<regime>/<metric>': mean} of the report's scalar per-regime numbers, and 'collapsed' (1 / 0,
+    and 0.5 for inconclusive) for every judged regime (controls are shown, not judged)."""
     flat = {}
     for name, r in result["regimes"].items():
         for key, stat in r["metrics"].items():
             if isinstance(stat, dict) and isinstance(stat.get("mean"), (int, float)):
                 flat[f"{name}/{key}"] = stat["mean"]
-        flat[f"{name}/collapsed"] = float(bool(r["collapsed"]))
+        if not r.get("control_of"):
+            flat[f"{name}/collapsed"] = 0.5 if r.get("call") == "inconclusive" else float(bool(r["collapsed"]))
     return flat
 
 

@@ -108,10 +108,13 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
     rows = []
     for pt, abl in zip(points, ablations):
         rep = json.loads((Path(abl) / "report.json").read_text())
-        for regime in rep["config"]["ablate"]["regimes"]:  # the ablation's order (report.json sorts keys)
+        listed = list(rep["config"]["ablate"]["regimes"])  # the ablation's order (report.json sorts keys)
+        for regime in listed + [n for n in rep["regimes"] if n not in listed]:  # + controls it added
             r = rep["regimes"][regime]
+            call = (f"control of {r['control_of']}" if r.get("control_of") else
+                    r.get("call") or ("collapsed" if r["collapsed"] else "not collapsed"))
             rows.append({"point": {k: pt[k] for k in keys}, "ablation": str(abl), "regime": regime,
-                         "collapsed": r["collapsed"], **{k: r["metrics"][k] for k, _, _ in COLUMNS},
+                         "collapsed": r["collapsed"], "call": call, **{k: r["metrics"][k] for k, _, _ in COLUMNS},
                          "verdict": rep["verdict"]["answer"]})
     result = {"sweep": spec["name"], "swept": keys, "spec": spec, "rows": rows}
     (out / "report.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -120,7 +123,7 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
           _row([*keys, "regime", "collapsed", *[label for _, label, _ in COLUMNS], "ablation"]),
           _row(["---"] * (len(keys) + 3 + len(COLUMNS)))]
     for r in rows:
-        md.append(_row([*[str(r["point"][k]) for k in keys], r["regime"], "**yes**" if r["collapsed"] else "no",
+        md.append(_row([*[str(r["point"][k]) for k in keys], r["regime"], "**yes**" if r["collapsed"] else r["call"],
                         *[_fmt(r[k], f) for k, _, f in COLUMNS], f"[report]({Path(r['ablation']) / 'report.md'})"]))
     plot = _plot(out, keys, rows)
     if plot:

@@ -275,3 +275,14 @@ def test_the_stand_in_stages_do_not_outlive_the_fake_ablations(fake_ablation):
     assert ablate.load_stage(ablate.REWARD_MODEL) is train_reward_model
     assert ablate.REGIMES["sft"].function() is train_sft
     assert ablate.REGIMES["kl0.1"].function() is train_ppo
+
+
+def test_wandb_summary_judges_regimes_not_controls():
+    result = {"regimes": {
+        "sft": {"metrics": {"norm_entropy": {"mean": 0.9}}, "collapsed": False, "call": "not collapsed"},
+        "sft-random": {"metrics": {"norm_entropy": {"mean": 0.9}}, "collapsed": None, "control_of": "sft"},
+        "kl0.1": {"metrics": {"norm_entropy": {"mean": 0.7}}, "collapsed": False, "call": "inconclusive"},
+        "kl0": {"metrics": {"norm_entropy": {"mean": 0.4}}, "collapsed": True, "call": "collapsed"}}}
+    flat = ablate.flat_summary(result)
+    assert flat["sft-random/norm_entropy"] == 0.9 and "sft-random/collapsed" not in flat
+    assert (flat["sft/collapsed"], flat["kl0.1/collapsed"], flat["kl0/collapsed"]) == (0.0, 0.5, 1.0)

@@ -71,7 +71,8 @@ def test_local_runner_runs_the_grid_and_writes_one_comparison(tmp_path, monkeypa
     out = sweep.main([str(f), f"checkpoints_dir={tmp_path / 'ck'}", "wandb.mode=disabled", *TINY_EVAL, *TINY_PRETRAIN])
     assert out == tmp_path / "ck" / "sweeps" / "mini"
     rep = json.loads((out / "report.json").read_text())
-    assert [(r["point"]["ppo.kl_coef"], r["regime"]) for r in rep["rows"]] == [
-        (0.01, "sft"), (0.01, "kl0.1"), (0.1, "sft"), (0.1, "kl0.1")]
+    assert [(r["point"]["ppo.kl_coef"], r["regime"]) for r in rep["rows"]] == [  # + FeedME's control, shown
+        (0.01, "sft"), (0.01, "kl0.1"), (0.01, "sft-random"), (0.1, "sft"), (0.1, "kl0.1"), (0.1, "sft-random")]
+    assert [r["call"] for r in rep["rows"] if r["regime"] == "sft-random"] == ["control of sft"] * 2
     assert len({r["ablation"] for r in rep["rows"]}) == 2  # one ablation per point
-    assert (out / "report.md").read_text().count("| 0.1 |") == 2 and (out / "plots" / "sweep.png").exists()
+    assert (out / "report.md").read_text().count("| 0.1 |") == 3 and (out / "plots" / "sweep.png").exists()
