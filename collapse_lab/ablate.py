@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -404,10 +405,13 @@ def _now() -> str:
 
 def _log_to_wandb(p: Plan, out: Path, result: dict) -> None:
     """One W&B run per ablation (job_type 'ablate') with the report's per-regime numbers as its
-    summary: what `collapse-lab sweep` groups, and `wandb sync` uploads."""
-    lab = p.lab_config()
-    if lab.wandb.mode == "disabled":
+    summary: what `collapse-lab sweep` groups, and `wandb sync` uploads. Its mode: the command
+    line's wandb.mode, else $WANDB_MODE, else offline (the presets silence only the per-stage runs)."""
+    given = [o.split("=", 1)[1] for o in p.lab[len(p.cfg.lab):] if o.startswith("wandb.mode=")]
+    mode = given[-1] if given else os.environ.get("WANDB_MODE") or "offline"
+    if mode == "disabled":
         return
+    lab = compose("lab", [*p.lab_overrides(), f"wandb.mode={mode}"])
     from collapse_lab import tracking
 
     run = tracking.init(lab, out, job_type="ablate")

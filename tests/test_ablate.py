@@ -286,3 +286,22 @@ def test_wandb_summary_judges_regimes_not_controls():
     flat = ablate.flat_summary(result)
     assert flat["sft-random/norm_entropy"] == 0.9 and "sft-random/collapsed" not in flat
     assert (flat["sft/collapsed"], flat["kl0.1/collapsed"], flat["kl0/collapsed"]) == (0.0, 0.5, 1.0)
+
+
+def test_the_ablations_summary_run_is_offline_unless_told(monkeypatch, tmp_path):
+    """The presets silence the per-stage W&B runs (seconds each); the ablation's summary run stays
+    offline by default, and `wandb.mode=` on the command line (or $WANDB_MODE) decides."""
+    from collapse_lab import tracking
+
+    seen = []
+    monkeypatch.setattr(tracking, "init", lambda cfg, out, job_type: seen.append(cfg.wandb.mode))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for args, mode in ((["preset=quick"], "offline"), (["preset=quick", "wandb.mode=disabled"], None),
+                       (["preset=default", "wandb.mode=online"], "online")):
+        seen.clear()
+        ablate._log_to_wandb(ablate.plan([f"checkpoints_dir={tmp_path}", *args]), tmp_path, {"regimes": {}})
+        assert seen == ([mode] if mode else []), args
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    seen.clear()
+    ablate._log_to_wandb(ablate.plan([f"checkpoints_dir={tmp_path}", "preset=quick"]), tmp_path, {"regimes": {}})
+    assert seen == []
