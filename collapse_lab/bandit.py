@@ -51,6 +51,12 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * (p.double() - q.double()).abs().sum().item()
 
 
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """KL(p‖q) = Σ_t p(t)·log(p(t)/q(t)), nats (terms with p(t) = 0 are 0)."""
+    p, q = p.double(), q.double()
+    return torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), 0.0).sum().item()
+
+
 @torch.no_grad()
 def next_token_probs(model, tokenizer, prompt: str) -> torch.Tensor:
     """(V,) the model's full next-token distribution after `prompt` (temperature 1), float64."""

@@ -99,6 +99,10 @@ class WorldConfig:
     prompt: str = "Human: Pick a random number from 1 to 9.\nAI:"
     rewards: list[Any] = field(default_factory=list)
     default_reward: float = 0.0
+    # > 1: the SEQUENCE bandit: table texts may be several tokens, an episode is up to max_tokens
+    # tokens then EOS, and a completion earns its table value only if it is exactly that text and
+    # ended (π* over whole completions: collapse_lab/optimum.py)
+    max_tokens: int = 1
 
 
 # World keys that shape the pretraining corpus: the base depends on these and nothing else
@@ -165,7 +169,10 @@ class PPOConfig:
     """Classic RLHF PPO (Ziegler et al. 2019; Huang et al. 2024); names as in the N+ details."""
 
     steps: int = 200
-    rollout_batch_size: int = 64
+    rollout_batch_size: int = 64  # completions per step (over all processes)
+    # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
+    # reference and update forwards); the prompts still come from the world's training distribution
+    samples_per_prompt: int = 4
     minibatch_size: int = 16
     micro_batch_size: int = 8  # sequences per forward/backward (per process); gradients accumulate to a minibatch
     ppo_epochs: int = 4
@@ -176,10 +183,20 @@ class PPOConfig:
     kl_coef: float = 0.1  # beta: per-token -beta * (log pi - log pi_base) in the reward
     adaptive_kl: bool = False
     kl_target: float = 6.0
-    kl_horizon: int = 10000
-    ent_coef: float = 0.0  # alpha: entropy bonus over the full vocabulary, in the loss
+    # samples over which β may move by a factor ~e^0.2 (Ziegler et al.'s 10000 was for runs of
+    # millions of episodes; a lab run has ~10^4, and β must be able to move several-fold within it)
+    kl_horizon: int = 1000
+    ent_coef: float = 0.0  # alpha: entropy bonus
+    # reward: −α·log π(y_t) per token in the reward (the k1 estimator of α·H over whole completions:
+    # the sequence-level optimum is π_ref^(β/(α+β))·e^{r/(α+β)}); loss: CleanRL's −α·H(π(·|s_t)) loss
+    # term over the full vocabulary (no credit for later tokens' entropy: not that optimum)
+    entropy_bonus: str = "reward"
+    center_scores: bool = True  # subtract the base's mean score (the first rollout's): same optimum
     gamma: float = 1.0
-    lam: float = 0.95
+    # GAE λ: 1 makes A_t = return − V(s_t), an unbiased advantage whatever the value head says; λ < 1
+    # borrows V, and an untrained V (0 at first) then credits the first token of a short answer more
+    # than that of a long one with the same score (README: the sequence bandit)
+    lam: float = 1.0
     clip_range: float = 0.2
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
@@ -197,6 +214,7 @@ class PPOConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     save_every: int = 50  # steps between resumable checkpoints
     log_every: int = 1
+    eval_every: int = 10  # steps between optimum/tv evaluations (reward=gold; 0: at the end only)
 
 
 @dataclass
@@ -310,6 +328,7 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig, "ablate": AblateConfig}
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "ppo.value_model": ("separate", "shared", "head"),
+    "ppo.entropy_bonus": ("reward", "loss"),
     "sft.select": ("top", "random"),
     "reward": ("gold", "rm"),
     "model.dtype": ("float32", "bfloat16", "float16"),

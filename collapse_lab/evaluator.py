@@ -31,10 +31,12 @@ from omegaconf import DictConfig
 from transformers import GenerationConfig
 
 from collapse_lab import metrics
+from collapse_lab.optimum import answer_optimum, answer_scores, optimum_tv, run_objective
 from collapse_lab.checkpoint import package_versions
 from collapse_lab.config import ConfigError
 from collapse_lab.models import load_pretrained
 from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
+from collapse_lab.world import make_world
 
 SCHEMA_VERSION = 1
 TOP_K_PLOT = 15  # answers shown per panel
@@ -98,6 +100,9 @@ class AnswerDistribution:
     logprobs: np.ndarray  # (A,) log p(a), nats, unnormalised (Σ exp ≤ 1)
     next_token_entropy: float  # nats, full vocabulary, right after the prompt
     vocab_size: int  # V, the model's output dimension
+    # (A,) log P(tokens of a, then EOS | x): the part of p(a) that ends the text right there (the
+    # rater's "ends cleanly"); None when the tokenizer has no EOS
+    eos_logprobs: Optional[np.ndarray] = None
 
     @property
     def probs(self) -> np.ndarray:
@@ -145,26 +150,30 @@ def answer_distribution(model, tokenizer, prompt_text: str, answers: list[str],
     seqs = answer_token_ids(tokenizer, answers)
     out, first = _prompt_forward(model, tokenizer, prompt_text)
     ends = end_mask(tokenizer, continue_chars, first.shape[-1]).to(first.device)  # (V,)
+    eos = tokenizer.eos_token_id
     if model not in _TREE_OK:
-        leaf = _leaf_logprobs(model, out.cache, first, seqs, ends, batch_size)
+        leaf = _leaf_logprobs(model, out.cache, first, seqs, ends, batch_size, eos)
         try:
             tol = 1e-4 if model.dtype == torch.float32 else 0.1  # nats; half precision is noisy
-            _TREE_OK[model] = np.allclose(_tree_logprobs(model, out.cache, first, seqs, ends), leaf, atol=tol)
+            tree = _tree_logprobs(model, out.cache, first, seqs, ends, eos)
+            _TREE_OK[model] = np.allclose(tree[0], leaf[0], atol=tol)
         except Exception:  # an architecture without 4D-mask support (e.g. ALiBi models)
             _TREE_OK[model] = False
-        logprobs = leaf
+        logprobs, eos_logprobs = leaf
     elif _TREE_OK[model]:
-        logprobs = _tree_logprobs(model, out.cache, first, seqs, ends)
+        logprobs, eos_logprobs = _tree_logprobs(model, out.cache, first, seqs, ends, eos)
     else:
-        logprobs = _leaf_logprobs(model, out.cache, first, seqs, ends, batch_size)
-    return AnswerDistribution(answers, logprobs, _entropy(first), first.shape[-1])
+        logprobs, eos_logprobs = _leaf_logprobs(model, out.cache, first, seqs, ends, batch_size, eos)
+    return AnswerDistribution(answers, logprobs, _entropy(first), first.shape[-1], eos_logprobs)
 
 
 _TREE_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> tree attention verified
 
 
-def _tree_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[int, ...]], ends: torch.Tensor) -> np.ndarray:
-    """(A,) log p(a): every trie node in one forward pass with a tree-attention mask."""
+def _tree_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[int, ...]], ends: torch.Tensor,
+                   eos: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(A,) log p(a) and (A,) log P(a, EOS) (None without `eos`): every trie node in one forward pass
+    with a tree-attention mask."""
     node: dict[tuple[int, ...], int] = {}  # token prefix -> node index; parents come before children
     parent, depth = [], []
     for s in seqs:
@@ -193,17 +202,20 @@ def _tree_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[in
         if j >= 0:
             prefix_lp[i] += prefix_lp[j]
     end_lp = lp.masked_fill(~ends, -math.inf).logsumexp(-1).double().cpu().numpy()  # (Q,) log P(end | node)
-    return np.array([prefix_lp[node[s]] + end_lp[node[s]] for s in seqs])
+    at = [node[s] for s in seqs]
+    eos_lp = None if eos is None else prefix_lp[at] + lp[:, eos].double().cpu().numpy()[at]
+    return prefix_lp[at] + end_lp[at], eos_lp
 
 
 def _leaf_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[int, ...]], ends: torch.Tensor,
-                   batch_size: int) -> np.ndarray:
-    """(A,) log p(a): trie leaves as rows of batched forward passes over the expanded prompt cache."""
+                   batch_size: int, eos: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(A,) log p(a) and (A,) log P(a, EOS) (None without `eos`): trie leaves as rows of batched
+    forward passes over the expanded prompt cache."""
     device = first.device
     order = sorted(set(seqs))
     leaves = [s for s, nxt in zip(order, order[1:] + [()]) if nxt[: len(s)] != s]
     leaf_of = {s: next(i for i, leaf in enumerate(leaves) if leaf[: len(s)] == s) for s in seqs}
-    leaf_lp = []  # per leaf: (L,) log p(answer = leaf[:i+1]) for each prefix length i+1
+    leaf_lp, leaf_eos = [], []  # per leaf: (L,) log p(answer = leaf[:i+1]) (and with EOS) per prefix length i+1
     for start in range(0, len(leaves), batch_size):
         chunk = leaves[start : start + batch_size]
         L = max(map(len, chunk))
@@ -215,7 +227,10 @@ def _leaf_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[in
         tok_lp = torch.cat([first[tokens[:, :1]], lp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]], 1)  # (B, L)
         end_lp = lp.masked_fill(~ends, -math.inf).logsumexp(-1)  # (B, L) log P(end | x, prefix)
         leaf_lp += list((tok_lp.cumsum(1) + end_lp).double().cpu().numpy())
-    return np.array([leaf_lp[leaf_of[s]][len(s) - 1] for s in seqs])
+        if eos is not None:
+            leaf_eos += list((tok_lp.cumsum(1) + lp[..., eos]).double().cpu().numpy())
+    eos_lp = None if eos is None else np.array([leaf_eos[leaf_of[s]][len(s) - 1] for s in seqs])
+    return np.array([leaf_lp[leaf_of[s]][len(s) - 1] for s in seqs]), eos_lp
 
 
 def answer_index(tokens: list[int], answer_seqs: list[tuple[int, ...]], ends: torch.Tensor) -> Optional[int]:
@@ -225,6 +240,40 @@ def answer_index(tokens: list[int], answer_seqs: list[tuple[int, ...]], ends: to
         if len(tokens) > k and tuple(tokens[:k]) == s and bool(ends[tokens[k]]):
             return i
     return None
+
+
+class SuiteOptimum:
+    """π* of a run's own objective on the evaluator's seed prompts, and the policy's TV to it.
+
+    The reference's exact answer distributions are computed once; π* is recomputed per call
+    (β may adapt). Prompts the world does not know (no rater range) are skipped.
+    """
+
+    def __init__(self, reference, tokenizer, world, suite: str = "seed"):
+        self.tokenizer = tokenizer
+        self.prompts, self.base, self.scores = [], [], []
+        for p in load_suite(suite).prompts:
+            if p.answers is None or p.text not in world.by_text:
+                continue
+            self.prompts.append(p)
+            self.base.append(answer_distribution(reference, tokenizer, p.text, p.answers, p.continue_chars))
+            self.scores.append(answer_scores(world.rater, world.prompt(p.text), p.answers))
+
+    def targets(self, beta: float, alpha: float) -> list[Optional[np.ndarray]]:
+        return [answer_optimum(d, c, u, beta, alpha) for d, (c, u) in zip(self.base, self.scores)]
+
+    def metrics(self, model, beta: float, alpha: float) -> dict:
+        """optimum/tv (mean over prompts), optimum/tv_max, optimum/tv/<prompt id>."""
+        tvs = {}
+        for p, target in zip(self.prompts, self.targets(beta, alpha)):
+            if target is None:
+                continue
+            dist = answer_distribution(model, self.tokenizer, p.text, p.answers, p.continue_chars)
+            tvs[p.id] = optimum_tv(dist.probs, target)
+        if not tvs:
+            return {}
+        return {"optimum/tv": float(np.mean(list(tvs.values()))), "optimum/tv_max": max(tvs.values()),
+                **{f"optimum/tv/{k}": v for k, v in tvs.items()}}
 
 
 # --------------------------------------------------------------------------------- sampling
@@ -287,10 +336,13 @@ def sampling_metrics(tokenizer, samples: Samples, prompt: Prompt, temperature: f
 # ----------------------------------------------------------------------------- per prompt
 
 
-def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference=None, policy=None) -> dict:
+def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference=None, policy=None,
+                    objective: Optional[dict] = None) -> dict:
     """One prompt's record (fields: eval/README.md). reference: (model, tokenizer) or None.
 
-    policy: a best-of-k policy over `model` (collapse_lab/bok.py): exact answer distributions only."""
+    policy: a best-of-k policy over `model` (collapse_lab/bok.py): exact answer distributions only.
+    objective: the run's own objective ({beta, alpha, world}; `optimum.run_objective`): with a
+    reference, the closed-form π* on this prompt and the model's TV to it."""
     rec: dict = {"id": prompt.id, "prompt": prompt.text}
     ends = None
     if policy is not None and prompt.answers is None:
@@ -319,6 +371,12 @@ def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference
                        tv_to_reference=metrics.tv(q, q_ref), pinsker_tv_bound=metrics.pinsker_tv_bound(kl),
                        fannes_entropy_bound=metrics.fannes_entropy_bound(metrics.pinsker_tv_bound(kl), len(q)),
                        entropy_change=metrics.entropy(q) - metrics.entropy(q_ref))
+            world = objective["world"] if objective is not None else None
+            if world is not None and prompt.text in world.by_text:
+                target = answer_optimum(ref, *answer_scores(world.rater, world.prompt(prompt.text), prompt.answers),
+                                        objective["beta"], objective["alpha"])
+                rec.update(optimum_answer_probs=target.tolist(), optimum_tv=optimum_tv(p, target),
+                           optimum_answer_entropy=metrics.entropy(target), optimum_kl_to_reference=metrics.kl(target, q_ref))
     if cfg.sampling.n > 0 and policy is None:
         torch.manual_seed(cfg.seed)  # each prompt's samples depend only on the seed and the prompt
         s = sample(model, tokenizer, prompt.text, cfg.sampling.n, cfg.sampling.temperature,
@@ -468,12 +526,16 @@ def run(cfg: DictConfig) -> dict:
         reference = _load(cfg.reference_path, device, cfg.dtype)
         _check_fits(*reference, suite, s.max_new_tokens, 0, cfg.reference_path)
 
-    records = [evaluate_prompt(model, tokenizer, p, cfg, reference, policy) for p in suite.prompts]
+    objective = run_objective(cfg.model_path) if policy is None and reference is not None else None
+    if objective is not None:
+        objective = {**objective, "world": make_world(objective["world"])}
+    records = [evaluate_prompt(model, tokenizer, p, cfg, reference, policy, objective) for p in suite.prompts]
     summary = {"schema_version": SCHEMA_VERSION, "suite": suite.name, "suite_path": str(suite.path),
                "model_path": cfg.model_path, "reference_path": cfg.reference_path,
                "vocab_size": model.get_output_embeddings().weight.shape[0], "n_prompts": len(records),
                "sampling": {"n": s.n, "temperature": s.temperature, "max_new_tokens": s.max_new_tokens},
                "seed": cfg.seed, "device": device, "dtype": cfg.dtype, **summarise(records),
+               **({"optimum": {k: objective[k] for k in ("beta", "alpha", "reward")}} if objective else {}),
                "versions": package_versions(),
                "wall_time_s": time.time() - start}
     result = _jsonable({"summary": summary, "prompts": records})

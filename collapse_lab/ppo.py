@@ -1,15 +1,23 @@
 """Classic RLHF PPO (Ziegler et al. 2019; Stiennon et al. 2020; Huang et al. 2024, "The N+
 implementation details of RLHF with PPO"), one step = the five numbered steps of `train_ppo`:
 
-    1. rollout   sample completions from the policy (temperature T, the FULL vocabulary)
-    2. score     reward at the last token: gold rater or reward model; −penalty if cut off
-    3. KL        per-token reward −β·(log π − log π_ref), π_ref the frozen base
+    1. rollout   sample completions from the policy (temperature T, the FULL vocabulary, EOS
+                 allowed everywhere: the sampled distribution is the one the update optimises)
+    2. score     reward at the last token: gold rater or reward model; −penalty if cut off;
+                 centred by the base's mean score (the first rollout's), which leaves the
+                 optimum unchanged and removes the length bias of an untrained value head
+    3. KL        per-token reward −β·(log π − log π_ref) − α·log π, π_ref the frozen base: the
+                 k1 estimators of −β·KL and +α·H, so the sequence-level optimum is
+                 π*(y) ∝ π_ref(y)^(β/(α+β))·e^{r(y)/(α+β)} (collapse_lab/optimum.py)
     4. GAE       values V(s_t), δ_t = r_t + γV_{t+1} − V_t,
                  A_t = Σ_l (γλ)^l δ_{t+l}, returns = A + V, advantages whitened
-    5. update    K epochs of minibatches: clipped policy loss, clipped value loss, and
-                 −α·H(π(·|s)) over the full vocabulary for `ent<α>` recipes
+                 (λ = 1: A_t = return − V(s_t), unbiased whatever V is)
+    5. update    K epochs of minibatches: clipped policy loss, clipped value loss (and, with
+                 `ppo.entropy_bonus=loss`, CleanRL's −α·H(π(·|s)) term instead of step 3's)
 
 Recipes: β = `ppo.kl_coef` (`kl0`, `kl0.1`, ...; `klauto` adapts it), α = `ppo.ent_coef`.
+With `reward=gold`, `optimum/tv` (every `ppo.eval_every` steps) is the TV between the policy's
+exact answer distribution on the seed prompts and the closed-form π* of its own objective.
 Values (`ppo.value_model`): `head` (default) and `shared` put a scalar head on the policy's last
 hidden state (on the detached state, or trained with the trunk), read off generation at rollout
 time, which saves a second model's forward and backward passes; `separate` is the base with a
@@ -26,6 +34,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -39,6 +48,8 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
 from collapse_lab.config import run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained
+from collapse_lab.optimum import answer_optimum, optimum_tv
+from collapse_lab.evaluator import SuiteOptimum, answer_distribution
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
 from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate_by_length, length_chunks,
@@ -73,6 +84,7 @@ class Batches:
     rollout_per_device: int
     minibatch_per_device: int
     minibatches: int  # gradient steps per epoch
+    prompts_per_device: int  # distinct prompts per step and process (each sampled samples_per_prompt times)
 
 
 def batch_sizes(p: DictConfig, world_size: int) -> Batches:
@@ -82,6 +94,8 @@ def batch_sizes(p: DictConfig, world_size: int) -> Batches:
         rollout_per_device=exact_div(p.rollout_batch_size, world_size, "ppo.rollout_batch_size over processes"),
         minibatch_per_device=exact_div(p.minibatch_size, world_size, "ppo.minibatch_size over processes"),
         minibatches=exact_div(p.rollout_batch_size, p.minibatch_size, "ppo.rollout_batch_size over ppo.minibatch_size"),
+        prompts_per_device=exact_div(exact_div(p.rollout_batch_size, world_size, "ppo.rollout_batch_size over processes"),
+                                     p.samples_per_prompt, "ppo.rollout_batch_size per process over ppo.samples_per_prompt"),
     )
 
 
@@ -110,6 +124,7 @@ class Progress:
 
     def __init__(self):
         self.step, self.samples_scored, self.tokens_trained, self.wall_time_s = 0, 0, 0, 0.0
+        self.score_baseline = None  # the base's mean score (first rollout), subtracted from every score
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -168,8 +183,10 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     out = ppo_dir(cfg, named)
     if already_finished(out, "{steps} steps"):
         return out
-    bandit_world = cfg.world.name == "bandit"  # episodes of one token, no EOS to miss
-    max_new_tokens, missing_eos_penalty = (1, 0.0) if bandit_world else (p.max_new_tokens, p.missing_eos_penalty)
+    bandit_world = cfg.world.name == "bandit"  # episodes of one token (or max_tokens, then EOS)
+    max_new_tokens, missing_eos_penalty = p.max_new_tokens, p.missing_eos_penalty
+    if bandit_world:
+        max_new_tokens, missing_eos_penalty = (1 if cfg.world.max_tokens == 1 else cfg.world.max_tokens + 1), 0.0
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     batches = batch_sizes(p, accelerator.num_processes)
     base = resolve_base(cfg)  # every process: pretraining (if needed) is itself multi-process
@@ -204,7 +221,12 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     if resume:
         accelerator.load_state(str(resume))
         accelerator.print(f"resuming from {resume} (step {progress.step})")
-    bandit = _bandit_setup(cfg, tokenizer, ref if ref is not None else accelerator.unwrap_model(policy)) if bandit_world else None
+    reference = ref if ref is not None else accelerator.unwrap_model(policy)
+    bandit = _bandit_setup(cfg, tokenizer, reference) if bandit_world else None
+    optimum = None  # the closed form of this run's own objective on the seed prompts (gold reward only)
+    if cfg.reward == "gold" and not bandit_world and p.kl_coef + p.ent_coef > 0 and accelerator.is_main_process:
+        with reference.disable_adapter() if ref is None else nullcontext():
+            optimum = SuiteOptimum(reference, tokenizer, world)
 
     tracking.init(cfg, out, job_type="ppo")
     metrics_file = out / "metrics.jsonl"
@@ -215,7 +237,8 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         unwrapped = accelerator.unwrap_model(policy)
         seed_here = f"{cfg.seed}/{accelerator.process_index}/{progress.step}"  # prompts and rater noise
         prompt_rng = random.Random(f"ppo-prompts/{seed_here}")
-        prompts = [world.train_prompt(prompt_rng) for _ in range(batches.rollout_per_device)]
+        prompts = [q for q in (world.train_prompt(prompt_rng) for _ in range(batches.prompts_per_device))
+                   for _ in range(p.samples_per_prompt)]  # each prompt's completions adjacent: one prefill
         reward.reseed(seed_here)
 
         # 1. rollout: completions with their log-probs under the sampling distribution (π at T, from
@@ -237,31 +260,39 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
             else:
                 values = by_prompt_length(rollout, lambda r: value_predictions(value, r), chunk)  # (B, Tr)
 
-            # 2. score: the reward at the last token; completions cut off at max_new_tokens are penalised
+            # 2. score: the reward at the last token; completions cut off at max_new_tokens are penalised;
+            #    centred by the base's mean score (a constant: every completion's objective moves alike)
             scores = reward(prompts, rollout.texts, rollout.ended.tolist()).to(mask.device).float()
             scores = scores - missing_eos_penalty * (~rollout.ended).float()
+            if progress.score_baseline is None:
+                progress.score_baseline = accelerator.reduce(scores.mean().to(accelerator.device), "mean").item() \
+                    if p.center_scores else 0.0
 
-            # 3. per-token KL penalty into the reward (k1 estimator: its gradient is that of β·KL)
+            # 3. per-token KL penalty and entropy bonus into the reward (k1 estimators: their
+            #    gradients are those of −β·KL(π‖π_ref) and +α·H(π) over whole completions)
             kl = (logprobs - ref_logprobs) * mask  # (B, Tr) nats
             rewards = -kl_ctl.value * kl
+            if p.entropy_bonus == "reward":
+                rewards = rewards - p.ent_coef * logprobs * mask
             last = mask.sum(1).long() - 1  # index of each completion's last token
-            rewards[torch.arange(len(last)), last] += scores
+            rewards[torch.arange(len(last)), last] += scores - progress.score_baseline
 
             # 4. GAE over response tokens, then whitened advantages
             advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
-            # Whitening scales the reward's gradient by 1/std(A); the entropy bonus gets the same
-            # scale, so the objective keeps its optimum (E[r] − β·KL + α·H, divided by std(A)).
+            # Whitening scales the reward's gradient by 1/std(A); a loss-term entropy bonus gets the
+            # same scale, so the objective keeps its optimum (E[r] − β·KL + α·H, divided by std(A)).
             adv_scale = torch.tensor(1.0)
             if p.whiten_advantages:
                 advantages, adv_scale = masked_whiten(advantages, mask)
 
-        # 5. K epochs of minibatch updates (loss = clipped policy loss + c_v·value loss − α·H), each
+        # 5. K epochs of minibatch updates (loss = clipped policy loss + c_v·value loss [− α·H]), each
         #    minibatch's gradient accumulated over micro-batches of similar prompt length (each cut
         #    to its own longest response); every term is a mean over the minibatch's tokens, so the
         #    split does not change the update
         stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio")}
         for _ in range(p.ppo_epochs):
-            order = torch.randperm(batches.rollout_per_device)
+            order = (torch.randperm(batches.prompts_per_device)[:, None] * p.samples_per_prompt
+                     + torch.arange(p.samples_per_prompt)).flatten()  # shuffled prompts, completions together
             for start in range(0, batches.rollout_per_device, batches.minibatch_per_device):
                 idx = order[start:start + batches.minibatch_per_device]
                 n_tokens = mask[idx].sum().clamp_min(1)
@@ -280,9 +311,11 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
                     pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip_range, 1 + p.clip_range))
                     v_clipped = old_v + (v - old_v).clamp(-p.clip_range_value, p.clip_range_value)
                     vf_losses = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
-                    entropies = entropy_from_logits(new_logits)  # keeps its gradient: the α·H bonus
+                    entropies = entropy_from_logits(new_logits)  # keeps its gradient: the α·H loss term
                     pg_loss, vf_loss, ent = ((x * m).sum() / n_tokens for x in (pg_losses, vf_losses, entropies))
-                    loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * adv_scale * ent
+                    loss = pg_loss + p.vf_coef * vf_loss
+                    if p.entropy_bonus == "loss":
+                        loss = loss - p.ent_coef * adv_scale * ent
                     if not torch.isfinite(loss):
                         _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
                               f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "
@@ -325,7 +358,9 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         row.update({"step": progress.step, "ppo/lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - step_start,
                     "budget/samples_scored": progress.samples_scored})
         if bandit is not None and (progress.step % p.log_every == 0 or progress.step == p.steps):
-            row.update(bandit(accelerator.unwrap_model(policy)))
+            row.update(bandit(accelerator.unwrap_model(policy), kl_ctl.value))
+        if optimum is not None and (progress.step == p.steps or p.eval_every and progress.step % p.eval_every == 0):
+            row.update(optimum.metrics(accelerator.unwrap_model(policy), kl_ctl.value, p.ent_coef))
         if accelerator.is_main_process:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -374,7 +409,9 @@ def _mean(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def _bandit_setup(cfg, tokenizer, reference):
     """A function of the policy giving the bandit metrics: TV to the closed-form optimum."""
-    from collapse_lab.bandit import next_token_probs, optimum, reward_vector, total_variation
+    if cfg.world.max_tokens > 1:
+        return _sequence_bandit_setup(cfg, tokenizer, reference)
+    from collapse_lab.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 
     if cfg.peft.enabled:
         with reference.disable_adapter():
@@ -382,13 +419,32 @@ def _bandit_setup(cfg, tokenizer, reference):
     else:
         pi0 = next_token_probs(reference, tokenizer, cfg.world.prompt)
     r = reward_vector(tokenizer, cfg.world, len(pi0))
-    target = optimum(pi0, r, cfg.ppo.kl_coef, cfg.ppo.ent_coef)
     best = int(r.argmax())
 
-    def metrics(policy) -> dict:
+    def metrics(policy, beta: float) -> dict:  # β: the current one (klauto adapts it)
         pi = next_token_probs(policy, tokenizer, cfg.world.prompt)
+        target = optimum(pi0, r, beta, cfg.ppo.ent_coef)
         return {"bandit/tv_to_optimum": total_variation(pi, target), "bandit/best_token_prob": pi[best].item(),
-                "bandit/expected_reward": float((pi * r.double()).sum())}
+                "bandit/expected_reward": float((pi * r.double()).sum()), "bandit/kl": kl_divergence(pi, pi0)}
+
+    return metrics
+
+
+def _sequence_bandit_setup(cfg, tokenizer, reference):
+    """The sequence bandit's metrics: the exact answer distribution over the table's texts (evaluator)
+    against π* over whole completions, both normalised over the table's texts."""
+    answers = [text for text, _ in cfg.world.rewards]
+    clean = np.array([float(r) for _, r in cfg.world.rewards])
+    unclean = np.full(len(answers), float(cfg.world.default_reward))  # the text, then not EOS
+    with reference.disable_adapter() if cfg.peft.enabled else nullcontext():
+        base = answer_distribution(reference, tokenizer, cfg.world.prompt, answers, None)
+
+    def metrics(policy, beta: float) -> dict:
+        dist = answer_distribution(policy, tokenizer, cfg.world.prompt, answers, None)
+        target = answer_optimum(base, clean, unclean, beta, cfg.ppo.ent_coef)
+        return {"bandit/tv_to_optimum": optimum_tv(dist.probs, target), "bandit/table_mass": float(dist.probs.sum()),
+                **{f"bandit/p/{a.strip()}": float(q) for a, q in zip(answers, dist.probs / dist.probs.sum())},
+                **{f"bandit/optimum/{a.strip()}": float(q) for a, q in zip(answers, target)}}
 
     return metrics
 

@@ -47,6 +47,10 @@ COLLAPSE_METRICS = [
     ("abs_entropy_change", "|ΔH| (nats)", ".3f"),
     ("fannes_entropy_bound", "Fannes bound (nats)", ".3f"),
     ("within_bound", "|ΔH| ≤ bound (share)", ".2f"),
+    # PPO runs: the closed-form optimum π* of the run's own objective (β, α) with the GOLD rater's mean
+    # score (collapse_lab/optimum.py); for reward=rm runs, how far the learned reward led from it
+    ("optimum_tv", "TV to own π* (gold)", ".3f"),
+    ("optimum_norm_entropy", "π*: H/log|A|", ".3f"),
 ]
 DIVERSITY_METRICS = [
     ("sequence_entropy", "seq. entropy (nats)", ".2f"),
@@ -128,6 +132,9 @@ def run_record(evals: Path) -> dict:
                 "kl_to_reference", "tv_to_reference", "fannes_entropy_bound"):
         rec[key] = _mean(col(key))
     rec["norm_entropy"] = _mean([p["answer_entropy"] / p["max_entropy"] for p in prompts])
+    rec["optimum_tv"] = _mean(col("optimum_tv"))
+    rec["optimum_norm_entropy"] = _mean([p["optimum_answer_entropy"] / p["max_entropy"] for p in prompts
+                                         if p.get("optimum_answer_entropy") is not None])
     changes = col("entropy_change")
     rec["abs_entropy_change"] = _mean([abs(c) for c in changes])
     rec["within_bound"] = _mean([float(abs(p["entropy_change"]) <= p["fannes_entropy_bound"] + 1e-9)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
 
 
 @dataclass
@@ -47,40 +46,67 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
              hidden: bool = False) -> Rollout:
     """Sample one completion per prompt (torch's global RNG: seed it for reproducibility).
 
-    The responses are as wide as the longest one (generation stops when all have ended). The
-    sampled tokens' log-probabilities come from the generation's own logits (divided by the
-    temperature, as the sampler did): no second forward pass of the policy is needed. With
-    `hidden`, the last hidden state at each sampling position comes too (a value head's input).
+    Ancestral sampling from softmax(z/T) over the FULL vocabulary (no top-k / top-p), written out
+    rather than through `model.generate`, so that each DISTINCT prompt is run once (its KV cache
+    shared by every completion of it: `shared_prefix_cache`) and the log-probabilities and
+    entropies of the sampling distribution are read off the very logits that sampled. EOS may come
+    first (an empty completion): masking it there (min_new_tokens) would sample from another
+    distribution than the one these log-probs, the KL and the update see. The responses are as wide
+    as the longest one (sampling stops when all have ended). With `hidden`, the last hidden state
+    at each sampling position comes too (a value head's input).
     """
     batch = encode_prompts(tokenizer, prompts, model.device)
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
-                              max_new_tokens=max_new_tokens, min_new_tokens=1, output_logits=True,
-                              output_hidden_states=hidden, return_dict_in_generate=True,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    gen = model.generate(**batch, generation_config=config)
-    q = batch["input_ids"].shape[1]
-    response = gen.sequences[:, q:]
-    logits = torch.stack(gen.logits, 1).float() / temperature  # (B, Tr, V) raw logits / T
-    logprobs = token_logprobs(logits, response)
-    entropy = entropy_from_logits(logits)
-    del logits
-    is_eos = response == tokenizer.eos_token_id
-    # 1 up to and including the first EOS; generate pads after it (pad may equal EOS)
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    response_mask = (~after_eos).long()
-    ended = is_eos.any(1)
-    texts = tokenizer.batch_decode(response.masked_fill(is_eos | after_eos, tokenizer.pad_token_id), skip_special_tokens=True)
+    ids, prompt_mask = batch["input_ids"], batch["attention_mask"]  # (B, Tq)
+    out, cache = shared_prefix_cache(model, ids, prompt_mask, hidden)
+    logits, h = out.logits[:, -1], out.hidden_states[-1][:, -1] if hidden else None  # (B, V), (B, H)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    alive = torch.ones(len(prompts), dtype=torch.bool, device=ids.device)  # no EOS yet
+    attention, position = prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, Tq), (B, 1) next position
+    tokens, logprobs, entropy, states, mask = [], [], [], [], []
+    for t in range(max_new_tokens):
+        logp = F.log_softmax(logits.float() / temperature, -1)  # (B, V) the sampling distribution
+        token = torch.multinomial(logp.exp(), 1).squeeze(1).masked_fill(~alive, pad)  # (B,)
+        tokens.append(token), mask.append(alive.long()), states.append(h)
+        logprobs.append(logp.gather(1, token[:, None]).squeeze(1)), entropy.append(-(logp.exp() * logp).sum(-1))
+        alive = alive & (token != eos)
+        if not alive.any() or t == max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, mask[-1][:, None]], 1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=position, cache=cache,
+                    use_cache=True, output_hidden_states=hidden)
+        logits, h, position = out.logits[:, -1], out.hidden_states[-1][:, -1] if hidden else None, position + 1
+    response, response_mask = torch.stack(tokens, 1), torch.stack(mask, 1)  # (B, Tr)
+    is_eos = (response == eos) & response_mask.bool()
+    texts = tokenizer.batch_decode(response.masked_fill(is_eos | ~response_mask.bool(), pad), skip_special_tokens=True)
     return Rollout(
-        input_ids=torch.cat([batch["input_ids"], response], 1),
-        attention_mask=torch.cat([batch["attention_mask"], response_mask], 1),
+        input_ids=torch.cat([ids, response], 1),
+        attention_mask=torch.cat([prompt_mask, response_mask], 1),
         response_mask=response_mask,
-        ended=ended,
+        ended=is_eos.any(1),
         texts=texts,
-        query_len=q,
-        logprobs=logprobs * response_mask,
-        entropy=entropy * response_mask,
-        hidden=torch.stack([h[-1][:, -1] for h in gen.hidden_states], 1) if hidden else None,
+        query_len=ids.shape[1],
+        logprobs=torch.stack(logprobs, 1) * response_mask,
+        entropy=torch.stack(entropy, 1) * response_mask,
+        hidden=torch.stack(states, 1) if hidden else None,
     )
+
+
+def shared_prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, hidden: bool = False):
+    """One forward pass over each DISTINCT prompt row of (B, Tq) left-padded `ids`, its KV cache then
+    indexed back to all B rows: rollouts repeat prompts (a few seed prompts, k samples per prompt),
+    and a row's keys and values depend on its own prompt alone. Indexing is differentiable, so the
+    update's gradient flows into the shared prompt computation exactly as through B separate ones.
+    Returns (the output at the last prompt position, indexed to B rows; the cache)."""
+    unique, inverse = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+    u_ids, u_mask = unique[:, :ids.shape[1]], unique[:, ids.shape[1]:]
+    out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids(u_mask), use_cache=True,
+                logits_to_keep=1, output_hidden_states=hidden)
+    cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+    cache.batch_select_indices(inverse)
+    out.logits = out.logits[inverse]
+    if hidden:
+        out.hidden_states = tuple(x[inverse] for x in out.hidden_states)
+    return out, cache
 
 
 def generate_by_length(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
@@ -162,7 +188,7 @@ def select(r: Rollout, idx: torch.Tensor) -> Rollout:
 def length_chunks(r: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     """The rows `idx` sorted by prompt length, in chunks of `size`: each chunk then pads only to
     its own longest prompt (micro-batches of a minibatch, and the no-gradient forwards)."""
-    idx = idx[r.attention_mask[idx, :r.query_len].sum(1).argsort()]
+    idx = idx[r.attention_mask[idx, :r.query_len].sum(1).argsort(stable=True)]  # a prompt's rows stay together
     return list(idx.split(size))
 
 
@@ -181,13 +207,23 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def response_logits(model, rollout: Rollout, temperature: float = 1.0, hidden: bool = False):
     """(B, Tr, V) next-token logits / temperature at each response position; with `hidden`,
-    also the (B, Tr, H) last hidden states there (the LM head's input: a value head's too)."""
-    tr = width(rollout)
-    out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                position_ids=position_ids(rollout.attention_mask), use_cache=False,
-                logits_to_keep=tr + 1, output_hidden_states=hidden)  # LM head only where responses are predicted
-    logits = out.logits[:, :-1].float() / temperature
-    return (logits, out.hidden_states[-1][:, -tr - 1:-1]) if hidden else logits
+    also the (B, Tr, H) last hidden states there (the LM head's input: a value head's too).
+
+    Each distinct prompt is computed once (`shared_prefix_cache`), then the responses (all but
+    their last token, whose next-token logits nobody needs) run on its cache."""
+    q, tr = rollout.query_len, width(rollout)
+    prompt_mask = rollout.attention_mask[:, :q]
+    first, cache = shared_prefix_cache(model, rollout.input_ids[:, :q], prompt_mask, hidden)
+    logits, states = [first.logits[:, -1:]], [first.hidden_states[-1][:, -1:]] if hidden else []
+    if tr > 1:
+        out = model(input_ids=rollout.responses[:, :-1], attention_mask=rollout.attention_mask[:, :q + tr - 1],
+                    position_ids=prompt_mask.sum(1, keepdim=True) + torch.arange(tr - 1, device=prompt_mask.device),
+                    cache=cache, use_cache=True, output_hidden_states=hidden)
+        logits.append(out.logits)
+        if hidden:
+            states.append(out.hidden_states[-1])
+    logits = torch.cat(logits, 1).float() / temperature
+    return (logits, torch.cat(states, 1)) if hidden else logits
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

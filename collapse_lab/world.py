@@ -31,6 +31,7 @@ shows then comes from the optimiser, not the raters.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -268,8 +269,39 @@ class GoldRater:
 
     def __call__(self, prompt: Prompt, completion: str, rng: random.Random, ended: bool = True) -> float:
         score = self.expected(prompt, completion, ended) + rng.gauss(0.0, self.cfg.noise_std)
-        score = min(7.0, max(1.0, score))
+        score = min(SCORE_MAX, max(SCORE_MIN, score))
         return float(round(score)) if self.cfg.integer_scores else score
+
+    def mean_score(self, prompt: Prompt, completion: str, ended: bool = True) -> float:
+        """E[score] over the rating noise: what a reward-maximising policy sees on average
+        (the regimes' closed-form optima use it, not the noiseless `expected`)."""
+        return noisy_score_mean(self.expected(prompt, completion, ended), self.cfg.noise_std, self.cfg.integer_scores)
+
+
+SCORE_MIN, SCORE_MAX = 1.0, 7.0
+
+
+def noisy_score_mean(mu: float, sigma: float, integer: bool, low: float = SCORE_MIN, high: float = SCORE_MAX) -> float:
+    """E[s], s = round(clip(mu + eps, low, high)) (integer) or clip(mu + eps, low, high), eps ~ N(0, sigma²).
+
+    integer: Σ_k k·P(s = k), P(s = k) = Φ((k + ½ − mu)/σ) − Φ((k − ½ − mu)/σ) for low < k < high, the
+    two ends taking the tails (ties of round() have probability 0).
+    continuous: E[clip(X, a, b)] = a·Φ(α) + b·(1 − Φ(β)) + mu·(Φ(β) − Φ(α)) − σ·(φ(β) − φ(α)),
+    α = (a − mu)/σ, β = (b − mu)/σ.  sigma = 0: the clipped (rounded) mu itself.
+    E.g. mu = 7, sigma = 0.5, integer → 6.841; mu = 6 → 6.000.
+    """
+    if sigma <= 0:
+        s = min(high, max(low, mu))
+        return float(round(s)) if integer else s
+    cdf = lambda z: 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))  # noqa: E731
+    if integer:
+        ks = range(int(math.ceil(low)), int(math.floor(high)) + 1)
+        upper = [1.0 if k == ks[-1] else cdf((k + 0.5 - mu) / sigma) for k in ks]
+        lower = [0.0 if k == ks[0] else cdf((k - 0.5 - mu) / sigma) for k in ks]
+        return sum(k * (u - lo) for k, u, lo in zip(ks, upper, lower))
+    pdf = lambda z: math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)  # noqa: E731
+    a, b = (low - mu) / sigma, (high - mu) / sigma
+    return low * cdf(a) + high * (1 - cdf(b)) + mu * (cdf(b) - cdf(a)) - sigma * (pdf(b) - pdf(a))
 
 
 
@@ -277,16 +309,19 @@ class GoldRater:
 
 
 class TableRater:
-    """world=bandit's rater: the reward table's value for the completion, no noise."""
+    """world=bandit's rater: the reward table's value for the completion (ended: the sequence
+    bandit requires EOS right after the text), no noise."""
 
     def __init__(self, table: dict[str, float], default: float):
         self.table, self.default = table, default
 
     def expected(self, prompt: Prompt, completion: str, ended: bool = True) -> float:
-        return self.table.get(completion, self.default)
+        return self.table.get(completion, self.default) if ended else self.default
 
     def __call__(self, prompt: Prompt, completion: str, rng: random.Random, ended: bool = True) -> float:
         return self.expected(prompt, completion, ended)
+
+    mean_score = expected  # no noise
 
 
 class BanditWorld:

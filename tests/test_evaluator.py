@@ -67,7 +67,7 @@ def test_architectures_that_ignore_tree_masks_fall_back_to_leaves(monkeypatch):
     name, model, tok = PAIRS[0]
     model = tiny_llama(tok, seed=7)  # a fresh model: nothing verified yet
     real = evaluator._tree_logprobs
-    monkeypatch.setattr(evaluator, "_tree_logprobs", lambda *a: real(*a) + 0.1)  # a model that ignores the mask
+    monkeypatch.setattr(evaluator, "_tree_logprobs", lambda *a: (real(*a)[0] + 0.1, None))  # a model that ignores the mask
     got = answer_distribution(model, tok, PROMPT, NUMBERS[:20], "0123456789").probs
     assert evaluator._TREE_OK[model] is False
     again = answer_distribution(model, tok, PROMPT, NUMBERS[:20], "0123456789").probs

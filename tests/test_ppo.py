@@ -57,6 +57,9 @@ def test_batch_arithmetic_is_one_function_that_raises():
         batch_sizes(p, 3)
     with pytest.raises(ConfigError, match="over ppo.minibatch_size"):
         batch_sizes(compose("lab", ["ppo.rollout_batch_size=64", "ppo.minibatch_size=24"]).ppo, 1)
+    with pytest.raises(ConfigError, match="over ppo.samples_per_prompt"):
+        batch_sizes(compose("lab", ["ppo.rollout_batch_size=64", "ppo.samples_per_prompt=3"]).ppo, 1)
+    assert batch_sizes(p, 2).prompts_per_device == 32 // p.samples_per_prompt
 
 
 def test_gae_matches_the_naive_sum():
@@ -110,30 +113,58 @@ def test_closed_form_optimum():
 # ----------------------------------------------------------------- bandit: exact optima
 
 
-@pytest.mark.parametrize("beta", [1.0, 0.1])
-def test_bandit_reaches_the_closed_form(base, tmp_path, beta):
-    out = train_ppo(_bandit(base, tmp_path, f"ppo.kl_coef={beta}"))
+OTHER_TABLE = '[[" 3",0.8],[" 9",0.6],[" 1",0.3],[" 5",-0.5]]'  # not the default one: nothing tuned to it
+
+
+@pytest.mark.parametrize("table", ["default", "other"])
+@pytest.mark.parametrize("beta,alpha", [(1.0, 0.0), (0.1, 0.0), (0.1, 0.01), (0.1, 0.05)])
+def test_bandit_reaches_the_closed_form(base, tmp_path, beta, alpha, table):
+    """π* ∝ π0^(β/(α+β))·exp(r/(α+β)) over the whole vocabulary, with PPO's default mechanics
+    (whitened advantages, the entropy bonus in the reward, centred scores, the value head)."""
+    extra = [] if table == "default" else [f"world.rewards={OTHER_TABLE}"]
+    out = train_ppo(_bandit(base, tmp_path, f"ppo.kl_coef={beta}", f"ppo.ent_coef={alpha}", *extra))
     final = json.loads((out / "metrics.json").read_text())
     assert final["bandit/tv_to_optimum"] <= 0.01, final
     first = _rows(out)[0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=0.02)  # step 1 samples from the base
 
 
-def test_entropy_bonus_reaches_its_closed_form(base, tmp_path):
-    """(β, α) = (0.1, 0.05): π* ∝ π0^(2/3)·exp(r/0.15) puts 0.55 on " 7" and the rest on a broad
-    tail. The test model (32-wide, 1 layer, near-uniform π0) fits the best token's mass exactly
-    but not every one of 600 tail probabilities, hence TV ≤ 0.1 here; on the lab's base the
-    figure is in the README. Without the bonus (or with it detached) π(" 7") goes to ~0.97."""
-    from collapse_lab.bandit import next_token_probs, optimum, reward_vector
+@pytest.fixture(scope="module")
+def number_base(tmp_path_factory):
+    """A test-sized base pretrained long enough to answer number prompts with " n" then EOS (the
+    sequence bandit needs its rewarded answers within reach of sampling)."""
+    overrides = [o for o in TINY_PRETRAIN if not o.startswith("pretrain.steps")]
+    overrides += ["model.vocab_size=600", "pretrain.tokenizer_docs=2000", "pretrain.steps=300", "pretrain.save_every=300"]
+    return str(pretrain(compose("lab", overrides + [f"checkpoints_dir={tmp_path_factory.mktemp('nbase')}"])))
 
-    cfg = _bandit(base, tmp_path, "ppo.kl_coef=0.1", "ppo.ent_coef=0.05")
-    out = train_ppo(cfg)
+
+def test_answers_of_different_lengths_with_the_same_reward_end_at_their_base_odds(number_base, tmp_path):
+    """The sequence bandit: " 7" (one token, then EOS) and " 10" (two, then EOS; about as likely under
+    this base) both earn 1, everything else 0. π*(y) ∝ π0(y)·e^{r(y)/β} keeps their base odds: a
+    length-biased credit assignment (the score on the last token, V = 0 at first, λ < 1) would
+    favour the shorter one."""
+    table = '[[" 7",1.0],[" 10",1.0]]'
+    out = train_ppo(_bandit(number_base, tmp_path, "ppo.kl_coef=0.1", f"world.rewards={table}", "world.max_tokens=3"))
     final = json.loads((out / "metrics.json").read_text())
-    reference, tok = load_pretrained(base)
-    r = reward_vector(tok, cfg.world, reference.config.vocab_size)
-    target = optimum(next_token_probs(reference, tok, cfg.world.prompt), r, 0.1, 0.05)
-    assert final["bandit/best_token_prob"] == pytest.approx(target[int(r.argmax())].item(), abs=0.03)
-    assert final["bandit/tv_to_optimum"] <= 0.1, final
+    assert final["bandit/table_mass"] > 0.9, final  # the policy found the rewarded answers
+    assert final["bandit/p/7"] == pytest.approx(final["bandit/optimum/7"], abs=0.03), final
+    assert final["bandit/tv_to_optimum"] <= 0.03, final
+
+
+def test_entropy_bonus_as_a_loss_term_misses_the_closed_form(base, tmp_path):
+    """CleanRL's −α·H(π(·|s)) loss term (ppo.entropy_bonus=loss) is scaled by 1/std(A) under whitening,
+    a batch statistic: its balance with the reward drifts, so it does not reach π0^(2/3)·e^{r/0.15}."""
+    out = train_ppo(_bandit(base, tmp_path, "ppo.kl_coef=0.1", "ppo.ent_coef=0.05", "ppo.entropy_bonus=loss"))
+    assert json.loads((out / "metrics.json").read_text())["bandit/tv_to_optimum"] > 0.02
+
+
+def test_adaptive_kl_reaches_its_target(base, tmp_path):
+    """klauto over a run of the default length: the exact KL(π‖π0) ends within 20% of ppo.kl_target."""
+    steps = compose("lab", []).ppo.steps
+    cfg = _bandit(base, tmp_path, "recipe=klauto", f"ppo.steps={steps}", f"ppo.log_every={steps}")
+    final = json.loads((train_ppo(cfg) / "metrics.json").read_text())
+    assert final["bandit/kl"] == pytest.approx(cfg.ppo.kl_target, rel=0.2), final
+    assert final["objective/kl_coef"] != pytest.approx(cfg.ppo.kl_coef, rel=0.2)  # β had to move
 
 
 def test_kl0_drives_mass_to_the_best_token(base, tmp_path):
@@ -194,7 +225,7 @@ def test_rollout_values_from_generation_match_a_forward_pass(base, chunk):
 
     policy, tok = load_pretrained(base)
     torch.manual_seed(0)
-    prompts = ["Q: Name a random number between 1 and 100, please.\nA:", "Q: Pick a number.\nA:", "Q: One?\nA:"]
+    prompts = ["Q: Name a random number between 1 and 100, please.\nA:", "Q: Pick a number.\nA:", "Q: One?\nA:"] * 2
     r = generate_by_length(policy, tok, prompts, max_new_tokens=6, hidden=True, chunk=chunk)
     for i, text in enumerate(prompts):
         assert tok.decode(r.input_ids[i, :r.query_len][r.attention_mask[i, :r.query_len].bool()]) == text
@@ -205,6 +236,31 @@ def test_rollout_values_from_generation_match_a_forward_pass(base, chunk):
                           r.logprobs[m], atol=1e-4)
     one = select(r, torch.tensor([0]))  # cut to its own response length
     assert one.responses.shape[1] == int(r.response_mask[0].sum()) <= r.responses.shape[1]
+
+
+def test_shared_prompt_forward_has_the_logits_and_gradient_of_separate_rows(base):
+    """response_logits runs each distinct prompt once and indexes its KV cache to every row: the
+    same logits, and the same gradient, as a plain forward over every (prompt + response) row."""
+    from collapse_lab.rollout import Rollout, encode_prompts, position_ids, response_logits
+
+    policy, tok = load_pretrained(base)
+    torch.manual_seed(0)
+    prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:"] * 3 + ["Q: One?\nA:"]
+    batch = encode_prompts(tok, prompts, "cpu")
+    responses = torch.randint(0, 300, (len(prompts), 4))
+    rmask = torch.ones_like(responses)
+    rmask[0, 2:], rmask[3, 1:] = 0, 0  # rows ended early: padding after their EOS
+    r = Rollout(torch.cat([batch["input_ids"], responses], 1), torch.cat([batch["attention_mask"], rmask], 1),
+                rmask, rmask[:, -1] == 0, [""] * len(prompts), batch["input_ids"].shape[1])
+    plain = policy(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=position_ids(r.attention_mask),
+                   use_cache=False).logits[:, r.query_len - 1:-1]
+    shared = response_logits(policy, r)
+    m = rmask.bool()
+    assert torch.allclose(plain[m], shared[m], atol=1e-4)
+    params = list(policy.parameters())
+    grads = [torch.autograd.grad((x.log_softmax(-1)[..., 7] * rmask).sum(), params) for x in (plain, shared)]
+    scale = max(g.abs().max() for g in grads[0])
+    assert max((a - b).abs().max() for a, b in zip(*grads)) <= 1e-5 * scale
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(base, tmp_path, monkeypatch):
