@@ -168,15 +168,17 @@ class SFTConfig:
 class PPOConfig:
     """Classic RLHF PPO (Ziegler et al. 2019; Huang et al. 2024); names as in the N+ details."""
 
-    steps: int = 200
+    steps: int = 300
     rollout_batch_size: int = 64  # completions per step (over all processes)
     # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
     # reference and update forwards); the prompts still come from the world's training distribution
     samples_per_prompt: int = 4
     minibatch_size: int = 16
     micro_batch_size: int = 8  # sequences per forward/backward (per process); gradients accumulate to a minibatch
-    ppo_epochs: int = 4
-    lr: float = 5e-5  # the policy's, for the tiny base (1e-4 overshoots); real models want ~1e-6..1e-5
+    # 2 epochs, not 4: the rater's noise, not the sample count per update, limits how close PPO gets
+    # to its optimum, so compute goes to fresh samples (README: PPO)
+    ppo_epochs: int = 2
+    lr: float = 1e-4  # the policy's, for the tiny base (annealed to 0); real models want ~1e-6..1e-5
     # the value model's or head's (None: lr). Adam's step is ~lr whatever vf_coef, and a fresh
     # scalar head at 5e-5 needs ~100 steps to reach returns of ~6: hence its own, larger rate
     value_lr: Optional[float] = 1e-3
@@ -214,7 +216,7 @@ class PPOConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     save_every: int = 50  # steps between resumable checkpoints
     log_every: int = 1
-    eval_every: int = 10  # steps between optimum/tv evaluations (reward=gold; 0: at the end only)
+    eval_every: int = 20  # steps between optimum/tv evaluations (reward=gold; 0: at the end only)
 
 
 @dataclass

@@ -4,8 +4,8 @@ implementation details of RLHF with PPO"), one step = the five numbered steps of
     1. rollout   sample completions from the policy (temperature T, the FULL vocabulary, EOS
                  allowed everywhere: the sampled distribution is the one the update optimises)
     2. score     reward at the last token: gold rater or reward model; −penalty if cut off;
-                 centred by the base's mean score (the first rollout's), which leaves the
-                 optimum unchanged and removes the length bias of an untrained value head
+                 centred by the base's mean score (the first rollout's): the optimum is
+                 unchanged, and the zero-initialised value head starts near the returns
     3. KL        per-token reward −β·(log π − log π_ref) − α·log π, π_ref the frozen base: the
                  k1 estimators of −β·KL and +α·H, so the sequence-level optimum is
                  π*(y) ∝ π_ref(y)^(β/(α+β))·e^{r(y)/(α+β)} (collapse_lab/optimum.py)
@@ -279,8 +279,9 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
 
             # 4. GAE over response tokens, then whitened advantages
             advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
-            # Whitening scales the reward's gradient by 1/std(A); a loss-term entropy bonus gets the
-            # same scale, so the objective keeps its optimum (E[r] − β·KL + α·H, divided by std(A)).
+            # Whitening scales the reward's gradient by 1/std(A); every term of the reward (score, KL,
+            # entropy) alike. A loss-term entropy bonus (entropy_bonus=loss) gets the same scale, but
+            # 1/std(A) is a batch statistic, so its balance with the reward drifts (tested).
             adv_scale = torch.tensor(1.0)
             if p.whiten_advantages:
                 advantages, adv_scale = masked_whiten(advantages, mask)
