@@ -496,5 +496,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
+    """Atomic (a temporary file renamed): run_dir compares a rerun's config with this file."""
     path.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, path / "config.yaml.tmp", resolve=True)
+    (path / "config.yaml.tmp").replace(path / "config.yaml")

@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, get_scheduler
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
-                                     write_manifest)
-from collapse_lab.config import run_dir
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
+                                     start_run, write_manifest)
+from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
@@ -105,7 +105,7 @@ class KLController:
 
 
 class Progress:
-    """Counters a resumed run continues from, checkpointed with the models and optimiser.
+    """Counters a resumed run continues from, checkpointed with the models and optimiser (state.json).
     (Prompt and rater randomness is seeded per (seed, process, step): nothing to store.)"""
 
     def __init__(self):
@@ -199,11 +199,13 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     reward = make_reward(cfg, world, accelerator.device)
     kl_ctl = KLController(p)
     progress = Progress()
-    accelerator.register_for_checkpointing(kl_ctl, progress)
+    accelerator.register_save_state_pre_hook(lambda models, weights, d: _save_json_state(d, accelerator, kl_ctl, progress))
     resume = _last_checkpoint(out)
     if resume:
-        accelerator.load_state(str(resume))
+        _load_checkpoint(accelerator, resume, kl_ctl, progress)
         accelerator.print(f"resuming from {resume} (step {progress.step})")
+    if accelerator.is_main_process:
+        _drop_metrics_after(out / "metrics.jsonl", progress.step)
     bandit = _bandit_setup(cfg, tokenizer, ref if ref is not None else accelerator.unwrap_model(policy)) if bandit_world else None
 
     tracking.init(cfg, out, job_type="ppo")
@@ -339,14 +341,18 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     # save: the HF-loadable policy (LoRA merged in), final metrics, manifest
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(policy)
-        if cfg.peft.enabled:
-            final.save_pretrained(out / "adapter")
-            final = final.merge_and_unload()
-        final.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
         last_row = json.loads(metrics_file.read_text().splitlines()[-1])
-        (out / "metrics.json").write_text(json.dumps(last_row, indent=1) + "\n")
+
+        def save(tmp: Path) -> None:
+            final = accelerator.unwrap_model(policy)
+            if cfg.peft.enabled:
+                final.save_pretrained(tmp / "adapter")
+                final = final.merge_and_unload()
+            final.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(last_row, indent=1) + "\n")
+
+        publish(out, save)
         write_manifest(out, {
             **(read_manifest(out) or {}), "status": "finished", "reward": cfg.reward,
             "samples_scored": getattr(reward, "samples_scored", progress.samples_scored),
@@ -399,9 +405,12 @@ def _last_checkpoint(out: Path):
 
 
 def _checkpoint(out: Path, accelerator: Accelerator, step: int) -> None:
-    """accelerate's save_state (models, optimiser, scheduler, every process's RNG, β, progress)
-    into a temporary directory renamed into place: a kill mid-save leaves the last one intact."""
+    """accelerate's save_state (models, optimiser, scheduler, every process's RNG; β and progress through
+    _save_json_state) into a temporary directory renamed into place: a kill mid-save leaves the last one intact."""
     tmp = out / "checkpoints" / f"tmp-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -410,6 +419,46 @@ def _checkpoint(out: Path, accelerator: Accelerator, step: int) -> None:
             if old.name != f"step-{step}":
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _save_json_state(directory: str, accelerator: Accelerator, kl_ctl: KLController, progress: Progress) -> None:
+    """β and the counters as JSON (accelerate's register_for_checkpointing would pickle them, and its
+    load_state unpickles those files with code execution allowed)."""
+    if accelerator.is_main_process:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        state = {"kl_ctl": kl_ctl.state_dict(), "progress": progress.state_dict()}
+        (Path(directory) / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+
+def _load_checkpoint(accelerator: Accelerator, ckpt: Path, kl_ctl: KLController, progress: Progress) -> None:
+    """accelerate's load_state (weights from safetensors; optimiser, scheduler and RNG states through
+    torch.load with weights_only=True), then β and the counters from state.json. Nothing is unpickled:
+    a custom_checkpoint_*.pkl (which load_state would unpickle with code execution allowed) is refused."""
+    pickles = sorted(f.name for f in ckpt.glob("custom_checkpoint_*.pkl"))
+    if pickles:
+        raise ConfigError(f"{ckpt} holds {', '.join(pickles)}: a pickle the lab never writes, not loaded "
+                          f"(delete {ckpt.parent} to restart the run)")
+    accelerator.load_state(str(ckpt))
+    state = json.loads((ckpt / "state.json").read_text())
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    progress.load_state_dict(state["progress"])
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: the killed run's rows for them go (and a row
+    cut short by the kill), so steps strictly increase."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def _fail(out: Path, accelerator: Accelerator, message: str):

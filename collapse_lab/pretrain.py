@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
 
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
-                                     write_manifest)
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
+                                     start_run, write_manifest)
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
 from collapse_lab.distributed import exact_div, is_main_process, world_size
 from collapse_lab.models import build_base_model
@@ -86,7 +86,7 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
         else:
             texts = world.corpus(p.tokenizer_docs, seed=f"tokenizer/{p.seed}")
             tokenizer = train_tokenizer(texts, cfg.model.vocab_size, cfg.model.split_digits)
-            tokenizer.save_pretrained(out)
+            publish(out, tokenizer.save_pretrained)  # a kill mid-save must not leave a half tokenizer to resume with
     data = tokenize(world.corpus(p.steps * p.batch_size, seed=p.seed), tokenizer, cfg.model.max_seq_len)
 
     # 3. model (seeded: the initial weights are a function of pretrain.seed)
@@ -126,10 +126,14 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
 
     # 5. save (main process); the trainer's optimizer checkpoints are only for resuming
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
-        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is config.yaml
         log = trainer.state.log_history
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+        def save(tmp: Path) -> None:
+            trainer.save_model(str(tmp))
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is config.yaml
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+        publish(out, save)
         previous = (manifest or {}).get("wall_time_s", 0.0)  # kept work of earlier, interrupted runs
         write_manifest(out, {
             **(read_manifest(out) or {}),
