@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,6 +320,74 @@ CHOICES = {
 }
 
 
+# Every numeric key's valid values (checked after composition, before any work). A new numeric key needs
+# an entry here: tests/test_config.py walks the schemas.
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        return (math.isfinite(x) and (self.low < x if self.low_open else self.low <= x)
+                and (x < self.high if self.high_open else x <= self.high))
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "a finite number" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+ANY, COUNT, NONNEG, POSITIVE = Range(), Range(1), Range(0), Range(0, low_open=True)
+SHARE, OPEN_SHARE = Range(0, 1), Range(0, 1, True, True)
+RANGES = {
+    "lab": {
+        "seed": NONNEG, "model.hidden_size": COUNT, "model.num_layers": COUNT, "model.num_heads": COUNT,
+        "model.intermediate_size": COUNT, "model.max_seq_len": COUNT, "model.vocab_size": COUNT,
+        "peft.r": COUNT, "peft.alpha": POSITIVE, "peft.dropout": Range(0, 1, high_open=True),
+        "world.seed": NONNEG, "world.mix.numbers": NONNEG, "world.mix.stories": NONNEG,
+        "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.arithmetic_max": NONNEG,
+        "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
+        "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
+        "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.lr": POSITIVE,
+        "pretrain.warmup_steps": NONNEG, "pretrain.weight_decay": NONNEG, "pretrain.save_every": COUNT,
+        "pretrain.log_every": COUNT, "pretrain.tokenizer_docs": COUNT,
+        "ratings.prompts": COUNT, "ratings.samples_per_prompt": COUNT, "ratings.temperature": POSITIVE,
+        "ratings.max_new_tokens": COUNT, "ratings.seed": NONNEG,
+        "reward_model.epochs": POSITIVE, "reward_model.lr": POSITIVE, "reward_model.batch_size": COUNT,
+        "reward_model.eval_fraction": OPEN_SHARE,
+        "sft.keep_top": COUNT, "sft.min_score": ANY, "sft.rounds": COUNT, "sft.epochs": POSITIVE,
+        "sft.lr": POSITIVE, "sft.batch_size": COUNT,
+        "ppo.steps": COUNT, "ppo.rollout_batch_size": COUNT, "ppo.minibatch_size": COUNT,
+        "ppo.micro_batch_size": COUNT, "ppo.ppo_epochs": COUNT, "ppo.lr": POSITIVE, "ppo.value_lr": POSITIVE,
+        "ppo.kl_coef": NONNEG, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG,
+        "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,
+        "ppo.vf_coef": NONNEG, "ppo.temperature": POSITIVE, "ppo.max_new_tokens": COUNT,
+        "ppo.missing_eos_penalty": NONNEG, "ppo.max_grad_norm": NONNEG, "ppo.save_every": COUNT,
+        "ppo.log_every": COUNT,
+    },
+    "evaluate": {
+        "batch_size": COUNT, "seed": NONNEG, "sampling.n": NONNEG, "sampling.temperature": POSITIVE,
+        "sampling.max_new_tokens": COUNT,
+    },
+    "ablate": {
+        "seed": NONNEG, "seeds": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
+        "eval.samples": NONNEG, "eval.max_new_tokens": COUNT, "eval.story_max_new_tokens": COUNT,
+        "eval.temperature": POSITIVE, "eval.gold_samples": COUNT, "eval.seed": NONNEG,
+    },
+}
+
+
+def _check_ranges(cfg: DictConfig, config_name: str) -> None:
+    for key, valid in RANGES[config_name].items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not isinstance(value, bool) and value not in valid:
+            raise ConfigError(f"bad value {value} for '{key}': must be {valid}")
+
+
 # ---------------------------------------------------------------------- composition
 
 
@@ -408,6 +477,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
             raise ConfigError(f"missing required key '{e.full_key}' (give it as {e.full_key}=...)") from None
         raise ConfigError(_one_line(e)) from None
     _check_choices(cfg)
+    _check_ranges(cfg, config_name)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
     return cfg
