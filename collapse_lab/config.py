@@ -249,6 +249,7 @@ class EvalConfig:
     batch_size: int = 128  # max sequences per forward pass
     seed: int = 0
     plots: bool = True
+    allow_unfinished: bool = False  # evaluate a lab run whose manifest is not finished (with a warning)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -542,8 +543,7 @@ def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: st
     is never reused: that is a ConfigError, so two configs never share a directory.
     """
     name = cfg.name if named and cfg.name else f"{default_name}-{config_hash(cfg, keys)}"
-    if "/" in name or name in ("", ".", ".."):
-        raise ConfigError(f"bad run name '{name}': use a plain directory name")
+    check_name(name, "run name")
     path = Path(cfg.checkpoints_dir) / stage / name
     saved = path / "config.yaml"
     if saved.exists():
@@ -555,6 +555,34 @@ def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: st
             diff = _first_difference(OmegaConf.to_container(old), OmegaConf.to_container(new))
             raise ConfigError(f"{path} holds a run with a different config (at '{diff}'); choose another name=")
     return path
+
+
+def check_name(name: str, what: str) -> None:
+    """A name that becomes ONE directory under checkpoints/ (no path separators, not '.' or '..')."""
+    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise ConfigError(f"bad {what} '{name}': use a plain directory name")
+
+
+def check_output(path: Path, what: str, is_dir: bool = False) -> None:
+    """Before any work: `path` (a file, or with is_dir a directory) can be written. Its nearest existing
+    ancestor must be a writable directory (probed with a temporary file: permission bits say nothing for
+    root, a read-only mount or /proc); an existing file must not be a directory, and vice versa."""
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != is_dir:
+        raise ConfigError(f"{what}={path} is {'a file' if is_dir else 'a directory'}; "
+                          f"give {'a directory' if is_dir else 'a file path'}")
+    parent = path if is_dir and path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is not a directory")
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what}={path}: cannot write under {parent} ({e.strerror or e})") from None
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:

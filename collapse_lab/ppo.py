@@ -174,8 +174,6 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     batches = batch_sizes(p, accelerator.num_processes)
     base = resolve_base(cfg)  # every process: pretraining (if needed) is itself multi-process
     set_seed(cfg.seed, device_specific=True)
-    if accelerator.is_main_process:
-        start_run(cfg, out, STAGE, read_manifest(out), base_path=base)
 
     # models: the policy (LoRA: reference = the same weights, adapter disabled), a frozen
     # reference copy for full fine-tuning, and the value model or head
@@ -208,6 +206,8 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         _drop_metrics_after(out / "metrics.jsonl", progress.step)
     bandit = _bandit_setup(cfg, tokenizer, ref if ref is not None else accelerator.unwrap_model(policy)) if bandit_world else None
 
+    if accelerator.is_main_process:  # after every input is checked: rejected input leaves no run directory
+        start_run(cfg, out, STAGE, read_manifest(out), base_path=base)
     tracking.init(cfg, out, job_type="ppo")
     metrics_file = out / "metrics.jsonl"
     bar = tqdm(total=p.steps, initial=progress.step, desc=f"ppo {out.name}", disable=not accelerator.is_main_process)

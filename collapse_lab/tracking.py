@@ -20,8 +20,9 @@ def report_to(cfg: DictConfig) -> list[str]:
 
 
 def init(cfg: DictConfig, out: Path, job_type: str):
-    """Start the W&B run (main process only); returns it, or None when disabled."""
-    os.environ["WANDB_MODE"] = cfg.wandb.mode
+    """Start the W&B run (main process only); returns it, or None when disabled. The mode goes to
+    wandb.init, not into $WANDB_MODE: the user's variable stays as they set it for later runs (the
+    ablation's summary run reads it)."""
     if cfg.wandb.mode == "disabled" or not is_main_process():
         return None
     import wandb
