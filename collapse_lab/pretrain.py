@@ -126,7 +126,9 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
 
     # 5. save (main process); the trainer's optimizer checkpoints are only for resuming
     if trainer.is_world_process_zero():
-        log = trainer.state.log_history
+        # one row per logging step; not the trainer's end-of-session summary (its train_loss averages only
+        # this process's steps: a resumed run's would differ from an uninterrupted one's)
+        log = [r for r in trainer.state.log_history if "train_runtime" not in r]
 
         def save(tmp: Path) -> None:
             trainer.save_model(str(tmp))
