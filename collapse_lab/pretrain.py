@@ -80,13 +80,16 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
 
     # 1-2. corpus and tokenizer (the main process trains and saves it, the others load it)
     world = World(cfg.world)
+    # Kept with the resumable checkpoints, published as ONE directory (a rename: all of it or none), never
+    # in the run directory, whose final files a kill during the final save may leave half replaced.
+    saved_tokenizer = out / "trainer" / "tokenizer"
     with PartialState().main_process_first():
-        if (out / "tokenizer.json").exists():
-            tokenizer = AutoTokenizer.from_pretrained(out)
+        if saved_tokenizer.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(saved_tokenizer)
         else:
             texts = world.corpus(p.tokenizer_docs, seed=f"tokenizer/{p.seed}")
             tokenizer = train_tokenizer(texts, cfg.model.vocab_size, cfg.model.split_digits)
-            publish(out, tokenizer.save_pretrained)  # a kill mid-save must not leave a half tokenizer to resume with
+            publish(out / "trainer", lambda tmp: tokenizer.save_pretrained(tmp / "tokenizer"))
     data = tokenize(world.corpus(p.steps * p.batch_size, seed=p.seed), tokenizer, cfg.model.max_seq_len)
 
     # 3. model (seeded: the initial weights are a function of pretrain.seed)

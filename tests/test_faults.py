@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from collapse_lab import ppo as ppo_module
 from collapse_lab.checkpoint import FAULT, read_manifest
@@ -103,7 +104,10 @@ def test_pretrain_killed_during_its_final_save_finishes_identically(tmp_path):
     whole = pretrain(_lab(tmp_path / "a", *TINY_PRETRAIN))
     out = _killed_then_rerun("train/pretrain.py", tmp_path / "b", _argv(tmp_path / "b", *TINY_PRETRAIN), "base")
     assert _same_weights(out, whole) and _rows(out / "metrics.jsonl") == _rows(whole / "metrics.jsonl")
-    assert (out / "tokenizer_config.json").read_text() == (whole / "tokenizer_config.json").read_text()
+    # the same tokenizer, whole (its config differs only by transformers' is_local flags when loaded from disk)
+    assert (out / "tokenizer.json").read_text() == (whole / "tokenizer.json").read_text()
+    loaded, fresh = (AutoTokenizer.from_pretrained(d) for d in (out, whole))
+    assert loaded.special_tokens_map == fresh.special_tokens_map and loaded.get_vocab() == fresh.get_vocab()
     assert not any("train_loss" in r for r in _rows(out / "metrics.jsonl"))  # the per-session summary row
 
 
