@@ -17,7 +17,7 @@ import sys
 
 from pathlib import Path
 
-from collapse_lab.config import ConfigError, check_output, cli
+from collapse_lab.config import ConfigError, check_output, cli, quiet_libraries
 
 
 def _run(cfg):
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         if any(a in ("-h", "--help") for a in argv[1:]):
             print(__doc__)
             return None
+        quiet_libraries()
         try:
             OWN_ARGS[argv[0]](argv[1:])
         except ConfigError as e:

@@ -507,10 +507,21 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
         # Subnormal floats make CPU training ~50x slower once weights get small; worker threads copy
         # this setting when they start, so it is set before any computation of the run.
         torch.set_flush_denormal(True)
+        quiet_libraries()
         return fn(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """One progress bar per stage (its own): not also transformers' shard loading/saving bars and datasets'
+    map/save bars, which a stage's save or load would print between the stage's bar and summary line."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 # --------------------------------------------------------------------- run directories

@@ -122,6 +122,7 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[ManifestCallback(out, started, (manifest or {}).get("wall_time_s", 0.0))])
+    tracking.quiet(trainer)
     last = last_complete_checkpoint(Path(args.output_dir))
     if last:
         print(f"resuming from {last}")

@@ -158,6 +158,7 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    tracking.quiet(trainer)
     trainer.train()
 
     def save(tmp: Path) -> None:

@@ -161,6 +161,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
             dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        tracking.quiet(trainer)
         trainer.train()
         model = trainer.model
         completion_tokens = sum(map(sum, list(data["completion_mask"])))

@@ -47,6 +47,21 @@ def log(row: dict, step: int) -> None:
         sys.modules["wandb"].log(row, step=step)
 
 
+def quiet(trainer) -> None:
+    """A Trainer's console: its progress bar (on a terminal) and nothing else. Its log dicts are in
+    trainer.state.log_history (the run's metrics.jsonl) and go to W&B; printed, they would land between
+    the progress bars (PrinterCallback without a terminal, ProgressCallback.on_log with one)."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, *args, **kwargs):
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BarOnly)
+
+
 def finish() -> None:
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()
