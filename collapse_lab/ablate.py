@@ -42,6 +42,7 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from collapse_lab.checkpoint import lock_run, unlock_run
 from collapse_lab.config import AblateConfig, ConfigError, compose, group_options
 
 STAGE = "ablations"
@@ -275,6 +276,7 @@ def run(p: Plan) -> Path:
 
     cfg, out = p.cfg, p.out
     started = time.time()
+    lock_run(out)  # a second identical ablation waits, then finds every stage finished
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create({"digest": p.digest, "ablate": OmegaConf.to_container(cfg, resolve=True),
                                      "lab": p.lab}), out / "ablation.yaml")
@@ -316,6 +318,7 @@ def run(p: Plan) -> Path:
     _write_json(out / "manifest.json", {**(_read_json(out / "manifest.json") or {}), "status": "finished",
                                         "finished_at": _now(), "wall_time_s": time.time() - started,
                                         "stages": show.lines, "rss_mib": show.rss_mib})
+    unlock_run(out)
     print(result["verdict"]["text"])
     _log_to_wandb(p, out, result)
     return out

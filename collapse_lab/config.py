@@ -386,7 +386,7 @@ def _check_ranges(cfg: DictConfig, config_name: str) -> None:
     for key, valid in RANGES[config_name].items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not isinstance(value, bool) and value not in valid:
-            raise ConfigError(f"bad value {value} for '{key}': must be {valid}")
+            raise ConfigError(f"{key} must be {valid}, got {value}")
 
 
 # ---------------------------------------------------------------------- composition

@@ -261,7 +261,7 @@ def test_every_bad_value_is_exit_2_with_one_line_before_any_work(name, key, tmp_
             if name != "evaluate" else [*BASE_ARGS[name], f"{key}={value}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and not called and not list(tmp_path.iterdir())
-    assert err.count("\n") == 1 and f"'{key}'" in err and str(valid) in err, err
+    assert err.count("\n") == 1 and err.startswith(f"error: {key} must be {valid}, got "), err
 
 
 @pytest.mark.parametrize("override", ["ppo.steps=-1", "ppo.rollout_batch_size=0", "ppo.save_every=0",
@@ -270,14 +270,14 @@ def test_the_reported_bad_values_name_key_value_and_range(override, capsys):
     with pytest.raises(SystemExit):
         cli("lab", print, [override])
     key, value = override.split("=")
-    assert re.match(rf"error: bad value {value}(\.0)? for '{key}': must be [>(\[]", capsys.readouterr().err)
+    assert re.fullmatch(rf"error: {key} must be [>(\[].*, got {value}(\.0)?\n", capsys.readouterr().err)
 
 
 @pytest.mark.slow
 def test_a_bad_value_on_the_command_line_writes_nothing(tmp_path):
     p = _run("train/ppo.py", "ppo.steps=-1", f"checkpoints_dir={tmp_path}/ck")
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 2 and err == "error: bad value -1 for 'ppo.steps': must be >= 1\n"
+    assert p.returncode == 2 and err == "error: ppo.steps must be >= 1, got -1\n"
     assert not list(tmp_path.iterdir())
 
 
