@@ -197,7 +197,8 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     reward = make_reward(cfg, world, accelerator.device)
     kl_ctl = KLController(p)
     progress = Progress()
-    accelerator.register_save_state_pre_hook(lambda models, weights, d: _save_json_state(d, accelerator, kl_ctl, progress))
+    # β and the counters go into every save_state directory as JSON (_checkpoint, _load_checkpoint)
+    accelerator.register_save_state_pre_hook(lambda _m, _w, d: _save_json_state(d, accelerator, kl_ctl, progress))
     resume = _last_checkpoint(out)
     if resume:
         _load_checkpoint(accelerator, resume, kl_ctl, progress)

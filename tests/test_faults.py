@@ -216,7 +216,8 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
     from collapse_lab.checkpoint import lock_run, unlock_run
 
     out = tmp_path / "ppo" / "run"
-    code = f"from collapse_lab.checkpoint import lock_run; import os, sys; lock_run({str(out)!r}); print('held', flush=True); sys.stdin.read()"
+    code = (f"import sys; from collapse_lab.checkpoint import lock_run; lock_run({str(out)!r}); "
+            "print('held', flush=True); sys.stdin.read()")
     holder = _run("-c", code, stdin=subprocess.PIPE, env={"PYTHONPATH": str(REPO)})
     assert holder.stdout.readline().strip() == "held"
     holder.kill()
