@@ -132,7 +132,7 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
     if trainer.is_world_process_zero():
         # one row per logging step; not the trainer's end-of-session summary (its train_loss averages only
         # this process's steps: a resumed run's would differ from an uninterrupted one's)
-        log = [r for r in trainer.state.log_history if "train_runtime" not in r]
+        log = [r for r in trainer.state.log_history if "train_loss" not in r]
 
         def save(tmp: Path) -> None:
             trainer.save_model(str(tmp))

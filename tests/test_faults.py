@@ -42,7 +42,8 @@ PPO = ("ppo.steps=4", "ppo.save_every=2", "ppo.rollout_batch_size=8", "ppo.minib
 RATINGS = ("ratings.prompts=16", "ratings.samples_per_prompt=2", "ratings.max_new_tokens=3", "world.rater.noise_std=1.5")
 SFT = RATINGS + ("sft.batch_size=4",)
 RM = RATINGS + ("reward_model.epochs=1", "reward_model.batch_size=8")
-WALL_CLOCK = ("time/step_s", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+WALL_CLOCK = ("time/step_s", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+              "train_tokens_per_second")
 
 
 def _run(*args, env=None, **kw):
@@ -108,7 +109,9 @@ def test_pretrain_killed_during_its_final_save_finishes_identically(tmp_path):
     assert (out / "tokenizer.json").read_text() == (whole / "tokenizer.json").read_text()
     loaded, fresh = (AutoTokenizer.from_pretrained(d) for d in (out, whole))
     assert loaded.special_tokens_map == fresh.special_tokens_map and loaded.get_vocab() == fresh.get_vocab()
-    assert not any("train_loss" in r for r in _rows(out / "metrics.jsonl"))  # the per-session summary row
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6] and all("loss" in r for r in rows)  # no per-session summary row
+    assert read_manifest(out)["final_loss"] == rows[-1]["loss"]
 
 
 @pytest.mark.slow
@@ -395,3 +398,16 @@ def test_the_config_does_not_overwrite_wandb_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     tracking.init(_lab(tmp_path), tmp_path, job_type="test")  # wandb.mode=disabled
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+# ------------------------------------------------------------------------------ 13. a quiet console
+
+
+def test_trainer_log_dicts_go_to_the_metrics_file_not_the_console(tmp_path, capfd):
+    from collapse_lab.config import quiet_libraries
+
+    quiet_libraries()  # as every entry point does (config.cli, the cli's own commands)
+    out = pretrain(_lab(tmp_path, *TINY_PRETRAIN))
+    console = "".join(capfd.readouterr())
+    assert "{'loss'" not in console and "Writing model shards" not in console, console
+    assert any("loss" in r for r in _rows(out / "metrics.jsonl"))
