@@ -5,7 +5,8 @@
     python benchmarks/bench_ablate.py preset=default --keep docs/example   # keep the ablation's directory
 
 Each run gets a fresh temporary checkpoints_dir, so nothing is cached. Prints per preset the wall
-time, its ratio to the issue's target (quick <= 180 s, default <= 900 s), and the per-stage lines
+time, its ratio to the issue's target (quick <= 180 s, default <= 900 s), the peak resident memory
+(RSS; bound 2 GiB) and the RSS after each stage (flat: finished stages' models are released), the per-stage lines
 of the ablation's manifest (the slowest stages first), plus the machine it ran on. Run it with
 nothing else running; tests never assert wall-clock times.
 """
@@ -13,6 +14,7 @@ nothing else running; tests never assert wall-clock times.
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,11 +36,15 @@ def run(preset: str, extra: list[str], keep: Path | None = None) -> dict:
         if r.returncode != 0:
             sys.exit(f"{preset}: failed ({r.returncode}):\n{r.stderr[-2000:]}")
         (abl,) = (Path(ck) / "ablations").iterdir()
-        stages = json.loads((abl / "manifest.json").read_text())["stages"]
+        manifest = json.loads((abl / "manifest.json").read_text())
+        stages, rss = manifest["stages"], manifest.get("rss_mib", [])
         verdict = json.loads((abl / "report.json").read_text())["verdict"]["text"]
         if keep:  # the ablation's own directory (report, plots, evals, run records): no model weights
             shutil.copytree(abl, keep / preset, dirs_exist_ok=True)
-    return {"preset": preset, "wall_s": wall, "stages": stages, "verdict": verdict}
+    # ru_maxrss of the ablation's process (and any it started): KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"preset": preset, "wall_s": wall, "stages": stages, "verdict": verdict, "peak_rss_gib": peak,
+            "rss_after_stages_mib": rss}
 
 
 def main() -> None:
@@ -60,6 +66,8 @@ def main() -> None:
         for line in slow[:8]:
             print("   ", line)
         print("   verdict:", res["verdict"])
+        print(f"   peak RSS {res['peak_rss_gib']:.2f} GiB (so far in this benchmark; the issue's bound: 2 GiB); "
+              f"RSS after each stage (MiB): {res['rss_after_stages_mib']}")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,12 @@ comparison (run the ablation twice with pretrain.seed=... for that).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib
 import json
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from collapse_lab.checkpoint import lock_run, unlock_run
 from collapse_lab.config import AblateConfig, ConfigError, compose, group_options
 
 STAGE = "ablations"
@@ -221,7 +224,7 @@ class Display:
         self.progress = Progress(TextColumn("[bold]ablation[/bold] {task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=False)
         self.task = self.progress.add_task("", total=total)
-        self.done, self.total, self.lines = 0, total, []
+        self.done, self.total, self.lines, self.rss_mib = 0, total, [], []
 
     def __enter__(self):
         self.progress.start()
@@ -235,12 +238,26 @@ class Display:
         self.progress.update(self.task, description=label)
         start = time.time()
         result, summary = fn(*args)
+        import torch
+
+        gc.collect()  # the stage's models, optimiser and trainer (reference cycles): memory stays flat across stages
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.rss_mib.append(_rss_mib())
         self.done += 1
         line = f"[{self.done}/{self.total}] {label}: {summary} ({time.time() - start:.1f} s)"
         self.lines.append(line)
         self.progress.console.print(line, markup=False, soft_wrap=True)
         self.progress.advance(self.task)
         return result
+
+
+def _rss_mib() -> int:
+    """This process's resident memory now (Linux /proc), else its peak so far (getrusage; KiB on Linux)."""
+    try:
+        return round(int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+    except OSError:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def _stage_summary(path: Path) -> str:
@@ -259,6 +276,7 @@ def run(p: Plan) -> Path:
 
     cfg, out = p.cfg, p.out
     started = time.time()
+    lock_run(out)  # a second identical ablation waits, then finds every stage finished
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create({"digest": p.digest, "ablate": OmegaConf.to_container(cfg, resolve=True),
                                      "lab": p.lab}), out / "ablation.yaml")
@@ -299,7 +317,8 @@ def run(p: Plan) -> Path:
         result = show.stage("report", lambda: (report.build(out), f"{out / 'report.md'}"))
     _write_json(out / "manifest.json", {**(_read_json(out / "manifest.json") or {}), "status": "finished",
                                         "finished_at": _now(), "wall_time_s": time.time() - started,
-                                        "stages": show.lines})
+                                        "stages": show.lines, "rss_mib": show.rss_mib})
+    unlock_run(out)
     print(result["verdict"]["text"])
     _log_to_wandb(p, out, result)
     return out

@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from collapse_lab.checkpoint import already_finished, git_commit, package_versions, write_manifest
+from collapse_lab.checkpoint import already_finished, git_commit, package_versions, publish, write_manifest
 from collapse_lab.config import ConfigError, run_dir, save_config
 
 STAGE = "bok"
@@ -103,7 +103,7 @@ def make_bok(cfg: DictConfig, named: bool = True) -> Path:
     save_config(cfg, out)
     spec = {"policy": "best_of_k", "base_path": base, "k": k, "scores": "rater.expected",
             "ties": "split in proportion to the base's mass", "world": OmegaConf.to_container(cfg.world, resolve=True)}
-    (out / SPEC).write_text(json.dumps(spec, indent=1) + "\n")
+    publish(out, lambda tmp: (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n"))
     write_manifest(out, {"stage": STAGE, "status": "finished", "base_path": base, "k": k,
                          "samples_scored": 0, "ratings_per_query": k, "steps": 0, "tokens_trained": 0,
                          "wall_time_s": time.time() - started, "git_commit": git_commit(),

@@ -17,7 +17,7 @@ import sys
 
 from pathlib import Path
 
-from collapse_lab.config import ConfigError, cli
+from collapse_lab.config import ConfigError, check_output, cli, quiet_libraries
 
 
 def _run(cfg):
@@ -62,6 +62,7 @@ def _report(argv: list[str]):
     path = Path(argv[0])
     if not (path / "ablation.yaml").is_file() or not (path / "runs.json").is_file():
         raise ConfigError(f"{path} is not a finished ablation directory (needs ablation.yaml and runs.json)")
+    check_output(path / "plots", "report directory", is_dir=True)
     result = build(path)
     print(result["verdict"]["text"])
     print(f"wrote {path / 'report.md'}, {path / 'report.json'}, {path / 'plots'}/")
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         if any(a in ("-h", "--help") for a in argv[1:]):
             print(__doc__)
             return None
+        quiet_libraries()
         try:
             OWN_ARGS[argv[0]](argv[1:])
         except ConfigError as e:

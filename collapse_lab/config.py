@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,7 @@ class EvalConfig:
     batch_size: int = 128  # max sequences per forward pass
     seed: int = 0
     plots: bool = True
+    allow_unfinished: bool = False  # evaluate a lab run whose manifest is not finished (with a warning)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -338,6 +340,74 @@ CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda", "mps"),
 }
+
+
+# Every numeric key's valid values (checked after composition, before any work). A new numeric key needs
+# an entry here: tests/test_config.py walks the schemas.
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        return (math.isfinite(x) and (self.low < x if self.low_open else self.low <= x)
+                and (x < self.high if self.high_open else x <= self.high))
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "a finite number" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+ANY, COUNT, NONNEG, POSITIVE = Range(), Range(1), Range(0), Range(0, low_open=True)
+SHARE, OPEN_SHARE = Range(0, 1), Range(0, 1, True, True)
+RANGES = {
+    "lab": {
+        "seed": NONNEG, "model.hidden_size": COUNT, "model.num_layers": COUNT, "model.num_heads": COUNT,
+        "model.intermediate_size": COUNT, "model.max_seq_len": COUNT, "model.vocab_size": COUNT,
+        "peft.r": COUNT, "peft.alpha": POSITIVE, "peft.dropout": Range(0, 1, high_open=True),
+        "world.seed": NONNEG, "world.mix.numbers": NONNEG, "world.mix.stories": NONNEG,
+        "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.arithmetic_max": NONNEG,
+        "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
+        "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
+        "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.lr": POSITIVE,
+        "pretrain.warmup_steps": NONNEG, "pretrain.weight_decay": NONNEG, "pretrain.save_every": COUNT,
+        "pretrain.log_every": COUNT, "pretrain.tokenizer_docs": COUNT,
+        "ratings.prompts": COUNT, "ratings.samples_per_prompt": COUNT, "ratings.temperature": POSITIVE,
+        "ratings.max_new_tokens": COUNT, "ratings.seed": NONNEG,
+        "reward_model.epochs": POSITIVE, "reward_model.lr": POSITIVE, "reward_model.batch_size": COUNT,
+        "reward_model.eval_fraction": OPEN_SHARE,
+        "sft.keep_top": COUNT, "sft.min_score": ANY, "sft.rounds": COUNT, "sft.epochs": POSITIVE,
+        "sft.lr": POSITIVE, "sft.batch_size": COUNT,
+        "ppo.steps": COUNT, "ppo.rollout_batch_size": COUNT, "ppo.minibatch_size": COUNT,
+        "ppo.micro_batch_size": COUNT, "ppo.ppo_epochs": COUNT, "ppo.lr": POSITIVE, "ppo.value_lr": POSITIVE,
+        "ppo.kl_coef": NONNEG, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG,
+        "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,
+        "ppo.vf_coef": NONNEG, "ppo.temperature": POSITIVE, "ppo.max_new_tokens": COUNT,
+        "ppo.missing_eos_penalty": NONNEG, "ppo.max_grad_norm": NONNEG, "ppo.save_every": COUNT,
+        "ppo.log_every": COUNT,
+    },
+    "evaluate": {
+        "batch_size": COUNT, "seed": NONNEG, "sampling.n": NONNEG, "sampling.temperature": POSITIVE,
+        "sampling.max_new_tokens": COUNT,
+    },
+    "ablate": {
+        "seed": NONNEG, "seeds": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
+        "eval.samples": NONNEG, "eval.max_new_tokens": COUNT, "eval.story_max_new_tokens": COUNT,
+        "eval.temperature": POSITIVE, "eval.gold_samples": COUNT, "eval.seed": NONNEG,
+    },
+}
+
+
+def _check_ranges(cfg: DictConfig, config_name: str) -> None:
+    for key, valid in RANGES[config_name].items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not isinstance(value, bool) and value not in valid:
+            raise ConfigError(f"{key} must be {valid}, got {value}")
 
 
 # ---------------------------------------------------------------------- composition
@@ -429,6 +499,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
             raise ConfigError(f"missing required key '{e.full_key}' (give it as {e.full_key}=...)") from None
         raise ConfigError(_one_line(e)) from None
     _check_choices(cfg)
+    _check_ranges(cfg, config_name)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
     return cfg
@@ -457,10 +528,21 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
         # Subnormal floats make CPU training ~50x slower once weights get small; worker threads copy
         # this setting when they start, so it is set before any computation of the run.
         torch.set_flush_denormal(True)
+        quiet_libraries()
         return fn(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """One progress bar per stage (its own): not also transformers' shard loading/saving bars and datasets'
+    map/save bars, which a stage's save or load would print between the stage's bar and summary line."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 # --------------------------------------------------------------------- run directories
@@ -493,8 +575,7 @@ def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: st
     is never reused: that is a ConfigError, so two configs never share a directory.
     """
     name = cfg.name if named and cfg.name else f"{default_name}-{config_hash(cfg, keys)}"
-    if "/" in name or name in ("", ".", ".."):
-        raise ConfigError(f"bad run name '{name}': use a plain directory name")
+    check_name(name, "run name")
     path = Path(cfg.checkpoints_dir) / stage / name
     saved = path / "config.yaml"
     if saved.exists():
@@ -508,6 +589,34 @@ def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: st
     return path
 
 
+def check_name(name: str, what: str) -> None:
+    """A name that becomes ONE directory under checkpoints/ (no path separators, not '.' or '..')."""
+    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise ConfigError(f"bad {what} '{name}': use a plain directory name")
+
+
+def check_output(path: Path, what: str, is_dir: bool = False) -> None:
+    """Before any work: `path` (a file, or with is_dir a directory) can be written. Its nearest existing
+    ancestor must be a writable directory (probed with a temporary file: permission bits say nothing for
+    root, a read-only mount or /proc); an existing file must not be a directory, and vice versa."""
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != is_dir:
+        raise ConfigError(f"{what}={path} is {'a file' if is_dir else 'a directory'}; "
+                          f"give {'a directory' if is_dir else 'a file path'}")
+    parent = path if is_dir and path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is not a directory")
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what}={path}: cannot write under {parent} ({e.strerror or e})") from None
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
@@ -517,5 +626,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
+    """Atomic (a temporary file renamed): run_dir compares a rerun's config with this file."""
     path.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, path / "config.yaml.tmp", resolve=True)
+    (path / "config.yaml.tmp").replace(path / "config.yaml")

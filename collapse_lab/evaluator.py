@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import re
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ from omegaconf import DictConfig
 from transformers import GenerationConfig
 
 from collapse_lab import metrics
+from collapse_lab.checkpoint import package_versions, read_manifest
+from collapse_lab.config import ConfigError, check_output
 from collapse_lab.optimum import answer_optimum, answer_scores, optimum_tv, run_objective
-from collapse_lab.checkpoint import package_versions
-from collapse_lab.config import ConfigError
 from collapse_lab.models import load_pretrained
 from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
 from collapse_lab.world import make_world
@@ -479,6 +480,18 @@ def _check_fits(model, tokenizer, suite: Suite, max_new_tokens: int, n_samples: 
                               f"answer {longest} or max_new_tokens), longer than the context ({context}) of {path}")
 
 
+def _check_finished(path: Optional[str], allow_unfinished: bool) -> None:
+    """A lab run directory (manifest.json) whose run has not finished holds no final model, or a stale one:
+    refused unless allow_unfinished=true, which evaluates it with a warning."""
+    manifest = read_manifest(Path(path)) if path else None
+    if manifest is None or manifest.get("status") == "finished":
+        return
+    if not allow_unfinished:
+        raise ConfigError(f"{path} is an unfinished lab run (status {manifest.get('status')}); finish it, "
+                          "or give allow_unfinished=true to evaluate what it holds")
+    print(f"warning: evaluating {path}, an unfinished lab run (status {manifest.get('status')})", file=sys.stderr)
+
+
 def default_out(model_path: str, suite_name: str) -> Path:
     """<model>/eval/<suite>.json for a lab checkpoint (has manifest.json); else checkpoints/eval/<model>/<suite>.json."""
     if (Path(model_path) / "manifest.json").is_file():
@@ -512,6 +525,9 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"need sampling.n >= 0, sampling.temperature > 0, sampling.max_new_tokens >= 1, "
                           f"batch_size >= 1; got {s.n}, {s.temperature}, {s.max_new_tokens}, {cfg.batch_size}")
     out = Path(cfg.out) if cfg.out else default_out(cfg.model_path, suite.name)
+    check_output(out, "out")
+    for path in (cfg.model_path, cfg.reference_path):
+        _check_finished(path, cfg.allow_unfinished)
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     else:
@@ -541,8 +557,11 @@ def run(cfg: DictConfig) -> dict:
     result = _jsonable({"summary": summary, "prompts": records})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, allow_nan=False))
-    tmp.replace(out)
+    try:
+        tmp.write_text(json.dumps(result, indent=1, allow_nan=False))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     if cfg.plots:
         plot_suite(records, f"{cfg.model_path} on suite '{suite.name}'", out.with_suffix(".png"))
     print_table(records, f"{cfg.model_path} on suite '{suite.name}' -> {out}")

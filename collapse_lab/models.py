@@ -44,13 +44,17 @@ def load_pretrained(path: str, dtype: str = "float32", peft=None):
 
     from collapse_lab.config import ConfigError
 
+    from safetensors import SafetensorError
+
     hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith(".")
     if not Path(path).exists() and not hub_like:
         raise ConfigError(f"model path '{path}' does not exist (a local directory or a Hugging Face hub name)")
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"'{path}' holds no model (no config.json): not a finished run or a saved model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt file
         where = "a local directory" if Path(path).exists() else "not a local directory, nor loadable from the hub"
         raise ConfigError(f"cannot load model '{path}' ({where}): {' '.join(str(e).split())[:300]}") from None
     if tokenizer.pad_token is None:  # GPT-2/Pythia ship without one; batching needs it

@@ -43,9 +43,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, get_scheduler
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
-                                     write_manifest)
-from collapse_lab.config import run_dir
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
+                                     start_run, write_manifest)
+from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained
 from collapse_lab.optimum import answer_optimum, optimum_tv
@@ -119,7 +119,7 @@ class KLController:
 
 
 class Progress:
-    """Counters a resumed run continues from, checkpointed with the models and optimiser.
+    """Counters a resumed run continues from, checkpointed with the models and optimiser (state.json).
     (Prompt and rater randomness is seeded per (seed, process, step): nothing to store.)"""
 
     def __init__(self):
@@ -191,8 +191,6 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     batches = batch_sizes(p, accelerator.num_processes)
     base = resolve_base(cfg)  # every process: pretraining (if needed) is itself multi-process
     set_seed(cfg.seed, device_specific=True)
-    if accelerator.is_main_process:
-        start_run(cfg, out, STAGE, read_manifest(out), base_path=base)
 
     # models: the policy (LoRA: reference = the same weights, adapter disabled), a frozen
     # reference copy for full fine-tuning, and the value model or head
@@ -216,11 +214,14 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     reward = make_reward(cfg, world, accelerator.device)
     kl_ctl = KLController(p)
     progress = Progress()
-    accelerator.register_for_checkpointing(kl_ctl, progress)
+    # β and the counters go into every save_state directory as JSON (_checkpoint, _load_checkpoint)
+    accelerator.register_save_state_pre_hook(lambda _m, _w, d: _save_json_state(d, accelerator, kl_ctl, progress))
     resume = _last_checkpoint(out)
     if resume:
-        accelerator.load_state(str(resume))
+        _load_checkpoint(accelerator, resume, kl_ctl, progress)
         accelerator.print(f"resuming from {resume} (step {progress.step})")
+    if accelerator.is_main_process:
+        _drop_metrics_after(out / "metrics.jsonl", progress.step)
     reference = ref if ref is not None else accelerator.unwrap_model(policy)
     bandit = _bandit_setup(cfg, tokenizer, reference) if bandit_world else None
     optimum = None  # the closed form of this run's own objective on the seed prompts (gold reward only)
@@ -228,6 +229,8 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         with reference.disable_adapter() if ref is None else nullcontext():
             optimum = SuiteOptimum(reference, tokenizer, world)
 
+    if accelerator.is_main_process:  # after every input is checked: rejected input leaves no run directory
+        start_run(cfg, out, STAGE, read_manifest(out), base_path=base)
     tracking.init(cfg, out, job_type="ppo")
     metrics_file = out / "metrics.jsonl"
     bar = tqdm(total=p.steps, initial=progress.step, desc=f"ppo {out.name}", disable=not accelerator.is_main_process)
@@ -375,14 +378,18 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     # save: the HF-loadable policy (LoRA merged in), final metrics, manifest
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(policy)
-        if cfg.peft.enabled:
-            final.save_pretrained(out / "adapter")
-            final = final.merge_and_unload()
-        final.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
         last_row = json.loads(metrics_file.read_text().splitlines()[-1])
-        (out / "metrics.json").write_text(json.dumps(last_row, indent=1) + "\n")
+
+        def save(tmp: Path) -> None:
+            final = accelerator.unwrap_model(policy)
+            if cfg.peft.enabled:
+                final.save_pretrained(tmp / "adapter")
+                final = final.merge_and_unload()
+            final.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(last_row, indent=1) + "\n")
+
+        publish(out, save)
         write_manifest(out, {
             **(read_manifest(out) or {}), "status": "finished", "reward": cfg.reward,
             "samples_scored": getattr(reward, "samples_scored", progress.samples_scored),
@@ -456,9 +463,12 @@ def _last_checkpoint(out: Path):
 
 
 def _checkpoint(out: Path, accelerator: Accelerator, step: int) -> None:
-    """accelerate's save_state (models, optimiser, scheduler, every process's RNG, β, progress)
-    into a temporary directory renamed into place: a kill mid-save leaves the last one intact."""
+    """accelerate's save_state (models, optimiser, scheduler, every process's RNG; β and progress through
+    _save_json_state) into a temporary directory renamed into place: a kill mid-save leaves the last one intact."""
     tmp = out / "checkpoints" / f"tmp-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -467,6 +477,46 @@ def _checkpoint(out: Path, accelerator: Accelerator, step: int) -> None:
             if old.name != f"step-{step}":
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _save_json_state(directory: str, accelerator: Accelerator, kl_ctl: KLController, progress: Progress) -> None:
+    """β and the counters as JSON (accelerate's register_for_checkpointing would pickle them, and its
+    load_state unpickles those files with code execution allowed)."""
+    if accelerator.is_main_process:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        state = {"kl_ctl": kl_ctl.state_dict(), "progress": progress.state_dict()}
+        (Path(directory) / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+
+def _load_checkpoint(accelerator: Accelerator, ckpt: Path, kl_ctl: KLController, progress: Progress) -> None:
+    """accelerate's load_state (weights from safetensors; optimiser, scheduler and RNG states through
+    torch.load with weights_only=True), then β and the counters from state.json. Nothing is unpickled:
+    a custom_checkpoint_*.pkl (which load_state would unpickle with code execution allowed) is refused."""
+    pickles = sorted(f.name for f in ckpt.glob("custom_checkpoint_*.pkl"))
+    if pickles:
+        raise ConfigError(f"{ckpt} holds {', '.join(pickles)}: a pickle the lab never writes, not loaded "
+                          f"(delete {ckpt.parent} to restart the run)")
+    accelerator.load_state(str(ckpt))
+    state = json.loads((ckpt / "state.json").read_text())
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    progress.load_state_dict(state["progress"])
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: the killed run's rows for them go (and a row
+    cut short by the kill), so steps strictly increase."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def _fail(out: Path, accelerator: Accelerator, message: str):

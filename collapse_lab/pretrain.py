@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
 
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
-                                     write_manifest)
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
+                                     start_run, write_manifest)
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
 from collapse_lab.distributed import exact_div, is_main_process, world_size
 from collapse_lab.models import build_base_model
@@ -80,13 +80,16 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
 
     # 1-2. corpus and tokenizer (the main process trains and saves it, the others load it)
     world = World(cfg.world)
+    # Kept with the resumable checkpoints, published as ONE directory (a rename: all of it or none), never
+    # in the run directory, whose final files a kill during the final save may leave half replaced.
+    saved_tokenizer = out / "trainer" / "tokenizer"
     with PartialState().main_process_first():
-        if (out / "tokenizer.json").exists():
-            tokenizer = AutoTokenizer.from_pretrained(out)
+        if saved_tokenizer.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(saved_tokenizer)
         else:
             texts = world.corpus(p.tokenizer_docs, seed=f"tokenizer/{p.seed}")
             tokenizer = train_tokenizer(texts, cfg.model.vocab_size, cfg.model.split_digits)
-            tokenizer.save_pretrained(out)
+            publish(out / "trainer", lambda tmp: tokenizer.save_pretrained(tmp / "tokenizer"))
     data = tokenize(world.corpus(p.steps * p.batch_size, seed=p.seed), tokenizer, cfg.model.max_seq_len)
 
     # 3. model (seeded: the initial weights are a function of pretrain.seed)
@@ -119,6 +122,7 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[ManifestCallback(out, started, (manifest or {}).get("wall_time_s", 0.0))])
+    tracking.quiet(trainer)
     last = last_complete_checkpoint(Path(args.output_dir))
     if last:
         print(f"resuming from {last}")
@@ -126,10 +130,16 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
 
     # 5. save (main process); the trainer's optimizer checkpoints are only for resuming
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
-        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is config.yaml
-        log = trainer.state.log_history
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        # one row per logging step; not the trainer's end-of-session summary (its train_loss averages only
+        # this process's steps: a resumed run's would differ from an uninterrupted one's)
+        log = [r for r in trainer.state.log_history if "train_loss" not in r]
+
+        def save(tmp: Path) -> None:
+            trainer.save_model(str(tmp))
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is config.yaml
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+        publish(out, save)
         previous = (manifest or {}).get("wall_time_s", 0.0)  # kept work of earlier, interrupted runs
         write_manifest(out, {
             **(read_manifest(out) or {}),

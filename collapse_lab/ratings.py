@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from omegaconf import DictConfig
 
-from collapse_lab.checkpoint import already_finished, git_commit, package_versions, start_run, write_manifest
+from collapse_lab.checkpoint import already_finished, git_commit, package_versions, publish, start_run, write_manifest
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.rollout import generate
 
@@ -138,7 +138,7 @@ def rate(cfg: DictConfig, named: bool = True) -> Path:
     r = cfg.ratings
     data = rate_samples(model.to(device), tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
                         episode_tokens(cfg), seed_key=f"ratings/{cfg.seed}/{r.seed}")
-    data.save_to_disk(str(out / "data"))
+    publish(out, lambda tmp: data.save_to_disk(str(tmp / "data")))
     write_manifest(out, {
         "stage": STAGE, "status": "finished", "base_path": base,
         "samples_scored": len(data), "prompts": r.prompts, "samples_per_prompt": r.samples_per_prompt,

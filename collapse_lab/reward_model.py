@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
-                                     write_manifest)
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
+                                     start_run, write_manifest)
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.ratings import flush_denormals, load_ratings, rate
 from collapse_lab.ratings import stage_keys as ratings_keys
@@ -158,11 +158,16 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    tracking.quiet(trainer)
     trainer.train()
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(out)
+
+    def save(tmp: Path) -> None:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is config.yaml
+
+    publish(out, save)
     shutil.rmtree(out / "trainer", ignore_errors=True)
-    (out / "training_args.bin").unlink(missing_ok=True)
 
     # 4. held-out checks, through the interface PPO uses
     world = make_world(cfg.world)

@@ -35,8 +35,8 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
-                                     write_manifest)
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
+                                     start_run, write_manifest)
 from collapse_lab.config import CHOICES, ConfigError, run_dir
 from collapse_lab.ratings import episode_tokens, flush_denormals, load_ratings, rate, rate_samples
 from collapse_lab.ratings import stage_keys as ratings_keys
@@ -161,6 +161,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
             dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        tracking.quiet(trainer)
         trainer.train()
         model = trainer.model
         completion_tokens = sum(map(sum, list(data["completion_mask"])))
@@ -177,9 +178,13 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
 
     # 4. save (LoRA merged in: the evaluator loads a plain causal LM)
     final = model.merge_and_unload() if cfg.peft.enabled else model
-    final.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+
+    def save(tmp: Path) -> None:
+        final.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+
+    publish(out, save)
     shutil.rmtree(out / "trainer", ignore_errors=True)
     extra = {}
     if cfg.world.name == "bandit":

@@ -67,9 +67,11 @@ def suite_path(name_or_path: str) -> Path:
 def load_suite(name_or_path: str) -> Suite:
     path = suite_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SuiteError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise SuiteError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(data, dict) or set(data) - {"name", "prompts"}:
         extra = sorted(set(data) - {"name", "prompts"}) if isinstance(data, dict) else []
         raise SuiteError(f"{path}: expected a mapping with keys name, prompts" + (f"; unknown keys: {extra}" if extra else ""))
@@ -109,6 +111,8 @@ def _parse_prompt(path: Path, index: int, raw: Any) -> Prompt:
                 raise SuiteError(f"{where}: '{key}' needs an 'answers' set")
         return Prompt(id=raw["id"], text=raw["text"], categories=dict(categories))
     answers, default_continue = _parse_answers(where, raw["answers"])
+    if len(answers) < 2:  # its answer entropy is 0 out of a maximum of log 1 = 0: nothing to measure
+        raise SuiteError(f"{where}: answers: a set of {len(answers)} answer; an answer set needs at least 2")
     continue_chars = raw.get("continue_chars", default_continue)
     if continue_chars is not None and (not isinstance(continue_chars, str) or not continue_chars):
         raise SuiteError(f"{where}: 'continue_chars' must be a non-empty string")

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from collapse_lab.config import ConfigError
+from collapse_lab.config import ConfigError, check_name, check_output
 
 SWEEP_KEYS = {"program", "name", "method", "metric", "parameters", "command", "description", "project", "entity"}
 
@@ -33,9 +33,11 @@ def load(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
         raise ConfigError(f"{path}: a sweep needs a non-empty 'parameters' mapping")
     unknown = sorted(set(spec) - SWEEP_KEYS)
@@ -81,9 +83,11 @@ def main(argv: list[str]) -> Path:
         raise ConfigError("usage: collapse-lab sweep recipes/sweeps/<file>.yaml [key=value ...]")
     spec = load(Path(argv[0]))
     name = spec.get("name") or Path(argv[0]).stem
+    check_name(name, "sweep name")
     spec["name"] = name
     points = grid(spec)
     plans = [ablate.plan(point_overrides(spec, pt, argv[1:])) for pt in points]  # all valid before any runs
+    check_output(Path(plans[0].cfg.checkpoints_dir) / "sweeps" / name, "sweep output", is_dir=True)
     outs = []
     for i, (pt, p) in enumerate(zip(points, plans)):
         print(f"sweep {name}: point {i + 1}/{len(points)}: {' '.join(_override(k, pt[k]) for k in swept(spec))}")

@@ -20,8 +20,9 @@ def report_to(cfg: DictConfig) -> list[str]:
 
 
 def init(cfg: DictConfig, out: Path, job_type: str):
-    """Start the W&B run (main process only); returns it, or None when disabled."""
-    os.environ["WANDB_MODE"] = cfg.wandb.mode
+    """Start the W&B run (main process only); returns it, or None when disabled. The mode goes to
+    wandb.init, not into $WANDB_MODE: the user's variable stays as they set it for later runs (the
+    ablation's summary run reads it)."""
     if cfg.wandb.mode == "disabled" or not is_main_process():
         return None
     import wandb
@@ -44,6 +45,21 @@ def log(row: dict, step: int) -> None:
     """Log a metrics row to the active W&B run, if any."""
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].log(row, step=step)
+
+
+def quiet(trainer) -> None:
+    """A Trainer's console: its progress bar (on a terminal) and nothing else. Its log dicts are in
+    trainer.state.log_history (the run's metrics.jsonl) and go to W&B; printed, they would land between
+    the progress bars (PrinterCallback without a terminal, ProgressCallback.on_log with one)."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, *args, **kwargs):
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BarOnly)
 
 
 def finish() -> None:

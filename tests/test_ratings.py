@@ -59,5 +59,5 @@ def test_bandit_ratings_are_one_token_and_the_table_s_scores(tmp_path, tiny_base
 
 
 def test_bad_ratings_config_is_one_line(tmp_path, tiny_base):
-    with pytest.raises(ConfigError, match="ratings.samples_per_prompt >= 1"):
+    with pytest.raises(ConfigError, match="ratings.samples_per_prompt must be >= 1"):
         rate(_cfg(tmp_path, tiny_base, "ratings.samples_per_prompt=0"))
