@@ -389,7 +389,7 @@ RANGES = {
         "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,
         "ppo.vf_coef": NONNEG, "ppo.temperature": POSITIVE, "ppo.max_new_tokens": COUNT,
         "ppo.missing_eos_penalty": NONNEG, "ppo.max_grad_norm": NONNEG, "ppo.save_every": COUNT,
-        "ppo.log_every": COUNT,
+        "ppo.log_every": COUNT, "ppo.samples_per_prompt": COUNT, "ppo.eval_every": NONNEG, "world.max_tokens": COUNT,
     },
     "evaluate": {
         "batch_size": COUNT, "seed": NONNEG, "sampling.n": NONNEG, "sampling.temperature": POSITIVE,
