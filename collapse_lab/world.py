@@ -309,14 +309,15 @@ def noisy_score_mean(mu: float, sigma: float, integer: bool, low: float = SCORE_
 
 
 class TableRater:
-    """world=bandit's rater: the reward table's value for the completion (ended: the sequence
-    bandit requires EOS right after the text), no noise."""
+    """world=bandit's rater: the reward table's value for the completion, no noise. `require_end`
+    (the sequence bandit): only a completion that ended (EOS right after the text) earns it; one-token
+    episodes never see an EOS."""
 
-    def __init__(self, table: dict[str, float], default: float):
-        self.table, self.default = table, default
+    def __init__(self, table: dict[str, float], default: float, require_end: bool = False):
+        self.table, self.default, self.require_end = table, default, require_end
 
     def expected(self, prompt: Prompt, completion: str, ended: bool = True) -> float:
-        return self.table.get(completion, self.default) if ended else self.default
+        return self.table.get(completion, self.default) if ended or not self.require_end else self.default
 
     def __call__(self, prompt: Prompt, completion: str, rng: random.Random, ended: bool = True) -> float:
         return self.expected(prompt, completion, ended)
@@ -335,7 +336,7 @@ class BanditWorld:
             if len(pair) != 2 or not isinstance(pair[0], str):
                 raise ValueError(f"world.rewards: each entry must be [token text, reward], got {list(pair)}")
             table[pair[0]] = float(pair[1])
-        self.rater = TableRater(table, float(cfg.default_reward))
+        self.rater = TableRater(table, float(cfg.default_reward), require_end=cfg.max_tokens > 1)
         self.the_prompt = Prompt("bandit", "bandit", cfg.prompt)
 
     def prompt(self, text: str) -> Prompt:

@@ -116,8 +116,8 @@ def test_closed_form_optimum():
 OTHER_TABLE = '[[" 3",0.8],[" 9",0.6],[" 1",0.3],[" 5",-0.5]]'  # not the default one: nothing tuned to it
 
 
-@pytest.mark.parametrize("table", ["default", "other"])
-@pytest.mark.parametrize("beta,alpha", [(1.0, 0.0), (0.1, 0.0), (0.1, 0.01), (0.1, 0.05)])
+@pytest.mark.parametrize("beta,alpha,table", [(1.0, 0.0, "other"), (0.1, 0.0, "default"), (0.1, 0.0, "other"),
+                                              (0.1, 0.01, "other"), (0.1, 0.05, "default")])
 def test_bandit_reaches_the_closed_form(base, tmp_path, beta, alpha, table):
     """π* ∝ π0^(β/(α+β))·exp(r/(α+β)) over the whole vocabulary, with PPO's default mechanics
     (whitened advantages, the entropy bonus in the reward, centred scores, the value head)."""
