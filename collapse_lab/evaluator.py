@@ -34,7 +34,7 @@ from transformers import GenerationConfig
 from collapse_lab import metrics
 from collapse_lab.checkpoint import package_versions, read_manifest
 from collapse_lab.config import ConfigError, check_output
-from collapse_lab.optimum import answer_optimum, answer_scores, optimum_tv, run_objective
+from collapse_lab.optimum import optimum_tv, prompt_optimum, run_objective
 from collapse_lab.models import load_pretrained
 from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
 from collapse_lab.world import make_world
@@ -251,22 +251,15 @@ class SuiteOptimum:
     """
 
     def __init__(self, reference, tokenizer, world, suite: str = "seed"):
-        self.tokenizer = tokenizer
-        self.prompts, self.base, self.scores = [], [], []
-        for p in load_suite(suite).prompts:
-            if p.answers is None or p.text not in world.by_text:
-                continue
-            self.prompts.append(p)
-            self.base.append(answer_distribution(reference, tokenizer, p.text, p.answers, p.continue_chars))
-            self.scores.append(answer_scores(world.rater, world.prompt(p.text), p.answers))
-
-    def targets(self, beta: float, alpha: float) -> list[Optional[np.ndarray]]:
-        return [answer_optimum(d, c, u, beta, alpha) for d, (c, u) in zip(self.base, self.scores)]
+        self.tokenizer, self.world = tokenizer, world
+        self.prompts = [p for p in load_suite(suite).prompts if p.answers is not None and p.text in world.by_text]
+        self.base = [answer_distribution(reference, tokenizer, p.text, p.answers, p.continue_chars) for p in self.prompts]
 
     def metrics(self, model, beta: float, alpha: float) -> dict:
         """optimum/tv (mean over prompts), optimum/tv_max, optimum/tv/<prompt id>."""
         tvs = {}
-        for p, target in zip(self.prompts, self.targets(beta, alpha)):
+        for p, base in zip(self.prompts, self.base):
+            target = prompt_optimum(self.world, p.text, p.answers, base, beta, alpha)
             if target is None:
                 continue
             dist = answer_distribution(model, self.tokenizer, p.text, p.answers, p.continue_chars)
@@ -372,10 +365,9 @@ def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference
                        tv_to_reference=metrics.tv(q, q_ref), pinsker_tv_bound=metrics.pinsker_tv_bound(kl),
                        fannes_entropy_bound=metrics.fannes_entropy_bound(metrics.pinsker_tv_bound(kl), len(q)),
                        entropy_change=metrics.entropy(q) - metrics.entropy(q_ref))
-            world = objective["world"] if objective is not None else None
-            if world is not None and prompt.text in world.by_text:
-                target = answer_optimum(ref, *answer_scores(world.rater, world.prompt(prompt.text), prompt.answers),
-                                        objective["beta"], objective["alpha"])
+            target = None if objective is None else prompt_optimum(
+                objective["world"], prompt.text, prompt.answers, ref, objective["beta"], objective["alpha"])
+            if target is not None:
                 rec.update(optimum_answer_probs=target.tolist(), optimum_tv=optimum_tv(p, target),
                            optimum_answer_entropy=metrics.entropy(target), optimum_kl_to_reference=metrics.kl(target, q_ref))
     if cfg.sampling.n > 0 and policy is None:

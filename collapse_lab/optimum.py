@@ -71,6 +71,14 @@ def answer_scores(rater, prompt, answers: list[str]) -> tuple[np.ndarray, np.nda
     return clean, unclean
 
 
+def prompt_optimum(world, prompt_text: str, answers: list[str], base, beta: float, alpha: float = 0.0) -> Optional[np.ndarray]:
+    """π* on one prompt from the base's `AnswerDistribution` and the world's rater; None when the
+    world does not know the prompt (its rater needs the prompt's range) or β = α = 0."""
+    if prompt_text not in getattr(world, "by_text", {}):
+        return None
+    return answer_optimum(base, *answer_scores(world.rater, world.prompt(prompt_text), answers), beta, alpha)
+
+
 def optimum_tv(policy_probs: np.ndarray, target: np.ndarray) -> float:
     """TV between the policy's answer distribution normalised over the answer set and π*."""
     p = np.asarray(policy_probs, dtype=np.float64)

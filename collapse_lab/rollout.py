@@ -65,9 +65,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     tokens, logprobs, entropy, states, mask = [], [], [], [], []
     for t in range(max_new_tokens):
         logp = F.log_softmax(logits.float() / temperature, -1)  # (B, V) the sampling distribution
-        token = torch.multinomial(logp.exp(), 1).squeeze(1).masked_fill(~alive, pad)  # (B,)
-        tokens.append(token), mask.append(alive.long()), states.append(h)
-        logprobs.append(logp.gather(1, token[:, None]).squeeze(1)), entropy.append(-(logp.exp() * logp).sum(-1))
+        probs = logp.exp()
+        token = torch.multinomial(probs, 1).squeeze(1).masked_fill(~alive, pad)  # (B,)
+        tokens.append(token)
+        mask.append(alive.long())
+        states.append(h)
+        logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+        entropy.append(-(probs * logp).sum(-1))
         alive = alive & (token != eos)
         if not alive.any() or t == max_new_tokens - 1:
             break
@@ -96,7 +100,8 @@ def shared_prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, hidden: bo
     indexed back to all B rows: rollouts repeat prompts (a few seed prompts, k samples per prompt),
     and a row's keys and values depend on its own prompt alone. Indexing is differentiable, so the
     update's gradient flows into the shared prompt computation exactly as through B separate ones.
-    Returns (the output at the last prompt position, indexed to B rows; the cache)."""
+    Returns (the output at the last prompt position, indexed to B rows, with the last layer's hidden
+    states only; the cache)."""
     unique, inverse = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
     u_ids, u_mask = unique[:, :ids.shape[1]], unique[:, ids.shape[1]:]
     out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids(u_mask), use_cache=True,
@@ -104,8 +109,8 @@ def shared_prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, hidden: bo
     cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
     cache.batch_select_indices(inverse)
     out.logits = out.logits[inverse]
-    if hidden:
-        out.hidden_states = tuple(x[inverse] for x in out.hidden_states)
+    if hidden:  # callers read the last layer (the LM head's input) only
+        out.hidden_states = (out.hidden_states[-1][inverse],)
     return out, cache
 
 
