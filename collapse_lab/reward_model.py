@@ -156,6 +156,7 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         logging_steps=max(1, len(data) // m.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
         run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
         dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
+        bf16=False, fp16=False,  # TRL defaults to bf16 autocast; it would also stay in accelerate's process-wide state
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     tracking.quiet(trainer)

@@ -23,6 +23,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -69,6 +70,16 @@ def _rows(path: Path) -> list[dict]:
 def _same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The subprocesses run with OMP_NUM_THREADS=1. Float sums are reordered by the thread count, so the
+    in-process runs they are compared with bit for bit (and each other) run on one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+from accelerate.state import AcceleratorState
 from datasets import Dataset
 
 from collapse_lab.config import compose
@@ -63,6 +64,7 @@ def test_stage_writes_manifest_and_serves_the_reward_interface(tmp_path, tiny_ba
     assert m["base_path"] == str(tiny_base) and m["steps"] >= 1 and m["tokens_trained"] > 0
     assert {"eval_pairwise_accuracy", "eval_spearman_gold", "eval_spearman_expected"} <= set(m)
     assert train_reward_model(cfg, named=False) == out  # finished: found, not redone
+    assert AcceleratorState().mixed_precision == "no"  # fp32 as configured (TRL's RewardConfig defaults to bf16)
     # PPO's reward=rm finds the same model through the one reward interface
     world = make_world(cfg.world)
     reward = make_reward(cfg, world, "cpu")

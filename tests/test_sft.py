@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -87,6 +88,9 @@ def test_train_sft_moves_weights_and_records_the_budget(tmp_path, tiny_base):
     before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert train_sft(cfg) == out  # finished: found, not redone
+    # fp32 as configured, and no autocast left in accelerate's process-wide state for the next stage
+    # (TRL's SFTConfig defaults to bf16: a PPO run after it in the same process ran its policy in bf16)
+    assert AcceleratorState().mixed_precision == "no"
 
     cfg2 = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", "recipe=sft",
                            *SMALL, "sft.rounds=2"])
