@@ -186,9 +186,11 @@ class PPOConfig:
     kl_coef: float = 0.1  # beta: per-token -beta * (log pi - log pi_base) in the reward
     adaptive_kl: bool = False
     kl_target: float = 6.0
-    # samples over which β may move by a factor ~e^0.2 (Ziegler et al.'s 10000 was for runs of
-    # millions of episodes; a lab run has ~10^4, and β must be able to move several-fold within it)
-    kl_horizon: int = 1000
+    # samples over which β may move by a factor ~e^0.2. None: a tenth of the run's samples
+    # (steps·rollout_batch_size/10), so β can move up to e^{±2} over a run and at most 2/steps per
+    # step in log — slow next to the policy's own response, which a fixed horizon is not for every
+    # batch size and length (Ziegler et al.'s 10000 was for runs of millions of episodes)
+    kl_horizon: Optional[int] = None
     ent_coef: float = 0.0  # alpha: entropy bonus
     # reward: −α·log π(y_t) per token in the reward (the k1 estimator of α·H over whole completions:
     # the sequence-level optimum is π_ref^(β/(α+β))·e^{r/(α+β)}); loss: CleanRL's −α·H(π(·|s_t)) loss

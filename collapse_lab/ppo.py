@@ -101,10 +101,12 @@ def batch_sizes(p: DictConfig, world_size: int) -> Batches:
 
 class KLController:
     """β, fixed or adaptive (Ziegler et al. 2019): e = clip(KL/KL_target − 1, ±0.2),
-    β ← β·(1 + e·n/horizon), n = samples in the batch."""
+    β ← β·(1 + e·n/horizon), n = samples in the batch; horizon (samples) defaults to
+    steps·rollout_batch_size/10."""
 
     def __init__(self, p: DictConfig):
-        self.value, self.adaptive, self.target, self.horizon = float(p.kl_coef), p.adaptive_kl, p.kl_target, p.kl_horizon
+        self.value, self.adaptive, self.target = float(p.kl_coef), p.adaptive_kl, p.kl_target
+        self.horizon = p.kl_horizon or p.steps * p.rollout_batch_size / 10
 
     def update(self, kl: float, n: int) -> None:
         if self.adaptive:
