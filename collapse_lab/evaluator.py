@@ -364,7 +364,8 @@ def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference
                        reference_answer_entropy=metrics.entropy(q_ref), kl_to_reference=kl,
                        tv_to_reference=metrics.tv(q, q_ref), pinsker_tv_bound=metrics.pinsker_tv_bound(kl),
                        fannes_entropy_bound=metrics.fannes_entropy_bound(metrics.pinsker_tv_bound(kl), len(q)),
-                       entropy_change=metrics.entropy(q) - metrics.entropy(q_ref))
+                       entropy_change=metrics.entropy(q) - metrics.entropy(q_ref),
+                       entropy_cross_term=metrics.entropy_cross_term(q, q_ref))  # ΔH = −KL − this, exactly
             target = None if objective is None else prompt_optimum(
                 objective["world"], prompt.text, prompt.answers, ref, objective["beta"], objective["alpha"])
             if target is not None:

@@ -35,6 +35,18 @@ def tv(p: Sequence[float], q: Sequence[float]) -> float:
     return 0.5 * float(np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum())
 
 
+def entropy_cross_term(p: Sequence[float], q: Sequence[float]) -> float:
+    """C(p, q) = Σ_i (p_i − q_i)·log q_i  (nats), so that exactly H(p) − H(q) = −KL(p‖q) − C(p, q).
+
+    The entropy lost beyond the distance travelled: C = 0 when q is uniform (then every method's
+    ΔH is −KL), and C > 0 when p moves mass onto answers q already favoured. Terms with q_i = 0
+    need p_i = 0 (else KL is infinite) and are 0.
+    """
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    support = q > 0
+    return float(((p[support] - q[support]) * np.log(q[support])).sum())
+
+
 def entropy_upper_bound(p_answers: Sequence[float], vocab_size: int) -> float:
     """The seed post's bound on the full next-token entropy when only the answers' masses are known.
 
@@ -136,6 +148,6 @@ def brier(probs: Sequence[Sequence[float]], correct_index: Sequence[int]) -> flo
 
 METRICS: dict[str, Callable] = {
     f.__name__: f
-    for f in (entropy, binary_entropy, kl, tv, entropy_upper_bound, pinsker_tv_bound, fannes_entropy_bound,
+    for f in (entropy, binary_entropy, kl, tv, entropy_cross_term, entropy_upper_bound, pinsker_tv_bound, fannes_entropy_bound,
               sequence_entropy, distinct_n, repetition_loop_rate, ece, brier)
 }

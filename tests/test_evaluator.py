@@ -192,6 +192,8 @@ def test_run_writes_json_and_plot(saved, tmp_path):
     assert rec["top_prob"] == max(rec["answer_probs"]) and rec["max_entropy"] == pytest.approx(math.log(101))
     assert 0 <= rec["answer_entropy"] <= rec["max_entropy"]
     assert abs(rec["entropy_change"]) <= rec["fannes_entropy_bound"] + 1e-9
+    for r in data["prompts"]:  # the exact decomposition, in every record
+        assert r["entropy_change"] == pytest.approx(-r["kl_to_reference"] - r["entropy_cross_term"], abs=1e-6)
     assert rec["tv_to_reference"] <= rec["pinsker_tv_bound"] + 1e-9
     sampling = rec["sampling"]
     assert sampling["n"] == 8 and sampling["temperature"] == 1.0 and sampling["max_new_tokens"] == 6

@@ -58,6 +58,14 @@ def test_pinsker_and_fannes_hold(pq):
     assert t <= M.pinsker_tv_bound(kl) + 1e-12
     assert abs(M.entropy(p) - M.entropy(q)) <= M.fannes_entropy_bound(t, len(p)) + 1e-9
     assert abs(M.entropy(p) - M.entropy(q)) <= M.fannes_entropy_bound(M.pinsker_tv_bound(kl), len(p)) + 1e-9
+    # the exact decomposition ΔH = −KL − Σ(p − q)·log q, and the cross term vanishes against uniform q
+    assert M.entropy(p) - M.entropy(q) == pytest.approx(-kl - M.entropy_cross_term(p, q), abs=1e-9)
+    assert M.entropy_cross_term(p, np.full(len(p), 1 / len(p))) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_entropy_cross_term_by_hand():
+    # q = (1/2, 1/4, 1/4), p = (1, 0, 0): (1/2)·log(1/2) − (1/4)·log(1/4)·2 = −½log2 + log2 = ½log2
+    assert M.entropy_cross_term([1, 0, 0], [0.5, 0.25, 0.25]) == pytest.approx(0.5 * np.log(2))
 
 
 def test_sequence_entropy_and_se():
