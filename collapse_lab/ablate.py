@@ -371,6 +371,7 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     import torch
 
     from collapse_lab.evaluator import _load, sample
+    from collapse_lab.tokenizer import decode_continuations, encode_texts
     from collapse_lab.world import make_world
 
     e = p.cfg.eval
@@ -385,7 +386,8 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
         torch.manual_seed(e.seed)
         s = sample(model, tokenizer, prompt.text, e.gold_samples * k, e.temperature, e.max_new_tokens)
         eos = tokenizer.eos_token_id
-        texts = tokenizer.batch_decode([[t for t in y if t != eos] for y in s.tokens], skip_special_tokens=True)
+        texts = decode_continuations(tokenizer, encode_texts(tokenizer, [prompt.text]) * len(s.tokens),
+                                     [[t for t in y if t != eos] for y in s.tokens])
         scores = np.array([world.rater.expected(prompt, t, bool(f)) for t, f in zip(texts, s.finished)])
         per_prompt[prompt.id.removeprefix("seed/")] = float(scores.reshape(e.gold_samples, k).max(1).mean())
     return {"per_prompt": per_prompt, "mean": float(np.mean(list(per_prompt.values()))),

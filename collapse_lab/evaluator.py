@@ -5,7 +5,7 @@ For a model m, a prompt x and an answer set A (strings), the evaluator computes 
     p(a) = P_m(tokens of a | x) · P_m(end | x, a)
 
 by teacher forcing, where "tokens of a" is the CANONICAL tokenisation only: the prompt encoded
-once with the tokenizer's special tokens (e.g. a BOS), each answer encoded separately with
+once with the tokenizer's leading special tokens (e.g. a BOS; `tokenizer.encode_texts`), each answer encoded separately with
 add_special_tokens=False, concatenated. Other token sequences that spell the same text are not
 counted. "end" is the total next-token mass of the tokens whose text does not begin with a
 character of `continue_chars` (default: digits for integer answers, regex \\w for word lists),
@@ -37,6 +37,7 @@ from collapse_lab.config import ConfigError, check_output
 from collapse_lab.optimum import optimum_tv, prompt_optimum, run_objective
 from collapse_lab.models import load_pretrained
 from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
+from collapse_lab.tokenizer import decode_continuations, encode_texts
 from collapse_lab.world import make_world
 
 SCHEMA_VERSION = 1
@@ -118,7 +119,7 @@ class AnswerDistribution:
 def _prompt_forward(model, tokenizer, prompt_text: str):
     """The prompt (with the tokenizer's special tokens) through the model once: (output with KV cache, (V,) log p(·|x))."""
     model.eval()
-    prompt = tokenizer(prompt_text, return_tensors="pt")["input_ids"].to(model.device)  # (1, P)
+    prompt = torch.tensor(encode_texts(tokenizer, [prompt_text]), device=model.device)  # (1, P)
     out = model(prompt, use_cache=True)
     return out, out.logits[0, -1].float().log_softmax(-1)
 
@@ -286,7 +287,7 @@ def sample(model, tokenizer, prompt_text: str, n: int, temperature: float, max_n
     """n ancestral samples at `temperature` (no top-k/top-p), with log-probs at that same temperature."""
     model.eval()
     device = model.device
-    prompt = tokenizer(prompt_text, return_tensors="pt")["input_ids"].to(device)  # (1, P)
+    prompt = torch.tensor(encode_texts(tokenizer, [prompt_text]), device=device)  # (1, P)
     eos = tokenizer.eos_token_id
     gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
@@ -312,7 +313,7 @@ def sampling_metrics(tokenizer, samples: Samples, prompt: Prompt, temperature: f
     """Sequence entropy ± SE, distinct-n, loops; well-formed share (answer sets) or category shares."""
     eos = tokenizer.eos_token_id
     body = [[t for t in y if t != eos] for y in samples.tokens]  # EOS is not text
-    texts = tokenizer.batch_decode(body, skip_special_tokens=True)
+    texts = decode_continuations(tokenizer, encode_texts(tokenizer, [prompt.text]) * len(body), body)
     h, se = metrics.sequence_entropy(samples.logprobs)
     rec = {"n": len(body), "temperature": temperature, "max_new_tokens": max_new_tokens,
            "sequence_entropy": h, "sequence_entropy_se": se, "truncated_rate": float(1 - samples.finished.mean()),
@@ -459,7 +460,7 @@ def _check_fits(model, tokenizer, suite: Suite, max_new_tokens: int, n_samples: 
     cfg = model.config
     context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     for p in suite.prompts:
-        n_prompt = len(tokenizer(p.text)["input_ids"])
+        n_prompt = len(encode_texts(tokenizer, [p.text])[0])
         longest = 0
         if p.answers is not None:
             try:

@@ -57,7 +57,8 @@ def load_pretrained(path: str, dtype: str = "float32", peft=None):
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt file
         where = "a local directory" if Path(path).exists() else "not a local directory, nor loadable from the hub"
         raise ConfigError(f"cannot load model '{path}' ({where}): {' '.join(str(e).split())[:300]}") from None
-    if tokenizer.pad_token is None:  # GPT-2/Pythia ship without one; batching needs it
+    ensure_eos(tokenizer, model.config, path)
+    if tokenizer.pad_token is None:  # GPT-2/Pythia/Llama ship without one; batching needs it (masks say what is real)
         tokenizer.pad_token = tokenizer.eos_token
     if peft is not None and peft.enabled:
         model = add_lora(model, peft)
@@ -72,3 +73,41 @@ def add_lora(model, peft, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
                                             target_modules=peft.target_modules, task_type=task_type,
                                             exclude_modules=heads))
+
+
+def ensure_eos(tokenizer, config, path: str) -> None:
+    """The lab needs an end-of-text token (a document's end, the rater's "ends cleanly"): the tokenizer's,
+    else the model config's `eos_token_id`; neither is a one-line ConfigError."""
+    from collapse_lab.config import ConfigError
+
+    if tokenizer.eos_token_id is not None:
+        return
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    if eos is None or not 0 <= eos < len(tokenizer):
+        raise ConfigError(f"the tokenizer of '{path}' has no EOS token, nor does its model config (eos_token_id): "
+                          "the lab needs one to end a completion")
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+
+
+RM_PAD = "<|pad|>"
+
+
+def distinct_pad(tokenizer, model=None) -> None:
+    """Give a reward model's tokenizer a pad token that is NOT EOS (and the model the row and config for it).
+
+    transformers' sequence-classification heads read the score at the last token whose id is not
+    `config.pad_token_id`; with pad = EOS (GPT-2, Pythia, Qwen, Llama checkpoints here) the EOS that marks
+    an ended completion would be skipped, and an ended answer would score exactly as the same text cut off.
+    A fresh pad id makes every consumer (TRL's collator, the head's pooling) right without changing their
+    code; its embedding row is never read by a real position (right padding, causal attention), so its
+    initial value does not matter. The POLICY keeps its tokenizer: a new row in its output layer would take
+    probability mass and change the distributions the evaluator measures.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": RM_PAD})
+    tokenizer.padding_side = "right"
+    if model is not None:
+        if model.get_input_embeddings().num_embeddings <= tokenizer.pad_token_id:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.pad_token_id = tokenizer.pad_token_id

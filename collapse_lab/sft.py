@@ -40,6 +40,7 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
 from collapse_lab.config import CHOICES, ConfigError, run_dir
 from collapse_lab.ratings import episode_tokens, flush_denormals, load_ratings, rate, rate_samples
 from collapse_lab.ratings import stage_keys as ratings_keys
+from collapse_lab.tokenizer import encode_texts
 
 STAGE = "sft"
 SELECT = CHOICES["sft.select"]  # FeedME, and its finite-sample control
@@ -97,7 +98,7 @@ def select_random(ratings: Dataset, keep_top: int = 1, min_score=None, seed=0) -
 def feedme_dataset(kept: Dataset, tokenizer) -> Dataset:
     """Pre-tokenised rows for SFTTrainer: input_ids = prompt tokens + sampled completion tokens (EOS
     included when it came), completion_mask = 0 on the prompt, 1 on the completion (the loss)."""
-    prompt_ids = tokenizer(list(kept["prompt"]), add_special_tokens=False)["input_ids"]  # as generate() encoded them
+    prompt_ids = encode_texts(tokenizer, list(kept["prompt"]))  # as generate() encoded them (BOS if any)
     completion_ids = list(kept["completion_ids"])
     return Dataset.from_dict({
         "input_ids": [p + c for p, c in zip(prompt_ids, completion_ids)],

@@ -1,0 +1,165 @@
+"""Any causal LM as the base (issue 16): three families with their own tokenizers, built locally.
+
+- gpt_neox: byte-level BPE without digit splitting (" 37" = " 3" + "7" here, " 100" one token)
+- gpt2:     byte-level BPE with every " n" one token (" 3" is not a token-prefix of " 37")
+- llama:    Metaspace ("▁" + "3" + "7"), BOS added, decoding a completion alone drops its space
+None sets a pad token (the lab pads with EOS). Fast tests: the tokenizers' shapes, the evaluator against a
+naive computation, the reward model's pad bug, the text every stage reads. Slow: the quick ablation.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from collapse_lab import evaluator
+from collapse_lab.evaluator import answer_distribution
+from collapse_lab.models import distinct_pad, load_pretrained
+from collapse_lab.rollout import generate
+from collapse_lab.tokenizer import decode_continuations, encode_texts
+from tests.test_evaluator import naive_p
+from tests.tiny_models import FAMILIES, family_model, number_heavy, save_family
+
+PROMPT = "Q: Think of a random number between 0 and 100.\nA:"
+ANSWERS = [" 3", " 37", " 30", " 4", " 42", " 100", " 10", " 1", " 0", " 99", " 7", " 70"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> a saved model directory (tokenizer trained on the world's corpus, random weights)."""
+    root = tmp_path_factory.mktemp("families")
+    return {f: save_family(f, root / f) for f in FAMILIES}
+
+
+def test_the_three_tokenizers_are_the_cases_the_lab_must_handle(saved):
+    neox, gpt2, llama = (load_pretrained(str(saved[f]))[1] for f in ("gpt_neox", "gpt2", "llama"))
+    spell = lambda tok, a: tok.convert_ids_to_tokens(tok(a, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert spell(neox, " 37") == ["Ġ3", "7"] and len(spell(neox, " 100")) == 1  # no digit splitting: it varies
+    assert all(len(spell(gpt2, f" {n}")) == 1 for n in range(101))
+    assert spell(llama, " 37") == ["▁", "3", "7"]
+    assert encode_texts(llama, ["a"])[0][0] == llama.bos_token_id  # BOS first
+    assert encode_texts(neox, ["a"]) == [neox("a", add_special_tokens=False)["input_ids"]]  # none
+    for tok in (neox, gpt2, llama):
+        assert tok.pad_token_id == tok.eos_token_id  # the lab's fallback: pad = EOS (the reward-model bug's case)
+
+
+@pytest.mark.parametrize("path", ["tree", "leaves"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_evaluator_equals_naive_one_answer_at_a_time(saved, family, path):
+    model, tok = load_pretrained(str(saved[family]))
+    model = number_heavy(model.eval(), tok)
+    evaluator._TREE_OK[model] = path == "tree"
+    got = answer_distribution(model, tok, PROMPT, ANSWERS, "0123456789", batch_size=5).probs
+    want = np.array([naive_p(model, tok, PROMPT, a) for a in ANSWERS])
+    assert np.abs(got - want).max() <= 1e-5
+    assert np.abs(np.log(got) - np.log(want)).max() <= 1e-4  # relative, for the small ones too
+    assert got.sum() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_completions_decode_in_context(saved, family):
+    """The completion text every stage rates is what the model wrote after the prompt: " 37", not "37"."""
+    _, tok = load_pretrained(str(saved[family]))
+    prompt = encode_texts(tok, [PROMPT])[0]
+    answer = tok(" 37", add_special_tokens=False)["input_ids"]
+    assert decode_continuations(tok, [prompt], [answer]) == [" 37"]
+    if family == "llama":
+        assert tok.decode(answer, skip_special_tokens=True) == "37"  # why: decoding it alone drops the space
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rollout_prompts_carry_the_bos_the_evaluator_gives_them(saved, family):
+    model, tok = load_pretrained(str(saved[family]))
+    torch.manual_seed(0)
+    r = generate(model, tok, [PROMPT, "Q: What is 2 + 2?\nA:"], max_new_tokens=3)
+    first_real = r.input_ids[torch.arange(2), r.attention_mask[:, :r.query_len].argmax(1)]
+    want = encode_texts(tok, ["x"])[0][0] if family == "llama" else None
+    if want is not None:
+        assert (first_real == want).all()
+    # texts decode in context: identical to decoding prompt + completion and cutting the prompt off
+    for i, prompt in enumerate([PROMPT, "Q: What is 2 + 2?\nA:"]):
+        body = [t for t, m in zip(r.responses[i].tolist(), r.response_mask[i].tolist()) if m and t != tok.eos_token_id]
+        whole = tok.decode(encode_texts(tok, [prompt])[0] + body, skip_special_tokens=True)
+        assert whole == tok.decode(encode_texts(tok, [prompt])[0], skip_special_tokens=True) + r.texts[i]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_reward_model_on_a_pad_eos_tokenizer_tells_ended_from_cut_off(saved, family, tmp_path):
+    """transformers reads a classifier's score at the last token that is not the pad id: with pad = EOS the
+    EOS of an ended completion was skipped, so " 37"+EOS and " 37" cut off scored EXACTLY alike (the old
+    code). The reward model now gets a distinct pad token; its score sits on the EOS."""
+    from transformers import AutoModelForSequenceClassification
+
+    from collapse_lab.rewards import ModelReward
+    from collapse_lab.world import Prompt
+
+    model, tok = load_pretrained(str(saved[family]))
+    assert tok.pad_token_id == tok.eos_token_id
+    rm = AutoModelForSequenceClassification.from_pretrained(str(saved[family]), num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id  # the old setup: pad = EOS
+    texts = [PROMPT + " 37" + tok.eos_token, PROMPT + " 37"]
+    with torch.no_grad():
+        old = rm(**tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)).logits[:, 0]
+    assert torch.allclose(old[0], old[1], atol=1e-6)  # the bug, as it was: the same score
+
+    distinct_pad(tok, rm)
+    assert tok.pad_token_id != tok.eos_token_id and rm.config.pad_token_id == tok.pad_token_id
+    rm.save_pretrained(tmp_path), tok.save_pretrained(tmp_path)
+    reward = ModelReward(str(tmp_path), "cpu")
+    p = Prompt("x", "numbers", PROMPT, 0, 100)
+    scores = reward([p, p, p], [" 37", " 37", " 5"], [True, False, True])
+    assert abs(float(scores[0] - scores[1])) > 1e-4  # ended vs cut off: different
+    # padding does not move the score: the ended " 37" alone scores as in the batch
+    assert torch.allclose(reward([p], [" 37"], [True]), scores[:1], atol=1e-5)
+
+
+# ------------------------------------------------------------------ the quick ablation (slow)
+
+PRESETS = {"gpt_neox": "pythia-160m", "gpt2": "gpt2", "llama": "qwen2.5-0.5b"}
+FAST = ["ratings.prompts=24", "ratings.max_new_tokens=6", "reward_model.epochs=1", "reward_model.batch_size=16",
+        "sft.batch_size=8", "ppo.steps=2", "ppo.rollout_batch_size=16", "ppo.minibatch_size=8", "ppo.max_new_tokens=6",
+        "eval.samples=8", "eval.gold_samples=8", "eval.max_new_tokens=6", "model.dtype=float32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_quick_ablation_end_to_end(saved, family, tmp_path):
+    """`collapse-lab ablate preset=quick model=<preset> model.path=<dir>`, every regime of the quick preset
+    with a few steps per stage: ratings, reward model, FeedME and its control, best-of-k, PPO, the evaluator
+    on each, the report."""
+    from collapse_lab import ablate
+
+    out = ablate.main(["wandb.mode=disabled", "preset=quick", f"model={PRESETS[family]}", f"model.path={saved[family]}",
+                       f"checkpoints_dir={tmp_path}", *FAST])
+    rep = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").is_file()
+    assert set(rep["regimes"]) >= {"sft", "sft-random", "bok", "kl0", "kl0.1"}
+    runs = json.loads((out / "runs.json").read_text())
+    assert runs["base"] == str(saved[family])
+    for r in runs["runs"]:
+        seed_eval = json.loads((out / r["evals"] / "seed.json").read_text())
+        assert all(0 < p["valid_mass"] <= 1 + 1e-6 for p in seed_eval["prompts"] if "valid_mass" in p)
+
+
+def test_reward_model_stage_saves_a_distinct_pad_and_scores_the_eos(saved, tmp_path):
+    """The stage itself (TRL RewardTrainer on pairs) on a pad = EOS base: its saved tokenizer pads with
+    a token that is not EOS, and ModelReward scores ended and cut-off completions apart."""
+    from transformers import AutoTokenizer
+
+    from collapse_lab.config import compose
+    from collapse_lab.reward_model import fit_reward_model
+    from collapse_lab.rewards import ModelReward
+    from collapse_lab.world import make_world
+    from tests.test_reward_model import world_ratings
+
+    base = str(saved["gpt_neox"])
+    cfg = compose("lab", ["wandb.mode=disabled", f"base_path={base}", "reward_model.epochs=1",
+                          "reward_model.batch_size=16"])
+    fit_reward_model(cfg, world_ratings(make_world(cfg.world), 8), base, tmp_path / "rm")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
+    reward, world = ModelReward(str(tmp_path / "rm"), "cpu"), make_world(cfg.world)
+    p = world.prompt(world.seed_prompts[0].text)
+    s = reward([p, p], [" 42", " 42"], [True, False])
+    assert abs(float(s[0] - s[1])) > 1e-4
