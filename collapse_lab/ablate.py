@@ -201,6 +201,14 @@ def plan(argv: list[str]) -> Plan:
     p = Plan(cfg, [*cfg.lab, *lab])
     for regime in p.regimes:  # every stage's config composes: a bad lab key fails here, not mid-run
         p.lab_config(p.seeds[0], regime)
+    first = p.lab_config(p.seeds[0], p.regimes[0])
+    if first.model.path:  # a user's model: a causal LM with a tokenizer that spells the answers, context enough
+        from collapse_lab.models import check_base
+        from collapse_lab.world import make_world
+
+        tokens = max(first.ratings.max_new_tokens, first.ppo.max_new_tokens, cfg.eval.max_new_tokens,
+                     cfg.eval.story_max_new_tokens if "stories" in cfg.eval.suites else 0)
+        check_base(first.model.path, make_world(first.world), tokens)
     out = p.out
     saved = out / "ablation.yaml"
     if saved.exists():

@@ -51,8 +51,10 @@ def load_pretrained(path: str, dtype: str = "float32", peft=None):
         raise ConfigError(f"model path '{path}' does not exist (a local directory or a Hugging Face hub name)")
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"'{path}' holds no model (no config.json): not a finished run or a saved model directory")
+    check_causal_lm(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        check_tokenizer(tokenizer, path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt file
         where = "a local directory" if Path(path).exists() else "not a local directory, nor loadable from the hub"
@@ -111,3 +113,103 @@ def distinct_pad(tokenizer, model=None) -> None:
         if model.get_input_embeddings().num_embeddings <= tokenizer.pad_token_id:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model.config.pad_token_id = tokenizer.pad_token_id
+
+
+# ------------------------------------------------------------------- what the lab assumes of a model
+# Checked before any work (every stage's resolve_base, the ablation's plan): one line, exit 2, nothing written.
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def check_causal_lm(path: str) -> None:
+    """ConfigError unless `path`'s config is one AutoModelForCausalLM builds, and its checkpoint (the
+    config's `architectures`, when it says) is that causal LM, not an encoder or a classifier."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from collapse_lab.config import ConfigError
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot load the config of model '{path}': {' '.join(str(e).split())[:300]}") from None
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    names = set(names) if isinstance(names, (list, tuple)) else {names}
+    archs = set(getattr(config, "architectures", None) or [])
+    if None in names or getattr(config, "is_encoder_decoder", False) or (archs and not archs & names):
+        what = f"model_type '{config.model_type}'" + (f", architectures {sorted(archs)}" if archs else "")
+        raise ConfigError(f"'{path}' is not a causal LM ({what}); the lab needs a model that "
+                          "AutoModelForCausalLM loads (GPT-2, GPT-NeoX/Pythia, Llama, Qwen2, ...)")
+
+
+def check_tokenizer(tokenizer, path: str) -> None:
+    """ConfigError if `path` holds no tokenizer (transformers then builds an EMPTY one from the config alone)."""
+    from collapse_lab.config import ConfigError
+
+    local = Path(path).is_dir()
+    if (local and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES)) or not tokenizer.get_vocab() \
+            or tokenizer.vocab_size == 0:
+        raise ConfigError(f"'{path}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+                          f"tokenizer there (tokenizer.save_pretrained('{path}'))")
+
+
+def context_length(config):
+    """The model's longest sequence in tokens (None: no limit it states)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+_CHECKED: dict = {}
+
+
+def check_base(path: str, world, new_tokens: int) -> None:
+    """Before any work on base `path` (a user's model): a causal LM with a tokenizer (and an EOS), that
+    can spell every answer the world and its suites score, and whose context holds the world's longest
+    prompt plus `new_tokens`. Each failure is ONE ConfigError line naming the model and the fix.
+
+    Spelling: each answer (" 0" .. " 100", the arithmetic sums) encodes without the unknown token and
+    decodes back to itself after a prompt; each prompt encodes without the unknown token."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from collapse_lab.config import ConfigError
+    from collapse_lab.suites import load_suite
+    from collapse_lab.tokenizer import decode_continuations, encode_texts
+
+    key = (path, getattr(world.cfg, "name", None), new_tokens)
+    if key in _CHECKED:
+        return
+    check_causal_lm(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot load the tokenizer of '{path}': {' '.join(str(e).split())[:300]}") from None
+    check_tokenizer(tokenizer, path)
+    config = AutoConfig.from_pretrained(path)
+    ensure_eos(tokenizer, config, path)
+    suites = [load_suite(s) for s in ("seed", "arithmetic", "stories")]
+    world_prompts = set(world.by_text) if hasattr(world, "by_text") else {world.the_prompt.text}  # world=bandit
+    prompts = sorted(world_prompts | {p.text for s in suites for p in s.prompts})
+    answers = sorted({a for s in suites for p in s.prompts for a in (p.answers or [])})
+    unk = tokenizer.unk_token_id
+    prompt_ids = encode_texts(tokenizer, prompts)
+    context = prompt_ids[0]
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    decoded = decode_continuations(tokenizer, [context] * len(answers), answer_ids)
+    for a, ids, back in zip(answers, answer_ids, decoded):
+        if not ids or (unk is not None and unk in ids) or back != a:
+            raise ConfigError(f"the tokenizer of '{path}' cannot spell the answer {a!r} (it reads back as {back!r}, "
+                              f"tokens {tokenizer.convert_ids_to_tokens(ids)}); the evaluator and the rater need "
+                              "every answer spelled exactly")
+    for text, ids in zip(prompts, prompt_ids):
+        if unk is not None and unk in ids:
+            raise ConfigError(f"the tokenizer of '{path}' cannot spell the prompt {text[:40]!r}... "
+                              f"(it becomes {tokenizer.unk_token!r}); the lab's world needs every prompt spelled")
+    limit = context_length(config)
+    longest = max(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    if limit is not None and len(prompt_ids[longest]) + new_tokens > limit:
+        raise ConfigError(f"the context of '{path}' ({limit} tokens) is shorter than the world's longest prompt "
+                          f"({len(prompt_ids[longest])} tokens) + {new_tokens} new tokens; use a model with a longer "
+                          "context or fewer *.max_new_tokens")
+    _CHECKED[key] = True

@@ -165,3 +165,80 @@ def test_reward_model_stage_saves_a_distinct_pad_and_scores_the_eos(saved, tmp_p
     p = world.prompt(world.seed_prompts[0].text)
     s = reward([p, p], [" 42", " 42"], [True, False])
     assert abs(float(s[0] - s[1])) > 1e-4
+
+
+# ------------------------------------------------------------------ bad models: one line, exit 2, nothing written
+
+
+def _t5(path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)).save_pretrained(path)
+    FAMILIES["gpt2"]().save_pretrained(path)
+    return path
+
+
+def _no_tokenizer(path):
+    family_model("gpt2", FAMILIES["gpt2"]()).save_pretrained(path)
+    return path
+
+
+def _no_sevens(path):
+    """A SentencePiece-style tokenizer trained on text without the digit 7 (so " 7", " 17", ... are <unk>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_models import _world_texts
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator([t.replace("7", "") for t in _world_texts()],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    family_model("llama", tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _short_context(path):
+    tok = FAMILIES["gpt2"]()
+    family_model("gpt2", tok, context=24).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+BAD = {
+    "not-causal": (_t5, "is not a causal LM (model_type 't5'"),
+    "no-tokenizer": (_no_tokenizer, "has no tokenizer"),
+    "unspellable": (_no_sevens, "cannot spell the answer ' 17'"),
+    "short-context": (_short_context, "the context of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_model_is_one_line_before_any_work(case, tmp_path):
+    """`collapse-lab ablate model.path=<bad>` and a single stage: ConfigError (exit 2), nothing written."""
+    from collapse_lab import ablate
+    from collapse_lab.config import ConfigError, compose
+    from collapse_lab.ratings import rate
+
+    make, message = BAD[case]
+    path = make(tmp_path / "model")
+    ck = tmp_path / "ck"
+    with pytest.raises(ConfigError) as e:
+        ablate.plan(["preset=quick", f"model.path={path}", f"checkpoints_dir={ck}"])
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not ck.exists()
+    with pytest.raises(ConfigError, match=message.split(" (")[0].replace("'", ".")):
+        rate(compose("lab", ["wandb.mode=disabled", f"model.path={path}", f"checkpoints_dir={ck}"]))
+    assert [p.name for p in ck.iterdir()] == [".locks"]  # no run directory (the stage's lock file only)
+
+
+def test_bad_model_cli_exit_2_one_line_nothing_written(tmp_path):
+    from tests.conftest import run_cli
+
+    path = _t5(tmp_path / "t5")
+    r = run_cli("-m", "collapse_lab.cli", "ablate", "preset=quick", f"model.path={path}", f"checkpoints_dir={tmp_path / 'ck'}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not a causal LM" in r.stderr, r.stderr
+    assert not (tmp_path / "ck").exists()
