@@ -23,6 +23,7 @@ def build_base_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> PreTrainedMode
         hidden_size=mcfg.hidden_size,
         num_hidden_layers=mcfg.num_layers,
         num_attention_heads=mcfg.num_heads,
+        num_key_value_heads=mcfg.num_heads,  # full multi-head attention (Qwen2/Mistral would default to 32/8 kv heads)
         intermediate_size=mcfg.intermediate_size,
         n_inner=mcfg.intermediate_size,  # GPT-2's name for the MLP width
         max_position_embeddings=mcfg.max_seq_len,

@@ -242,3 +242,27 @@ def test_bad_model_cli_exit_2_one_line_nothing_written(tmp_path):
     r = run_cli("-m", "collapse_lab.cli", "ablate", "preset=quick", f"model.path={path}", f"checkpoints_dir={tmp_path / 'ck'}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not a causal LM" in r.stderr, r.stderr
     assert not (tmp_path / "ck").exists()
+
+
+# ------------------------------------------------------------------ the lab's own base in other architectures
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])
+def test_lab_base_of_each_arch_pretrains_samples_and_evaluates(arch, tmp_path):
+    """`model.arch=<arch>`: the lab's tokenizer and pretraining, then the model samples and the evaluator's
+    exact distribution matches the naive one."""
+    from collapse_lab.config import compose
+    from collapse_lab.pretrain import pretrain
+    from tests.conftest import TINY_PRETRAIN
+
+    out = pretrain(compose("lab", TINY_PRETRAIN + [f"model.arch={arch}", f"checkpoints_dir={tmp_path}"]))
+    model, tok = load_pretrained(str(out))
+    assert model.config.model_type == arch
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+    torch.manual_seed(0)
+    r = generate(model, tok, [PROMPT], max_new_tokens=4)
+    assert r.response_mask.sum() >= 1
+    answers = ANSWERS[:6]
+    got = answer_distribution(model.eval(), tok, PROMPT, answers, "0123456789").probs
+    want = np.array([naive_p(model, tok, PROMPT, a) for a in answers])
+    assert np.abs(got - want).max() <= 1e-5
