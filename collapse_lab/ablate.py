@@ -379,6 +379,7 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     import torch
 
     from collapse_lab.evaluator import _load, sample
+    from collapse_lab.models import default_device
     from collapse_lab.tokenizer import decode_continuations, encode_texts
     from collapse_lab.world import make_world
 
@@ -388,7 +389,7 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     spec = _read_json(model_path / "bok.json")
     if spec is not None:
         model_path, k = Path(spec["base_path"]), int(spec["k"])
-    model, tokenizer = _load(str(model_path), "cuda" if torch.cuda.is_available() else "cpu", "float32")
+    model, tokenizer = _load(str(model_path), str(default_device()), "float32")
     per_prompt = {}
     for prompt in world.seed_prompts:
         torch.manual_seed(e.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -9,6 +10,28 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mixed_precision(cfg) -> str:
+    """"no" | "bf16" | "fp16": the config's `precision`, or with `auto` the launcher's (accelerate sets
+    ACCELERATE_MIXED_PRECISION from its config file or --mixed_precision), else "no"."""
+    p = cfg.precision
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no") if p == "auto" else p
+
+
+def default_device() -> torch.device:
+    """This process's device: its GPU under `accelerate launch` (cuda:<local rank>), the GPU or Apple MPS
+    of a plain run, else the CPU; never hard-coded."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def autocast(cfg, device):
+    """torch.autocast for inference stages (sampling) at the config's mixed precision; a no-op for "no"."""
+    p = mixed_precision(cfg)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def build_base_model(mcfg, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

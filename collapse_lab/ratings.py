@@ -121,7 +121,7 @@ def load_ratings(path: Path) -> Dataset:
 
 def rate(cfg: DictConfig, named: bool = True) -> Path:
     """Sample, rate and save (or find finished) this config's ratings; returns their directory."""
-    from collapse_lab.models import load_pretrained
+    from collapse_lab.models import autocast, default_device, load_pretrained
     from collapse_lab.pretrain import resolve_base
     from collapse_lab.world import make_world
 
@@ -134,11 +134,12 @@ def rate(cfg: DictConfig, named: bool = True) -> Path:
     base = resolve_base(cfg)
     start_run(cfg, out, STAGE, base_path=base)
     world = make_world(cfg.world)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     model, tokenizer = load_pretrained(base, cfg.model.dtype)
     r = cfg.ratings
-    data = rate_samples(model.to(device), tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
-                        episode_tokens(cfg), seed_key=f"ratings/{cfg.seed}/{r.seed}")
+    with autocast(cfg, device):
+        data = rate_samples(model.to(device), tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
+                            episode_tokens(cfg), seed_key=f"ratings/{cfg.seed}/{r.seed}")
     publish(out, lambda tmp: data.save_to_disk(str(tmp / "data")))
     write_manifest(out, {
         "stage": STAGE, "status": "finished", "base_path": base,

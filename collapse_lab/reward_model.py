@@ -126,13 +126,13 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from collapse_lab.models import DTYPES, distinct_pad, ensure_eos
+    from collapse_lab.models import DTYPES, default_device, distinct_pad, ensure_eos, mixed_precision
     from collapse_lab.tokenizer import encode_texts
     from collapse_lab.rewards import ModelReward
     from collapse_lab.world import make_world
 
     m = cfg.reward_model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
 
     # 1-2. held-out prompt draws; pairs within a draw
     train_ids, eval_ids = split_prompts(list(ratings["prompt_id"]), m.eval_fraction, cfg.seed)
@@ -157,7 +157,8 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         output_dir=str(out / "trainer"), num_train_epochs=m.epochs, learning_rate=m.lr,
         per_device_train_batch_size=m.batch_size, lr_scheduler_type="linear", max_length=None,
         logging_steps=max(1, len(data) // m.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
-        run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
+        run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device.type == "cpu",
+        bf16=mixed_precision(cfg) == "bf16", fp16=mixed_precision(cfg) == "fp16",
         dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)

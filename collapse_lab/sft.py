@@ -111,7 +111,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from collapse_lab.models import add_lora, load_pretrained
+    from collapse_lab.models import add_lora, default_device, load_pretrained, mixed_precision
     from collapse_lab.pretrain import resolve_base
     from collapse_lab.world import make_world
 
@@ -126,7 +126,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     start_run(cfg, out, STAGE, base_path=base, ratings_path=str(ratings_path))
     s, r = cfg.sft, cfg.ratings
     world = make_world(cfg.world)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     set_seed(cfg.seed)
     model, tokenizer = load_pretrained(base, cfg.model.dtype)
     if cfg.peft.enabled:
@@ -158,7 +158,8 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
             per_device_train_batch_size=s.batch_size, lr_scheduler_type="linear", warmup_steps=0,
             completion_only_loss=True, max_length=None, packing=False,
             logging_steps=max(1, len(data) // s.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
-            run_name=out.name, seed=cfg.seed + rnd, data_seed=cfg.seed + rnd, use_cpu=device == "cpu",
+            run_name=out.name, seed=cfg.seed + rnd, data_seed=cfg.seed + rnd, use_cpu=device.type == "cpu",
+            bf16=mixed_precision(cfg) == "bf16", fp16=mixed_precision(cfg) == "fp16",
             dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
