@@ -3,6 +3,12 @@
     python benchmarks/gpu_check.py                 # on a CUDA machine; < 9 min on one H100 (hard deadline)
     python benchmarks/gpu_check.py --smoke         # CPU: the same steps on a tiny model, a few steps per stage
 
+On a bare CUDA image with PyTorch/transformers/accelerate/peft/tokenizers but without trl, datasets, hydra-core,
+omegaconf (this workplace's GPU machines), carry the wheels that `bash benchmarks/gpu_wheels.sh .whl` downloads
+here, then there:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+      PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py
+
 Nothing is downloaded (the machine may have no internet):
     1. tokenizer  a GPT-NeoX-style byte-level BPE (no digit splitting, no pad token, as Pythia's) trained by
                   `tokenizers` on the embedded world's corpus (collapse_lab.tokenizer.train_tokenizer)
