@@ -5,9 +5,10 @@ For a model m, a prompt x and an answer set A (strings), the evaluator computes 
     p(a) = P_m(tokens of a | x) · P_m(end | x, a)
 
 by teacher forcing, where "tokens of a" is the CANONICAL tokenisation only: the prompt encoded
-once with the tokenizer's leading special tokens (e.g. a BOS; `tokenizer.encode_texts`), each answer encoded separately with
-add_special_tokens=False, concatenated. Other token sequences that spell the same text are not
-counted. "end" is the total next-token mass of the tokens whose text does not begin with a
+once with the tokenizer's leading special tokens (e.g. a BOS; `tokenizer.encode_texts`), each answer
+encoded separately with add_special_tokens=False (or, where that differs, as the tokenizer encodes it
+right after the prompt: `answer_token_ids`), concatenated. Other token sequences that spell the same
+text are not counted. "end" is the total next-token mass of the tokens whose text does not begin with a
 character of `continue_chars` (default: digits for integer answers, regex \\w for word lists),
 so " 3" and " 37" are distinct, disjoint events and Σ_a p(a) ≤ 1 whatever the tokenizer.
 Definitions of every recorded field: eval/README.md.
@@ -83,9 +84,18 @@ def end_mask(tokenizer, continue_chars: Optional[str], vocab_size: int) -> torch
     return cache[key]
 
 
-def answer_token_ids(tokenizer, answers: list[str]) -> list[tuple[int, ...]]:
-    """Canonical tokens of each answer; ValueError if one is empty or two coincide (they'd count twice)."""
+def answer_token_ids(tokenizer, answers: list[str], prompt: Optional[str] = None) -> list[tuple[int, ...]]:
+    """Canonical tokens of each answer; ValueError if one is empty or two coincide (they'd count twice).
+
+    Each answer encoded on its own; with `prompt`, the tokens it gets AFTER the prompt when that differs:
+    tokens(prompt + a) minus tokens(prompt), where the joint encoding starts with the prompt's. Tokenizers
+    that prepend "▁" to every encode call (SentencePiece "legacy" Llama/Mistral ones) spell " 37" alone
+    as "▁" "▁3" "7", and after a prompt as "▁3" "7": the text the model reads is the in-context one."""
     seqs = [tuple(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    if prompt is not None:
+        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        joint = tokenizer([prompt + a for a in answers], add_special_tokens=False)["input_ids"]
+        seqs = [tuple(j[len(head):]) if j[:len(head)] == head else s for s, j in zip(seqs, joint)]
     seen: dict[tuple[int, ...], str] = {}
     for a, s in zip(answers, seqs):
         if not s:
@@ -149,7 +159,7 @@ def answer_distribution(model, tokenizer, prompt_text: str, answers: list[str],
     Tree attention is used once it has matched leaf batches on this model (checked on its first
     prompt); architectures whose attention ignores 4D masks fall back to leaf batches.
     """
-    seqs = answer_token_ids(tokenizer, answers)
+    seqs = answer_token_ids(tokenizer, answers, prompt_text)
     out, first = _prompt_forward(model, tokenizer, prompt_text)
     ends = end_mask(tokenizer, continue_chars, first.shape[-1]).to(first.device)  # (V,)
     eos = tokenizer.eos_token_id
@@ -320,7 +330,7 @@ def sampling_metrics(tokenizer, samples: Samples, prompt: Prompt, temperature: f
            "distinct_1": metrics.distinct_n(body, 1), "distinct_2": metrics.distinct_n(body, 2),
            "repetition_loop_rate": metrics.repetition_loop_rate(body), "examples": texts[:5]}
     if prompt.answers is not None:
-        seqs = answer_token_ids(tokenizer, prompt.answers)
+        seqs = answer_token_ids(tokenizer, prompt.answers, prompt.text)
         rec["well_formed_rate"] = float(np.mean([answer_index(y, seqs, ends) is not None for y in samples.tokens]))
     if prompt.categories:
         rec["category_shares"] = {k: float(np.mean([re.search(rx, t) is not None for t in texts]))
@@ -464,7 +474,7 @@ def _check_fits(model, tokenizer, suite: Suite, max_new_tokens: int, n_samples: 
         longest = 0
         if p.answers is not None:
             try:
-                longest = max(map(len, answer_token_ids(tokenizer, p.answers)))
+                longest = max(map(len, answer_token_ids(tokenizer, p.answers, p.text)))
             except ValueError as e:
                 raise ConfigError(f"suite {suite.path}: prompt '{p.id}': {e} with the tokenizer of {path}") from None
         need = n_prompt + max(longest, max_new_tokens if n_samples > 0 else 0)

@@ -198,6 +198,7 @@ def check_base(path: str, world, new_tokens: int) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from collapse_lab.config import ConfigError
+    from collapse_lab.evaluator import answer_token_ids
     from collapse_lab.suites import load_suite
     from collapse_lab.tokenizer import decode_continuations, encode_texts
 
@@ -218,9 +219,12 @@ def check_base(path: str, world, new_tokens: int) -> None:
     answers = sorted({a for s in suites for p in s.prompts for a in (p.answers or [])})
     unk = tokenizer.unk_token_id
     prompt_ids = encode_texts(tokenizer, prompts)
-    context = prompt_ids[0]
-    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
-    decoded = decode_continuations(tokenizer, [context] * len(answers), answer_ids)
+    context = suites[0].prompts[0].text  # the answers as the evaluator reads them: after a seed prompt
+    try:
+        answer_ids = [list(ids) for ids in answer_token_ids(tokenizer, answers, context)]
+    except ValueError as e:  # an answer of no tokens, or two answers of the same tokens
+        raise ConfigError(f"the tokenizer of '{path}' cannot spell the answers: {e}") from None
+    decoded = decode_continuations(tokenizer, encode_texts(tokenizer, [context]) * len(answers), answer_ids)
     for a, ids, back in zip(answers, answer_ids, decoded):
         if not ids or (unk is not None and unk in ids) or back != a:
             raise ConfigError(f"the tokenizer of '{path}' cannot spell the answer {a!r} (it reads back as {back!r}, "

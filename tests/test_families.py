@@ -266,3 +266,38 @@ def test_lab_base_of_each_arch_pretrains_samples_and_evaluates(arch, tmp_path):
     got = answer_distribution(model.eval(), tok, PROMPT, answers, "0123456789").probs
     want = np.array([naive_p(model, tok, PROMPT, a) for a in answers])
     assert np.abs(got - want).max() <= 1e-5
+
+
+@torch.no_grad()
+def _naive_joint_p(model, tok, prompt, answer, continue_chars="0123456789"):
+    """p(answer) from the tokens of the JOINT text prompt + answer (what the model reads), the end mass by
+    literally decoding prompt + answer + [t] for every t."""
+    ids, head = tok(prompt + answer)["input_ids"], tok(prompt)["input_ids"]
+    assert ids[:len(head)] == head
+    lp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    p = float(np.exp(sum(lp[i - 1, ids[i]].item() for i in range(len(head), len(ids)))))
+    text = tok.decode(ids)
+    end = sum(lp[-1, t].exp().item() for t in range(lp.shape[-1])
+              if not ((added := tok.decode(ids + [t])[len(text):] if t < len(tok) else "") and added[0] in continue_chars))
+    return p * end
+
+
+def test_legacy_sentencepiece_answers_are_read_as_they_follow_the_prompt(tmp_path):
+    """A tokenizer that prepends "▁" to every encode call spells " 37" alone with an extra "▁"; the evaluator
+    takes the answer's tokens after the prompt, and agrees with the joint text's naive probability."""
+    from collapse_lab.models import check_base
+    from collapse_lab.config import compose
+    from collapse_lab.world import make_world
+    from tests.tiny_models import legacy_sentencepiece_tokenizer
+
+    tok = legacy_sentencepiece_tokenizer()
+    assert tok.convert_ids_to_tokens(tok(" 37", add_special_tokens=False)["input_ids"])[:2] == ["▁", "▁"]
+    model = number_heavy(family_model("llama", tok), tok)
+    for path in ("tree", "leaves"):
+        evaluator._TREE_OK[model] = path == "tree"
+        got = answer_distribution(model, tok, PROMPT, ANSWERS, "0123456789").probs
+        want = np.array([_naive_joint_p(model, tok, PROMPT, a) for a in ANSWERS])
+        assert np.abs(got - want).max() <= 1e-5 and np.abs(np.log(got) - np.log(want)).max() <= 1e-4
+    family_model("llama", tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    check_base(str(tmp_path), make_world(compose("lab", []).world), 8)  # spellable in context: no error

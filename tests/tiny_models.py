@@ -189,3 +189,18 @@ def save_family(family: str, path, **kw):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def legacy_sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """Like `sentencepiece_tokenizer`, but "▁" is prepended to EVERY encode call (SentencePiece's legacy
+    Llama/Mistral behaviour): " 37" alone is "▁" "▁" "3" "7", after a prompt "▁" "3" "7"."""
+    from tokenizers import normalizers
+
+    tok = sentencepiece_tokenizer()
+    inner = tok.backend_tokenizer
+    inner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])  # Llama-2's
+    inner.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("▁", behavior="merged_with_next"),
+                                                   pre_tokenizers.Digits(individual_digits=True)])
+    inner.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
