@@ -19,6 +19,14 @@ def mixed_precision(cfg) -> str:
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no") if p == "auto" else p
 
 
+def trainer_precision(cfg) -> dict:
+    """TrainingArguments' bf16/fp16 for `precision`: `auto` passes none, so each library keeps its default
+    (transformers' Trainer: the launcher's mixed precision; TRL's SFTConfig and RewardConfig: bf16 autocast
+    unless fp16, on CPUs too); `no`, `bf16`, `fp16` set them."""
+    p = cfg.precision
+    return {} if p == "auto" else {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
 def default_device() -> torch.device:
     """This process's device: its GPU under `accelerate launch` (cuda:<local rank>), the GPU or Apple MPS
     of a plain run, else the CPU; never hard-coded."""

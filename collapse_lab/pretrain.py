@@ -33,7 +33,7 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
                                      start_run, write_manifest)
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
 from collapse_lab.distributed import exact_div, is_main_process, world_size
-from collapse_lab.models import build_base_model, mixed_precision
+from collapse_lab.models import build_base_model, trainer_precision
 from collapse_lab.tokenizer import train_tokenizer
 from collapse_lab.world import World
 from collapse_lab import tracking
@@ -121,8 +121,7 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
         run_name=out.name,
         include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(),
-        bf16=mixed_precision(cfg) == "bf16",
-        fp16=mixed_precision(cfg) == "fp16",
+        **trainer_precision(cfg),
         dataloader_pin_memory=False,
         disable_tqdm=not os.isatty(1),
     )

@@ -126,7 +126,7 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from collapse_lab.models import DTYPES, default_device, distinct_pad, ensure_eos, mixed_precision
+    from collapse_lab.models import DTYPES, default_device, distinct_pad, ensure_eos, trainer_precision
     from collapse_lab.tokenizer import encode_texts
     from collapse_lab.rewards import ModelReward
     from collapse_lab.world import make_world
@@ -158,7 +158,7 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         per_device_train_batch_size=m.batch_size, lr_scheduler_type="linear", max_length=None,
         logging_steps=max(1, len(data) // m.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
         run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device.type == "cpu",
-        bf16=mixed_precision(cfg) == "bf16", fp16=mixed_precision(cfg) == "fp16",
+        **trainer_precision(cfg),
         dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)

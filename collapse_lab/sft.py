@@ -111,7 +111,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from collapse_lab.models import add_lora, default_device, load_pretrained, mixed_precision
+    from collapse_lab.models import add_lora, default_device, load_pretrained, trainer_precision
     from collapse_lab.pretrain import resolve_base
     from collapse_lab.world import make_world
 
@@ -159,7 +159,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
             completion_only_loss=True, max_length=None, packing=False,
             logging_steps=max(1, len(data) // s.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
             run_name=out.name, seed=cfg.seed + rnd, data_seed=cfg.seed + rnd, use_cpu=device.type == "cpu",
-            bf16=mixed_precision(cfg) == "bf16", fp16=mixed_precision(cfg) == "fp16",
+            **trainer_precision(cfg),
             dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
