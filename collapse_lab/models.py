@@ -78,19 +78,14 @@ def load_pretrained(path: str, dtype: str = "float32", peft=None):
 
     from safetensors import SafetensorError
 
-    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith(".")
-    if not Path(path).exists() and not hub_like:
-        raise ConfigError(f"model path '{path}' does not exist (a local directory or a Hugging Face hub name)")
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"'{path}' holds no model (no config.json): not a finished run or a saved model directory")
+    check_path(path)
     check_causal_lm(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        check_tokenizer(tokenizer, path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt file
-        where = "a local directory" if Path(path).exists() else "not a local directory, nor loadable from the hub"
-        raise ConfigError(f"cannot load model '{path}' ({where}): {' '.join(str(e).split())[:300]}") from None
+        raise ConfigError(f"cannot load model '{path}' ({_where(path)}): {' '.join(str(e).split())[:300]}") from None
+    check_tokenizer(tokenizer, path)
     ensure_eos(tokenizer, model.config, path)
     if tokenizer.pad_token is None:  # GPT-2/Pythia/Llama ship without one; batching needs it (masks say what is real)
         tokenizer.pad_token = tokenizer.eos_token
@@ -153,6 +148,21 @@ def distinct_pad(tokenizer, model=None) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
+def _where(path: str) -> str:
+    return "a local directory" if Path(path).exists() else "not a local directory, nor loadable from the hub"
+
+
+def check_path(path: str) -> None:
+    """ConfigError unless `path` is a directory with a config.json, or looks like a hub name."""
+    from collapse_lab.config import ConfigError
+
+    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith(".")
+    if not Path(path).exists() and not hub_like:
+        raise ConfigError(f"model path '{path}' does not exist (a local directory or a Hugging Face hub name)")
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"'{path}' holds no model (no config.json): not a finished run or a saved model directory")
+
+
 def check_causal_lm(path: str) -> None:
     """ConfigError unless `path`'s config is one AutoModelForCausalLM builds, and its checkpoint (the
     config's `architectures`, when it says) is that causal LM, not an encoder or a classifier."""
@@ -164,7 +174,7 @@ def check_causal_lm(path: str) -> None:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot load the config of model '{path}': {' '.join(str(e).split())[:300]}") from None
+        raise ConfigError(f"cannot load model '{path}' ({_where(path)}): {' '.join(str(e).split())[:300]}") from None
     names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
     names = set(names) if isinstance(names, (list, tuple)) else {names}
     archs = set(getattr(config, "architectures", None) or [])
@@ -213,6 +223,7 @@ def check_base(path: str, world, new_tokens: int) -> None:
     key = (path, getattr(world.cfg, "name", None), new_tokens)
     if key in _CHECKED:
         return
+    check_path(path)
     check_causal_lm(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
