@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -187,6 +188,11 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     max_new_tokens, missing_eos_penalty = p.max_new_tokens, p.missing_eos_penalty
     if bandit_world:
         max_new_tokens, missing_eos_penalty = (1 if cfg.world.max_tokens == 1 else cfg.world.max_tokens + 1), 0.0
+    # A trainer earlier in this process (the ablation's reward model and FeedME: TRL defaults to bf16) leaves
+    # its mixed precision in accelerate's process-wide state, which a new Accelerator would inherit: PPO in
+    # an ablation then ran under bf16 autocast and the same run alone in fp32, in ONE cached run directory.
+    # Reset it (the distributed state stays) so that `precision` alone decides.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg))
     batches = batch_sizes(p, accelerator.num_processes)
     base = resolve_base(cfg)  # every process: pretraining (if needed) is itself multi-process
