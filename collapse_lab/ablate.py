@@ -201,6 +201,14 @@ def plan(argv: list[str]) -> Plan:
     p = Plan(cfg, [*cfg.lab, *lab])
     for regime in p.regimes:  # every stage's config composes: a bad lab key fails here, not mid-run
         p.lab_config(p.seeds[0], regime)
+    first = p.lab_config(p.seeds[0], p.regimes[0])
+    if first.model.path:  # a user's model: a causal LM with a tokenizer that spells the answers, context enough
+        from collapse_lab.models import check_base
+        from collapse_lab.world import make_world
+
+        tokens = max(first.ratings.max_new_tokens, first.ppo.max_new_tokens, cfg.eval.max_new_tokens,
+                     cfg.eval.story_max_new_tokens if "stories" in cfg.eval.suites else 0)
+        check_base(first.model.path, make_world(first.world), tokens)
     out = p.out
     saved = out / "ablation.yaml"
     if saved.exists():
@@ -371,6 +379,8 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     import torch
 
     from collapse_lab.evaluator import _load, sample
+    from collapse_lab.models import default_device
+    from collapse_lab.tokenizer import decode_continuations, encode_texts
     from collapse_lab.world import make_world
 
     e = p.cfg.eval
@@ -379,13 +389,14 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     spec = _read_json(model_path / "bok.json")
     if spec is not None:
         model_path, k = Path(spec["base_path"]), int(spec["k"])
-    model, tokenizer = _load(str(model_path), "cuda" if torch.cuda.is_available() else "cpu", "float32")
+    model, tokenizer = _load(str(model_path), str(default_device()), "float32")
     per_prompt = {}
     for prompt in world.seed_prompts:
         torch.manual_seed(e.seed)
         s = sample(model, tokenizer, prompt.text, e.gold_samples * k, e.temperature, e.max_new_tokens)
         eos = tokenizer.eos_token_id
-        texts = tokenizer.batch_decode([[t for t in y if t != eos] for y in s.tokens], skip_special_tokens=True)
+        texts = decode_continuations(tokenizer, encode_texts(tokenizer, [prompt.text]) * len(s.tokens),
+                                     [[t for t in y if t != eos] for y in s.tokens])
         scores = np.array([world.rater.expected(prompt, t, bool(f)) for t, f in zip(texts, s.finished)])
         per_prompt[prompt.id.removeprefix("seed/")] = float(scores.reshape(e.gold_samples, k).max(1).mean())
     return {"per_prompt": per_prompt, "mean": float(np.mean(list(per_prompt.values()))),

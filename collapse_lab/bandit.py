@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from collapse_lab.config import ConfigError
+from collapse_lab.tokenizer import encode_texts
 
 
 def reward_vector(tokenizer, world_cfg, vocab_size: int) -> torch.Tensor:
@@ -60,5 +61,5 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
 @torch.no_grad()
 def next_token_probs(model, tokenizer, prompt: str) -> torch.Tensor:
     """(V,) the model's full next-token distribution after `prompt` (temperature 1), float64."""
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    ids = torch.tensor(encode_texts(tokenizer, [prompt]), device=model.device)  # as rollouts encode it
     return torch.softmax(model(input_ids=ids).logits[0, -1].double(), -1).cpu()

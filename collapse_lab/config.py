@@ -242,6 +242,10 @@ class LabConfig:
     # Where regimes get rewards: the world's gold rater, or a reward model trained on the ratings.
     reward: str = "gold"
     reward_model_path: Optional[str] = None  # reward=rm: None trains one from the ratings first
+    # Mixed precision (autocast; weights stay in model.dtype) of every stage: auto = what `accelerate launch`
+    # says (its mixed_precision), else none, except that TRL's trainers (FeedME, the reward model) keep their
+    # own default, bf16; no | bf16 | fp16 for all. Like the process count, not part of a run directory's hash.
+    precision: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -338,6 +342,7 @@ CHOICES = {
     "sft.select": ("top", "random"),
     "reward": ("gold", "rm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "precision": ("auto", "no", "bf16", "fp16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral"),  # from-scratch bases: any of these
     "dtype": ("float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda", "mps"),

@@ -5,9 +5,10 @@ For a model m, a prompt x and an answer set A (strings), the evaluator computes 
     p(a) = P_m(tokens of a | x) · P_m(end | x, a)
 
 by teacher forcing, where "tokens of a" is the CANONICAL tokenisation only: the prompt encoded
-once with the tokenizer's special tokens (e.g. a BOS), each answer encoded separately with
-add_special_tokens=False, concatenated. Other token sequences that spell the same text are not
-counted. "end" is the total next-token mass of the tokens whose text does not begin with a
+once with the tokenizer's leading special tokens (e.g. a BOS; `tokenizer.encode_texts`), each answer
+encoded separately with add_special_tokens=False (or, where that differs, as the tokenizer encodes it
+right after the prompt: `answer_token_ids`), concatenated. Other token sequences that spell the same
+text are not counted. "end" is the total next-token mass of the tokens whose text does not begin with a
 character of `continue_chars` (default: digits for integer answers, regex \\w for word lists),
 so " 3" and " 37" are distinct, disjoint events and Σ_a p(a) ≤ 1 whatever the tokenizer.
 Definitions of every recorded field: eval/README.md.
@@ -37,6 +38,7 @@ from collapse_lab.config import ConfigError, check_output
 from collapse_lab.optimum import optimum_tv, prompt_optimum, run_objective
 from collapse_lab.models import load_pretrained
 from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
+from collapse_lab.tokenizer import decode_continuations, encode_texts
 from collapse_lab.world import make_world
 
 SCHEMA_VERSION = 1
@@ -82,9 +84,18 @@ def end_mask(tokenizer, continue_chars: Optional[str], vocab_size: int) -> torch
     return cache[key]
 
 
-def answer_token_ids(tokenizer, answers: list[str]) -> list[tuple[int, ...]]:
-    """Canonical tokens of each answer; ValueError if one is empty or two coincide (they'd count twice)."""
+def answer_token_ids(tokenizer, answers: list[str], prompt: Optional[str] = None) -> list[tuple[int, ...]]:
+    """Canonical tokens of each answer; ValueError if one is empty or two coincide (they'd count twice).
+
+    Each answer encoded on its own; with `prompt`, the tokens it gets AFTER the prompt when that differs:
+    tokens(prompt + a) minus tokens(prompt), where the joint encoding starts with the prompt's. Tokenizers
+    that prepend "▁" to every encode call (SentencePiece "legacy" Llama/Mistral ones) spell " 37" alone
+    as "▁" "▁3" "7", and after a prompt as "▁3" "7": the text the model reads is the in-context one."""
     seqs = [tuple(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    if prompt is not None:
+        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        joint = tokenizer([prompt + a for a in answers], add_special_tokens=False)["input_ids"]
+        seqs = [tuple(j[len(head):]) if j[:len(head)] == head else s for s, j in zip(seqs, joint)]
     seen: dict[tuple[int, ...], str] = {}
     for a, s in zip(answers, seqs):
         if not s:
@@ -118,7 +129,7 @@ class AnswerDistribution:
 def _prompt_forward(model, tokenizer, prompt_text: str):
     """The prompt (with the tokenizer's special tokens) through the model once: (output with KV cache, (V,) log p(·|x))."""
     model.eval()
-    prompt = tokenizer(prompt_text, return_tensors="pt")["input_ids"].to(model.device)  # (1, P)
+    prompt = torch.tensor(encode_texts(tokenizer, [prompt_text]), device=model.device)  # (1, P)
     out = model(prompt, use_cache=True)
     return out, out.logits[0, -1].float().log_softmax(-1)
 
@@ -148,7 +159,7 @@ def answer_distribution(model, tokenizer, prompt_text: str, answers: list[str],
     Tree attention is used once it has matched leaf batches on this model (checked on its first
     prompt); architectures whose attention ignores 4D masks fall back to leaf batches.
     """
-    seqs = answer_token_ids(tokenizer, answers)
+    seqs = answer_token_ids(tokenizer, answers, prompt_text)
     out, first = _prompt_forward(model, tokenizer, prompt_text)
     ends = end_mask(tokenizer, continue_chars, first.shape[-1]).to(first.device)  # (V,)
     eos = tokenizer.eos_token_id
@@ -286,7 +297,7 @@ def sample(model, tokenizer, prompt_text: str, n: int, temperature: float, max_n
     """n ancestral samples at `temperature` (no top-k/top-p), with log-probs at that same temperature."""
     model.eval()
     device = model.device
-    prompt = tokenizer(prompt_text, return_tensors="pt")["input_ids"].to(device)  # (1, P)
+    prompt = torch.tensor(encode_texts(tokenizer, [prompt_text]), device=device)  # (1, P)
     eos = tokenizer.eos_token_id
     gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
@@ -312,14 +323,14 @@ def sampling_metrics(tokenizer, samples: Samples, prompt: Prompt, temperature: f
     """Sequence entropy ± SE, distinct-n, loops; well-formed share (answer sets) or category shares."""
     eos = tokenizer.eos_token_id
     body = [[t for t in y if t != eos] for y in samples.tokens]  # EOS is not text
-    texts = tokenizer.batch_decode(body, skip_special_tokens=True)
+    texts = decode_continuations(tokenizer, encode_texts(tokenizer, [prompt.text]) * len(body), body)
     h, se = metrics.sequence_entropy(samples.logprobs)
     rec = {"n": len(body), "temperature": temperature, "max_new_tokens": max_new_tokens,
            "sequence_entropy": h, "sequence_entropy_se": se, "truncated_rate": float(1 - samples.finished.mean()),
            "distinct_1": metrics.distinct_n(body, 1), "distinct_2": metrics.distinct_n(body, 2),
            "repetition_loop_rate": metrics.repetition_loop_rate(body), "examples": texts[:5]}
     if prompt.answers is not None:
-        seqs = answer_token_ids(tokenizer, prompt.answers)
+        seqs = answer_token_ids(tokenizer, prompt.answers, prompt.text)
         rec["well_formed_rate"] = float(np.mean([answer_index(y, seqs, ends) is not None for y in samples.tokens]))
     if prompt.categories:
         rec["category_shares"] = {k: float(np.mean([re.search(rx, t) is not None for t in texts]))
@@ -460,11 +471,11 @@ def _check_fits(model, tokenizer, suite: Suite, max_new_tokens: int, n_samples: 
     cfg = model.config
     context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     for p in suite.prompts:
-        n_prompt = len(tokenizer(p.text)["input_ids"])
+        n_prompt = len(encode_texts(tokenizer, [p.text])[0])
         longest = 0
         if p.answers is not None:
             try:
-                longest = max(map(len, answer_token_ids(tokenizer, p.answers)))
+                longest = max(map(len, answer_token_ids(tokenizer, p.answers, p.text)))
             except ValueError as e:
                 raise ConfigError(f"suite {suite.path}: prompt '{p.id}': {e} with the tokenizer of {path}") from None
         need = n_prompt + max(longest, max_new_tokens if n_samples > 0 else 0)

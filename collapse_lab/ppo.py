@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -47,7 +48,7 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
                                      start_run, write_manifest)
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.distributed import exact_div
-from collapse_lab.models import DTYPES, add_lora, load_pretrained
+from collapse_lab.models import DTYPES, add_lora, load_pretrained, mixed_precision
 from collapse_lab.optimum import answer_optimum, optimum_tv
 from collapse_lab.evaluator import SuiteOptimum, answer_distribution
 from collapse_lab.pretrain import resolve_base
@@ -189,7 +190,12 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
     max_new_tokens, missing_eos_penalty = p.max_new_tokens, p.missing_eos_penalty
     if bandit_world:
         max_new_tokens, missing_eos_penalty = (1 if cfg.world.max_tokens == 1 else cfg.world.max_tokens + 1), 0.0
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # A trainer earlier in this process (the ablation's reward model and FeedME: TRL defaults to bf16) leaves
+    # its mixed precision in accelerate's process-wide state, which a new Accelerator would inherit: PPO in
+    # an ablation then ran under bf16 autocast and the same run alone in fp32, in ONE cached run directory.
+    # Reset it (the distributed state stays) so that `precision` alone decides.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg))
     batches = batch_sizes(p, accelerator.num_processes)
     base = resolve_base(cfg)  # every process: pretraining (if needed) is itself multi-process
     set_seed(cfg.seed, device_specific=True)
@@ -248,7 +254,7 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
 
         # 1. rollout: completions with their log-probs under the sampling distribution (π at T, from
         #    the generation's logits), the reference's log-probs, values (rows batched by prompt length)
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():  # the reference is not prepared: autocast here too
             rollout = generate_by_length(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens,
                                          p.temperature, hidden=on_policy, chunk=p.micro_batch_size)
             mask = rollout.response_mask.float()  # (B, Tr) 1 up to and including EOS

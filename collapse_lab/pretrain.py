@@ -33,7 +33,7 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
                                      start_run, write_manifest)
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
 from collapse_lab.distributed import exact_div, is_main_process, world_size
-from collapse_lab.models import build_base_model
+from collapse_lab.models import build_base_model, trainer_precision
 from collapse_lab.tokenizer import train_tokenizer
 from collapse_lab.world import World
 from collapse_lab import tracking
@@ -54,12 +54,17 @@ def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerFast, max_len: int)
 
 def resolve_base(cfg: DictConfig) -> str:
     """The base every regime starts from and is compared with: `base_path=`, else the model
-    preset's `path` (a real model), else the lab's own base, pretrained first if missing."""
-    if cfg.base_path:
-        return cfg.base_path
-    if cfg.model.path:
-        return cfg.model.path
-    return str(pretrain(cfg, named=False))
+    preset's `path` (a real model), else the lab's own base, pretrained first if missing. A given
+    path is checked first (collapse_lab/models.py: check_base)."""
+    path = cfg.base_path or cfg.model.path
+    if path is None:
+        return str(pretrain(cfg, named=False))
+    from collapse_lab.models import check_base
+    from collapse_lab.world import make_world
+
+    # a user's model: checked before the stage writes anything (one line naming what it lacks)
+    check_base(path, make_world(cfg.world), max(cfg.ratings.max_new_tokens, cfg.ppo.max_new_tokens))
+    return path
 
 
 def pretrain(cfg: DictConfig, named: bool = True) -> Path:
@@ -116,6 +121,7 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
         run_name=out.name,
         include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(),
+        **trainer_precision(cfg),
         dataloader_pin_memory=False,
         disable_tqdm=not os.isatty(1),
     )

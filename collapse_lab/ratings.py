@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from collapse_lab.checkpoint import already_finished, git_commit, package_versions, publish, start_run, write_manifest
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.rollout import generate
+from collapse_lab.tokenizer import encode_texts
 
 STAGE = "ratings"
 GENERATE_BATCH = 512  # sequences per generate() call
@@ -88,7 +89,7 @@ def rate_samples(model, tokenizer, world, n_prompts: int, k: int, temperature: f
     prompts = [world.train_prompt(prompt_rng) for _ in range(n_prompts)]
     torch.manual_seed(stable_seed("sample", seed_key))
     # (prompt_id, sample_index), k per draw; sorted by prompt length so a batch's left padding is short
-    lengths = [len(ids) for ids in tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]]
+    lengths = list(map(len, encode_texts(tokenizer, [p.text for p in prompts])))
     flat = sorted(((i, j) for i in range(n_prompts) for j in range(k)), key=lambda ij: (lengths[ij[0]], ij))
     was_training = model.training
     model.eval()
@@ -120,7 +121,7 @@ def load_ratings(path: Path) -> Dataset:
 
 def rate(cfg: DictConfig, named: bool = True) -> Path:
     """Sample, rate and save (or find finished) this config's ratings; returns their directory."""
-    from collapse_lab.models import load_pretrained
+    from collapse_lab.models import autocast, default_device, load_pretrained
     from collapse_lab.pretrain import resolve_base
     from collapse_lab.world import make_world
 
@@ -133,11 +134,12 @@ def rate(cfg: DictConfig, named: bool = True) -> Path:
     base = resolve_base(cfg)
     start_run(cfg, out, STAGE, base_path=base)
     world = make_world(cfg.world)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     model, tokenizer = load_pretrained(base, cfg.model.dtype)
     r = cfg.ratings
-    data = rate_samples(model.to(device), tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
-                        episode_tokens(cfg), seed_key=f"ratings/{cfg.seed}/{r.seed}")
+    with autocast(cfg, device):
+        data = rate_samples(model.to(device), tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
+                            episode_tokens(cfg), seed_key=f"ratings/{cfg.seed}/{r.seed}")
     publish(out, lambda tmp: data.save_to_disk(str(tmp / "data")))
     write_manifest(out, {
         "stage": STAGE, "status": "finished", "base_path": base,

@@ -10,8 +10,10 @@
                 collapse_lab.rewards.ModelReward, the very interface PPO uses
     5. save     checkpoints/reward/<name>/: model + tokenizer, manifest.json (samples_scored = the ratings')
 
-Texts are `prompt + completion + EOS-if-it-ended`, tokenised without special tokens: exactly what
-ModelReward scores (TRL would append EOS to every text; a cut-off completion must not get one).
+Texts are `prompt + completion + EOS-if-it-ended`, tokenised as prompts are (`tokenizer.encode_texts`: a
+BOS if the tokenizer adds one, nothing appended): exactly what ModelReward scores (TRL would append EOS to
+every text; a cut-off completion must not get one). The reward model's tokenizer gets a pad token distinct
+from EOS (`models.distinct_pad`), else the head would read the score before the EOS.
 """
 
 from __future__ import annotations
@@ -121,15 +123,16 @@ def train_reward_model(cfg: DictConfig, named: bool = True) -> Path:
 def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) -> dict:
     """Steps 2-4 on a ratings dataset: train, save model + tokenizer to `out`, return the budget and checks."""
     from scipy.stats import spearmanr
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from collapse_lab.models import DTYPES
+    from collapse_lab.models import DTYPES, default_device, distinct_pad, ensure_eos, trainer_precision
+    from collapse_lab.tokenizer import encode_texts
     from collapse_lab.rewards import ModelReward
     from collapse_lab.world import make_world
 
     m = cfg.reward_model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
 
     # 1-2. held-out prompt draws; pairs within a draw
     train_ids, eval_ids = split_prompts(list(ratings["prompt_id"]), m.eval_fraction, cfg.seed)
@@ -138,23 +141,24 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         raise ConfigError("the ratings give no training pair (every prompt's samples scored alike); "
                           "raise ratings.prompts or ratings.samples_per_prompt")
     tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_eos(tokenizer, AutoConfig.from_pretrained(base), base)
+    distinct_pad(tokenizer)  # pad != EOS: the score is read at the EOS of an ended completion
     texts = [rm_text(p, c, e, tokenizer.eos_token)
              for p, c, e in zip(ratings["prompt"], ratings["completion"], ratings["ended"])]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = encode_texts(tokenizer, texts)
     data = Dataset.from_dict({"chosen_ids": [ids[a] for a, _ in train_pairs],
                               "rejected_ids": [ids[b] for _, b in train_pairs]})
 
     # 3. Bradley-Terry on a one-logit head over the base (TRL)
     set_seed(cfg.seed)  # the head is initialised at random
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
-    model.config.pad_token_id = tokenizer.pad_token_id
+    distinct_pad(tokenizer, model)
     args = RewardConfig(
         output_dir=str(out / "trainer"), num_train_epochs=m.epochs, learning_rate=m.lr,
         per_device_train_batch_size=m.batch_size, lr_scheduler_type="linear", max_length=None,
         logging_steps=max(1, len(data) // m.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
-        run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
+        run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device.type == "cpu",
+        **trainer_precision(cfg),
         dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
         bf16=False, fp16=False,  # TRL defaults to bf16 autocast; it would also stay in accelerate's process-wide state
     )

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from collapse_lab.tokenizer import encode_texts
 from collapse_lab.world import Prompt
 
 
@@ -49,25 +50,26 @@ class ModelReward:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from collapse_lab.checkpoint import read_manifest
+        from collapse_lab.models import distinct_pad, ensure_eos
 
         self.path = path
         self.samples_scored = (read_manifest(Path(path)) or {}).get("samples_scored")
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        ensure_eos(self.tokenizer, self.model.config, path)
+        distinct_pad(self.tokenizer, self.model)  # a model saved with pad = EOS gets one too (collapse_lab/models.py)
+        self.model = self.model.to(device).eval()
         self.batch_size = batch_size
 
     @torch.no_grad()
     def __call__(self, prompts, completions, ended) -> torch.Tensor:
         eos = self.tokenizer.eos_token
-        texts = [p.text + c + (eos if e else "") for p, c, e in zip(prompts, completions, ended)]
+        ids = encode_texts(self.tokenizer, [p.text + c + (eos if e else "") for p, c, e in zip(prompts, completions, ended)])
         scores = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                                   add_special_tokens=False).to(self.model.device)
+        for i in range(0, len(ids), self.batch_size):
+            batch = self.tokenizer.pad({"input_ids": ids[i:i + self.batch_size]}, padding=True,
+                                       return_tensors="pt").to(self.model.device)  # right padding
             scores.append(self.model(**batch).logits[:, 0].float().cpu())
         return torch.cat(scores)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from collapse_lab.tokenizer import decode_continuations, encode_texts
+
 
 @dataclass
 class Rollout:
@@ -32,13 +34,14 @@ class Rollout:
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> dict[str, torch.Tensor]:
-    """Left-padded prompt batch (generation appends on the right)."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    return {k: v.to(device) for k, v in batch.items()}
+    """Left-padded prompt batch (generation appends on the right); each prompt as `encode_texts` gives
+    it (the tokenizer's BOS when it adds one, never a trailing EOS)."""
+    ids = encode_texts(tokenizer, prompts)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)  # (B, Tq)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 @torch.no_grad()
@@ -81,7 +84,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         logits, h, position = out.logits[:, -1], out.hidden_states[-1][:, -1] if hidden else None, position + 1
     response, response_mask = torch.stack(tokens, 1), torch.stack(mask, 1)  # (B, Tr)
     is_eos = (response == eos) & response_mask.bool()
-    texts = tokenizer.batch_decode(response.masked_fill(is_eos | ~response_mask.bool(), pad), skip_special_tokens=True)
+    body = (response_mask.bool() & ~is_eos).tolist()  # the completion's text tokens: no EOS, no padding
+    texts = decode_continuations(tokenizer, [row[m.bool()].tolist() for row, m in zip(ids, prompt_mask)],
+                                 [[t for t, keep in zip(row, k) if keep] for row, k in zip(response.tolist(), body)])
     return Rollout(
         input_ids=torch.cat([ids, response], 1),
         attention_mask=torch.cat([prompt_mask, response_mask], 1),
@@ -122,7 +127,7 @@ def generate_by_length(model, tokenizer, prompts: list[str], max_new_tokens: int
     (prompts of 9..83 tokens, mean 28) a batch of 32 spends ~3x the prefill it needs; chunks of 8
     in length order halve generation's time (benchmarks/bench_ppo.py --profile).
     """
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    lengths = list(map(len, encode_texts(tokenizer, prompts)))
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     parts = [generate(model, tokenizer, [prompts[i] for i in order[k:k + chunk]], max_new_tokens, temperature, hidden)
              for k in range(0, len(order), chunk)]

@@ -40,6 +40,7 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
 from collapse_lab.config import CHOICES, ConfigError, run_dir
 from collapse_lab.ratings import episode_tokens, flush_denormals, load_ratings, rate, rate_samples
 from collapse_lab.ratings import stage_keys as ratings_keys
+from collapse_lab.tokenizer import encode_texts
 
 STAGE = "sft"
 SELECT = CHOICES["sft.select"]  # FeedME, and its finite-sample control
@@ -97,7 +98,7 @@ def select_random(ratings: Dataset, keep_top: int = 1, min_score=None, seed=0) -
 def feedme_dataset(kept: Dataset, tokenizer) -> Dataset:
     """Pre-tokenised rows for SFTTrainer: input_ids = prompt tokens + sampled completion tokens (EOS
     included when it came), completion_mask = 0 on the prompt, 1 on the completion (the loss)."""
-    prompt_ids = tokenizer(list(kept["prompt"]), add_special_tokens=False)["input_ids"]  # as generate() encoded them
+    prompt_ids = encode_texts(tokenizer, list(kept["prompt"]))  # as generate() encoded them (BOS if any)
     completion_ids = list(kept["completion_ids"])
     return Dataset.from_dict({
         "input_ids": [p + c for p, c in zip(prompt_ids, completion_ids)],
@@ -110,7 +111,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from collapse_lab.models import add_lora, load_pretrained
+    from collapse_lab.models import add_lora, default_device, load_pretrained, trainer_precision
     from collapse_lab.pretrain import resolve_base
     from collapse_lab.world import make_world
 
@@ -125,7 +126,7 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     start_run(cfg, out, STAGE, base_path=base, ratings_path=str(ratings_path))
     s, r = cfg.sft, cfg.ratings
     world = make_world(cfg.world)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     set_seed(cfg.seed)
     model, tokenizer = load_pretrained(base, cfg.model.dtype)
     if cfg.peft.enabled:
@@ -157,7 +158,8 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
             per_device_train_batch_size=s.batch_size, lr_scheduler_type="linear", warmup_steps=0,
             completion_only_loss=True, max_length=None, packing=False,
             logging_steps=max(1, len(data) // s.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
-            run_name=out.name, seed=cfg.seed + rnd, data_seed=cfg.seed + rnd, use_cpu=device == "cpu",
+            run_name=out.name, seed=cfg.seed + rnd, data_seed=cfg.seed + rnd, use_cpu=device.type == "cpu",
+            **trainer_precision(cfg),
             dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
             bf16=False, fp16=False,  # TRL defaults to bf16 autocast; it would also stay in accelerate's process-wide state
         )

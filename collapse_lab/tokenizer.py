@@ -31,3 +31,42 @@ def train_tokenizer(texts: list[str], vocab_size: int, split_digits: bool = True
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None,
         model_max_length=4096, clean_up_tokenization_spaces=False,
     )
+
+
+# --------------------------------------------------------------------------- any tokenizer
+# The rest of the lab reads prompts and completions through these two functions, so that every
+# stage sees the same tokens whatever the tokenizer: a BOS or not, "▁3" or "Ġ3" or " 37" as one token.
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts BEFORE a text (a BOS, or nothing); what it would put after (some
+    tokenizers append EOS) is never used: a prompt must not end the text."""
+    with_specials = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(with_specials) - len(plain) + 1):
+        if with_specials[i:i + len(plain)] == plain:
+            return list(with_specials[:i])
+    return []
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text as a model reads it at the start of a sequence: the tokenizer's leading
+    special tokens (BOS, when it adds one), then the text, nothing after. Prompts everywhere (sampling,
+    FeedME's labels, the reward model, the evaluator) go through this one function."""
+    prefix = special_prefix(tokenizer)
+    return [prefix + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def decode_continuations(tokenizer, prefixes: list[list[int]], continuations: list[list[int]]) -> list[str]:
+    """The text each continuation adds after its prefix: decode(prefix + continuation) minus decode(prefix).
+
+    Decoding a completion alone loses text for SentencePiece-style tokenizers (Metaspace drops the "▁"
+    of the first token: [▁3, 7] alone decodes to "37", after a prompt to " 37", and the rater reads
+    " {integer}"). Special tokens are skipped; no clean-up of spaces. Falls back to decoding the
+    continuation alone when the joint text does not start with the prefix's.
+    """
+    kw = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    heads = tokenizer.batch_decode(prefixes, **kw)
+    whole = tokenizer.batch_decode([list(p) + list(c) for p, c in zip(prefixes, continuations)], **kw)
+    alone = tokenizer.batch_decode(continuations, **kw)
+    return [w[len(h):] if w.startswith(h) else a for h, w, a in zip(heads, whole, alone)]
