@@ -242,9 +242,9 @@ class LabConfig:
     # Where regimes get rewards: the world's gold rater, or a reward model trained on the ratings.
     reward: str = "gold"
     reward_model_path: Optional[str] = None  # reward=rm: None trains one from the ratings first
-    # Mixed precision (autocast; weights stay in model.dtype) of every stage: auto = what `accelerate launch`
-    # says (its mixed_precision), else none, except that TRL's trainers (FeedME, the reward model) keep their
-    # own default, bf16; no | bf16 | fp16 for all. Like the process count, not part of a run directory's hash.
+    # Mixed precision (autocast; weights stay in model.dtype) of every stage alike: auto = what `accelerate
+    # launch` says (its mixed_precision), else none (TRL's own bf16 default is overridden: every regime of a
+    # comparison runs at one precision); no | bf16 | fp16. Like the process count, not in a run's hash.
     precision: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)

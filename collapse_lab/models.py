@@ -20,11 +20,12 @@ def mixed_precision(cfg) -> str:
 
 
 def trainer_precision(cfg) -> dict:
-    """TrainingArguments' bf16/fp16 for `precision`: `auto` passes none, so each library keeps its default
-    (transformers' Trainer: the launcher's mixed precision; TRL's SFTConfig and RewardConfig: bf16 autocast
-    unless fp16, on CPUs too); `no`, `bf16`, `fp16` set them."""
-    p = cfg.precision
-    return {} if p == "auto" else {"bf16": p == "bf16", "fp16": p == "fp16"}
+    """TrainingArguments' bf16/fp16 for the config's mixed precision (`auto`: the launcher's, else none).
+    Always set, never left to the library: TRL's SFTConfig and RewardConfig default to bf16 autocast even
+    on CPUs, which would make FeedME and the reward model run at another precision than PPO and the base
+    (and leave bf16 in accelerate's process-wide state for the next stage of an ablation)."""
+    p = mixed_precision(cfg)
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 
 def default_device() -> torch.device:

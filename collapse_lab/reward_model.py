@@ -160,7 +160,6 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device.type == "cpu",
         **trainer_precision(cfg),
         dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
-        bf16=False, fp16=False,  # TRL defaults to bf16 autocast; it would also stay in accelerate's process-wide state
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     tracking.quiet(trainer)

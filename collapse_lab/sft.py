@@ -161,7 +161,6 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
             run_name=out.name, seed=cfg.seed + rnd, data_seed=cfg.seed + rnd, use_cpu=device.type == "cpu",
             **trainer_precision(cfg),
             dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
-            bf16=False, fp16=False,  # TRL defaults to bf16 autocast; it would also stay in accelerate's process-wide state
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         tracking.quiet(trainer)

@@ -56,13 +56,13 @@ def test_bf16_autocast_runs_every_stage_on_this_device(base, tmp_path):
 
 
 def test_ppo_after_a_bf16_trainer_in_the_same_process_runs_at_its_own_precision(base, tmp_path):
-    """TRL's trainers default to bf16 and leave it in accelerate's process-wide state; PPO in an ablation (after
-    the reward model and FeedME, one process) inherited it, while the same run alone was fp32."""
+    """A trainer leaves its mixed precision in accelerate's process-wide state; PPO in an ablation (after the
+    reward model and FeedME, one process) inherited it, while the same run alone was fp32."""
     from accelerate.state import AcceleratorState
 
     from collapse_lab.ppo import train_ppo
 
-    _stages(base, tmp_path)  # FeedME and the reward model (TRL: bf16 autocast by default), then PPO
+    _stages(base, tmp_path, "precision=bf16")  # FeedME and the reward model in bf16, then PPO at auto
     assert AcceleratorState().mixed_precision == "bf16"  # the reward model's trainer ran last
     train_ppo(compose("lab", ["wandb.mode=disabled", f"base_path={base}", f"checkpoints_dir={tmp_path}", "reward=rm",
                               "recipe=kl0", *TINY_STAGES]), named=False)  # its reward model is found finished

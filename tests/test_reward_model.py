@@ -47,7 +47,7 @@ def world_ratings(world, n_prompts: int, seed: int = 0) -> Dataset:
 
 def test_reward_model_beats_chance_on_held_out_pairs_of_the_world(tmp_path, tiny_base):
     cfg = compose("lab", ["wandb.mode=disabled", f"base_path={tiny_base}", "reward_model.epochs=3",
-                          "reward_model.lr=3e-3", "reward_model.batch_size=16", "reward_model.eval_fraction=0.25"])
+                          "reward_model.lr=1e-3", "reward_model.batch_size=16", "reward_model.eval_fraction=0.25"])
     metrics = fit_reward_model(cfg, world_ratings(make_world(cfg.world), 48), str(tiny_base), tmp_path / "rm")
     assert metrics["eval_pairs"] >= 40
     assert metrics["eval_pairwise_accuracy"] > 0.7, metrics
