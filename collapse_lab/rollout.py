@@ -131,7 +131,8 @@ def generate_by_length(model, tokenizer, prompts: list[str], max_new_tokens: int
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     parts = [generate(model, tokenizer, [prompts[i] for i in order[k:k + chunk]], max_new_tokens, temperature, hidden)
              for k in range(0, len(order), chunk)]
-    return take(concat(parts, tokenizer.pad_token_id), torch.tensor(order).argsort())
+    merged = concat(parts, tokenizer.pad_token_id)
+    return take(merged, torch.tensor(order, device=merged.input_ids.device).argsort())
 
 
 def concat(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -198,6 +199,7 @@ def select(r: Rollout, idx: torch.Tensor) -> Rollout:
 def length_chunks(r: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     """The rows `idx` sorted by prompt length, in chunks of `size`: each chunk then pads only to
     its own longest prompt (micro-batches of a minibatch, and the no-gradient forwards)."""
+    idx = idx.to(r.attention_mask.device)
     idx = idx[r.attention_mask[idx, :r.query_len].sum(1).argsort(stable=True)]  # a prompt's rows stay together
     return list(idx.split(size))
 
