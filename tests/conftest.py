@@ -8,12 +8,18 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+# pytest-xdist runs two workers (pyproject: -n 2): each, and every process a test starts, gets one
+# thread, so that two workers on 2 cores do not oversubscribe OpenMP (~10x slower steps)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
 # Subnormal floats are ~90x slower on CPU; torch's worker threads copy this setting when they start,
 # so it must come before any test computes (collapse_lab/ratings.py: flush_denormals).
 torch.set_flush_denormal(True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # A pretraining config small enough for a unit test (seconds on 2 cores).
 TINY_PRETRAIN = [
