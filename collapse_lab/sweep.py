@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from collapse_lab.config import ConfigError, check_name, check_output
+from collapse_lab.report import _fmt, _row
 
 SWEEP_KEYS = {"program", "name", "method", "metric", "parameters", "command", "description", "project", "entity"}
 
@@ -105,7 +106,6 @@ COLUMNS = [("norm_entropy", "H/log|A|", ".3f"), ("delta_norm_entropy", "Δ vs ba
 
 def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) -> dict:
     """One report across the grid: per point and regime, the ablation report's key numbers."""
-    from collapse_lab.report import _fmt, _row
 
     out.mkdir(parents=True, exist_ok=True)
     keys = swept(spec)

@@ -6,9 +6,9 @@ from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab.bok import make_bok  # torch/transformers load only once the config is valid
+    from collapse_lab import registry
 
-    return make_bok(cfg)
+    return registry.run("bok", cfg)  # its upstream stages (base, ratings, reward model) first
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab.ppo import train_ppo  # torch/transformers load only once the config is valid
+    from collapse_lab import registry
 
-    return train_ppo(cfg)
+    return registry.run("ppo", cfg)  # its upstream stages (base, ratings, reward model) first
 
 
 if __name__ == "__main__":

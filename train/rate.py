@@ -5,9 +5,9 @@ from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab.ratings import rate  # torch/transformers load only once the config is valid
+    from collapse_lab import registry
 
-    return rate(cfg)
+    return registry.run("ratings", cfg)  # its upstream stages (base, ratings, reward model) first
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab.sft import train_sft  # torch/transformers load only once the config is valid
+    from collapse_lab import registry
 
-    return train_sft(cfg)
+    return registry.run("sft", cfg)  # its upstream stages (base, ratings, reward model) first
 
 
 if __name__ == "__main__":
