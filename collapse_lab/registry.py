@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from collapse_lab import bok, ppo, ratings, reward_model, sft
+from collapse_lab import bok, dpo, ppo, ratings, reward_model, sft
 from collapse_lab.config import ConfigError, extend_schema
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.stage import BASE, OFFLINE, ONLINE, POLICY, RATINGS, REWARD, REWARD_MODEL, SELECTION, Stage
@@ -67,6 +67,7 @@ REGIMES: dict[str, Stage] = {
     "bok": Stage("bok", bok.make_bok, section="ratings", recipe="bok", consumes=(BASE,), produces="sampler",
                  group=SELECTION, rating_budget=lambda cfg: 0),
     **regimes(_PPO, "kl0", "kl0.01", "kl0.1", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01"),
+    **regimes(dpo.REGIME, "dpo0.1", "dpo0.5", "ipo0.1"),
     # FeedME's finite-sample control: as many base samples per prompt, chosen at random (sft.select=random)
     "sft-random": dataclasses.replace(_FEEDME, name="sft-random", recipe="sft-random", control_of="sft"),
 }
