@@ -37,7 +37,7 @@ from collapse_lab.models import add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.ratings import load_ratings, rate
 from collapse_lab.ratings import stage_keys as ratings_keys
-from collapse_lab.stage import BASE, OFFLINE, RATINGS, Stage, device, hf_args, run_stage
+from collapse_lab.stage import BASE, OFFLINE, RATINGS, Stage, device, hf_args, ratings_budget, run_stage
 
 STAGE = "dpo"
 
@@ -145,6 +145,6 @@ def train_dpo(cfg: DictConfig, named: bool = True) -> Path:
 
 # the registry's template (collapse_lab/registry.py names one entry per recipe: dpo0.1, dpo0.5, ipo0.1)
 REGIME = Stage(STAGE, train_dpo, section="dpo", schema=DPOSection, consumes=(BASE, RATINGS), group=OFFLINE,
-               rating_budget=lambda cfg: cfg.ratings.prompts * cfg.ratings.samples_per_prompt, kl_key="dpo.beta",
+               rating_budget=ratings_budget, kl_key="dpo.beta",
                ranges={"dpo.beta": POSITIVE, "dpo.epochs": POSITIVE, "dpo.lr": POSITIVE, "dpo.batch_size": Range(1)},
                choices={"dpo.loss_type": ("sigmoid", "ipo")})

@@ -8,7 +8,9 @@ read. A regime is a file (its update rule), a recipe YAML and one entry here (`S
     sft            base, ratings                 policy         selection (FeedME)    n·k·rounds
     sft-random     base, ratings                 policy         control of sft        n·k·rounds
     bok            base                          sampler        selection             k per query, at inference
+    dpo*, ipo*     base, ratings                 policy         offline preference    n·k (FeedME's ratings)
     kl*, ent*      base, reward (rm: the RM)     policy         online RL             n·k (rm) | rollouts (gold)
+    rloo*, grpo    base, reward (rm: the RM)     policy         online RL             n·k (rm) | rollouts (gold)
 
 `resolve(cfg, stage)` runs what a stage consumes, in order, before the stage itself (`run`): the
 factories the stages call (make_reward, resolve_base, rate) then only FIND their inputs finished.
@@ -21,23 +23,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from collapse_lab import bok, dpo, ppo, ratings, reward_model, sft
+from collapse_lab import bok, dpo, grpo, ppo, ratings, reward_model, rloo, sft
 from collapse_lab.config import ConfigError, extend_schema
 from collapse_lab.pretrain import resolve_base
-from collapse_lab.stage import BASE, OFFLINE, ONLINE, POLICY, RATINGS, REWARD, REWARD_MODEL, SELECTION, Stage
-
-
-def ratings_budget(cfg: DictConfig) -> int:
-    return cfg.ratings.prompts * cfg.ratings.samples_per_prompt
-
-
-def online_budget(section: str, batch_key: str = "rollout_batch_size"):
-    """An online regime's ratings: the reward model's training ratings (reward=rm, FeedME's budget), or
-    every rollout the gold rater scores (reward=gold: steps x rollouts per step)."""
-    def budget(cfg: DictConfig) -> int:
-        s = cfg[section]
-        return ratings_budget(cfg) if cfg.reward == "rm" else s.steps * s[batch_key]
-    return budget
+from collapse_lab.stage import (BASE, ONLINE, POLICY, RATINGS, REWARD, REWARD_MODEL, SELECTION, Stage, online_rating_budget,
+                                ratings_budget)
 
 
 def regimes(template: Stage, *recipes: str) -> dict[str, Stage]:
@@ -60,7 +50,7 @@ UPSTREAM: dict[str, Stage] = {
 _FEEDME = Stage("sft", sft.train_sft, section="sft", consumes=(BASE, RATINGS), group=SELECTION,
                 rating_budget=lambda cfg: ratings_budget(cfg) * cfg.sft.rounds)
 _PPO = Stage("ppo", ppo.train_ppo, section="ppo", consumes=(BASE, REWARD), group=ONLINE,
-             rating_budget=online_budget("ppo"), kl_key="ppo.kl_coef", adaptive_kl_key="ppo.adaptive_kl")
+             rating_budget=online_rating_budget("ppo"), kl_key="ppo.kl_coef", adaptive_kl_key="ppo.adaptive_kl")
 
 REGIMES: dict[str, Stage] = {
     **regimes(_FEEDME, "sft"),
@@ -68,12 +58,13 @@ REGIMES: dict[str, Stage] = {
                  group=SELECTION, rating_budget=lambda cfg: 0),
     **regimes(_PPO, "kl0", "kl0.01", "kl0.1", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01"),
     **regimes(dpo.REGIME, "dpo0.1", "dpo0.5", "ipo0.1"),
+    **regimes(rloo.REGIME, "rloo-kl0.1"),
+    **regimes(grpo.REGIME, "grpo"),
     # FeedME's finite-sample control: as many base samples per prompt, chosen at random (sft.select=random)
     "sft-random": dataclasses.replace(_FEEDME, name="sft-random", recipe="sft-random", control_of="sft"),
 }
-KINDS = {"sft": _FEEDME, "ppo": _PPO}  # the regime files' templates, for their entry points (train/<kind>.py)
+KINDS = {"sft": _FEEDME, "ppo": _PPO, "dpo": dpo.REGIME, "rloo": rloo.REGIME, "grpo": grpo.REGIME}  # the regime files' templates, for their entry points (train/<kind>.py)
 CONTROLS = {r.control_of: name for name, r in REGIMES.items() if r.control_of}  # regime -> its control
-GROUPS = (OFFLINE, ONLINE, SELECTION)
 
 # regimes that bring their own config section: their schemas join the lab's (collapse_lab/config.py)
 extend_schema({s.section: s.schema for s in REGIMES.values() if s.schema},

@@ -54,14 +54,16 @@ def make_reward(cfg, world, device) -> Reward:
     return ModelReward(path, device)
 
 
-def reward_func(reward: Reward, world, eos_token_id: int):
+def reward_func(reward: Reward, world, eos_token_id: int, missing_eos_penalty: float = 0.0):
     """The lab's reward as a TRL reward function (GRPOTrainer, RLOOTrainer): TRL calls it with the prompt
     texts, the decoded completions, their token ids and the dataset's other columns; a completion ended
-    iff its ids end with EOS (TRL cuts after the first EOS), as the rater and the reward model need."""
+    iff its ids end with EOS (TRL cuts after the first EOS), as the rater and the reward model need; one
+    cut off loses `missing_eos_penalty`, as in PPO."""
 
     def score(prompts, completions, completion_ids, **_) -> list[float]:
         ended = [len(ids) > 0 and ids[-1] == eos_token_id for ids in completion_ids]
-        return reward([world.prompt(p) for p in prompts], completions, ended).tolist()
+        scores = reward([world.prompt(p) for p in prompts], completions, ended)
+        return (scores - missing_eos_penalty * (~torch.tensor(ended)).float()).tolist()
 
     score.__name__ = "lab_reward"
     return score

@@ -89,6 +89,20 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def ratings_budget(cfg: DictConfig) -> int:
+    """The ratings stage's n·k: FeedME's budget, and every regime's that learns from those ratings."""
+    return cfg.ratings.prompts * cfg.ratings.samples_per_prompt
+
+
+def online_rating_budget(section: str) -> Callable[[DictConfig], int]:
+    """An online regime's ratings: the reward model's training ratings (reward=rm: FeedME's n·k), or
+    every rollout the gold rater scores (reward=gold: <section>.steps x <section>.rollout_batch_size)."""
+    def budget(cfg: DictConfig) -> int:
+        s = cfg[section]
+        return ratings_budget(cfg) if cfg.reward == "rm" else s.steps * s.rollout_batch_size
+    return budget
+
+
 # ------------------------------------------------------------------------------- bookkeeping
 
 
