@@ -88,13 +88,20 @@ def pair_dataset(ratings: Dataset, pairs: list[tuple[int, int]], tokenizer) -> D
                               "rejected_ids": [completions[b] for _, b in pairs]})
 
 
-def train_dpo(cfg: DictConfig, named: bool = True) -> Path:
-    """DPO (or IPO) on this config's ratings (or find it finished); returns the model's directory."""
-    from trl import DPOConfig, DPOTrainer  # optional heavy dependency: loaded by the stages that train
+def tokenised_dpo_trainer():
+    """TRL's DPOTrainer on rows that arrive tokenised (prompt_ids, chosen_ids, rejected_ids: pair_dataset)."""
+    from trl import DPOTrainer  # optional heavy dependency: loaded by the stages that train
 
     class TokenisedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):
-            return dataset  # already prompt_ids / chosen_ids / rejected_ids (pair_dataset)
+            return dataset
+
+    return TokenisedDPOTrainer
+
+
+def train_dpo(cfg: DictConfig, named: bool = True) -> Path:
+    """DPO (or IPO) on this config's ratings (or find it finished); returns the model's directory."""
+    from trl import DPOConfig  # optional heavy dependency: loaded by the stages that train
 
     d = cfg.dpo
     out = dpo_dir(cfg, named)
@@ -119,8 +126,8 @@ def train_dpo(cfg: DictConfig, named: bool = True) -> Path:
         args = hf_args(DPOConfig, cfg, out, seed=cfg.seed, lr=d.lr, batch_size=d.batch_size, num_train_epochs=d.epochs,
                        lr_scheduler_type="linear", warmup_steps=0, beta=d.beta, loss_type=[d.loss_type],
                        max_length=None, logging_steps=max(1, len(data) // d.batch_size // 4))
-        trainer = TokenisedDPOTrainer(model=model.to(device()), ref_model=ref, args=args, train_dataset=data,
-                                      processing_class=tokenizer)
+        trainer = tokenised_dpo_trainer()(model=model.to(device()), ref_model=ref, args=args, train_dataset=data,
+                                          processing_class=tokenizer)
         tracking.quiet(trainer)
         trainer.train()
         log = list(trainer.state.log_history)

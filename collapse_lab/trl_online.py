@@ -83,7 +83,7 @@ def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_c
                        max_steps=s.steps, num_generations=s.samples_per_prompt, steps_per_generation=1,
                        max_completion_length=max_new_tokens, temperature=s.temperature, beta=s.kl_coef,
                        num_iterations=1, lr_scheduler_type="linear" if s.anneal_lr else "constant", warmup_steps=0,
-                       logging_steps=1, disable_dropout=True, max_grad_norm=s.max_grad_norm or None,
+                       logging_steps=1, disable_dropout=True, max_grad_norm=s.max_grad_norm,
                        model_init_kwargs={"dtype": cfg.model.dtype}, **loss_args)
         trainer = trainer_cls(model=base, reward_funcs=score, args=args, processing_class=tokenizer,
                               train_dataset=prompt_dataset(world, s.steps * per_step, cfg.seed))
