@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import importlib
 import json
 import os
 import re

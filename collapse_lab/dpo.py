@@ -21,8 +21,6 @@ checks it on a reward table). IPO's regresses each pair's log-ratio gap to 1/(2Î
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +29,12 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import publish
 from collapse_lab.config import POSITIVE, ConfigError, Range, run_dir
 from collapse_lab.models import add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.ratings import load_ratings, rate
 from collapse_lab.ratings import stage_keys as ratings_keys
-from collapse_lab.stage import BASE, OFFLINE, RATINGS, Stage, device, hf_args, ratings_budget, run_stage
+from collapse_lab.stage import BASE, OFFLINE, RATINGS, Stage, device, hf_args, ratings_budget, run_stage, save_policy
 
 STAGE = "dpo"
 
@@ -132,15 +129,7 @@ def train_dpo(cfg: DictConfig, named: bool = True) -> Path:
         trainer.train()
         log = list(trainer.state.log_history)
         # 4. save (LoRA merged in: the evaluator loads a plain causal LM)
-        final = trainer.model.merge_and_unload() if cfg.peft.enabled else trainer.model
-
-        def save(tmp: Path) -> None:
-            final.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
-
-        publish(out, save)
-        shutil.rmtree(out / "trainer", ignore_errors=True)
+        save_policy(out, trainer.model.merge_and_unload() if cfg.peft.enabled else trainer.model, tokenizer, log)
         tokens = sum(map(len, data["chosen_ids"])) + sum(map(len, data["rejected_ids"]))
         run.finish(samples_scored=len(ratings), pairs=len(pairs), ties_dropped=ties, steps=trainer.state.global_step,
                    tokens_trained=round(tokens * d.epochs), beta=d.beta, loss_type=d.loss_type,

@@ -34,7 +34,7 @@ from collapse_lab import metrics
 from collapse_lab.budget import compare as compare_budgets
 from collapse_lab.evaluator import plot_suite
 from collapse_lab.registry import REGIMES
-from collapse_lab.stage import OFFLINE, ONLINE, SELECTION
+from collapse_lab.stage import OFFLINE, ONLINE, SELECTION, get_dotted
 
 # (key in a run's record, label, format): the per-regime numbers, in table order.
 COLLAPSE_METRICS = [
@@ -232,7 +232,7 @@ def build(ablation: Path, write: bool = True) -> dict:
             "group": runs[0]["group"], "recipe": runs[0]["recipe"], "seeds": [x["seed"] for x in runs],
             "kl_coef": regime.kl_coef(lab) if regime else None,
             "adaptive_kl": regime.adaptive_kl(lab) if regime else None,
-            "ent_coef": _get(lab, "ppo.ent_coef") if regime and regime.kl_key == "ppo.kl_coef" else None,
+            "ent_coef": get_dotted(lab, "ppo.ent_coef") if regime and regime.kl_key == "ppo.kl_coef" else None,
             "metrics": metrics_, "answer_entropy_per_prompt": per_prompt, "top_answer": top, "top_prob": top_p,
             "control": control.get(name), "control_of": control_of, **call,
             "collapsed": None if control_of else call["collapsed"], "call": None if control_of else call["call"],
@@ -259,7 +259,7 @@ def build(ablation: Path, write: bool = True) -> dict:
             f"of at least {threshold:g}")
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
               "comparisons": comparisons, "compute": compute,
-              "preference_strength": _get(next(iter(by_regime.values()))[0]["lab"] or {},
+              "preference_strength": get_dotted(next(iter(by_regime.values()))[0]["lab"] or {},
                                           "world.rater.preference_strength") if by_regime else None}
     report["verdict"] = verdict(report)
     if write:
@@ -558,14 +558,6 @@ def _vocab(ablation: Path) -> int:
 def _mean(xs) -> Optional[float]:
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
-
-
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
 
 
 def _fmt(s: dict, f: str = ".3f") -> str:

@@ -22,8 +22,6 @@ A killed run is redone from the start (it takes seconds on the tiny base).
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -36,13 +34,12 @@ from transformers import set_seed
 from collapse_lab import tracking
 from collapse_lab.bandit import next_token_probs, reward_vector
 from collapse_lab.bok import best_of_k
-from collapse_lab.checkpoint import publish
 from collapse_lab.config import CHOICES, ConfigError, run_dir
 from collapse_lab.models import add_lora, load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.ratings import episode_tokens, load_ratings, rate, rate_samples
 from collapse_lab.ratings import stage_keys as ratings_keys
-from collapse_lab.stage import device, hf_args, run_stage
+from collapse_lab.stage import device, hf_args, run_stage, save_policy
 from collapse_lab.world import make_world
 
 STAGE = "sft"
@@ -185,14 +182,7 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
 
     # 4. save (LoRA merged in: the evaluator loads a plain causal LM)
     final = model.merge_and_unload() if cfg.peft.enabled else model
-
-    def save(tmp: Path) -> None:
-        final.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
-
-    publish(out, save)
-    shutil.rmtree(out / "trainer", ignore_errors=True)
+    save_policy(out, final, tokenizer, log)
     fields = {"samples_scored": samples_scored, "steps": steps, "tokens_trained": tokens_trained, "rounds": rounds}
     return kept, final, tokenizer, fields
 

@@ -15,7 +15,9 @@ denormal flush (`flush_denormals`). A stage's update rule stays in its own file.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,8 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, read_manifest, start_run,
-                                     write_manifest)
+from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
+                                     start_run, write_manifest)
 from collapse_lab.distributed import is_main_process
 
 # What a stage may consume and produce (the orchestrator resolves them in this order).
@@ -75,13 +77,14 @@ class Stage:
         return tuple(dict.fromkeys(out))
 
     def kl_coef(self, lab: dict) -> Optional[float]:
-        return _get(lab, self.kl_key) if self.kl_key else None
+        return get_dotted(lab, self.kl_key) if self.kl_key else None
 
     def adaptive_kl(self, lab: dict) -> bool:
-        return bool(_get(lab, self.adaptive_kl_key)) if self.adaptive_kl_key else False
+        return bool(get_dotted(lab, self.adaptive_kl_key)) if self.adaptive_kl_key else False
 
 
-def _get(d: dict, dotted: str):
+def get_dotted(d: dict, dotted: str):
+    """d["a"]["b"] for "a.b" in a plain nested dict (a run's saved config.yaml), None when missing."""
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
             return None
@@ -159,6 +162,18 @@ def flush_denormals() -> None:
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def save_policy(out: Path, model, tokenizer, log: list[dict]) -> None:
+    """Publish a trained policy into its run directory (HF-loadable weights, tokenizer, the trainer's log as
+    metrics.jsonl), then drop the trainer's scratch directory out/trainer."""
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+
+    publish(out, save)
+    shutil.rmtree(Path(out) / "trainer", ignore_errors=True)
 
 
 def hf_args(cls, cfg: DictConfig, out: Path, *, seed: int, lr: float, batch_size: int, **kw):

@@ -10,9 +10,7 @@ lab's one interface (collapse_lab/rewards.py): `reward=gold` (the world's rater,
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,12 @@ from omegaconf import DictConfig
 
 from collapse_lab import tracking
 from collapse_lab.bandit import next_token_probs, optimum, reward_vector, total_variation
-from collapse_lab.checkpoint import publish
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.models import load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward, reward_func
-from collapse_lab.stage import device, hf_args, run_stage
+from collapse_lab.stage import device, hf_args, run_stage, save_policy
 from collapse_lab.world import make_world
 
 
@@ -91,14 +88,7 @@ def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_c
         trainer.train()
         log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history) if "loss" in x]
         extra = bandit_tv(trainer.model, base, tokenizer, cfg, s.kl_coef) if cfg.world.name == "bandit" else {}
-
-        def save(tmp: Path) -> None:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
-
-        publish(out, save)
-        shutil.rmtree(out / "trainer", ignore_errors=True)
+        save_policy(out, trainer.model, tokenizer, log)
         steps = trainer.state.global_step
         tokens = int(sum(x.get("completions/mean_length", 0) for x in log) * s.rollout_batch_size)
         run.finish(samples_scored=getattr(reward, "samples_scored", None) or steps * s.rollout_batch_size,
