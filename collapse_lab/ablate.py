@@ -53,7 +53,7 @@ from collapse_lab.evaluator import _load, sample
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.registry import CONTROLS, REGIMES, UPSTREAM
-from collapse_lab.stage import BASE, device
+from collapse_lab.stage import BASE, device, flush_denormals
 from collapse_lab.suites import SuiteError, load_suite
 from collapse_lab.world import make_world
 
@@ -276,6 +276,7 @@ def _stage_summary(path: Path) -> str:
 def run(p: Plan) -> Path:
     """Run (or resume, or find finished) every stage of the plan, then write the report."""
     cfg, out = p.cfg, p.out
+    flush_denormals()  # before anything computes (stage.flush_denormals)
     started = time.time()
     lock_run(out)  # a second identical ablation waits, then finds every stage finished
     out.mkdir(parents=True, exist_ok=True)

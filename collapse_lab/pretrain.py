@@ -32,7 +32,7 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
 from collapse_lab.distributed import exact_div, is_main_process, world_size
 from collapse_lab.models import build_base_model
-from collapse_lab.stage import hf_args
+from collapse_lab.stage import flush_denormals, hf_args
 from collapse_lab.tokenizer import train_tokenizer
 from collapse_lab.world import World
 from collapse_lab import tracking
@@ -67,6 +67,7 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
     if cfg.model.path is not None:
         raise ConfigError(f"model '{cfg.model.name}' is already pretrained (path={cfg.model.path}); "
                           "pretraining builds the lab's own base: use model=tiny")
+    flush_denormals()  # the other stages get it from stage.run_stage
     out = base_dir(cfg, named)
     if already_finished(out, "{steps} steps, {wall_time_s:.0f} s"):
         return out

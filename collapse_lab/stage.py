@@ -180,9 +180,13 @@ def hf_args(cls, cfg: DictConfig, out: Path, *, seed: int, lr: float, batch_size
     """The HF TrainingArguments (or a TRL subclass: SFTConfig, RewardConfig, DPOConfig, RLOOConfig,
     GRPOConfig) of a stage, built in ONE place: the trainer's scratch directory out/trainer (removed
     once the stage has published), W&B per the lab's config, the device, no pinned memory, a progress
-    bar only on a terminal; `kw` is the stage's own (epochs or max_steps, schedule, loss options)."""
+    bar only on a terminal, no mixed precision; `kw` is the stage's own (epochs or max_steps, schedule, loss options)."""
     base = dict(output_dir=str(Path(out) / "trainer"), learning_rate=lr, per_device_train_batch_size=batch_size,
                 save_strategy="no", report_to=tracking.report_to(cfg), run_name=Path(out).name, seed=seed,
                 data_seed=seed, use_cpu=device() == "cpu", dataloader_pin_memory=False,
-                disable_tqdm=not os.isatty(1))
+                disable_tqdm=not os.isatty(1),
+                # TRL's configs default to bf16 autocast: on a CPU ~7x slower here (emulated), and it stays in
+                # accelerate's process-wide state for the next stage of the same process; the lab trains in
+                # model.dtype
+                bf16=False, fp16=False)
     return cls(**{**base, **kw})

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from collapse_lab import ablate
 from collapse_lab.config import ConfigError, check_name, check_output
 from collapse_lab.report import _fmt, _row
 
@@ -78,8 +79,6 @@ def point_overrides(spec: dict, point: dict, extra: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> Path:
-    from collapse_lab import ablate
-
     if not argv:
         raise ConfigError("usage: collapse-lab sweep recipes/sweeps/<file>.yaml [key=value ...]")
     spec = load(Path(argv[0]))

@@ -2,12 +2,11 @@
 checkpoints/bok/<name>/bok.json, which `python eval/evaluate.py model_path=checkpoints/bok/<name>` evaluates
 exactly (the closed form in collapse_lab/bok.py)."""
 
+from collapse_lab import registry
 from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab import registry
-
     return registry.run("bok", cfg)  # its upstream stages (base, ratings, reward model) first
 
 

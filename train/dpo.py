@@ -1,11 +1,10 @@
 """DPO (collapse_lab/dpo.py): `python train/dpo.py recipe=<one of its recipes> [key=value ...]`."""
 
+from collapse_lab import registry
 from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab import registry
-
     return registry.run("dpo", cfg)  # its upstream stages (base, ratings, reward model) first
 
 

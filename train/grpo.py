@@ -1,11 +1,10 @@
 """GRPO (collapse_lab/grpo.py): `python train/grpo.py recipe=<one of its recipes> [key=value ...]`."""
 
+from collapse_lab import registry
 from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab import registry
-
     return registry.run("grpo", cfg)  # its upstream stages (base, ratings, reward model) first
 
 

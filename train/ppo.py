@@ -3,12 +3,11 @@
 The update rule, top to bottom: collapse_lab/ppo.py.
 """
 
+from collapse_lab import registry
 from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab import registry
-
     return registry.run("ppo", cfg)  # its upstream stages (base, ratings, reward model) first
 
 

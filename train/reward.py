@@ -1,12 +1,11 @@
 """Train the reward model on the ratings (TRL RewardTrainer): `python train/reward.py [reward_model.epochs=2 ...]`.
 `reward=rm` regimes resolve it first (collapse_lab/registry.py) when reward_model_path is not given."""
 
+from collapse_lab import registry
 from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab import registry
-
     return registry.run("reward_model", cfg)  # its upstream stages (base, ratings, reward model) first
 
 
