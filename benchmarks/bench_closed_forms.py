@@ -8,7 +8,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from collapse_lab import closed_forms as cf
+from collapse_lab.bandit import total_variation
 
 BETA = 1.0
 for name, table in (("default", cf.DEFAULT_TABLE), ("other", cf.OTHER_TABLE)):
@@ -19,6 +22,8 @@ for name, table in (("default", cf.DEFAULT_TABLE), ("other", cf.OTHER_TABLE)):
         with tempfile.TemporaryDirectory() as d:
             res = run(Path(d) / "run")
         extra = (f"  TV to GRPO's fixed point {res['tv_to_grpo_fixed_point']:.4f} (that point's TV to pi* "
-                 f"{res['tv_grpo_fixed_point_to_optimum']:.4f})" if "tv_to_grpo_fixed_point" in res else "")
+                 f"{res['tv_grpo_fixed_point_to_optimum']:.4f}, to the base "
+                 f"{total_variation(torch.tensor(res['grpo_fixed_point']), torch.tensor(res['pi0'])):.4f})"
+                 if "tv_to_grpo_fixed_point" in res else "")
         print(f"{name:8s} {kind:24s} TV to pi* {res['tv_to_optimum']:.4f} (base's {res['tv_base_to_optimum']:.4f})"
               f"{extra}  [{time.time() - start:.0f} s]", flush=True)
