@@ -2,9 +2,11 @@
 
     1. base          pretrain.resolve_base: ONE base for every regime and seed (the KL reference)
     2. ratings       per replicate seed: k base samples per training prompt, scored by the gold rater
-    3. reward model  per replicate seed: trained on those ratings (PPO's reward: the matched budget)
-    4. regimes       every regime x every seed, through the ONE table `REGIMES` (name -> recipe, stage),
-                     and (controls=true) each listed regime's control right after it: sft -> sft-random
+    3. reward model  per replicate seed: trained on those ratings (online RL's reward: the matched budget)
+                     (2-3: the upstream stages the listed regimes consume, as the registry declares them)
+    4. regimes       every regime x every seed, through the ONE table collapse_lab/registry.py (name ->
+                     recipe, train function, what it consumes, its group and budget), and (controls=true)
+                     each listed regime's control right after it: sft -> sft-random
     5. evaluator     the shared evaluator on the base and on every result (reference: the base),
                      plus the mean gold reward of samples on the seed prompts
     6. report        collapse_lab.report.build(ablation dir): report.md, report.json, plots/*.png
@@ -29,9 +31,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import importlib
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -40,10 +42,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from collapse_lab import registry, report, tracking
 from collapse_lab.checkpoint import lock_run, unlock_run
 from collapse_lab.config import AblateConfig, ConfigError, compose, group_options
+from collapse_lab.evaluator import _load, sample
+from collapse_lab.evaluator import run as run_evaluator
+from collapse_lab.pretrain import resolve_base
+from collapse_lab.registry import CONTROLS, REGIMES, UPSTREAM
+from collapse_lab.stage import BASE, device, flush_denormals
+from collapse_lab.suites import SuiteError, load_suite
+from collapse_lab.tokenizer import decode_continuations, encode_texts
+from collapse_lab.world import make_world
 
 STAGE = "ablations"
 PREFERENCE_ALIAS = ("world.preference", "world.rater.preference_strength")
@@ -52,44 +65,37 @@ OWNED_LAB_KEYS = {"recipe": "the recipe is set per regime: use regimes=[...]",
                   "base_path": "the ablation's base is the lab's base for model=/pretrain.* (resolve_base)"}
 
 
-# ------------------------------------------------------------------------------- the table
+# ---------------------------------------------------------------- the registry (collapse_lab/registry.py)
 
 
-@dataclass(frozen=True)
-class Regime:
-    """A regime: its recipe (recipes/recipe/<recipe>.yaml) and its stage function
-    ("module:function", called as fn(cfg, named=False) -> run directory)."""
-
-    recipe: str
-    stage: str
-    family: str  # "feedme" (trains on the ratings) | "ppo" (trains on the reward model)
-    control_of: str | None = None  # a control: the regime whose collapse call also needs a drop below it
-
-    def function(self) -> Callable:
-        return load_stage(self.stage)
+def load_stage(name: str) -> Callable:
+    """The train function of a stage or regime by name (the registry's): fn(cfg, named=False) -> directory."""
+    return registry.stage(name).train
 
 
-_PPO = "collapse_lab.ppo:train_ppo"
-REGIMES: dict[str, Regime] = {
-    "sft": Regime("sft", "collapse_lab.sft:train_sft", "feedme"),
-    "bok": Regime("bok", "collapse_lab.bok:make_bok", "feedme"),
-    **{name: Regime(name, _PPO, "ppo")
-       for name in ("kl0", "kl0.01", "kl0.1", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01")},
-    # FeedME's finite-sample control: as many base samples per prompt, chosen at random (sft.select=random)
-    "sft-random": Regime("sft-random", "collapse_lab.sft:train_sft", "feedme", control_of="sft"),
-}
-CONTROLS = {r.control_of: name for name, r in REGIMES.items() if r.control_of}  # regime -> its control
-RATINGS = "collapse_lab.ratings:rate"
-REWARD_MODEL = "collapse_lab.reward_model:train_reward_model"
+def preset_overrides(lab: dict, prefix: str = "") -> list[str]:
+    """A preset's `lab:` mapping (nested, as in the lab's own YAML) as the overrides that compose it:
+    {ppo: {steps: 10}, model: tiny} -> ["ppo.steps=10", "model=tiny"] (a group's option is a plain value)."""
+    out = []
+    for key, value in lab.items():
+        if isinstance(value, dict):
+            out += preset_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={_override_value(value)}")
+    return out
 
 
-def load_stage(spec: str) -> Callable:
-    """'module:function' -> the function; ConfigError if that stage is not in this checkout."""
-    module, fn = spec.split(":")
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"stage {spec} is not available in this checkout ({e})") from None
+def _override_value(value) -> str:
+    """A YAML value as Hydra's override grammar writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, str) and not re.fullmatch(r"[\w.\-/]+", value):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -100,7 +106,8 @@ class Plan:
     """A validated ablation: its config, the lab overrides every stage gets, and its directory."""
 
     cfg: DictConfig  # AblateConfig
-    lab: list[str]  # preset's lab list + the command line's lab overrides
+    lab: list[str]  # the preset's lab mapping as overrides + the command line's lab overrides
+    cli_lab: list[str] = dataclasses.field(default_factory=list)  # the command line's alone
     base: Optional[str] = None  # set once resolved: every later stage gets base_path=<it>
 
     @property
@@ -115,9 +122,9 @@ class Plan:
         return list(range(self.cfg.seed, self.cfg.seed + self.cfg.seeds))
 
     def lab_overrides(self, seed: Optional[int] = None, regime: Optional[str] = None) -> list[str]:
-        """The overrides of one stage: common ones, then its seed, then its recipe. PPO's reward is
-        the reward model trained on the seed's ratings (reward=rm: FeedME's rating budget), unless
-        the preset or the command line says otherwise (reward=gold)."""
+        """The overrides of one stage: common ones, then its seed, then its recipe. An online regime's
+        reward is the reward model trained on the seed's ratings (reward=rm: FeedME's rating budget),
+        unless the preset or the command line says otherwise (reward=gold)."""
         o = [f"checkpoints_dir={self.cfg.checkpoints_dir}", "reward=rm", *self.lab]
         if self.base is not None:
             o.append(f"base_path={self.base}")
@@ -172,6 +179,8 @@ def plan(argv: list[str]) -> Plan:
     """Parse and validate everything before any work: ConfigError (one line) on bad input."""
     ablate, lab = split_overrides(argv)
     for arg in ablate:
+        if arg.lstrip("+~").startswith("lab.") or arg.lstrip("+~").startswith("lab="):
+            raise ConfigError(f"'{arg}': give lab overrides as plain key=value (model=..., ppo.steps=...)")
         key, value = arg.split("=", 1)
         if key == "preset" and value not in group_options("preset"):
             raise ConfigError(f"unknown preset '{value}'; valid choices: {', '.join(group_options('preset'))}")
@@ -189,8 +198,6 @@ def plan(argv: list[str]) -> Plan:
         raise ConfigError(f"seeds must be >= 1, got {cfg.seeds}")
     if not 0 < cfg.collapse.confidence < 1:
         raise ConfigError(f"collapse.confidence must be in (0, 1), got {cfg.collapse.confidence}")
-    from collapse_lab.suites import SuiteError, load_suite
-
     for suite in cfg.eval.suites:
         try:
             load_suite(suite)
@@ -198,7 +205,7 @@ def plan(argv: list[str]) -> Plan:
             raise ConfigError(str(e)) from None
     if "seed" not in cfg.eval.suites:
         raise ConfigError("eval.suites must include 'seed' (the post's prompts: the collapse rule reads them)")
-    p = Plan(cfg, [*cfg.lab, *lab])
+    p = Plan(cfg, [*preset_overrides(OmegaConf.to_container(cfg.lab, resolve=True)), *lab], lab)
     for regime in p.regimes:  # every stage's config composes: a bad lab key fails here, not mid-run
         p.lab_config(p.seeds[0], regime)
     first = p.lab_config(p.seeds[0], p.regimes[0])
@@ -246,8 +253,6 @@ class Display:
         self.progress.update(self.task, description=label)
         start = time.time()
         result, summary = fn(*args)
-        import torch
-
         gc.collect()  # the stage's models, optimiser and trainer (reference cycles): memory stays flat across stages
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -279,10 +284,8 @@ def _stage_summary(path: Path) -> str:
 
 def run(p: Plan) -> Path:
     """Run (or resume, or find finished) every stage of the plan, then write the report."""
-    from collapse_lab import report
-    from collapse_lab.pretrain import resolve_base
-
     cfg, out = p.cfg, p.out
+    flush_denormals()  # before anything computes (stage.flush_denormals)
     started = time.time()
     lock_run(out)  # a second identical ablation waits, then finds every stage finished
     out.mkdir(parents=True, exist_ok=True)
@@ -291,10 +294,11 @@ def run(p: Plan) -> Path:
     previous = _read_json(out / "manifest.json") or {}
     _write_json(out / "manifest.json", {**previous, "stage": STAGE, "status": "running",
                                         "started_at": previous.get("started_at", _now())})
-    families = {REGIMES[r].family for r in p.regimes}
     n_seeds = len(p.seeds)
-    upstream = ("feedme" in families or "ppo" in families) * n_seeds + ("ppo" in families) * n_seeds
-    total = 2 + upstream + len(p.regimes) * n_seeds * 2 + 1
+    # the upstream stages each seed needs (ratings, reward model: what the listed regimes consume), in order
+    needs = [x for x in UPSTREAM if x != BASE and any(x in registry.upstream(p.lab_config(p.seeds[0], r), r)
+                                                      for r in p.regimes)]
+    total = 2 + len(needs) * n_seeds + len(p.regimes) * n_seeds * 2 + 1
     runs: list[dict] = []
     with Display(total) as show:
         # 1. the base (shared by every seed)
@@ -304,21 +308,20 @@ def run(p: Plan) -> Path:
         show.stage("evaluate base", lambda: _evaluated(evaluate(p, base, base, out / "evals" / "base")))
         for seed in p.seeds:
             lab = p.lab_config(seed)
-            # 2-3. ratings and reward model for this replicate
-            ratings = show.stage(f"ratings s{seed}", lambda: _done(load_stage(RATINGS)(lab, named=False)))
-            _copy_run(Path(ratings), out / "runs" / "ratings" / f"s{seed}")
-            if "ppo" in families:
-                rm = show.stage(f"reward model s{seed}", lambda: _done(load_stage(REWARD_MODEL)(lab, named=False)))
-                _copy_run(Path(rm), out / "runs" / "reward_model" / f"s{seed}")
+            # 2-3. the upstream stages of this replicate (ratings, reward model), as the registry orders them
+            for x in needs:
+                label = x.replace("_", " ")
+                path = show.stage(f"{label} s{seed}", lambda: _done(load_stage(x)(lab, named=False)))
+                _copy_run(Path(path), out / "runs" / x / f"s{seed}")
             # 4-5. every regime, then the evaluator on it
             for name in p.regimes:
                 regime = REGIMES[name]
                 rcfg = p.lab_config(seed, name)
-                path = Path(show.stage(f"{name} s{seed}", lambda: _done(regime.function()(rcfg, named=False))))
+                path = Path(show.stage(f"{name} s{seed}", lambda: _done(load_stage(name)(rcfg, named=False))))
                 _copy_run(path, out / "runs" / name / f"s{seed}")
                 evals = out / "evals" / name / f"s{seed}"
                 show.stage(f"evaluate {name} s{seed}", lambda: _evaluated(evaluate(p, path, base, evals)))
-                runs.append({"regime": name, "seed": seed, "family": regime.family, "recipe": regime.recipe,
+                runs.append({"regime": name, "seed": seed, "group": regime.group, "recipe": regime.recipe,
                              "control_of": regime.control_of, "path": str(path), "evals": str(evals.relative_to(out))})
         _write_json(out / "runs.json", {"base": str(base), "runs": runs})
         # 6. the report
@@ -349,8 +352,6 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
     Skipped when out/stamp.json shows this model's finished manifest and these eval settings
     were evaluated already (a re-run of a finished ablation only re-writes the report).
     """
-    from collapse_lab.evaluator import run as run_evaluator
-
     e = p.cfg.eval
     stamp = {"model": str(model), "manifest": _read_json(model / "manifest.json"), "base": str(base),
              "eval": OmegaConf.to_container(e, resolve=True)}
@@ -375,21 +376,13 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     prompt at `eval.temperature`: what the post's raters would give the regime on its prompts.
     A completion cut at eval.max_new_tokens counts as not ended (the rater's rule). For best-of-k
     each sample is the best-scored of k base samples (the policy itself, by the same scores)."""
-    import numpy as np
-    import torch
-
-    from collapse_lab.evaluator import _load, sample
-    from collapse_lab.models import default_device
-    from collapse_lab.tokenizer import decode_continuations, encode_texts
-    from collapse_lab.world import make_world
-
     e = p.cfg.eval
     world = make_world(p.lab_config().world)
     k = 1  # a best-of-k directory (collapse_lab/bok.py): k base samples per query, the best-scored kept
     spec = _read_json(model_path / "bok.json")
     if spec is not None:
         model_path, k = Path(spec["base_path"]), int(spec["k"])
-    model, tokenizer = _load(str(model_path), str(default_device()), "float32")
+    model, tokenizer = _load(str(model_path), device(), "float32")
     per_prompt = {}
     for prompt in world.seed_prompts:
         torch.manual_seed(e.seed)
@@ -437,13 +430,11 @@ def _log_to_wandb(p: Plan, out: Path, result: dict) -> None:
     """One W&B run per ablation (job_type 'ablate') with the report's per-regime numbers as its
     summary: what `collapse-lab sweep` groups, and `wandb sync` uploads. Its mode: the command
     line's wandb.mode, else $WANDB_MODE, else offline (the presets silence only the per-stage runs)."""
-    given = [o.split("=", 1)[1] for o in p.lab[len(p.cfg.lab):] if o.startswith("wandb.mode=")]
+    given = [o.split("=", 1)[1] for o in p.cli_lab if o.startswith("wandb.mode=")]
     mode = given[-1] if given else os.environ.get("WANDB_MODE") or "offline"
     if mode == "disabled":
         return
     lab = compose("lab", [*p.lab_overrides(), f"wandb.mode={mode}"])
-    from collapse_lab import tracking
-
     run = tracking.init(lab, out, job_type="ablate")
     if run is None:
         return

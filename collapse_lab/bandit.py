@@ -12,6 +12,8 @@ the regimes' objectives have closed-form optima (Korbak et al. 2022; Rafailov et
 from __future__ import annotations
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from collapse_lab.config import ConfigError
 from collapse_lab.tokenizer import encode_texts
@@ -63,3 +65,64 @@ def next_token_probs(model, tokenizer, prompt: str) -> torch.Tensor:
     """(V,) the model's full next-token distribution after `prompt` (temperature 1), float64."""
     ids = torch.tensor(encode_texts(tokenizer, [prompt]), device=model.device)  # as rollouts encode it
     return torch.softmax(model(input_ids=ids).logits[0, -1].double(), -1).cpu()
+
+
+# ------------------------------------------------------------------ a tabular policy for TRL's trainers
+
+
+class TabularConfig(PretrainedConfig):
+    model_type = "collapse-lab-tabular"
+
+    def __init__(self, base_logits: list[float] | None = None, **kwargs):
+        self.base_logits = list(base_logits or [0.0, 0.0])
+        kwargs.setdefault("vocab_size", len(self.base_logits))
+        # what generate()'s cache set-up reads; the policy has no layers and ignores any cache
+        kwargs.update(num_hidden_layers=1, hidden_size=1, num_attention_heads=1, use_cache=False)
+        super().__init__(**kwargs)
+        self.auto_map = {}  # TRL loads a reference model by path: plain AutoModelForCausalLM (registered below)
+
+
+class _ConstantBackbone(torch.nn.Module):
+    """A backbone whose last hidden state is the constant 1 (width 1) at every position."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs) -> BaseModelOutputWithPast:
+        return BaseModelOutputWithPast(last_hidden_state=torch.ones(*input_ids.shape, 1, device=input_ids.device))
+
+
+class TabularPolicy(PreTrainedModel, GenerationMixin):
+    """The exact bandit policy as a causal LM that TRL's trainers accept: at every position the next-token
+    logits are the LM head's weight column w (V,), initialised to log π0 and trained freely: a tabular softmax
+    policy (TRL's fused log-prob head reads the constant hidden state 1 through this head). No shared
+    parameters, no function approximation: what a trainer reaches is its update rule's fixed point on the
+    table (up to sampling noise), nothing else."""
+
+    config_class = TabularConfig
+    base_model_prefix = "backbone"
+    _supports_cache_class = False
+
+    def __init__(self, config: TabularConfig):
+        super().__init__(config)
+        self.backbone = _ConstantBackbone()
+        self.lm_head = torch.nn.Linear(1, len(config.base_logits), bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.log_softmax(torch.tensor(config.base_logits), -1)[:, None])
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # the head starts at log π0 (set in __init__, then loaded)
+
+    def get_input_embeddings(self):
+        return None
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs) -> CausalLMOutputWithPast:
+        return CausalLMOutputWithPast(logits=self.lm_head(self.backbone(input_ids).last_hidden_state))
+
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.lm_head.weight[:, 0].double(), -1).detach().cpu()
+
+
+AutoConfig.register(TabularConfig.model_type, TabularConfig)
+AutoModelForCausalLM.register(TabularConfig, TabularPolicy)

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from collapse_lab.checkpoint import already_finished, git_commit, package_versions, publish, write_manifest
-from collapse_lab.config import ConfigError, run_dir, save_config
+from collapse_lab.checkpoint import publish
+from collapse_lab.config import ConfigError, run_dir
+from collapse_lab.pretrain import resolve_base
+from collapse_lab.stage import run_stage
+from collapse_lab.world import make_world
 
 STAGE = "bok"
 SPEC = "bok.json"
@@ -90,25 +92,20 @@ def make_bok(cfg: DictConfig, named: bool = True) -> Path:
     The budget: no ratings in training (samples_scored 0), k ratings per query at inference
     (`ratings_per_query`), which collapse_lab.budget reports as not comparable with trained regimes.
     """
-    from collapse_lab.pretrain import resolve_base
-
     k = cfg.ratings.samples_per_prompt
     if k < 1:
         raise ConfigError(f"need ratings.samples_per_prompt >= 1 (the k of best-of-k), got {k}")
     out = bok_dir(cfg, named)
-    if already_finished(out, "best of {k}"):
-        return out
-    started = time.time()
-    base = resolve_base(cfg)
-    save_config(cfg, out)
-    spec = {"policy": "best_of_k", "base_path": base, "k": k, "scores": "rater.expected",
-            "ties": "split in proportion to the base's mass", "world": OmegaConf.to_container(cfg.world, resolve=True)}
-    publish(out, lambda tmp: (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n"))
-    write_manifest(out, {"stage": STAGE, "status": "finished", "base_path": base, "k": k,
-                         "samples_scored": 0, "ratings_per_query": k, "steps": 0, "tokens_trained": 0,
-                         "wall_time_s": time.time() - started, "git_commit": git_commit(),
-                         "versions": package_versions()})
-    print(f"saved {out} (best of {k} of {base})")
+    with run_stage(cfg, out, STAGE, "best of {k}", track=False) as run:
+        if run.done:
+            return out
+        base = resolve_base(cfg)
+        run.start(base_path=base, k=k)
+        spec = {"policy": "best_of_k", "base_path": base, "k": k, "scores": "rater.expected",
+                "ties": "split in proportion to the base's mass", "world": OmegaConf.to_container(cfg.world, resolve=True)}
+        publish(out, lambda tmp: (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n"))
+        run.finish(samples_scored=0, ratings_per_query=k, steps=0, tokens_trained=0)
+        print(f"saved {out} (best of {k} of {base})")
     return out
 
 
@@ -116,8 +113,6 @@ class BestOfK:
     """The evaluator's view of a bok directory: the base to load, and p_base -> p_bok per prompt."""
 
     def __init__(self, spec: dict):
-        from collapse_lab.world import make_world
-
         self.base_path, self.k = spec["base_path"], int(spec["k"])
         self.world = make_world(OmegaConf.create(spec["world"]))
 

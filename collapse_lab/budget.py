@@ -7,7 +7,8 @@ MATCHED when they start from the same base and consumed the same number of ratin
 training: it is never matched with a trained regime, and the message says why.
 
 With the default recipes: FeedME (sft.rounds = 1) and the reward model behind `reward=rm` PPO both
-consume the ratings stage's ratings.prompts x ratings.samples_per_prompt samples (`planned`).
+consume the ratings stage's ratings.prompts x ratings.samples_per_prompt samples (`planned`: each
+registry entry declares its rating budget).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Union
 
 from omegaconf import DictConfig
 
+from collapse_lab import registry
 from collapse_lab.checkpoint import read_manifest
 
 BUDGET_KEYS = ("samples_scored", "steps", "tokens_trained", "wall_time_s")
@@ -49,15 +51,9 @@ def compare(a: Run, b: Run) -> tuple[bool, str]:
 
 
 def planned(cfg: DictConfig, stage: str) -> int:
-    """The samples a stage will score under `cfg` (before running it): sft, reward, bok."""
-    n = cfg.ratings.prompts * cfg.ratings.samples_per_prompt
-    if stage == "sft":
-        return n * cfg.sft.rounds
-    if stage in ("reward", "ratings"):
-        return n
-    if stage == "bok":
-        return 0
-    raise ValueError(f"unknown stage '{stage}'; valid choices: sft, reward, ratings, bok")
+    """The samples a stage or regime will score under `cfg` (before running it), as its registry entry
+    declares (collapse_lab/registry.py); ConfigError for an unknown one, naming the valid ones."""
+    return registry.planned_budget(cfg, stage)
 
 
 def _manifest(run: Run) -> dict:

@@ -14,65 +14,52 @@
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 
-from collapse_lab.config import ConfigError, check_output, cli, quiet_libraries
+from omegaconf import OmegaConf
+
+from collapse_lab import ablate, evaluator, pretrain, report, sweep
+from collapse_lab.config import ConfigError, check_output, cli, compose, quiet_libraries
+from collapse_lab.stage import flush_denormals
 
 
 def _run(cfg):
-    from collapse_lab.config import compose
-    from collapse_lab.evaluator import run as evaluate
-    from collapse_lab.pretrain import pretrain
-
-    base = pretrain(cfg)
-    evaluate(compose("evaluate", [f"model_path={base}", "suite=seed"]))
+    base = pretrain.pretrain(cfg)
+    evaluator.run(compose("evaluate", [f"model_path={base}", "suite=seed"]))
 
 
 def _pretrain(cfg):
-    from collapse_lab.pretrain import pretrain
-
-    return pretrain(cfg)
+    return pretrain.pretrain(cfg)
 
 
 def _evaluate(cfg):
-    from collapse_lab.evaluator import run
-
-    return run(cfg)
+    return evaluator.run(cfg)
 
 
 def _ablate(argv: list[str]):
-    from collapse_lab.ablate import main, plan
-
     if "--cfg" in argv:
-        from omegaconf import OmegaConf
-
-        p = plan([a for a in argv if a != "--cfg"])
+        p = ablate.plan([a for a in argv if a != "--cfg"])
         print(OmegaConf.to_yaml(p.cfg), end="")
         print(f"lab overrides: {' '.join(p.lab)}\nout: {p.out}")
         return None
-    return main(argv)
+    return ablate.main(argv)
 
 
 def _report(argv: list[str]):
-    from collapse_lab.report import build
-
     if len(argv) != 1:
         raise ConfigError(f"usage: collapse-lab report <ablation dir>; got {len(argv)} arguments")
     path = Path(argv[0])
     if not (path / "ablation.yaml").is_file() or not (path / "runs.json").is_file():
         raise ConfigError(f"{path} is not a finished ablation directory (needs ablation.yaml and runs.json)")
     check_output(path / "plots", "report directory", is_dir=True)
-    result = build(path)
+    result = report.build(path)
     print(result["verdict"]["text"])
     print(f"wrote {path / 'report.md'}, {path / 'report.json'}, {path / 'plots'}/")
     return result
 
 
 def _sweep(argv: list[str]):
-    from collapse_lab.sweep import main
-
-    return main(argv)
+    return sweep.main(argv)
 
 
 COMMANDS = {"run": ("lab", _run), "pretrain": ("lab", _pretrain), "evaluate": ("evaluate", _evaluate)}
@@ -91,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             print(__doc__)
             return None
         quiet_libraries()
+        flush_denormals()  # before anything computes: the stages' worker threads copy it when they start
         try:
             OWN_ARGS[argv[0]](argv[1:])
         except ConfigError as e:

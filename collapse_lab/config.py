@@ -11,8 +11,10 @@ rater parameters), `recipe` (a regime: a small diff on the whole config, `@packa
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
+import importlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -327,7 +329,9 @@ class AblateConfig:
     # the collapse rule then needs the regime's drop vs its control too (CollapseRule)
     controls: bool = True
     checkpoints_dir: str = "checkpoints"
-    lab: list[str] = field(default_factory=list)  # lab overrides of the preset (pretrain.steps=..., ...)
+    # the preset's lab settings, a nested mapping as in the lab's YAML ({ppo: {steps: 10}, model: tiny}),
+    # applied to every stage before the command line's lab overrides
+    lab: dict[str, Any] = field(default_factory=dict)
     collapse: CollapseRule = field(default_factory=CollapseRule)
     eval: AblateEvalConfig = field(default_factory=AblateEvalConfig)
 
@@ -410,6 +414,27 @@ RANGES = {
 }
 
 
+def extend_schema(sections: dict[str, type], ranges: dict[str, Range], choices: dict[str, tuple]) -> None:
+    """Regimes that bring their own config section (a dataclass in the regime's file, declared in its
+    registry entry) join the lab's schema here: LabConfig + one field per section, their numeric keys'
+    ranges and closed choices. Called once, by collapse_lab/registry.py when it loads."""
+    new = {k: v for k, v in sections.items() if k not in {f.name for f in dataclasses.fields(SCHEMAS["lab"])}}
+    if new:
+        SCHEMAS["lab"] = dataclasses.make_dataclass(
+            "LabConfig", [(k, v, field(default_factory=v)) for k, v in new.items()], bases=(SCHEMAS["lab"],))
+    RANGES["lab"].update(ranges)
+    CHOICES.update(choices)
+
+
+def _schema(config_name: str) -> type:
+    """The schema of `config_name`; for "lab", with the registered regimes' sections: the registry (which
+    imports every regime module, each importing this one) is loaded by name on first use, so that
+    config.py itself imports no stage and a recipe of any registered regime composes anywhere."""
+    if config_name == "lab" and "collapse_lab.registry" not in sys.modules:
+        importlib.import_module("collapse_lab.registry")
+    return SCHEMAS[config_name]
+
+
 def _check_ranges(cfg: DictConfig, config_name: str) -> None:
     for key, valid in RANGES[config_name].items():
         value = OmegaConf.select(cfg, key, default=None)
@@ -487,9 +512,9 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
 
     if config_name not in SCHEMAS:
         raise ConfigError(f"unknown config '{config_name}'; valid choices: {', '.join(SCHEMAS)}")
-    schema = OmegaConf.structured(SCHEMAS[config_name])
+    schema = OmegaConf.structured(_schema(config_name))
     _check_overrides(schema, overrides, GROUPS if config_name == "lab" else ())
-    ConfigStore.instance().store(name=f"{config_name}_schema", node=SCHEMAS[config_name])
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=_schema(config_name))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):

@@ -2,6 +2,8 @@
 
 import os
 
+from collapse_lab.config import ConfigError
+
 
 def world_size() -> int:
     """Processes in this run (accelerate launch / torchrun set WORLD_SIZE)."""
@@ -15,7 +17,5 @@ def is_main_process() -> bool:
 def exact_div(a: int, b: int, what: str) -> int:
     """a / b, or a one-line error naming `what` when it does not divide."""
     if b <= 0 or a % b:
-        from collapse_lab.config import ConfigError
-
         raise ConfigError(f"{what}: {a} is not divisible by {b}")
     return a // b

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from transformers import GenerationConfig
 
 from collapse_lab import metrics
+from collapse_lab.bok import load_policy
 from collapse_lab.checkpoint import package_versions, read_manifest
 from collapse_lab.config import ConfigError, check_output
 from collapse_lab.optimum import optimum_tv, prompt_optimum, run_objective
@@ -536,8 +537,6 @@ def run(cfg: DictConfig) -> dict:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     else:
         device = cfg.device
-    from collapse_lab.bok import load_policy
-
     policy = load_policy(cfg.model_path)  # a best-of-k directory: its base, transformed per prompt
     model, tokenizer = _load(policy.base_path if policy else cfg.model_path, device, cfg.dtype)
     _check_fits(model, tokenizer, suite, s.max_new_tokens, s.n, cfg.model_path)

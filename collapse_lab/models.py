@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from collapse_lab.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,10 +75,6 @@ def load_pretrained(path: str, dtype: str = "float32", peft=None):
     A path that is neither a directory nor loadable from the hub (offline, typo) is a
     one-line ConfigError naming it.
     """
-    from transformers import AutoTokenizer
-
-    from collapse_lab.config import ConfigError
-
     from safetensors import SafetensorError
 
     check_path(path)

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, get_scheduler
 
 from collapse_lab import tracking
+from collapse_lab.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
                                      start_run, write_manifest)
 from collapse_lab.config import ConfigError, run_dir
@@ -427,8 +428,6 @@ def _bandit_setup(cfg, tokenizer, reference):
     """A function of the policy giving the bandit metrics: TV to the closed-form optimum."""
     if cfg.world.max_tokens > 1:
         return _sequence_bandit_setup(cfg, tokenizer, reference)
-    from collapse_lab.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
-
     if cfg.peft.enabled:
         with reference.disable_adapter():
             pi0 = next_token_probs(reference, tokenizer, cfg.world.prompt)

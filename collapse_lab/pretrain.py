@@ -15,14 +15,12 @@ A finished run is not redone; an interrupted one resumes from its last save.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-import torch
 from accelerate import PartialState
 from datasets import Dataset
 from omegaconf import DictConfig
@@ -33,7 +31,8 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
                                      start_run, write_manifest)
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
 from collapse_lab.distributed import exact_div, is_main_process, world_size
-from collapse_lab.models import build_base_model, trainer_precision
+from collapse_lab.models import build_base_model
+from collapse_lab.stage import flush_denormals, hf_args
 from collapse_lab.tokenizer import train_tokenizer
 from collapse_lab.world import World
 from collapse_lab import tracking
@@ -73,6 +72,7 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
     if cfg.model.path is not None:
         raise ConfigError(f"model '{cfg.model.name}' is already pretrained (path={cfg.model.path}); "
                           "pretraining builds the lab's own base: use model=tiny")
+    flush_denormals()  # the other stages get it from stage.run_stage
     out = base_dir(cfg, named)
     if already_finished(out, "{steps} steps, {wall_time_s:.0f} s"):
         return out
@@ -104,27 +104,10 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
 
     # 4. train
     tracking.init(cfg, out, job_type="pretrain")
-    args = TrainingArguments(
-        output_dir=str(out / "trainer"),
-        max_steps=p.steps,
-        per_device_train_batch_size=per_device,
-        learning_rate=p.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=p.warmup_steps,
-        weight_decay=p.weight_decay,
-        logging_steps=p.log_every,
-        save_steps=p.save_every,
-        save_total_limit=1,
-        seed=p.seed,
-        data_seed=p.seed,
-        report_to=tracking.report_to(cfg),
-        run_name=out.name,
-        include_num_input_tokens_seen="non_padding",
-        use_cpu=not torch.cuda.is_available(),
-        **trainer_precision(cfg),
-        dataloader_pin_memory=False,
-        disable_tqdm=not os.isatty(1),
-    )
+    args = hf_args(TrainingArguments, cfg, out, seed=p.seed, lr=p.lr, batch_size=per_device, max_steps=p.steps,
+                   lr_scheduler_type="cosine", warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
+                   logging_steps=p.log_every, save_strategy="steps", save_steps=p.save_every, save_total_limit=1,
+                   include_num_input_tokens_seen="non_padding")
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[ManifestCallback(out, started, (manifest or {}).get("wall_time_s", 0.0))])

@@ -29,10 +29,14 @@ import torch
 from datasets import Dataset, load_from_disk
 from omegaconf import DictConfig
 
-from collapse_lab.checkpoint import already_finished, git_commit, package_versions, publish, start_run, write_manifest
+from collapse_lab.checkpoint import publish
 from collapse_lab.config import ConfigError, run_dir
+from collapse_lab.models import autocast, load_pretrained
+from collapse_lab.pretrain import resolve_base
 from collapse_lab.rollout import generate
 from collapse_lab.tokenizer import encode_texts
+from collapse_lab.stage import device, run_stage
+from collapse_lab.world import make_world
 
 STAGE = "ratings"
 GENERATE_BATCH = 512  # sequences per generate() call
@@ -58,17 +62,6 @@ def episode_tokens(cfg: DictConfig) -> int:
 def stable_seed(*parts) -> int:
     """A 31-bit seed from any parts (torch.manual_seed takes ints; Python's hash() is salted)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
-def flush_denormals() -> None:
-    """Subnormal floats take a slow path on x86 CPUs: once small activations/gradients go subnormal a
-    training step got ~90x slower (measured: 0.03 s -> 2.8 s on a tiny model). Flushing them to zero
-    changes results by < 1e-38 per value. The setting is per thread and torch's worker threads copy it
-    when they start (at the first parallel op): call this before any computation, as on import here."""
-    torch.set_flush_denormal(True)
-
-
-flush_denormals()
 
 
 def check(cfg: DictConfig) -> None:
@@ -121,31 +114,21 @@ def load_ratings(path: Path) -> Dataset:
 
 def rate(cfg: DictConfig, named: bool = True) -> Path:
     """Sample, rate and save (or find finished) this config's ratings; returns their directory."""
-    from collapse_lab.models import autocast, default_device, load_pretrained
-    from collapse_lab.pretrain import resolve_base
-    from collapse_lab.world import make_world
-
     check(cfg)
-    flush_denormals()
     out = ratings_dir(cfg, named)
-    if already_finished(out, "{samples_scored} samples scored"):
-        return out
-    started = time.time()
-    base = resolve_base(cfg)
-    start_run(cfg, out, STAGE, base_path=base)
-    world = make_world(cfg.world)
-    device = default_device()
-    model, tokenizer = load_pretrained(base, cfg.model.dtype)
-    r = cfg.ratings
-    with autocast(cfg, device):
-        data = rate_samples(model.to(device), tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
-                            episode_tokens(cfg), seed_key=f"ratings/{cfg.seed}/{r.seed}")
-    publish(out, lambda tmp: data.save_to_disk(str(tmp / "data")))
-    write_manifest(out, {
-        "stage": STAGE, "status": "finished", "base_path": base,
-        "samples_scored": len(data), "prompts": r.prompts, "samples_per_prompt": r.samples_per_prompt,
-        "steps": 0, "tokens_trained": 0, **summary(data),
-        "wall_time_s": time.time() - started, "git_commit": git_commit(), "versions": package_versions(),
-    })
-    print(f"saved {out} ({len(data)} rated samples, {time.time() - started:.1f} s)")
+    with run_stage(cfg, out, STAGE, "{samples_scored} samples scored", track=False) as run:
+        if run.done:
+            return out
+        base = resolve_base(cfg)
+        run.start(base_path=base)
+        world = make_world(cfg.world)
+        model, tokenizer = load_pretrained(base, cfg.model.dtype)
+        r = cfg.ratings
+        with autocast(cfg, device()):
+            data = rate_samples(model.to(device()), tokenizer, world, r.prompts, r.samples_per_prompt, r.temperature,
+                                episode_tokens(cfg), seed_key=f"ratings/{cfg.seed}/{r.seed}")
+        publish(out, lambda tmp: data.save_to_disk(str(tmp / "data")))
+        run.finish(samples_scored=len(data), prompts=r.prompts, samples_per_prompt=r.samples_per_prompt,
+                   steps=0, tokens_trained=0, **summary(data))
+        print(f"saved {out} ({len(data)} rated samples, {time.time() - run.started:.1f} s)")
     return out

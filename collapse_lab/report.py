@@ -31,6 +31,10 @@ import numpy as np
 import yaml
 
 from collapse_lab import metrics
+from collapse_lab.budget import compare as compare_budgets
+from collapse_lab.evaluator import plot_suite
+from collapse_lab.registry import REGIMES
+from collapse_lab.stage import OFFLINE, ONLINE, SELECTION, get_dotted
 
 # (key in a run's record, label, format): the per-regime numbers, in table order.
 COLLAPSE_METRICS = [
@@ -167,21 +171,17 @@ def budget_of(run_dir: Path) -> dict:
 
 
 def budgets_matched(a: dict, b: dict) -> tuple[bool, str]:
-    """Do two runs spend the same RATING BUDGET? collapse_lab.budget's rule when it exists,
-    else equality of `samples_scored`."""
-    try:
-        from collapse_lab import budget as budget_module
+    """Do two runs spend the same RATING BUDGET? (collapse_lab.budget's rule on their manifests.)"""
+    matched, message = compare_budgets(a["manifest"], b["manifest"])
+    return bool(matched), str(message)
 
-        for fn in ("compare", "compare_budgets", "matched", "budgets_matched", "check"):
-            if callable(getattr(budget_module, fn, None)):
-                matched, message = getattr(budget_module, fn)(a["manifest"], b["manifest"])
-                return bool(matched), str(message)
-    except ImportError:
-        pass
-    sa, sb = a.get("samples_scored"), b.get("samples_scored")
-    if sa is None or sb is None:
-        return False, f"rating budget unknown ({sa} vs {sb} samples scored)"
-    return sa == sb, f"{sa} vs {sb} samples scored"
+
+# runs.json of ablations older than the registry record a `family`
+_FAMILY_GROUP = {"feedme": SELECTION, "ppo": ONLINE}
+
+
+def _group(run: dict) -> str | None:
+    return run.get("group") or _FAMILY_GROUP.get(run.get("family")) or getattr(REGIMES.get(run["regime"]), "group", None)
 
 
 # ------------------------------------------------------------------------------- the report
@@ -198,7 +198,7 @@ def build(ablation: Path, write: bool = True) -> dict:
     by_regime: dict[str, list[dict]] = {}
     for r in index["runs"]:
         rec = run_record(ablation / r["evals"])
-        rec.update(seed=r["seed"], family=r["family"], recipe=r["recipe"], control_of=r.get("control_of"),
+        rec.update(seed=r["seed"], group=_group(r), recipe=r["recipe"], control_of=r.get("control_of"),
                    budget=budget_of(ablation / "runs" / r["regime"] / f"s{r['seed']}"),
                    lab=_yaml(ablation / "runs" / r["regime"] / f"s{r['seed']}" / "config.yaml"))
         rec["delta_norm_entropy"] = rec["norm_entropy"] - base["norm_entropy"]
@@ -227,11 +227,12 @@ def build(ablation: Path, write: bool = True) -> dict:
         budget = {k: interval([x["budget"][k] for x in runs if x["budget"][k] is not None], confidence)
                   for k in BUDGET_KEYS}
         lab = runs[0]["lab"] or {}
+        regime = REGIMES.get(name)  # its registry entry: which config key holds its KL coefficient
         regimes[name] = {
-            "family": runs[0]["family"], "recipe": runs[0]["recipe"], "seeds": [x["seed"] for x in runs],
-            "kl_coef": _get(lab, "ppo.kl_coef") if runs[0]["family"] == "ppo" else None,
-            "adaptive_kl": _get(lab, "ppo.adaptive_kl") if runs[0]["family"] == "ppo" else None,
-            "ent_coef": _get(lab, "ppo.ent_coef") if runs[0]["family"] == "ppo" else None,
+            "group": runs[0]["group"], "recipe": runs[0]["recipe"], "seeds": [x["seed"] for x in runs],
+            "kl_coef": regime.kl_coef(lab) if regime else None,
+            "adaptive_kl": regime.adaptive_kl(lab) if regime else None,
+            "ent_coef": get_dotted(lab, "ppo.ent_coef") if regime and regime.kl_key == "ppo.kl_coef" else None,
             "metrics": metrics_, "answer_entropy_per_prompt": per_prompt, "top_answer": top, "top_prob": top_p,
             "control": control.get(name), "control_of": control_of, **call,
             "collapsed": None if control_of else call["collapsed"], "call": None if control_of else call["call"],
@@ -258,7 +259,7 @@ def build(ablation: Path, write: bool = True) -> dict:
             f"of at least {threshold:g}")
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
               "comparisons": comparisons, "compute": compute,
-              "preference_strength": _get(next(iter(by_regime.values()))[0]["lab"] or {},
+              "preference_strength": get_dotted(next(iter(by_regime.values()))[0]["lab"] or {},
                                           "world.rater.preference_strength") if by_regime else None}
     report["verdict"] = verdict(report)
     if write:
@@ -270,15 +271,16 @@ def build(ablation: Path, write: bool = True) -> dict:
 
 
 def compare(by_regime: dict, regimes: dict, confidence: float, threshold: float = 0.0) -> list[dict]:
-    """Each PPO regime with a KL penalty vs each FeedME regime: paired difference of d across seeds
-    (positive: PPO keeps more answer entropy), and whether their rating budgets match. PPO collapses
-    less (more) when the difference's interval is above (below) 0 AND its mean is at least
-    `threshold` (the collapse rule's) in size."""
+    """Each KL-regularised regime (online RL with β > 0 or adaptive: PPO, RLOO, GRPO; offline preference:
+    DPO, IPO) vs each selection regime (FeedME, best-of-k; not controls): paired difference of d across
+    seeds (positive: the KL-regularised regime keeps more answer entropy), and whether their rating budgets
+    match. It collapses less (more) when the difference's interval is above (below) 0 AND its mean is at
+    least `threshold` (the collapse rule's) in size."""
     out = []
-    kl_ppo = [n for n, r in regimes.items() if r["family"] == "ppo" and ((r["kl_coef"] or 0) > 0 or r["adaptive_kl"])]
-    feedme = [n for n, r in regimes.items() if r["family"] == "feedme" and not r.get("control_of")]
-    for f in feedme:
-        for p in kl_ppo:
+    kl = [n for n, r in regimes.items() if r["group"] in (ONLINE, OFFLINE) and ((r["kl_coef"] or 0) > 0 or r["adaptive_kl"])]
+    selection = [n for n, r in regimes.items() if r["group"] == SELECTION and not r.get("control_of")]
+    for f in selection:
+        for p in kl:
             fr = {x["seed"]: x for x in by_regime[f]}
             pr = {x["seed"]: x for x in by_regime[p]}
             seeds = sorted(set(fr) & set(pr))
@@ -294,8 +296,8 @@ def compare(by_regime: dict, regimes: dict, confidence: float, threshold: float 
             # 0.001 of log|A| with a tight interval is not "collapsing less"
             less = diff["lo"] is not None and diff["lo"] > 0 and diff["mean"] >= threshold
             more = diff["hi"] is not None and diff["hi"] < 0 and diff["mean"] <= -threshold
-            out.append({"ppo": p, "feedme": f, "difference": diff, "across": across,
-                        "ppo_collapses_less": bool(less), "ppo_collapses_more": bool(more),
+            out.append({"regime": p, "group": regimes[p]["group"], "selection": f, "difference": diff, "across": across,
+                        "collapses_less": bool(less), "collapses_more": bool(more),
                         "budget_matched": all(m for m, _ in matched),
                         "budget_message": "; ".join(sorted({msg for _, msg in matched}))})
     return out
@@ -329,31 +331,35 @@ def verdict(report: dict) -> dict:
         lines.append(f"{name}: H/log|A| {_fmt(r['metrics']['norm_entropy'])} "
                      f"(base {report['base']['metrics']['norm_entropy']:.3f}), top answer {r['top_answer']!r} "
                      f"at {r['top_prob']:.1%}.")
-    comps = report["comparisons"]
-    answer = "not tested (no FeedME or no KL-penalised PPO regime in this ablation)"
-    if comps:
-        matched = [c for c in comps if c["budget_matched"]]
+    answer = "not tested (no FeedME or no KL-penalised online RL regime in this ablation)"
+    if report["comparisons"]:
         parts = []
-        for c in comps:
-            word = ("less than" if c["ppo_collapses_less"] else "MORE than" if c["ppo_collapses_more"]
+        for c in report["comparisons"]:
+            word = ("less than" if c["collapses_less"] else "MORE than" if c["collapses_more"]
                     else "not distinguishably differently from")
             flag = "" if c["budget_matched"] else f" [BUDGETS NOT MATCHED: {c['budget_message']}]"
-            parts.append(f"{c['ppo']} collapses {word} {c['feedme']} (paired difference of Δ(H/log|A|) "
-                         f"{_fmt(c['difference'], '+.3f')} across {c['across']}){flag}")
+            parts.append(f"{c['regime']} ({c['group']}) collapses {word} {c['selection']} (paired difference of "
+                         f"Δ(H/log|A|) {_fmt(c['difference'], '+.3f')} across {c['across']}){flag}")
         lines.append("; ".join(parts) + ".")
-        sft_collapsed = any(regimes[c["feedme"]]["collapsed"] for c in matched)
-        any_drop = any(call(regimes[c[k]]) != "not collapsed" for c in matched for k in ("feedme", "ppo"))
+    # the post's question: RLHF (online RL with a KL penalty: PPO, RLOO, GRPO) against FeedME
+    comps = [c for c in report["comparisons"] if c["group"] == ONLINE]
+    if comps:
+        matched = [c for c in comps if c["budget_matched"]]
+        sft_collapsed = any(regimes[c["selection"]]["collapsed"] for c in matched)
+        any_drop = any(call(regimes[c[k]]) != "not collapsed" for c in matched for k in ("selection", "regime"))
         if not matched:
             answer = "UNDECIDED: no comparison has matched rating budgets"
-        elif all(c["ppo_collapses_less"] for c in matched) and sft_collapsed:
-            answer = "YES: every KL-penalised PPO regime keeps more answer entropy than FeedME at a matched budget"
-        elif any(c["ppo_collapses_more"] for c in matched):
-            answer = "NO: at a matched budget some KL-penalised PPO regime collapses MORE than FeedME"
+        elif all(c["collapses_less"] for c in matched) and sft_collapsed:
+            answer = "YES: every KL-penalised online RL regime keeps more answer entropy than FeedME at a matched budget"
+        elif any(c["collapses_more"] for c in matched):
+            answer = "NO: at a matched budget some KL-penalised online RL regime collapses MORE than FeedME"
         elif not any_drop:
-            answer = "NOT APPLICABLE here: neither FeedME nor KL-penalised PPO collapses"
+            answer = "NOT APPLICABLE here: neither FeedME nor KL-penalised online RL collapses"
         else:
-            answer = "MIXED / not significant: the intervals do not separate every KL-penalised PPO regime from FeedME"
-    lines.append(f"Does PPO with a KL penalty collapse less than FeedME at a matched budget? {answer}.")
+            answer = ("MIXED / not significant: the intervals do not separate every KL-penalised online RL regime "
+                      "from FeedME")
+    lines.append(f"Does RLHF with a KL penalty (PPO, RLOO, GRPO) collapse less than FeedME at a matched budget? "
+                 f"{answer}.")
     return {"collapsed": collapsed, "inconclusive": unclear, "not_collapsed": fine, "answer": answer,
             "text": " ".join(lines)}
 
@@ -397,11 +403,11 @@ def markdown(report: dict) -> str:
     for name, r in regimes.items():
         md.append(_row([name] + [_fmt(r["metrics"][k], f) for k, _, f in DIVERSITY_METRICS]))
     md += ["", "## Rating budget and compute", "",
-           _row(["regime", "family", "samples scored (rating budget)", "gradient steps", "tokens trained",
+           _row(["regime", "group", "samples scored (rating budget)", "gradient steps", "tokens trained",
                  "wall time (s)", "status"]), _row(["---"] * 7)]
     for name, r in regimes.items():
         b = r["budget"]
-        md.append(_row([name, r["family"] + (f" (control of {r['control_of']})" if r.get("control_of") else "")]
+        md.append(_row([name, str(r["group"]) + (f" (control of {r['control_of']})" if r.get("control_of") else "")]
                        + [_cell(b[k]["mean"], ".0f") for k in BUDGET_KEYS]
                        + [_cell(report["compute"][name]["wall_time_s"], ".1f"), "/".join(r["status"])]))
     for name, r in regimes.items():
@@ -410,11 +416,12 @@ def markdown(report: dict) -> str:
                         f"stage): its rating budget is {r['control_of']}'s, spent on a random pick instead of the "
                         "top-rated one.")]
     if report["comparisons"]:
-        md += ["", "Comparisons (PPO with a KL penalty vs FeedME; difference of Δ(H/log|A|), positive = PPO "
-               "keeps more entropy):", "", _row(["PPO", "FeedME", "difference [interval]", "across",
-                                                  "budget matched", "budgets"]), _row(["---"] * 6)]
+        md += ["", "Comparisons (each KL-regularised regime, online RL or offline preference, vs each selection "
+               "regime; difference of Δ(H/log|A|), positive = the KL-regularised regime keeps more entropy):", "",
+               _row(["KL-regularised", "selection", "difference [interval]", "across", "budget matched", "budgets"]),
+               _row(["---"] * 6)]
         for cmp_ in report["comparisons"]:
-            md.append(_row([cmp_["ppo"], cmp_["feedme"], _fmt(cmp_["difference"], "+.3f"), cmp_["across"],
+            md.append(_row([cmp_["regime"], cmp_["selection"], _fmt(cmp_["difference"], "+.3f"), cmp_["across"],
                             "yes" if cmp_["budget_matched"] else "**NO**", cmp_["budget_message"]]))
     md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report.get("plots", [])] + [""]
     return "\n".join(md)
@@ -428,8 +435,6 @@ def make_plots(ablation: Path, base: dict, by_regime: dict, report: dict) -> lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from collapse_lab.evaluator import plot_suite
 
     out = ablation / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -553,14 +558,6 @@ def _vocab(ablation: Path) -> int:
 def _mean(xs) -> Optional[float]:
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
-
-
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
 
 
 def _fmt(s: dict, f: str = ".3f") -> str:

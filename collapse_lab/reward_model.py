@@ -7,7 +7,7 @@
                 classification head (one logit) initialised from the base
     4. check    on the held-out draws: pairwise accuracy (ties in r count ½) and Spearman's ρ between
                 r and the gold score (and the rater's noiseless score), scored through
-                collapse_lab.rewards.ModelReward, the very interface PPO uses
+                ModelReward (below), the very interface PPO uses
     5. save     checkpoints/reward/<name>/: model + tokenizer, manifest.json (samples_scored = the ratings')
 
 Texts are `prompt + completion + EOS-if-it-ended`, tokenised as prompts are (`tokenizer.encode_texts`: a
@@ -18,7 +18,6 @@ from EOS (`models.distinct_pad`), else the head would read the score before the 
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import time
@@ -30,12 +29,19 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import set_seed
 
+from scipy.stats import spearmanr
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
 from collapse_lab import tracking
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
-                                     start_run, write_manifest)
+from collapse_lab.checkpoint import publish, read_manifest
 from collapse_lab.config import ConfigError, run_dir
-from collapse_lab.ratings import flush_denormals, load_ratings, rate
+from collapse_lab.models import DTYPES, distinct_pad, ensure_eos
+from collapse_lab.pretrain import resolve_base
+from collapse_lab.ratings import load_ratings, rate
+from collapse_lab.tokenizer import encode_texts
 from collapse_lab.ratings import stage_keys as ratings_keys
+from collapse_lab.stage import device, hf_args, run_stage
+from collapse_lab.world import make_world
 
 STAGE = "reward"
 
@@ -58,7 +64,7 @@ def check(cfg: DictConfig) -> None:
 
 
 def rm_text(prompt: str, completion: str, ended: bool, eos: str) -> str:
-    """What the reward model reads (as collapse_lab.rewards.ModelReward builds it)."""
+    """What the reward model reads (as ModelReward builds it)."""
     return prompt + completion + (eos if ended else "")
 
 
@@ -95,44 +101,28 @@ def pairwise_accuracy(rewards, pairs: list[tuple[int, int]]) -> float:
 
 def train_reward_model(cfg: DictConfig, named: bool = True) -> Path:
     """Train (or find finished) the reward model on this config's ratings; returns its directory."""
-    from collapse_lab.pretrain import resolve_base
-
     check(cfg)
-    flush_denormals()
     out = reward_dir(cfg, named)
-    if already_finished(out, "held-out accuracy {eval_pairwise_accuracy:.3f}"):
-        return out
-    started = time.time()
-    ratings_path = rate(cfg, named=False)
-    base = resolve_base(cfg)
-    start_run(cfg, out, STAGE, base_path=base, ratings_path=str(ratings_path))
-    ratings = load_ratings(ratings_path)
-    tracking.init(cfg, out, job_type="reward")
-    metrics = fit_reward_model(cfg, ratings, base, out)
-    tracking.finish()
-    write_manifest(out, {
-        **(read_manifest(out) or {}), "status": "finished", "samples_scored": len(ratings), **metrics,
-        "wall_time_s": time.time() - started, "git_commit": git_commit(), "versions": package_versions(),
-    })
-    print(f"saved {out}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} ({metrics['eval_pairs']} "
-          f"pairs), Spearman with gold {metrics['eval_spearman_gold']:.3f}, with the noiseless score "
-          f"{metrics['eval_spearman_expected']:.3f} ({time.time() - started:.1f} s)")
+    with run_stage(cfg, out, STAGE, "held-out accuracy {eval_pairwise_accuracy:.3f}") as run:
+        if run.done:
+            return out
+        ratings_path = rate(cfg, named=False)  # the upstream stage: found finished when resolved
+        base = resolve_base(cfg)
+        run.start(base_path=base, ratings_path=str(ratings_path))
+        ratings = load_ratings(ratings_path)
+        metrics = fit_reward_model(cfg, ratings, base, out)
+        run.finish(samples_scored=len(ratings), **metrics)
+        print(f"saved {out}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} "
+              f"({metrics['eval_pairs']} pairs), Spearman with gold {metrics['eval_spearman_gold']:.3f}, with the "
+              f"noiseless score {metrics['eval_spearman_expected']:.3f} ({time.time() - run.started:.1f} s)")
     return out
 
 
 def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) -> dict:
     """Steps 2-4 on a ratings dataset: train, save model + tokenizer to `out`, return the budget and checks."""
-    from scipy.stats import spearmanr
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
-
-    from collapse_lab.models import DTYPES, default_device, distinct_pad, ensure_eos, trainer_precision
-    from collapse_lab.tokenizer import encode_texts
-    from collapse_lab.rewards import ModelReward
-    from collapse_lab.world import make_world
+    from trl import RewardConfig, RewardTrainer  # optional heavy dependency: loaded by the stages that train
 
     m = cfg.reward_model
-    device = default_device()
 
     # 1-2. held-out prompt draws; pairs within a draw
     train_ids, eval_ids = split_prompts(list(ratings["prompt_id"]), m.eval_fraction, cfg.seed)
@@ -153,14 +143,8 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
     set_seed(cfg.seed)  # the head is initialised at random
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
     distinct_pad(tokenizer, model)
-    args = RewardConfig(
-        output_dir=str(out / "trainer"), num_train_epochs=m.epochs, learning_rate=m.lr,
-        per_device_train_batch_size=m.batch_size, lr_scheduler_type="linear", max_length=None,
-        logging_steps=max(1, len(data) // m.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
-        run_name=out.name, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device.type == "cpu",
-        **trainer_precision(cfg),
-        dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
-    )
+    args = hf_args(RewardConfig, cfg, out, seed=cfg.seed, lr=m.lr, batch_size=m.batch_size, num_train_epochs=m.epochs,
+                   lr_scheduler_type="linear", max_length=None, logging_steps=max(1, len(data) // m.batch_size // 4))
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     tracking.quiet(trainer)
     trainer.train()
@@ -176,7 +160,7 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
     # 4. held-out checks, through the interface PPO uses
     world = make_world(cfg.world)
     held = [i for i, pid in enumerate(ratings["prompt_id"]) if pid in eval_ids]
-    reward = ModelReward(str(out), device)
+    reward = ModelReward(str(out), device())
     prompts = [world.prompt(t) for t in ratings["prompt"]]
     completions, ended = list(ratings["completion"]), list(ratings["ended"])
     scores = reward([prompts[i] for i in held], [completions[i] for i in held], [ended[i] for i in held]).numpy()
@@ -187,14 +171,14 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
         "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
         "eval_pairwise_accuracy": pairwise_accuracy(rm, eval_pairs),
         "train_pairwise_accuracy": _train_accuracy(trainer),
-        "eval_spearman_gold": _spearman(spearmanr, scores, gold),
-        "eval_spearman_expected": _spearman(spearmanr, scores, expected),
+        "eval_spearman_gold": _spearman(scores, gold),
+        "eval_spearman_expected": _spearman(scores, expected),
     }
     pair_tokens = sum(map(len, data["chosen_ids"])) + sum(map(len, data["rejected_ids"]))
     return {"steps": trainer.state.global_step, "tokens_trained": round(pair_tokens * m.epochs), **metrics}
 
 
-def _spearman(spearmanr, x, y) -> float:
+def _spearman(x, y) -> float:
     """Spearman's rho; NaN (no warning) when either side is constant."""
     return float(spearmanr(x, y).statistic) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
 
@@ -202,3 +186,36 @@ def _spearman(spearmanr, x, y) -> float:
 def _train_accuracy(trainer) -> float:
     """The last logged training accuracy (TRL logs it per logging step)."""
     return next((x["accuracy"] for x in reversed(trainer.state.log_history) if "accuracy" in x), float("nan"))
+
+
+class ModelReward:
+    """A trained reward model (sequence classification, one logit) scoring prompt + completion: the
+    `reward=rm` side of collapse_lab.rewards' interface.
+
+    `samples_scored`: the ratings it was trained on (its manifest's), the budget a policy
+    optimising it has spent; querying it is free.
+    """
+
+    def __init__(self, path: str, device, dtype=torch.float32, batch_size: int = 64):
+        self.path = path
+        self.samples_scored = (read_manifest(Path(path)) or {}).get("samples_scored")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        ensure_eos(self.tokenizer, self.model.config, path)
+        distinct_pad(self.tokenizer, self.model)  # a model saved with pad = EOS gets one too (collapse_lab/models.py)
+        self.model = self.model.to(device).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, ended) -> torch.Tensor:
+        eos = self.tokenizer.eos_token
+        ids = encode_texts(self.tokenizer, [rm_text(p.text, c, e, eos) for p, c, e in zip(prompts, completions, ended)])
+        scores = []
+        for i in range(0, len(ids), self.batch_size):
+            batch = self.tokenizer.pad({"input_ids": ids[i:i + self.batch_size]}, padding=True,
+                                       return_tensors="pt").to(self.model.device)  # right padding
+            scores.append(self.model(**batch).logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+    def reseed(self, key: str) -> None:
+        pass  # deterministic

@@ -14,7 +14,9 @@ from typing import Protocol
 
 import torch
 
-from collapse_lab.tokenizer import encode_texts
+from collapse_lab.checkpoint import read_manifest
+from collapse_lab.config import ConfigError
+from collapse_lab.reward_model import ModelReward, reward_dir
 from collapse_lab.world import Prompt
 
 
@@ -39,52 +41,29 @@ class GoldReward:
         self.rng.seed(f"gold-reward/{key}")
 
 
-class ModelReward:
-    """A trained reward model (sequence classification, one logit) scoring prompt + completion.
-
-    `samples_scored`: the ratings it was trained on (its manifest's), the budget a policy
-    optimising it has spent; querying it is free.
-    """
-
-    def __init__(self, path: str, device, dtype=torch.float32, batch_size: int = 64):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from collapse_lab.checkpoint import read_manifest
-        from collapse_lab.models import distinct_pad, ensure_eos
-
-        self.path = path
-        self.samples_scored = (read_manifest(Path(path)) or {}).get("samples_scored")
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-        ensure_eos(self.tokenizer, self.model.config, path)
-        distinct_pad(self.tokenizer, self.model)  # a model saved with pad = EOS gets one too (collapse_lab/models.py)
-        self.model = self.model.to(device).eval()
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, prompts, completions, ended) -> torch.Tensor:
-        eos = self.tokenizer.eos_token
-        ids = encode_texts(self.tokenizer, [p.text + c + (eos if e else "") for p, c, e in zip(prompts, completions, ended)])
-        scores = []
-        for i in range(0, len(ids), self.batch_size):
-            batch = self.tokenizer.pad({"input_ids": ids[i:i + self.batch_size]}, padding=True,
-                                       return_tensors="pt").to(self.model.device)  # right padding
-            scores.append(self.model(**batch).logits[:, 0].float().cpu())
-        return torch.cat(scores)
-
-    def reseed(self, key: str) -> None:
-        pass  # deterministic
-
-
 def make_reward(cfg, world, device) -> Reward:
-    """The configured reward source; `reward=rm` without `reward_model_path` trains the reward
-    model on this config's ratings first (or finds it finished)."""
+    """The configured reward source. `reward=rm` reads a FINISHED reward model: `reward_model_path`, else
+    the one this config's ratings train (reward_dir); training it is the orchestrator's job (the
+    registry resolves upstream stages: collapse_lab/registry.py), never a side effect of this factory."""
     if cfg.reward == "gold":
         return GoldReward(world, cfg.seed)
-    path = cfg.reward_model_path
-    if path is None:
-        from collapse_lab.reward_model import train_reward_model
-
-        path = str(train_reward_model(cfg, named=False))
+    path = cfg.reward_model_path or str(reward_dir(cfg, named=False))
+    if (read_manifest(Path(path)) or {}).get("status") != "finished":
+        raise ConfigError(f"reward=rm: no finished reward model at {path}; train it first (train/reward.py with "
+                          "the same config; the regimes' entry points and collapse-lab ablate resolve it)")
     return ModelReward(path, device)
+
+
+def reward_func(reward: Reward, world, eos_token_id: int, missing_eos_penalty: float = 0.0):
+    """The lab's reward as a TRL reward function (GRPOTrainer, RLOOTrainer): TRL calls it with the prompt
+    texts, the decoded completions, their token ids and the dataset's other columns; a completion ended
+    iff its ids end with EOS (TRL cuts after the first EOS), as the rater and the reward model need; one
+    cut off loses `missing_eos_penalty`, as in PPO."""
+
+    def score(prompts, completions, completion_ids, **_) -> list[float]:
+        ended = [len(ids) > 0 and ids[-1] == eos_token_id for ids in completion_ids]
+        scores = reward([world.prompt(p) for p in prompts], completions, ended)
+        return (scores - missing_eos_penalty * (~torch.tensor(ended)).float()).tolist()
+
+    score.__name__ = "lab_reward"
+    return score

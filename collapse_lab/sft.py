@@ -22,9 +22,6 @@ A killed run is redone from the start (it takes seconds on the tiny base).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -35,12 +32,16 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab import tracking
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
-                                     start_run, write_manifest)
+from collapse_lab.bandit import next_token_probs, reward_vector
+from collapse_lab.bok import best_of_k
 from collapse_lab.config import CHOICES, ConfigError, run_dir
-from collapse_lab.ratings import episode_tokens, flush_denormals, load_ratings, rate, rate_samples
+from collapse_lab.models import add_lora, load_pretrained
+from collapse_lab.pretrain import resolve_base
+from collapse_lab.ratings import episode_tokens, load_ratings, rate, rate_samples
 from collapse_lab.ratings import stage_keys as ratings_keys
 from collapse_lab.tokenizer import encode_texts
+from collapse_lab.stage import device, hf_args, run_stage, save_policy
+from collapse_lab.world import make_world
 
 STAGE = "sft"
 SELECT = CHOICES["sft.select"]  # FeedME, and its finite-sample control
@@ -108,31 +109,38 @@ def feedme_dataset(kept: Dataset, tokenizer) -> Dataset:
 
 def train_sft(cfg: DictConfig, named: bool = True) -> Path:
     """FeedME on this config's ratings (or find it finished); returns the model's directory."""
-    from trl import SFTConfig as TRLSFTConfig
+    check(cfg)
+    out = sft_dir(cfg, named)
+    with run_stage(cfg, out, STAGE, "{steps} steps, {samples_scored} samples scored") as run:
+        if run.done:
+            return out
+        ratings_path = rate(cfg, named=False)  # round 1's ratings (upstream, found finished): the reward model's too
+        base = resolve_base(cfg)
+        run.start(base_path=base, ratings_path=str(ratings_path))
+        kept, final, tokenizer, fields = feedme(cfg, ratings_path, base, out)
+        extra = {}
+        if cfg.world.name == "bandit":
+            extra = bandit_tv_to_best_of_k(final, base, tokenizer, cfg, kept)
+            print(f"bandit: TV(FeedME, best-of-{cfg.ratings.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f} "
+                  f"(its kept samples' own TV, the sampling floor: {extra['bandit_tv_kept_samples_to_best_of_k']:.4f})")
+        run.finish(**fields, select=cfg.sft.select, **extra)
+        print(f"saved {out} ({time.time() - run.started:.1f} s)")
+    return out
+
+
+def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
+    """Steps 1-4: every round's ratings, keep, train; the saved model. Returns (the last round's kept rows,
+    the final model, its tokenizer, the manifest's budget fields)."""
+    from trl import SFTConfig as TRLSFTConfig  # optional heavy dependency: loaded by the stages that train
     from trl import SFTTrainer
 
-    from collapse_lab.models import add_lora, default_device, load_pretrained, trainer_precision
-    from collapse_lab.pretrain import resolve_base
-    from collapse_lab.world import make_world
-
-    check(cfg)
-    flush_denormals()
-    out = sft_dir(cfg, named)
-    if already_finished(out, "{steps} steps, {samples_scored} samples scored"):
-        return out
-    started = time.time()
-    ratings_path = rate(cfg, named=False)  # round 1's ratings: the ones the reward model also uses
-    base = resolve_base(cfg)
-    start_run(cfg, out, STAGE, base_path=base, ratings_path=str(ratings_path))
     s, r = cfg.sft, cfg.ratings
     world = make_world(cfg.world)
-    device = default_device()
     set_seed(cfg.seed)
     model, tokenizer = load_pretrained(base, cfg.model.dtype)
     if cfg.peft.enabled:
         model = add_lora(model, cfg.peft)
-    model.to(device)
-    tracking.init(cfg, out, job_type="sft")
+    model.to(device())
 
     samples_scored, steps, tokens_trained, rounds, log = 0, 0, 0, [], []
     for rnd in range(1, s.rounds + 1):
@@ -153,15 +161,10 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
             raise ConfigError(f"sft round {rnd}: no sample scored >= sft.min_score={s.min_score}; lower it")
         data = feedme_dataset(kept, tokenizer)
         # 3. cross-entropy on the kept completions' tokens (TRL)
-        args = TRLSFTConfig(
-            output_dir=str(out / "trainer"), num_train_epochs=s.epochs, learning_rate=s.lr,
-            per_device_train_batch_size=s.batch_size, lr_scheduler_type="linear", warmup_steps=0,
-            completion_only_loss=True, max_length=None, packing=False,
-            logging_steps=max(1, len(data) // s.batch_size // 4), save_strategy="no", report_to=tracking.report_to(cfg),
-            run_name=out.name, seed=cfg.seed + rnd, data_seed=cfg.seed + rnd, use_cpu=device.type == "cpu",
-            **trainer_precision(cfg),
-            dataloader_pin_memory=False, disable_tqdm=not os.isatty(1),
-        )
+        args = hf_args(TRLSFTConfig, cfg, out, seed=cfg.seed + rnd, lr=s.lr, batch_size=s.batch_size,
+                       num_train_epochs=s.epochs, lr_scheduler_type="linear", warmup_steps=0,
+                       completion_only_loss=True, max_length=None, packing=False,
+                       logging_steps=max(1, len(data) // s.batch_size // 4))
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         tracking.quiet(trainer)
         trainer.train()
@@ -180,27 +183,9 @@ def train_sft(cfg: DictConfig, named: bool = True) -> Path:
 
     # 4. save (LoRA merged in: the evaluator loads a plain causal LM)
     final = model.merge_and_unload() if cfg.peft.enabled else model
-
-    def save(tmp: Path) -> None:
-        final.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
-
-    publish(out, save)
-    shutil.rmtree(out / "trainer", ignore_errors=True)
-    extra = {}
-    if cfg.world.name == "bandit":
-        extra = bandit_tv_to_best_of_k(final, base, tokenizer, cfg, kept)
-        print(f"bandit: TV(FeedME, best-of-{r.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f} (its kept "
-              f"samples' own TV, the sampling floor: {extra['bandit_tv_kept_samples_to_best_of_k']:.4f})")
-    write_manifest(out, {
-        **(read_manifest(out) or {}), "status": "finished", "samples_scored": samples_scored,
-        "steps": steps, "tokens_trained": tokens_trained, "rounds": rounds, "select": s.select, **extra,
-        "wall_time_s": time.time() - started, "git_commit": git_commit(), "versions": package_versions(),
-    })
-    tracking.finish()
-    print(f"saved {out} ({time.time() - started:.1f} s)")
-    return out
+    save_policy(out, final, tokenizer, log)
+    fields = {"samples_scored": samples_scored, "steps": steps, "tokens_trained": tokens_trained, "rounds": rounds}
+    return kept, final, tokenizer, fields
 
 
 @torch.no_grad()
@@ -208,10 +193,6 @@ def bandit_tv_to_best_of_k(model, base_path: str, tokenizer, cfg: DictConfig, ke
     """TV between the model's full next-token distribution at the bandit prompt and best-of-k of the base's
     (k = ratings.samples_per_prompt, scores from the reward table: collapse_lab/bok.py); and the TV of the
     last round's kept samples (their empirical distribution: what SFT can at best reproduce) to it."""
-    from collapse_lab.bandit import next_token_probs, reward_vector
-    from collapse_lab.bok import best_of_k
-    from collapse_lab.models import load_pretrained
-
     base, _ = load_pretrained(base_path, cfg.model.dtype)
     pi0 = next_token_probs(base.to(model.device).eval(), tokenizer, cfg.world.prompt).numpy()
     target = best_of_k(pi0, reward_vector(tokenizer, cfg.world, len(pi0)).numpy(), cfg.ratings.samples_per_prompt)

@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from collapse_lab import ablate
 from collapse_lab.config import ConfigError, check_name, check_output
+from collapse_lab.report import _fmt, _row
 
 SWEEP_KEYS = {"program", "name", "method", "metric", "parameters", "command", "description", "project", "entity"}
 
@@ -77,8 +79,6 @@ def point_overrides(spec: dict, point: dict, extra: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> Path:
-    from collapse_lab import ablate
-
     if not argv:
         raise ConfigError("usage: collapse-lab sweep recipes/sweeps/<file>.yaml [key=value ...]")
     spec = load(Path(argv[0]))
@@ -105,7 +105,6 @@ COLUMNS = [("norm_entropy", "H/log|A|", ".3f"), ("delta_norm_entropy", "Δ vs ba
 
 def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) -> dict:
     """One report across the grid: per point and regime, the ablation report's key numbers."""
-    from collapse_lab.report import _fmt, _row
 
     out.mkdir(parents=True, exist_ok=True)
     keys = swept(spec)

@@ -20,11 +20,10 @@ from conftest import TINY_PRETRAIN, run_cli
 TINY_EVAL = ["eval.suites=[seed,arithmetic]", "eval.samples=8", "eval.gold_samples=8"]
 
 
-def test_every_regime_has_a_recipe_and_a_stage_module_path():
+def test_every_regime_has_a_recipe_a_group_and_a_train_function():
     for name, regime in ablate.REGIMES.items():
-        assert regime.family in ("feedme", "ppo")
-        module, fn = regime.stage.split(":")
-        assert module.startswith("collapse_lab.") and fn
+        assert regime.group in ("offline preference", "online RL", "selection") and callable(regime.train)
+        assert regime.recipe in group_options("recipe") and regime.name == name
     # every PPO recipe the lab has is reachable from the table
     for recipe in group_options("recipe"):
         if recipe.startswith(("kl", "ent")):
@@ -148,6 +147,13 @@ def _push_towards(path: Path, answer: str, steps: int) -> None:
     model.save_pretrained(path)
 
 
+def fake_stages() -> dict:
+    """Stand-ins by stage name (ablate.load_stage's argument)."""
+    return {"ratings": _fake_stage("ratings"), "reward_model": _fake_stage("rm"),
+            **{n: _fake_stage("sft") for n in ("sft", "sft-random")},
+            **{n: _fake_stage("ppo") for n in ("kl0", "kl0.01", "kl0.1", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01")}}
+
+
 def _fake_main(stages: dict, args: list[str]) -> Path:
     """ablate.main(args) with `stages` standing in for the real ones during THIS call only: a patch held
     for the module-scoped fixture's life outlived these tests and handed the stand-ins to the slow tests
@@ -160,8 +166,7 @@ def _fake_main(stages: dict, args: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def fake_ablation(tmp_path_factory):
     root = tmp_path_factory.mktemp("abl")
-    stages = {ablate.RATINGS: _fake_stage("ratings"), ablate.REWARD_MODEL: _fake_stage("rm"),
-              "collapse_lab.sft:train_sft": _fake_stage("sft"), "collapse_lab.ppo:train_ppo": _fake_stage("ppo")}
+    stages = fake_stages()
     args = ["regimes=[sft,kl0.1]", "seeds=2", f"checkpoints_dir={root}", "name=fake", *TINY_EVAL,
             *[f"{o}" for o in TINY_PRETRAIN]]
     return _fake_main(stages, args), args, stages
@@ -188,7 +193,7 @@ def test_ablation_layout_report_and_verdict(fake_ablation):
     assert sft["top_answer"] == " 1" and sft["top_prob"] > 0.5 and sft["metrics"]["kl_to_reference"]["mean"] > 0.01
     assert abs(ppo["metrics"]["kl_to_reference"]["mean"]) < 1e-9  # an untouched copy of the base
     (cmp_,) = rep["comparisons"]
-    assert cmp_["ppo_collapses_less"] and cmp_["budget_matched"]
+    assert cmp_["collapses_less"] and cmp_["budget_matched"]
     assert rep["verdict"]["answer"].startswith("YES")
     md = (out / "report.md").read_text()
     assert "## Verdict" in md and rep["rule"] in md and "| sft | **yes** |" in md
@@ -271,10 +276,10 @@ def test_the_stand_in_stages_do_not_outlive_the_fake_ablations(fake_ablation):
     from collapse_lab.reward_model import train_reward_model
     from collapse_lab.sft import train_sft
 
-    assert ablate.load_stage(ablate.RATINGS) is rate
-    assert ablate.load_stage(ablate.REWARD_MODEL) is train_reward_model
-    assert ablate.REGIMES["sft"].function() is train_sft
-    assert ablate.REGIMES["kl0.1"].function() is train_ppo
+    assert ablate.load_stage("ratings") is rate
+    assert ablate.load_stage("reward_model") is train_reward_model
+    assert ablate.load_stage("sft") is train_sft
+    assert ablate.load_stage("kl0.1") is train_ppo
 
 
 def test_wandb_summary_judges_regimes_not_controls():

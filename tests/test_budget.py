@@ -45,8 +45,8 @@ def test_reads_run_directories(tmp_path):
 def test_default_recipes_spend_the_same_ratings_on_feedme_and_the_reward_model():
     sft = compose("lab", ["recipe=sft"])
     rm = compose("lab", ["recipe=kl0.1", "reward=rm"])
-    assert planned(sft, "sft") == planned(rm, "reward") == sft.ratings.prompts * sft.ratings.samples_per_prompt
+    assert planned(sft, "sft") == planned(rm, "reward_model") == planned(rm, "kl0.1") == sft.ratings.prompts * sft.ratings.samples_per_prompt
     assert planned(compose("lab", ["recipe=sft", "sft.rounds=3"]), "sft") == 3 * planned(sft, "sft")
     assert planned(compose("lab", ["recipe=bok"]), "bok") == 0
     with pytest.raises(ValueError):
-        planned(sft, "dpo")
+        planned(sft, "nope")

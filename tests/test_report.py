@@ -33,7 +33,7 @@ def test_collapse_rule_needs_both_the_threshold_and_an_interval_below_zero():
 
 def _regime(family, d, kl_coef=None, collapsed=None, top=" 97", p=0.3):
     test = report.collapse_test(d, [], 0.05, 0.95)
-    return {"family": family, "kl_coef": kl_coef, "adaptive_kl": False, "collapsed": test["collapsed"] if collapsed is None else collapsed,
+    return {"group": {"feedme": "selection", "ppo": "online RL"}[family], "kl_coef": kl_coef, "adaptive_kl": False, "collapsed": test["collapsed"] if collapsed is None else collapsed,
             "top_answer": top, "top_prob": p,
             "metrics": {"norm_entropy": report.interval([0.99 + x for x in d])}}
 
@@ -54,7 +54,7 @@ def test_verdict_yes_when_feedme_collapses_and_kl_ppo_keeps_entropy_at_a_matched
     regimes = {"sft": _regime("feedme", [-0.4, -0.35, -0.45]), "kl0.1": _regime("ppo", [-0.01, 0.0, -0.02], 0.1)}
     comps = report.compare(by, regimes, 0.95)
     (c,) = comps
-    assert c["ppo_collapses_less"] and c["budget_matched"] and c["across"] == "seeds"
+    assert c["collapses_less"] and c["budget_matched"] and c["across"] == "seeds"
     v = report.verdict(_report(regimes, comps))
     assert v["collapsed"] == ["sft"] and v["answer"].startswith("YES")
     assert "sft: H/log|A|" in v["text"]
@@ -130,7 +130,7 @@ def test_the_control_is_shown_not_judged_and_named_in_the_verdict():
                "sft-random": {**_regime("feedme", [-0.08, -0.07, -0.085], collapsed=None), "control_of": "sft"},
                "kl0.1": _regime("ppo", [-0.01, 0.0, -0.02], 0.1)}
     comps = report.compare(by, regimes, 0.95)
-    assert [(c["ppo"], c["feedme"]) for c in comps] == [("kl0.1", "sft")]  # the control is no FeedME to compare
+    assert [(c["regime"], c["selection"]) for c in comps] == [("kl0.1", "sft")]  # the control is no FeedME to compare
     v = report.verdict(_report(regimes, comps))
     assert v["collapsed"] == [] and "sft-random" not in v["not_collapsed"] and "sft" in v["not_collapsed"]
     assert "vs its control sft-random" in v["text"] and "not both" in v["text"]

@@ -8,7 +8,7 @@ import yaml
 from collapse_lab import ablate, sweep
 from collapse_lab.config import ConfigError
 from conftest import REPO, TINY_PRETRAIN
-from test_ablate import TINY_EVAL, _fake_stage
+from test_ablate import TINY_EVAL, fake_stages
 
 SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
 
@@ -59,8 +59,7 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, text, message):
 
 
 def test_local_runner_runs_the_grid_and_writes_one_comparison(tmp_path, monkeypatch):
-    stages = {ablate.RATINGS: _fake_stage("ratings"), ablate.REWARD_MODEL: _fake_stage("rm"),
-              "collapse_lab.sft:train_sft": _fake_stage("sft"), "collapse_lab.ppo:train_ppo": _fake_stage("ppo")}
+    stages = fake_stages()
     monkeypatch.setattr(ablate, "load_stage", lambda spec: stages[spec])
     f = tmp_path / "mini.yaml"
     f.write_text(yaml.safe_dump({"name": "mini", "method": "grid", "program": "collapse_lab/cli.py",

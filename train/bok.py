@@ -2,13 +2,12 @@
 checkpoints/bok/<name>/bok.json, which `python eval/evaluate.py model_path=checkpoints/bok/<name>` evaluates
 exactly (the closed form in collapse_lab/bok.py)."""
 
+from collapse_lab import registry
 from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab.bok import make_bok  # torch/transformers load only once the config is valid
-
-    return make_bok(cfg)
+    return registry.run("bok", cfg)  # its upstream stages (base, ratings, reward model) first
 
 
 if __name__ == "__main__":

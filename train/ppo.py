@@ -3,13 +3,12 @@
 The update rule, top to bottom: collapse_lab/ppo.py.
 """
 
+from collapse_lab import registry
 from collapse_lab.config import cli
 
 
 def main(cfg):
-    from collapse_lab.ppo import train_ppo  # torch/transformers load only once the config is valid
-
-    return train_ppo(cfg)
+    return registry.run("ppo", cfg)  # its upstream stages (base, ratings, reward model) first
 
 
 if __name__ == "__main__":

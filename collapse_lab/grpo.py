@@ -1,0 +1,63 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath) through TRL's GRPOTrainer (plumbing: collapse_lab/trl_online.py):
+
+    1. rollout   a group of G = grpo.samples_per_prompt completions per prompt draw from the policy
+    2. score     r_i = r(x, y_i) − penalty·[cut off] (gold rater or the reward model: reward=gold|rm);
+                 NO KL in the reward
+    3. advantage A_i = (r_i − mean_group r) / std_group r   (scale_rewards="group"), the same for every token
+    4. update    per token: −A_i·ρ_t (clipped) + β·ρ_t·k3_t, k3 = π_ref/π − log(π_ref/π) − 1 (the KL in the
+                 LOSS; ρ_t = π/π_old multiplies it: TRL 1.16's `use_bias_correction_kl`, on by default),
+                 averaged per sequence then over sequences (loss_type="grpo": Shao et al.'s)
+
+Fixed point (stated, and it is NOT π*): ρ·k3's expected gradient is ∇KL(π‖π_ref), so the stationary
+condition is E_π[A·∇log π] = β·∇KL(π‖π_ref); for a tabular policy, π(a)·E_π[A | a] = β·π(a)·(log(π(a)/π_ref(a))
+− KL), i.e. π(a) ∝ π_ref(a)·exp(E_π[A | y = a]/β): a tilt by the expected GROUP-NORMALISED advantage, ≈
+(r(a) − E_π r)/σ_π(r) for large groups, an effective β·σ_π that shrinks as the policy concentrates (σ_π < 1:
+further from π_ref than π* ∝ π_ref·e^{r/β}). Measured through this very trainer on the bandit
+(collapse_lab/closed_forms.py, tests/test_closed_forms.py, README): on that fixed point within TV 0.006,
+0.15-0.16 from π*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from collapse_lab.rloo import ranges
+from collapse_lab.stage import BASE, ONLINE, REWARD, Stage, online_rating_budget
+from collapse_lab.trl_online import train_online
+
+STAGE = "grpo"
+
+
+@dataclass
+class GRPOSection:
+    """`grpo.*`, named as PPO's where they mean the same."""
+
+    steps: int = 100
+    rollout_batch_size: int = 64  # completions per step
+    samples_per_prompt: int = 4  # G: the group
+    kl_coef: float = 0.1  # β: the k3 KL in the loss (TRL's beta; TRL's own default is 0)
+    scale_rewards: str = "group"  # group (Shao et al.) | batch | none (Dr. GRPO)
+    loss_type: str = "grpo"  # grpo (per-sequence token mean, Shao et al.) | dapo | dr_grpo (TRL's)
+    lr: float = 1e-4
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    missing_eos_penalty: float = 1.0
+    anneal_lr: bool = True
+    max_grad_norm: float = 1.0
+
+
+def train_grpo(cfg: DictConfig, named: bool = True) -> Path:
+    from trl import GRPOConfig, GRPOTrainer  # optional heavy dependency: loaded by the stages that train
+
+    g = cfg.grpo
+    return train_online(cfg, named, STAGE, GRPOTrainer, GRPOConfig, scale_rewards=g.scale_rewards,
+                        loss_type=g.loss_type)
+
+
+# the registry's template (collapse_lab/registry.py names one entry per recipe)
+REGIME = Stage(STAGE, train_grpo, section=STAGE, schema=GRPOSection, consumes=(BASE, REWARD), group=ONLINE,
+               rating_budget=online_rating_budget(STAGE), kl_key="grpo.kl_coef", ranges=ranges(STAGE),
+               choices={"grpo.scale_rewards": ("group", "batch", "none"), "grpo.loss_type": ("grpo", "dapo", "dr_grpo")})

@@ -1,0 +1,112 @@
+"""Plumbing shared by the online regimes run through TRL's trainers (collapse_lab/rloo.py, grpo.py): the
+prompt dataset, the lab's reward as a TRL reward function, the trainer's arguments, the save and the budget.
+The update rules are TRL's; each regime file states its own.
+
+TRL fits this lab: RLOOTrainer and GRPOTrainer take the base's directory (a lab run is a directory: the
+reference model is loaded from it), a reward FUNCTION, and prompts as text. The reward function is the
+lab's one interface (collapse_lab/rewards.py): `reward=gold` (the world's rater, noisy) and `reward=rm`
+(the reward model trained on FeedME's ratings) both wrap into it, so nothing of TRL's is replaced.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+
+from collapse_lab import tracking
+from collapse_lab.bandit import next_token_probs, optimum, reward_vector, total_variation
+from collapse_lab.config import ConfigError, run_dir
+from collapse_lab.distributed import exact_div
+from collapse_lab.models import load_pretrained
+from collapse_lab.pretrain import resolve_base
+from collapse_lab.rewards import make_reward, reward_func
+from collapse_lab.stage import device, hf_args, run_stage, save_policy
+from collapse_lab.world import make_world
+
+
+def stage_keys(cfg: DictConfig, section: str) -> tuple[str, ...]:
+    """What an online run depends on (its directory's hash), as PPO's."""
+    keys = ("seed", "base_path", "model", "peft", "world", "reward", section)
+    if not cfg.base_path and not cfg.model.path:
+        keys += ("pretrain",)
+    if cfg.reward == "rm":
+        keys += ("reward_model_path",) if cfg.reward_model_path else ("ratings", "reward_model")
+    return keys
+
+
+def online_dir(cfg: DictConfig, stage: str, named: bool) -> Path:
+    s = cfg[stage]
+    return run_dir(cfg, stage, stage_keys(cfg, stage), f"{cfg.model.name}-{cfg.world.name}-{stage}-kl{s.kl_coef:g}"
+                   f"-{cfg.reward}-s{cfg.seed}", named)
+
+
+def prompt_dataset(world, n: int, seed) -> Dataset:
+    """n prompt draws from the regimes' training distribution (world.train_prompt), seeded."""
+    rng = random.Random(f"online-prompts/{seed}")
+    return Dataset.from_dict({"prompt": [world.train_prompt(rng).text for _ in range(n)]})
+
+
+def episode_tokens(cfg: DictConfig, s: DictConfig) -> tuple[int, float]:
+    """(max new tokens, missing-EOS penalty): the bandit's episodes are one token and never 'cut off'."""
+    if cfg.world.name == "bandit":
+        return (1 if cfg.world.max_tokens == 1 else cfg.world.max_tokens + 1), 0.0
+    return s.max_new_tokens, s.missing_eos_penalty
+
+
+def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_cls, **loss_args) -> Path:
+    """Run (or find finished) an online regime whose update rule is TRL's `trainer_cls` with `loss_args`."""
+    s = cfg[stage]
+    if cfg.peft.enabled:
+        raise ConfigError(f"{stage}: peft.enabled is not wired to TRL's trainer here yet; use full fine-tuning")
+    per_step = exact_div(s.rollout_batch_size, s.samples_per_prompt, f"{stage}.rollout_batch_size over "
+                         f"{stage}.samples_per_prompt")
+    out = online_dir(cfg, stage, named)
+    with run_stage(cfg, out, stage, "{steps} steps") as run:
+        if run.done:
+            return out
+        base = resolve_base(cfg)
+        world = make_world(cfg.world)
+        reward = make_reward(cfg, world, device())  # reward=rm: the resolved reward model (never trained here)
+        run.start(base_path=base, reward=cfg.reward)
+        _, tokenizer = load_pretrained(base, cfg.model.dtype)
+        max_new_tokens, penalty = episode_tokens(cfg, s)
+        score = reward_func(reward, world, tokenizer.eos_token_id, penalty)
+        args = hf_args(config_cls, cfg, out, seed=cfg.seed, lr=s.lr, batch_size=s.rollout_batch_size,
+                       max_steps=s.steps, num_generations=s.samples_per_prompt, steps_per_generation=1,
+                       max_completion_length=max_new_tokens, temperature=s.temperature, beta=s.kl_coef,
+                       num_iterations=1, lr_scheduler_type="linear" if s.anneal_lr else "constant", warmup_steps=0,
+                       logging_steps=1, disable_dropout=True, max_grad_norm=s.max_grad_norm,
+                       model_init_kwargs={"dtype": cfg.model.dtype}, **loss_args)
+        trainer = trainer_cls(model=base, reward_funcs=score, args=args, processing_class=tokenizer,
+                              train_dataset=prompt_dataset(world, s.steps * per_step, cfg.seed))
+        tracking.quiet(trainer)
+        trainer.train()
+        log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history) if "loss" in x]
+        extra = bandit_tv(trainer.model, base, tokenizer, cfg, s.kl_coef) if cfg.world.name == "bandit" else {}
+        save_policy(out, trainer.model, tokenizer, log)
+        steps = trainer.state.global_step
+        tokens = int(sum(x.get("completions/mean_length", 0) for x in log) * s.rollout_batch_size)
+        run.finish(samples_scored=getattr(reward, "samples_scored", None) or steps * s.rollout_batch_size,
+                   steps=steps, tokens_trained=tokens, kl_coef=s.kl_coef, **extra,
+                   final={k: v for k, v in (log[-1] if log else {}).items() if isinstance(v, (int, float))})
+        print(f"saved {out}: {stage} β={s.kl_coef:g}, {steps} steps" +
+              (f", bandit TV to π* {extra['bandit_tv_to_optimum']:.4f}" if extra else ""))
+    return out
+
+
+@torch.no_grad()
+def bandit_tv(model, base: str, tokenizer, cfg: DictConfig, beta: float) -> dict:
+    """world=bandit: the TV between the policy's full next-token distribution at the prompt and π* ∝ π0·e^{r/β}."""
+    ref, _ = load_pretrained(base, cfg.model.dtype)
+    pi0 = next_token_probs(ref.to(model.device).eval(), tokenizer, cfg.world.prompt)
+    pi = next_token_probs(model.eval(), tokenizer, cfg.world.prompt)
+    r = reward_vector(tokenizer, cfg.world, len(pi0))
+    return {"bandit_tv_to_optimum": total_variation(pi, optimum(pi0, r, beta)),
+            "bandit_tv_base_to_optimum": total_variation(pi0, optimum(pi0, r, beta)),
+            "bandit_expected_reward": float((pi * r.double()).sum()),
+            "bandit_best_token_prob": float(pi[int(np.argmax(r.numpy()))])}

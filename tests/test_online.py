@@ -1,0 +1,55 @@
+"""RLOO and GRPO through TRL's trainers (collapse_lab/rloo.py, grpo.py, trl_online.py): the lab's reward as
+a TRL reward function, a few steps on the tiny base with reward=gold and reward=rm, their budgets."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collapse_lab import registry
+from collapse_lab.config import ConfigError, compose
+from collapse_lab.pretrain import pretrain
+from collapse_lab.rewards import GoldReward, make_reward, reward_func
+from collapse_lab.world import make_world
+from conftest import TINY_PRETRAIN
+
+SMALL = ["ratings.prompts=8", "ratings.max_new_tokens=3", "reward_model.epochs=1", "world.rater.noise_std=1.5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return pretrain(compose("lab", TINY_PRETRAIN + [f"checkpoints_dir={tmp_path_factory.mktemp('ck')}"]))
+
+
+def test_the_labs_reward_as_a_trl_reward_function():
+    cfg = compose("lab", [])
+    world = make_world(cfg.world)
+    p = world.seed_prompts[0].text
+    score = reward_func(GoldReward(world, 0), world, eos_token_id=0, missing_eos_penalty=1.0)
+    ended, cut = score([p, p], [" 42", " 42"], [[5, 6, 0], [5, 6]])
+    expected = world.rater.expected(world.prompt(p), " 42", True)
+    assert abs(ended - expected) <= 1.5 and cut < ended  # cut off: not ended per the rater, and penalised
+
+
+def test_make_reward_never_trains(tmp_path):
+    cfg = compose("lab", [f"checkpoints_dir={tmp_path}", "reward=rm"])
+    with pytest.raises(ConfigError, match="no finished reward model"):
+        make_reward(cfg, make_world(cfg.world), "cpu")
+    assert not (tmp_path / "reward").exists() and not (tmp_path / "ratings").exists()
+
+
+@pytest.mark.parametrize("recipe, reward", [("rloo-kl0.1", "gold"), ("grpo", "rm")])
+def test_online_regimes_train_and_record_their_budget(tmp_path, tiny_base, recipe, reward):
+    section = registry.REGIMES[recipe].section
+    cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}",
+                          f"recipe={recipe}", f"reward={reward}", *SMALL, f"{section}.steps=2",
+                          f"{section}.rollout_batch_size=8", f"{section}.max_new_tokens=3", f"{section}.lr=1e-2"])
+    out = registry.run(recipe, cfg)  # reward=rm: the registry trains the reward model first, not the regime
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "finished" and m["stage"] == section and m["steps"] == 2 and m["base_path"] == str(tiny_base)
+    assert m["samples_scored"] == registry.planned_budget(cfg, recipe) == (16 if reward == "gold" else 8 * 4)
+    before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("kl" in r for r in rows)  # β > 0: TRL logs the KL to the base

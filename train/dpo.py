@@ -1,0 +1,12 @@
+"""DPO (collapse_lab/dpo.py): `python train/dpo.py recipe=<one of its recipes> [key=value ...]`."""
+
+from collapse_lab import registry
+from collapse_lab.config import cli
+
+
+def main(cfg):
+    return registry.run("dpo", cfg)  # its upstream stages (base, ratings, reward model) first
+
+
+if __name__ == "__main__":
+    cli("lab", main)

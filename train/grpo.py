@@ -1,0 +1,12 @@
+"""GRPO (collapse_lab/grpo.py): `python train/grpo.py recipe=<one of its recipes> [key=value ...]`."""
+
+from collapse_lab import registry
+from collapse_lab.config import cli
+
+
+def main(cfg):
+    return registry.run("grpo", cfg)  # its upstream stages (base, ratings, reward model) first
+
+
+if __name__ == "__main__":
+    cli("lab", main)
