@@ -29,11 +29,13 @@ def base(tmp_path_factory):
 def _stages(base, ck, *extra):
     """ratings -> reward model -> FeedME and PPO (reward=rm), one config."""
     from collapse_lab.ppo import train_ppo
+    from collapse_lab.reward_model import train_reward_model
     from collapse_lab.sft import train_sft
 
     cfg = compose("lab", ["wandb.mode=disabled", f"base_path={base}", f"checkpoints_dir={ck}", "reward=rm",
                           *TINY_STAGES, *extra])
     sft = train_sft(cfg, named=False)
+    train_reward_model(cfg, named=False)  # PPO's reward=rm finds it; nothing trains it as a side effect
     ppo = train_ppo(compose("lab", ["wandb.mode=disabled", f"base_path={base}", f"checkpoints_dir={ck}", "reward=rm",
                                     "recipe=kl0.1", *TINY_STAGES, *extra]), named=False)
     return sft, ppo
