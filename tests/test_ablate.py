@@ -249,7 +249,7 @@ def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tm
     for feedme in ("sft", "bok"):
         assert not rep["regimes"][feedme]["collapsed"], rep["verdict"]["text"]
         assert feedme not in rep["verdict"]["collapsed"]
-    assert "Does PPO with a KL penalty collapse less than FeedME" in rep["verdict"]["text"]
+    assert "with a KL penalty (PPO, RLOO, GRPO) collapse less than FeedME" in rep["verdict"]["text"]
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def test_readme_main_job_runs_the_whole_ablation_at_the_quick_preset(tmp_path):
     report = json.loads((out / "report.json").read_text())
     regimes = ["sft", "bok", "kl0", "kl0.01", "kl0.1", "ent0.01"]
     assert set(report["regimes"]) == {*regimes, "sft-random"}  # FeedME's finite-sample control comes along
-    assert "Does PPO with a KL penalty collapse less than FeedME" in report["verdict"]["text"]
+    assert "with a KL penalty (PPO, RLOO, GRPO) collapse less than FeedME" in report["verdict"]["text"]
     assert report["verdict"]["text"].splitlines()[0] in r.stdout  # the verdict is printed at the end
     for name in regimes:
         assert (out / "plots" / f"post_{name}.png").exists(), name
