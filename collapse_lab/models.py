@@ -106,8 +106,6 @@ def add_lora(model, peft, task_type: str = "CAUSAL_LM"):
 def ensure_eos(tokenizer, config, path: str) -> None:
     """The lab needs an end-of-text token (a document's end, the rater's "ends cleanly"): the tokenizer's,
     else the model config's `eos_token_id`; neither is a one-line ConfigError."""
-    from collapse_lab.config import ConfigError
-
     if tokenizer.eos_token_id is not None:
         return
     eos = getattr(config, "eos_token_id", None)
@@ -153,7 +151,6 @@ def _where(path: str) -> str:
 
 def check_path(path: str) -> None:
     """ConfigError unless `path` is a directory with a config.json, or looks like a hub name."""
-    from collapse_lab.config import ConfigError
 
     hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith(".")
     if not Path(path).exists() and not hub_like:
@@ -168,7 +165,6 @@ def check_causal_lm(path: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from collapse_lab.config import ConfigError
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -185,7 +181,6 @@ def check_causal_lm(path: str) -> None:
 
 def check_tokenizer(tokenizer, path: str) -> None:
     """ConfigError if `path` holds no tokenizer (transformers then builds an EMPTY one from the config alone)."""
-    from collapse_lab.config import ConfigError
 
     local = Path(path).is_dir()
     if (local and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES)) or not tokenizer.get_vocab() \
@@ -214,7 +209,6 @@ def check_base(path: str, world, new_tokens: int) -> None:
     decodes back to itself after a prompt; each prompt encodes without the unknown token."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from collapse_lab.config import ConfigError
     from collapse_lab.evaluator import answer_token_ids
     from collapse_lab.suites import load_suite
     from collapse_lab.tokenizer import decode_continuations, encode_texts
