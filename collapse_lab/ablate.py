@@ -51,6 +51,7 @@ from collapse_lab.checkpoint import lock_run, unlock_run
 from collapse_lab.config import AblateConfig, ConfigError, compose, group_options
 from collapse_lab.evaluator import _load, sample
 from collapse_lab.evaluator import run as run_evaluator
+from collapse_lab.frontier import Curve
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.registry import CONTROLS, REGIMES, UPSTREAM
 from collapse_lab.stage import BASE, device, flush_denormals
@@ -298,7 +299,7 @@ def run(p: Plan) -> Path:
     # the upstream stages each seed needs (ratings, reward model: what the listed regimes consume), in order
     needs = [x for x in UPSTREAM if x != BASE and any(x in registry.upstream(p.lab_config(p.seeds[0], r), r)
                                                       for r in p.regimes)]
-    total = 2 + len(needs) * n_seeds + len(p.regimes) * n_seeds * 2 + 1
+    total = 3 + len(needs) * n_seeds + len(p.regimes) * n_seeds * 2 + 1
     runs: list[dict] = []
     with Display(total) as show:
         # 1. the base (shared by every seed)
@@ -306,6 +307,7 @@ def run(p: Plan) -> Path:
         p.base = str(base)  # explicit from here on: every stage and seed starts from THIS base
         _copy_run(base, out / "runs" / "base")
         show.stage("evaluate base", lambda: _evaluated(evaluate(p, base, base, out / "evals" / "base")))
+        show.stage("reference curves", lambda: _evaluated([reference_curves(p, base, out / "evals" / "base")]))
         for seed in p.seeds:
             lab = p.lab_config(seed)
             # 2-3. the upstream stages of this replicate (ratings, reward model), as the registry orders them
@@ -369,6 +371,17 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
     _write_json(out / "gold.json", gold_reward(p, model))
     _write_json(out / "stamp.json", stamp)
     return files
+
+
+def reference_curves(p: Plan, base: Path, out: Path) -> Path:
+    """out/reference_curves.json: the frontier's exact reference curves of the base on the seed prompts,
+    best-of-k for k in frontier.BEST_OF and the KL-regularised optimum π*_β for β in frontier.BETAS
+    (collapse_lab/frontier.py); {} for a world without the seed prompts."""
+    path = out / "reference_curves.json"
+    model, tokenizer = _load(str(base), device(), "float32")
+    curve = Curve(model, tokenizer, make_world(p.lab_config().world))
+    _write_json(path, curve.reference_curves() if curve else {})
+    return path
 
 
 def gold_reward(p: Plan, model_path: Path) -> dict:

@@ -221,7 +221,6 @@ class PPOConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     save_every: int = 50  # steps between resumable checkpoints
     log_every: int = 1
-    eval_every: int = 20  # steps between optimum/tv evaluations (reward=gold; 0: at the end only)
 
 
 @dataclass
@@ -231,6 +230,16 @@ class WandbConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CurveConfig:
+    """Evaluation ALONG training (collapse_lab/frontier.py): every regime's policy is evaluated with the
+    shared exact evaluator at `points` evenly spaced optimiser steps and its last one (0: the last only):
+    KL to the base, entropy change and its cross term, gold reward, ratings consumed so far, and (PPO,
+    reward=gold) the TV to the run's own optimum. The points are rows of the run's metrics.jsonl."""
+
+    points: int = 8
 
 
 @dataclass
@@ -256,6 +265,7 @@ class LabConfig:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -299,6 +309,20 @@ class CollapseRule:
 
 
 @dataclass
+class FrontierRule:
+    """The verdict's first question, at MATCHED distance (collapse_lab/frontier.py): each regime's curve
+    along training (d = Δ(H/log|A|) as a function of KL to the base, and of the gold gain) is
+    interpolated on `grid_points` values spread over the range every seed of both regimes reaches;
+    D = mean over the grid of d(KL-penalised regime) − d(FeedME), per seed, then a t-interval across
+    seeds (collapse.confidence). "No difference" when the whole interval lies within ±margin (an
+    equivalence call), "more"/"less" entropy when it excludes 0 with |mean| ≥ margin; one seed: no call.
+    """
+
+    margin: float = 0.02  # in units of log|A| (0.02 ~ 0.09 nats on 101 answers)
+    grid_points: int = 8
+
+
+@dataclass
 class AblateEvalConfig:
     """The shared evaluator's settings for every model of an ablation (base included)."""
 
@@ -333,6 +357,7 @@ class AblateConfig:
     # applied to every stage before the command line's lab overrides
     lab: dict[str, Any] = field(default_factory=dict)
     collapse: CollapseRule = field(default_factory=CollapseRule)
+    frontier: FrontierRule = field(default_factory=FrontierRule)
     eval: AblateEvalConfig = field(default_factory=AblateEvalConfig)
 
 
@@ -400,7 +425,7 @@ RANGES = {
         "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,
         "ppo.vf_coef": NONNEG, "ppo.temperature": POSITIVE, "ppo.max_new_tokens": COUNT,
         "ppo.missing_eos_penalty": NONNEG, "ppo.max_grad_norm": NONNEG, "ppo.save_every": COUNT,
-        "ppo.log_every": COUNT, "ppo.samples_per_prompt": COUNT, "ppo.eval_every": NONNEG, "world.max_tokens": COUNT,
+        "ppo.log_every": COUNT, "ppo.samples_per_prompt": COUNT, "curve.points": NONNEG, "world.max_tokens": COUNT,
     },
     "evaluate": {
         "batch_size": COUNT, "seed": NONNEG, "sampling.n": NONNEG, "sampling.temperature": POSITIVE,
@@ -408,6 +433,7 @@ RANGES = {
     },
     "ablate": {
         "seed": NONNEG, "seeds": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
+        "frontier.margin": NONNEG, "frontier.grid_points": COUNT,
         "eval.samples": NONNEG, "eval.max_new_tokens": COUNT, "eval.story_max_new_tokens": COUNT,
         "eval.temperature": POSITIVE, "eval.gold_samples": COUNT, "eval.seed": NONNEG,
     },

@@ -30,11 +30,13 @@ from transformers import set_seed
 
 from collapse_lab import tracking
 from collapse_lab.config import POSITIVE, ConfigError, Range, run_dir
+from collapse_lab.frontier import Curve, callbacks
 from collapse_lab.models import add_lora, load_pretrained
-from collapse_lab.pretrain import resolve_base
-from collapse_lab.ratings import load_ratings, rate
+from collapse_lab.ratings import load_ratings, start_on_ratings
 from collapse_lab.ratings import stage_keys as ratings_keys
-from collapse_lab.stage import BASE, OFFLINE, RATINGS, Stage, device, hf_args, ratings_budget, run_stage, save_policy
+from collapse_lab.stage import (BASE, OFFLINE, RATINGS, Run, Stage, device, hf_args, ratings_budget, save_policy,
+                                stage_function)
+from collapse_lab.world import make_world
 
 STAGE = "dpo"
 
@@ -51,7 +53,7 @@ class DPOSection:
 
 
 def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
-    return ratings_keys(cfg) + ("peft", "dpo")
+    return ratings_keys(cfg) + ("peft", "dpo", "curve")
 
 
 def dpo_dir(cfg: DictConfig, named: bool = True) -> Path:
@@ -96,47 +98,45 @@ def tokenised_dpo_trainer():
     return TokenisedDPOTrainer
 
 
-def train_dpo(cfg: DictConfig, named: bool = True) -> Path:
-    """DPO (or IPO) on this config's ratings (or find it finished); returns the model's directory."""
+@stage_function(STAGE, dpo_dir, "{steps} steps, {pairs} pairs, {samples_scored} samples scored")
+def train_dpo(cfg: DictConfig, run: Run) -> None:
+    """DPO (or IPO) on this config's ratings (or find it finished): `train_dpo(cfg, named=True)` returns the model's
+    directory (stage.stage_function)."""
     from trl import DPOConfig  # optional heavy dependency: loaded by the stages that train
 
     d = cfg.dpo
-    out = dpo_dir(cfg, named)
-    with run_stage(cfg, out, STAGE, "{steps} steps, {pairs} pairs, {samples_scored} samples scored") as run:
-        if run.done:
-            return out
-        ratings_path = rate(cfg, named=False)  # upstream (found finished): FeedME's ratings
-        base = resolve_base(cfg)
-        run.start(base_path=base, ratings_path=str(ratings_path))
-        ratings = load_ratings(ratings_path)
-        # 1-2. pairs: top vs bottom of each prompt draw's k samples
-        pairs, ties = preference_pairs(ratings)
-        if not pairs:
-            raise ConfigError("dpo: every prompt's samples scored alike (no pair); raise ratings.samples_per_prompt")
-        set_seed(cfg.seed)
-        model, tokenizer = load_pretrained(base, cfg.model.dtype)
-        if cfg.peft.enabled:
-            model = add_lora(model, cfg.peft)  # the reference: the same model with the adapter disabled
-        ref = None if cfg.peft.enabled else load_pretrained(base, cfg.model.dtype)[0]
-        data = pair_dataset(ratings, pairs, tokenizer)
-        # 3. the pairwise loss against the frozen base (TRL)
-        args = hf_args(DPOConfig, cfg, out, seed=cfg.seed, lr=d.lr, batch_size=d.batch_size, num_train_epochs=d.epochs,
-                       lr_scheduler_type="linear", warmup_steps=0, beta=d.beta, loss_type=[d.loss_type],
-                       max_length=None, logging_steps=max(1, len(data) // d.batch_size // 4))
-        trainer = tokenised_dpo_trainer()(model=model.to(device()), ref_model=ref, args=args, train_dataset=data,
-                                          processing_class=tokenizer)
-        tracking.quiet(trainer)
-        trainer.train()
-        log = list(trainer.state.log_history)
-        # 4. save (LoRA merged in: the evaluator loads a plain causal LM)
-        save_policy(out, trainer.model.merge_and_unload() if cfg.peft.enabled else trainer.model, tokenizer, log)
-        tokens = sum(map(len, data["chosen_ids"])) + sum(map(len, data["rejected_ids"]))
-        run.finish(samples_scored=len(ratings), pairs=len(pairs), ties_dropped=ties, steps=trainer.state.global_step,
-                   tokens_trained=round(tokens * d.epochs), beta=d.beta, loss_type=d.loss_type,
-                   final_loss=next((x["loss"] for x in reversed(log) if "loss" in x), None))
-        print(f"saved {out}: {d.loss_type} β={d.beta:g} on {len(pairs)} pairs ({ties} prompt draws tied), "
-              f"{trainer.state.global_step} steps")
-    return out
+    ratings_path, base = start_on_ratings(run, cfg)
+    ratings = load_ratings(ratings_path)
+    # 1-2. pairs: top vs bottom of each prompt draw's k samples
+    pairs, ties = preference_pairs(ratings)
+    if not pairs:
+        raise ConfigError("dpo: every prompt's samples scored alike (no pair); raise ratings.samples_per_prompt")
+    set_seed(cfg.seed)
+    model, tokenizer = load_pretrained(base, cfg.model.dtype)
+    if cfg.peft.enabled:
+        model = add_lora(model, cfg.peft)  # the reference: the same model with the adapter disabled
+    ref = None if cfg.peft.enabled else load_pretrained(base, cfg.model.dtype)[0]
+    data = pair_dataset(ratings, pairs, tokenizer)
+    # 3. the pairwise loss against the frozen base (TRL)
+    args = hf_args(DPOConfig, cfg, run.out, seed=cfg.seed, lr=d.lr, batch_size=d.batch_size, num_train_epochs=d.epochs,
+                   lr_scheduler_type="linear", warmup_steps=0, beta=d.beta, loss_type=[d.loss_type],
+                   max_length=None, logging_steps=max(1, len(data) // d.batch_size // 4))
+    model.to(device())
+    curve = Curve(model, tokenizer, make_world(cfg.world)) or None  # the base's side, before training
+    trainer = tokenised_dpo_trainer()(model=model, ref_model=ref, args=args, train_dataset=data,
+                                      processing_class=tokenizer,
+                                      callbacks=callbacks(curve, cfg.curve.points, lambda: len(ratings)))
+    tracking.quiet(trainer)
+    trainer.train()
+    log = list(trainer.state.log_history)
+    # 4. save (LoRA merged in: the evaluator loads a plain causal LM)
+    save_policy(run.out, trainer.model.merge_and_unload() if cfg.peft.enabled else trainer.model, tokenizer, log)
+    tokens = sum(map(len, data["chosen_ids"])) + sum(map(len, data["rejected_ids"]))
+    run.finish(samples_scored=len(ratings), pairs=len(pairs), ties_dropped=ties, steps=trainer.state.global_step,
+               tokens_trained=round(tokens * d.epochs), beta=d.beta, loss_type=d.loss_type,
+               final_loss=next((x["loss"] for x in reversed(log) if "loss" in x), None))
+    print(f"saved {run.out}: {d.loss_type} β={d.beta:g} on {len(pairs)} pairs ({ties} prompt draws tied), "
+          f"{trainer.state.global_step} steps")
 
 
 # the registry's template (collapse_lab/registry.py names one entry per recipe: dpo0.1, dpo0.5, ipo0.1)

@@ -255,33 +255,6 @@ def answer_index(tokens: list[int], answer_seqs: list[tuple[int, ...]], ends: to
     return None
 
 
-class SuiteOptimum:
-    """π* of a run's own objective on the evaluator's seed prompts, and the policy's TV to it.
-
-    The reference's exact answer distributions are computed once; π* is recomputed per call
-    (β may adapt). Prompts the world does not know (no rater range) are skipped.
-    """
-
-    def __init__(self, reference, tokenizer, world, suite: str = "seed"):
-        self.tokenizer, self.world = tokenizer, world
-        self.prompts = [p for p in load_suite(suite).prompts if p.answers is not None and p.text in world.by_text]
-        self.base = [answer_distribution(reference, tokenizer, p.text, p.answers, p.continue_chars) for p in self.prompts]
-
-    def metrics(self, model, beta: float, alpha: float) -> dict:
-        """optimum/tv (mean over prompts), optimum/tv_max, optimum/tv/<prompt id>."""
-        tvs = {}
-        for p, base in zip(self.prompts, self.base):
-            target = prompt_optimum(self.world, p.text, p.answers, base, beta, alpha)
-            if target is None:
-                continue
-            dist = answer_distribution(model, self.tokenizer, p.text, p.answers, p.continue_chars)
-            tvs[p.id] = optimum_tv(dist.probs, target)
-        if not tvs:
-            return {}
-        return {"optimum/tv": float(np.mean(list(tvs.values()))), "optimum/tv_max": max(tvs.values()),
-                **{f"optimum/tv/{k}": v for k, v in tvs.items()}}
-
-
 # --------------------------------------------------------------------------------- sampling
 
 

@@ -12,6 +12,7 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import stats
 from scipy.special import entr, rel_entr
 
 
@@ -146,8 +147,22 @@ def brier(probs: Sequence[Sequence[float]], correct_index: Sequence[int]) -> flo
                           for q, c in zip(probs, correct_index)]))
 
 
+def interval(values: list[float], confidence: float = 0.95) -> dict:
+    """{mean, lo, hi, n, values}: mean ± t(1 − (1 − c)/2, n − 1)·s/√n across `values` (s the sample std,
+    c the confidence; None and non-finite values dropped; lo = hi = None when n < 2)."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if len(x) == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "values": []}
+    mean = float(x.mean())
+    lo = hi = None
+    if len(x) > 1:
+        half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+        lo, hi = mean - half, mean + half
+    return {"mean": mean, "lo": lo, "hi": hi, "n": int(len(x)), "values": [float(v) for v in x]}
+
+
 METRICS: dict[str, Callable] = {
     f.__name__: f
     for f in (entropy, binary_entropy, kl, tv, entropy_cross_term, entropy_upper_bound, pinsker_tv_bound, fannes_entropy_bound,
-              sequence_entropy, distinct_n, repetition_loop_rate, ece, brier)
+              sequence_entropy, distinct_n, repetition_loop_rate, ece, brier, interval)
 }

@@ -16,8 +16,10 @@ implementation details of RLHF with PPO"), one step = the five numbered steps of
                  `ppo.entropy_bonus=loss`, CleanRL's −α·H(π(·|s)) term instead of step 3's)
 
 Recipes: β = `ppo.kl_coef` (`kl0`, `kl0.1`, ...; `klauto` adapts it), α = `ppo.ent_coef`.
-With `reward=gold`, `optimum/tv` (every `ppo.eval_every` steps) is the TV between the policy's
-exact answer distribution on the seed prompts and the closed-form π* of its own objective.
+Along training (`curve.points` evaluations, collapse_lab/frontier.py) each metrics row gains the policy's
+frontier point on the seed prompts (KL to the base, entropy change, gold reward, ratings so far) and, with
+`reward=gold`, `optimum/tv`: the TV between its exact answer distribution and the closed-form π* of its
+own objective.
 Values (`ppo.value_model`): `head` (default) and `shared` put a scalar head on the policy's last
 hidden state (on the detached state, or trained with the trunk), read off generation at rollout
 time, which saves a second model's forward and backward passes; `separate` is the base with a
@@ -27,6 +29,7 @@ fresh scalar head (AutoModelForTokenClassification), not the reward model: the N
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -50,10 +53,12 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained, mixed_precision
+from collapse_lab.evaluator import answer_distribution
+from collapse_lab.frontier import Curve, schedule
 from collapse_lab.optimum import answer_optimum, optimum_tv
-from collapse_lab.evaluator import SuiteOptimum, answer_distribution
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
+from collapse_lab.stage import ratings_budget
 from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate_by_length, length_chunks,
                                   position_ids, response_logits, select, token_logprobs, width)
 from collapse_lab.world import make_world
@@ -63,7 +68,7 @@ STAGE = "ppo"
 
 def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
     """What a PPO run depends on (its directory's hash)."""
-    keys = ("seed", "base_path", "model", "peft", "world", "reward", "ppo")
+    keys = ("seed", "base_path", "model", "peft", "world", "reward", "ppo", "curve")
     if not cfg.base_path and not cfg.model.path:
         keys += ("pretrain",)  # the lab's own base is made from these
     if cfg.reward == "rm":
@@ -103,8 +108,9 @@ def batch_sizes(p: DictConfig, world_size: int) -> Batches:
 
 class KLController:
     """β, fixed or adaptive (Ziegler et al. 2019): e = clip(KL/KL_target − 1, ±0.2),
-    β ← β·(1 + e·n/horizon), n = samples in the batch; horizon (samples) defaults to
-    steps·rollout_batch_size/10."""
+    β ← β·exp(e·n/horizon), n = samples in the batch; horizon (samples) defaults to
+    steps·rollout_batch_size/10. Ziegler et al.'s β·(1 + e·n/horizon) to first order, but never ≤ 0:
+    with the default horizon a run of ≤ 2 steps multiplied β by 1 − 0.2·10/steps ≤ 0."""
 
     def __init__(self, p: DictConfig):
         self.value, self.adaptive, self.target = float(p.kl_coef), p.adaptive_kl, p.kl_target
@@ -113,7 +119,7 @@ class KLController:
     def update(self, kl: float, n: int) -> None:
         if self.adaptive:
             e = max(-0.2, min(0.2, kl / self.target - 1))
-            self.value *= 1 + e * n / self.horizon
+            self.value *= math.exp(e * n / self.horizon)
 
     def state_dict(self) -> dict:
         return {"value": self.value}
@@ -233,10 +239,11 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
         _drop_metrics_after(out / "metrics.jsonl", progress.step)
     reference = ref if ref is not None else accelerator.unwrap_model(policy)
     bandit = _bandit_setup(cfg, tokenizer, reference) if bandit_world else None
-    optimum = None  # the closed form of this run's own objective on the seed prompts (gold reward only)
-    if cfg.reward == "gold" and not bandit_world and p.kl_coef + p.ent_coef > 0 and accelerator.is_main_process:
+    curve = None  # along-training evaluation on the seed prompts (and the TV to π*: gold reward only)
+    if not bandit_world and accelerator.is_main_process:
         with reference.disable_adapter() if ref is None else nullcontext():
-            optimum = SuiteOptimum(reference, tokenizer, world)
+            curve = Curve(reference, tokenizer, world) or None
+    curve_steps = schedule(p.steps, cfg.curve.points)
 
     if accelerator.is_main_process:  # after every input is checked: rejected input leaves no run directory
         start_run(cfg, out, STAGE, read_manifest(out), base_path=base)
@@ -372,8 +379,10 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
                     "budget/samples_scored": progress.samples_scored})
         if bandit is not None and (progress.step % p.log_every == 0 or progress.step == p.steps):
             row.update(bandit(accelerator.unwrap_model(policy), kl_ctl.value))
-        if optimum is not None and (progress.step == p.steps or p.eval_every and progress.step % p.eval_every == 0):
-            row.update(optimum.metrics(accelerator.unwrap_model(policy), kl_ctl.value, p.ent_coef))
+        if curve is not None and progress.step in curve_steps:
+            budget = ratings_budget(cfg) if cfg.reward == "rm" else progress.samples_scored
+            row.update(curve.point(accelerator.unwrap_model(policy), budget,
+                                   kl_ctl.value if cfg.reward == "gold" else None, p.ent_coef))
         if accelerator.is_main_process:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")

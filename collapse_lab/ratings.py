@@ -132,3 +132,13 @@ def rate(cfg: DictConfig, named: bool = True) -> Path:
                    steps=0, tokens_trained=0, **summary(data))
         print(f"saved {out} ({len(data)} rated samples, {time.time() - run.started:.1f} s)")
     return out
+
+
+def start_on_ratings(run, cfg: DictConfig) -> tuple[Path, str]:
+    """The start of every stage that learns from this config's ratings (reward model, FeedME, DPO): the ratings
+    (the upstream stage, found finished when the orchestrator resolved it), the base, `run.start` recording both.
+    Returns (ratings directory, base path)."""
+    ratings_path = rate(cfg, named=False)
+    base = resolve_base(cfg)
+    run.start(base_path=base, ratings_path=str(ratings_path))
+    return ratings_path, base

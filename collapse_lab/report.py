@@ -30,9 +30,10 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-from collapse_lab import metrics
+from collapse_lab import frontier, metrics
 from collapse_lab.budget import compare as compare_budgets
 from collapse_lab.evaluator import plot_suite
+from collapse_lab.metrics import interval
 from collapse_lab.registry import REGIMES
 from collapse_lab.stage import OFFLINE, ONLINE, SELECTION, get_dotted
 
@@ -75,21 +76,6 @@ TRAINING_CURVES = ("objective/kl", "objective/rlhf_reward", "objective/entropy",
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def interval(values: list[float], confidence: float = 0.95) -> dict:
-    """{mean, lo, hi, n, values}: a t-interval across `values` (lo = hi = None when n < 2)."""
-    from scipy import stats
-
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if len(x) == 0:
-        return {"mean": None, "lo": None, "hi": None, "n": 0, "values": []}
-    mean = float(x.mean())
-    lo = hi = None
-    if len(x) > 1:
-        half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-        lo, hi = mean - half, mean + half
-    return {"mean": mean, "lo": lo, "hi": hi, "n": int(len(x)), "values": [float(v) for v in x]}
 
 
 def collapse_test(d_seeds: list[float], d_prompts: list[float], threshold: float, confidence: float) -> dict:
@@ -160,6 +146,7 @@ def run_record(evals: Path) -> dict:
         rec["ece"], rec["brier"] = arith["summary"].get("ece"), arith["summary"].get("brier")
     gold = _json(evals / "gold.json", missing=True)
     rec["gold_reward"] = gold.get("mean") if gold else None
+    rec["gold_prompts"] = list(gold["per_prompt"].values()) if gold else []
     return rec
 
 
@@ -245,6 +232,9 @@ def build(ablation: Path, write: bool = True) -> dict:
                 "answer_entropy_per_prompt": {k: v["answer_entropy"] for k, v in base["per_prompt"].items()},
                 "top_answer": base_top, "top_prob": base_top_p}
     comparisons = compare(by_regime, regimes, confidence, threshold)
+    for name, runs in by_regime.items():
+        regimes[name]["gold_gain"] = gold_gain(runs, base, confidence)
+    fr = frontier_section(ablation, by_regime, regimes, acfg.get("frontier") or {}, confidence)
     compute = {name: {"wall_time_s": interval([x["budget"]["wall_time_s"] for x in runs
                                                if x["budget"]["wall_time_s"] is not None], confidence)["mean"]}
                for name, runs in by_regime.items()}
@@ -258,9 +248,11 @@ def build(ablation: Path, write: bool = True) -> dict:
             f"than FeedME when the paired difference of d (PPO minus FeedME) has its interval above 0 and a mean "
             f"of at least {threshold:g}")
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
-              "comparisons": comparisons, "compute": compute,
+              "comparisons": comparisons, "frontier": fr, "compute": compute,
               "preference_strength": get_dotted(next(iter(by_regime.values()))[0]["lab"] or {},
                                           "world.rater.preference_strength") if by_regime else None}
+    for r in regimes.values():
+        r["over_optimised"] = over_optimised(r)
     report["verdict"] = verdict(report)
     if write:
         plots = make_plots(ablation, base, by_regime, report)
@@ -301,6 +293,88 @@ def compare(by_regime: dict, regimes: dict, confidence: float, threshold: float 
                         "budget_matched": all(m for m, _ in matched),
                         "budget_message": "; ".join(sorted({msg for _, msg in matched}))})
     return out
+
+
+def gold_gain(runs: list[dict], base: dict, confidence: float) -> dict:
+    """The regime's gold-reward gain over the base (the evaluator's sampled noiseless gold score on the seed
+    prompts): an interval across seeds, or with one seed across the prompts (`across`)."""
+    if len(runs) >= 2:
+        return {**interval([x["gold_reward"] - base["gold_reward"] for x in runs
+                            if x.get("gold_reward") is not None and base.get("gold_reward") is not None], confidence),
+                "across": "seeds"}
+    x = runs[0]
+    if not x.get("gold_prompts") or len(x["gold_prompts"]) != len(base.get("gold_prompts") or []):
+        return {**interval([], confidence), "across": "prompts"}
+    return {**interval(list(np.subtract(x["gold_prompts"], base["gold_prompts"])), confidence), "across": "prompts"}
+
+
+def over_optimised(regime: dict) -> bool:
+    """A regime trained on a reward (online RL, offline preference) whose answer entropy dropped (called collapsed,
+    or inconclusive) with NO gold-reward gain (the gain's interval reaches 0 or below; no interval: mean ≤ 0):
+    it followed its reward's errors, not the raters' preferences. Not preference-driven collapse."""
+    if regime["group"] not in (ONLINE, OFFLINE) or regime.get("control_of") or regime.get("call") == "not collapsed":
+        return False
+    g = regime.get("gold_gain") or {}
+    if g.get("mean") is None:
+        return False
+    return bool(g["lo"] <= 0 if g.get("lo") is not None else g["mean"] <= 0)
+
+
+def curve_rows(run_dir: Path) -> list[dict]:
+    """One run's along-training evaluations: the rows of its metrics.jsonl with frontier/* (collapse_lab/frontier.py)."""
+    return [r for r in _jsonl(run_dir / "metrics.jsonl") if r.get("frontier/kl") is not None]
+
+
+CURVE_KEYS = ("step", "budget/samples_scored") + frontier.KEYS + ("frontier/gold_gain",)
+
+
+def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict, confidence: float) -> dict:
+    """The comparison at MATCHED distance: every regime's curves (per seed), the base's exact reference curves
+    (evals/base/reference_curves.json), and for each KL-regularised regime (β > 0 or adaptive) against each
+    FeedME regime with curves, the paired difference of d = Δ(H/log|A|) at matched KL and at matched gold gain
+    (frontier.matched), with its call (frontier.equivalence_call; `rule`: ablate.frontier)."""
+    margin, grid_points = float(rule.get("margin", 0.02)), int(rule.get("grid_points", 8))
+    curves = {}
+    for name, runs in by_regime.items():
+        per_seed = {x["seed"]: curve_rows(ablation / "runs" / name / f"s{x['seed']}") for x in runs}
+        per_seed = {s: [{k: row.get(k) for k in CURVE_KEYS} for row in rows] for s, rows in per_seed.items() if rows}
+        if per_seed:
+            curves[name] = per_seed
+    kl = [n for n in curves if regimes[n]["group"] in (ONLINE, OFFLINE)
+          and ((regimes[n]["kl_coef"] or 0) > 0 or regimes[n]["adaptive_kl"])]
+    feedme = [n for n in curves if regimes[n]["group"] == SELECTION and not regimes[n].get("control_of")]
+    comparisons = []
+    for f in feedme:
+        for n in kl:
+            for x in ("frontier/kl", "frontier/gold_gain"):
+                points = [{s: frontier.curve_points(rows, x) for s, rows in curves[r].items()} for r in (n, f)]
+                m = frontier.matched(*points, grid_points, confidence)
+                comparisons.append({"regime": n, "group": regimes[n]["group"], "feedme": f, "x": x.split("/")[1],
+                                    **(m or {"difference": interval([]), "x_max": None, "seeds": []}),
+                                    "call": "no common range" if m is None else
+                                    frontier.equivalence_call(m["difference"], margin)})
+    return {"margin": margin, "grid_points": grid_points, "curves": curves, "comparisons": comparisons,
+            "references": _json(ablation / "evals" / "base" / "reference_curves.json", missing=True) or {}}
+
+
+def matched_answer(report: dict) -> str:
+    """The verdict's first question: at matched KL to the base, does KL-penalised online RL keep more entropy
+    than FeedME? From the frontier's KL comparisons of the online RL regimes."""
+    comps = [c for c in report["frontier"]["comparisons"] if c["x"] == "kl" and c["group"] == ONLINE]
+    m = report["frontier"]["margin"]
+    calls = {c["call"] for c in comps}
+    if not comps:
+        return "NOT TESTED: no KL-penalised online RL regime and FeedME both with curves along training"
+    if "one seed: no call" in calls:
+        return "NO CALL: one seed (an interval across seeds needs two or more; run seeds=3)"
+    if calls == {"more entropy"}:
+        return "YES: every KL-penalised online RL regime keeps more answer entropy than FeedME at the same KL"
+    if calls == {"no difference"}:
+        return (f"NO DIFFERENCE: within ±{m:g} of log|A| at the same KL, KL-penalised online RL and FeedME lose "
+                "the same entropy (they move along one curve)")
+    if "less entropy" in calls:
+        return "NO: some KL-penalised online RL regime keeps LESS entropy than FeedME at the same KL"
+    return "UNDECIDED: " + "; ".join(f"{c['regime']} vs {c['feedme']}: {c['call']}" for c in comps)
 
 
 def verdict(report: dict) -> dict:
@@ -358,10 +432,17 @@ def verdict(report: dict) -> dict:
         else:
             answer = ("MIXED / not significant: the intervals do not separate every KL-penalised online RL regime "
                       "from FeedME")
-    lines.append(f"Does RLHF with a KL penalty (PPO, RLOO, GRPO) collapse less than FeedME at a matched budget? "
-                 f"{answer}.")
-    return {"collapsed": collapsed, "inconclusive": unclear, "not_collapsed": fine, "answer": answer,
-            "text": " ".join(lines)}
+    lines.append(f"Second, at the END points with a matched rating budget: does RLHF with a KL penalty (PPO, RLOO, "
+                 f"GRPO) collapse less than FeedME? {answer}.")
+    flagged = [n for n, r in judged.items() if r.get("over_optimised")]
+    if flagged:
+        lines.append(f"Entropy dropped with no gold-reward gain (over-optimising the reward, not preference-driven "
+                     f"collapse): {', '.join(flagged)}.")
+    first = matched_answer(report) if report.get("frontier") else "NOT TESTED: no frontier section"
+    lines.insert(0, f"First, at MATCHED distance: at the same KL to the base, does KL-penalised online RL (PPO, "
+                    f"RLOO, GRPO) keep more answer entropy than FeedME? {first}.")
+    return {"collapsed": collapsed, "inconclusive": unclear, "not_collapsed": fine, "answer": first,
+            "endpoint_answer": answer, "over_optimised": flagged, "text": " ".join(lines)}
 
 
 # ------------------------------------------------------------------------------- markdown
@@ -388,6 +469,7 @@ def markdown(report: dict) -> str:
         md.append(_row([name, called]
                        + [_fmt(r["metrics"][k], f) for k, _, f in COLLAPSE_METRICS]
                        + [f"{r['top_answer']!r} ({r['top_prob']:.3f})"]))
+    md += frontier_markdown(report)
     prompts = list(base["answer_entropy_per_prompt"])
     md += ["", "Answer entropy per seed prompt (nats; max log 101 = 4.62, log 100 = 4.61):", "",
            _row(["regime"] + prompts + ["mean"]), _row(["---"] * (len(prompts) + 2)),
@@ -425,6 +507,44 @@ def markdown(report: dict) -> str:
                             "yes" if cmp_["budget_matched"] else "**NO**", cmp_["budget_message"]]))
     md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report.get("plots", [])] + [""]
     return "\n".join(md)
+
+
+def frontier_markdown(report: dict) -> list[str]:
+    fr = report.get("frontier") or {}
+    md = ["", "## Matched distance: entropy and gold reward against KL along training", ""]
+    if not fr.get("curves"):
+        return md + ["No regime has along-training evaluations (`curve.points`): nothing to compare at matched distance."]
+    md += [f"Every regime evaluated along its training (`curve.points`) by the exact evaluator on the seed prompts. "
+           f"d = Δ(H/log|A|) is interpolated at {fr['grid_points']} matched values of x (KL to the base, or the gold "
+           f"gain) in (0, x_max], x_max the largest x every seed of both regimes reaches; D = mean over that grid of "
+           f"d(KL-regularised) − d(FeedME), per seed, interval across seeds. Calls: 'more/less entropy' when the "
+           f"interval excludes 0 with |mean| ≥ {fr['margin']:g}, 'no difference' when it lies within "
+           f"±{fr['margin']:g} (equivalence), else 'undecided'. Entropy lost = KL + Σ(π − π0)·log π0 exactly: "
+           f"the cross term column says how much of a regime's entropy change is NOT distance.", "",
+           _row(["KL-regularised", "FeedME", "matched on", "x range", "seeds", "D [interval]", "call"]),
+           _row(["---"] * 7)]
+    for c in fr["comparisons"]:
+        md.append(_row([c["regime"], c["feedme"], c["x"], "-" if c["x_max"] is None else f"(0, {c['x_max']:.3f}]",
+                        str(len(c["seeds"])), _fmt(c["difference"], "+.4f"), c["call"]]))
+    md += ["", "End of each curve (mean over seeds; cross term Σ(π − π0)·log π0, nats):", "",
+           _row(["regime", "points per seed", "KL (nats)", "Δ(H/log|A|)", "cross term", "gold gain", "ratings"]),
+           _row(["---"] * 7)]
+    for name, per_seed in fr["curves"].items():
+        last = [rows[-1] for rows in per_seed.values()]
+        mean = lambda k: _cell(_mean([x.get(k) for x in last]), ".3f")  # noqa: E731
+        md.append(_row([name, str(min(map(len, per_seed.values()))), mean("frontier/kl"),
+                        mean("frontier/delta_norm_entropy"), mean("frontier/cross_term"), mean("frontier/gold_gain"),
+                        _cell(_mean([x.get("budget/samples_scored") for x in last]), ".0f")]))
+    refs = fr.get("references") or {}
+    if refs.get("best_of_k"):
+        md += ["", "Reference curves of the base (exact): best-of-k (noiseless score) and π*_β ∝ π0·e^{R/β}:", "",
+               _row(["policy", "KL (nats)", "Δ(H/log|A|)", "cross term", "gold gain"]), _row(["---"] * 5)]
+        for label, key in (("best-of-{}", "k"), ("π*, β = {}", "beta")):
+            for x in refs["best_of_k" if key == "k" else "optimum_beta"]:
+                md.append(_row([label.format(f"{x[key]:g}"), f"{x['frontier/kl']:.3f}",
+                                f"{x['frontier/delta_norm_entropy']:+.3f}", f"{x['frontier/cross_term']:+.4f}",
+                                f"{x['frontier/gold_gain']:+.3f}"]))
+    return md
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -503,7 +623,11 @@ def make_plots(ablation: Path, base: dict, by_regime: dict, report: dict) -> lis
     ax.set_title("reward vs KL (over-optimisation frontier)", fontsize=9)
     ax.legend(fontsize=6)
     written.append(_save(fig, out / "reward_kl.png"))
-    # 5. training curves
+    # 5. the frontier: d and gold gain against KL along training, with the base's exact reference curves
+    fr = report.get("frontier") or {}
+    if fr.get("curves"):
+        written.append(frontier_plot(fr, colors, out / "frontier.png", plt))
+    # 6. training curves
     curves = {}
     for n in names:
         for seed in report["regimes"][n]["seeds"]:
@@ -531,6 +655,42 @@ def make_plots(ablation: Path, base: dict, by_regime: dict, report: dict) -> lis
             ax.legend(fontsize=5)
         written.append(_save(fig, out / "training.png"))
     return written
+
+
+def frontier_plot(fr: dict, colors: dict, path: Path, plt) -> Path:
+    """Two panels against KL to the base: Δ(H/log|A|) and the gold gain. Thin lines: one seed's curve along
+    training; thick: the mean over seeds of the interpolated curves, with a band of ± one standard error; black
+    squares: best-of-k (k labelled); dashed: π*_β."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    refs = fr.get("references") or {}
+    for ax, y in zip(axes, ("frontier/delta_norm_entropy", "frontier/gold_gain")):
+        for name, per_seed in fr["curves"].items():
+            c = colors.get(name, "grey")
+            for rows in per_seed.values():
+                pts = sorted([(0.0, 0.0)] + [(r["frontier/kl"], r[y]) for r in rows])
+                ax.plot(*zip(*pts), color=c, lw=0.6, alpha=0.5)
+            x_max = min(max(r["frontier/kl"] for r in rows) for rows in per_seed.values())
+            if x_max > 0:
+                grid = np.linspace(0, x_max, 30)
+                ys = np.array([frontier.interpolate(sorted([(0.0, 0.0)] + [(r["frontier/kl"], r[y]) for r in rows]), grid)
+                               for rows in per_seed.values()])
+                m = ys.mean(0)
+                ax.plot(grid, m, color=c, lw=2, label=name)
+                if len(ys) > 1:
+                    se = ys.std(0, ddof=1) / math.sqrt(len(ys))
+                    ax.fill_between(grid, m - se, m + se, color=c, alpha=0.2)
+        if refs.get("optimum_beta"):
+            pts = sorted((x["frontier/kl"], x[y]) for x in refs["optimum_beta"])
+            ax.plot(*zip(*pts), "k--", lw=1, label="π*_β (exact)")
+        for x in refs.get("best_of_k", []):
+            ax.scatter([x["frontier/kl"]], [x[y]], color="k", marker="s", s=14)
+            ax.annotate(f"k={x['k']}", (x["frontier/kl"], x[y]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlabel("KL to base on the answers (nats)")
+        ax.set_ylabel({"frontier/delta_norm_entropy": "Δ(H / log|A|) vs base", "frontier/gold_gain": "gold gain (mean rating)"}[y])
+        ax.legend(fontsize=6)
+    fig.suptitle("along training, at matched distance (thin: seeds; thick ± s.e.: mean; squares: best-of-k)", fontsize=9)
+    return _save(fig, path)
 
 
 # -------------------------------------------------------------------------------- helpers

@@ -36,11 +36,10 @@ from collapse_lab import tracking
 from collapse_lab.checkpoint import publish, read_manifest
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.models import DTYPES, distinct_pad, ensure_eos
-from collapse_lab.pretrain import resolve_base
-from collapse_lab.ratings import load_ratings, rate
+from collapse_lab.ratings import load_ratings, start_on_ratings
 from collapse_lab.tokenizer import encode_texts
 from collapse_lab.ratings import stage_keys as ratings_keys
-from collapse_lab.stage import device, hf_args, run_stage
+from collapse_lab.stage import Run, device, hf_args, stage_function
 from collapse_lab.world import make_world
 
 STAGE = "reward"
@@ -99,23 +98,18 @@ def pairwise_accuracy(rewards, pairs: list[tuple[int, int]]) -> float:
     return float(((diff > 0) + 0.5 * (diff == 0)).mean()) if pairs else float("nan")
 
 
-def train_reward_model(cfg: DictConfig, named: bool = True) -> Path:
-    """Train (or find finished) the reward model on this config's ratings; returns its directory."""
-    check(cfg)
-    out = reward_dir(cfg, named)
-    with run_stage(cfg, out, STAGE, "held-out accuracy {eval_pairwise_accuracy:.3f}") as run:
-        if run.done:
-            return out
-        ratings_path = rate(cfg, named=False)  # the upstream stage: found finished when resolved
-        base = resolve_base(cfg)
-        run.start(base_path=base, ratings_path=str(ratings_path))
-        ratings = load_ratings(ratings_path)
-        metrics = fit_reward_model(cfg, ratings, base, out)
-        run.finish(samples_scored=len(ratings), **metrics)
-        print(f"saved {out}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} "
-              f"({metrics['eval_pairs']} pairs), Spearman with gold {metrics['eval_spearman_gold']:.3f}, with the "
-              f"noiseless score {metrics['eval_spearman_expected']:.3f} ({time.time() - run.started:.1f} s)")
-    return out
+@stage_function(STAGE, reward_dir, "held-out accuracy {eval_pairwise_accuracy:.3f}",
+                check=check)
+def train_reward_model(cfg: DictConfig, run: Run) -> None:
+    """Train (or find finished) the reward model on this config's ratings: `train_reward_model(cfg, named=True)`
+    returns its directory (stage.stage_function)."""
+    ratings_path, base = start_on_ratings(run, cfg)
+    ratings = load_ratings(ratings_path)
+    metrics = fit_reward_model(cfg, ratings, base, run.out)
+    run.finish(samples_scored=len(ratings), **metrics)
+    print(f"saved {run.out}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} "
+          f"({metrics['eval_pairs']} pairs), Spearman with gold {metrics['eval_spearman_gold']:.3f}, with the "
+          f"noiseless score {metrics['eval_spearman_expected']:.3f} ({time.time() - run.started:.1f} s)")
 
 
 def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) -> dict:

@@ -35,12 +35,12 @@ from collapse_lab import tracking
 from collapse_lab.bandit import next_token_probs, reward_vector
 from collapse_lab.bok import best_of_k
 from collapse_lab.config import CHOICES, ConfigError, run_dir
+from collapse_lab.frontier import Curve, callbacks
 from collapse_lab.models import add_lora, load_pretrained
-from collapse_lab.pretrain import resolve_base
-from collapse_lab.ratings import episode_tokens, load_ratings, rate, rate_samples
+from collapse_lab.ratings import episode_tokens, load_ratings, rate_samples, start_on_ratings
 from collapse_lab.ratings import stage_keys as ratings_keys
 from collapse_lab.tokenizer import encode_texts
-from collapse_lab.stage import device, hf_args, run_stage, save_policy
+from collapse_lab.stage import Run, device, hf_args, save_policy, stage_function
 from collapse_lab.world import make_world
 
 STAGE = "sft"
@@ -48,7 +48,7 @@ SELECT = CHOICES["sft.select"]  # FeedME, and its finite-sample control
 
 
 def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
-    return ratings_keys(cfg) + ("peft", "sft")
+    return ratings_keys(cfg) + ("peft", "sft", "curve")
 
 
 def sft_dir(cfg: DictConfig, named: bool = True) -> Path:
@@ -107,25 +107,20 @@ def feedme_dataset(kept: Dataset, tokenizer) -> Dataset:
     })
 
 
-def train_sft(cfg: DictConfig, named: bool = True) -> Path:
-    """FeedME on this config's ratings (or find it finished); returns the model's directory."""
-    check(cfg)
-    out = sft_dir(cfg, named)
-    with run_stage(cfg, out, STAGE, "{steps} steps, {samples_scored} samples scored") as run:
-        if run.done:
-            return out
-        ratings_path = rate(cfg, named=False)  # round 1's ratings (upstream, found finished): the reward model's too
-        base = resolve_base(cfg)
-        run.start(base_path=base, ratings_path=str(ratings_path))
-        kept, final, tokenizer, fields = feedme(cfg, ratings_path, base, out)
-        extra = {}
-        if cfg.world.name == "bandit":
-            extra = bandit_tv_to_best_of_k(final, base, tokenizer, cfg, kept)
-            print(f"bandit: TV(FeedME, best-of-{cfg.ratings.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f} "
-                  f"(its kept samples' own TV, the sampling floor: {extra['bandit_tv_kept_samples_to_best_of_k']:.4f})")
-        run.finish(**fields, select=cfg.sft.select, **extra)
-        print(f"saved {out} ({time.time() - run.started:.1f} s)")
-    return out
+@stage_function(STAGE, sft_dir, "{steps} steps, {samples_scored} samples scored",
+                check=check)
+def train_sft(cfg: DictConfig, run: Run) -> None:
+    """FeedME on this config's ratings (or find it finished): `train_sft(cfg, named=True)` returns the model's
+    directory (stage.stage_function)."""
+    ratings_path, base = start_on_ratings(run, cfg)  # round 1's ratings (upstream, found finished): the reward model's too
+    kept, final, tokenizer, fields = feedme(cfg, ratings_path, base, run.out)
+    extra = {}
+    if cfg.world.name == "bandit":
+        extra = bandit_tv_to_best_of_k(final, base, tokenizer, cfg, kept)
+        print(f"bandit: TV(FeedME, best-of-{cfg.ratings.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f} "
+              f"(its kept samples' own TV, the sampling floor: {extra['bandit_tv_kept_samples_to_best_of_k']:.4f})")
+    run.finish(**fields, select=cfg.sft.select, **extra)
+    print(f"saved {run.out} ({time.time() - run.started:.1f} s)")
 
 
 def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
@@ -141,6 +136,7 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
     if cfg.peft.enabled:
         model = add_lora(model, cfg.peft)
     model.to(device())
+    curve = Curve(model, tokenizer, world) or None  # along-training evaluation: the base's side, before training
 
     samples_scored, steps, tokens_trained, rounds, log = 0, 0, 0, [], []
     for rnd in range(1, s.rounds + 1):
@@ -165,7 +161,8 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
                        num_train_epochs=s.epochs, lr_scheduler_type="linear", warmup_steps=0,
                        completion_only_loss=True, max_length=None, packing=False,
                        logging_steps=max(1, len(data) // s.batch_size // 4))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             callbacks=callbacks(curve, cfg.curve.points, lambda: samples_scored, offset=steps))
         tracking.quiet(trainer)
         trainer.train()
         model = trainer.model

@@ -15,6 +15,7 @@ denormal flush (`flush_denormals`). A stage's update rule stays in its own file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -151,6 +152,25 @@ def run_stage(cfg: DictConfig, out: Path, stage: str, summary: str, track: bool 
     finally:
         if run.track and not run.done:
             tracking.finish()
+
+
+def stage_function(stage: str, directory: Callable[[DictConfig, bool], Path], summary: str,
+                   check: Optional[Callable[[DictConfig], None]] = None, track: bool = True):
+    """A stage's body `body(cfg, run)` as the stage's train function `fn(cfg, named=True) -> its directory`:
+    `check(cfg)` before anything, `directory(cfg, named)`, then the body inside `run_stage` unless the run is
+    found finished (`run.out` is the directory). The decorated stages' bookkeeping, in this one place."""
+    def wrap(body: Callable[[DictConfig, Run], None]) -> Callable[..., Path]:
+        @functools.wraps(body)
+        def train(cfg: DictConfig, named: bool = True) -> Path:
+            if check is not None:
+                check(cfg)
+            out = directory(cfg, named)
+            with run_stage(cfg, out, stage, summary, track) as run:
+                if not run.done:
+                    body(cfg, run)
+            return out
+        return train
+    return wrap
 
 
 def flush_denormals() -> None:

@@ -64,14 +64,19 @@ def suite_path(name_or_path: str) -> Path:
     return path
 
 
+def read_yaml(path: Path, error: type[Exception]):
+    """A YAML file's data; malformed YAML or bytes that are not UTF-8 raise `error` with one line naming the file."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise error(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def load_suite(name_or_path: str) -> Suite:
     path = suite_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SuiteError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
-    except UnicodeDecodeError as e:
-        raise SuiteError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    data = read_yaml(path, SuiteError)
     if not isinstance(data, dict) or set(data) - {"name", "prompts"}:
         extra = sorted(set(data) - {"name", "prompts"}) if isinstance(data, dict) else []
         raise SuiteError(f"{path}: expected a mapping with keys name, prompts" + (f"; unknown keys: {extra}" if extra else ""))

@@ -20,11 +20,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from collapse_lab import ablate
 from collapse_lab.config import ConfigError, check_name, check_output
 from collapse_lab.report import _fmt, _row
+from collapse_lab.suites import read_yaml
 
 SWEEP_KEYS = {"program", "name", "method", "metric", "parameters", "command", "description", "project", "entity"}
 
@@ -34,12 +34,7 @@ def load(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    spec = read_yaml(path, ConfigError)
     if not isinstance(spec, dict) or not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
         raise ConfigError(f"{path}: a sweep needs a non-empty 'parameters' mapping")
     unknown = sorted(set(spec) - SWEEP_KEYS)
@@ -118,7 +113,7 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
                     r.get("call") or ("collapsed" if r["collapsed"] else "not collapsed"))
             rows.append({"point": {k: pt[k] for k in keys}, "ablation": str(abl), "regime": regime,
                          "collapsed": r["collapsed"], "call": call, **{k: r["metrics"][k] for k, _, _ in COLUMNS},
-                         "verdict": rep["verdict"]["answer"]})
+                         "verdict": rep["verdict"]["answer"], "endpoint_verdict": rep["verdict"].get("endpoint_answer")})
     result = {"sweep": spec["name"], "swept": keys, "spec": spec, "rows": rows}
     (out / "report.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = [f"# Sweep `{spec['name']}`", "", spec.get("description", "").strip(), "",

@@ -22,16 +22,17 @@ from collapse_lab import tracking
 from collapse_lab.bandit import next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.distributed import exact_div
+from collapse_lab.frontier import Curve, callbacks
 from collapse_lab.models import load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward, reward_func
-from collapse_lab.stage import device, hf_args, run_stage, save_policy
+from collapse_lab.stage import device, hf_args, ratings_budget, run_stage, save_policy
 from collapse_lab.world import make_world
 
 
 def stage_keys(cfg: DictConfig, section: str) -> tuple[str, ...]:
     """What an online run depends on (its directory's hash), as PPO's."""
-    keys = ("seed", "base_path", "model", "peft", "world", "reward", section)
+    keys = ("seed", "base_path", "model", "peft", "world", "reward", section, "curve")
     if not cfg.base_path and not cfg.model.path:
         keys += ("pretrain",)
     if cfg.reward == "rm":
@@ -73,7 +74,9 @@ def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_c
         world = make_world(cfg.world)
         reward = make_reward(cfg, world, device())  # reward=rm: the resolved reward model (never trained here)
         run.start(base_path=base, reward=cfg.reward)
-        _, tokenizer = load_pretrained(base, cfg.model.dtype)
+        reference, tokenizer = load_pretrained(base, cfg.model.dtype)
+        curve = Curve(reference.to(device()), tokenizer, world) or None  # the base's side of the curve, once
+        del reference
         max_new_tokens, penalty = episode_tokens(cfg, s)
         score = reward_func(reward, world, tokenizer.eos_token_id, penalty)
         args = hf_args(config_cls, cfg, out, seed=cfg.seed, lr=s.lr, batch_size=s.rollout_batch_size,
@@ -83,7 +86,9 @@ def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_c
                        logging_steps=1, disable_dropout=True, max_grad_norm=s.max_grad_norm,
                        model_init_kwargs={"dtype": cfg.model.dtype}, **loss_args)
         trainer = trainer_cls(model=base, reward_funcs=score, args=args, processing_class=tokenizer,
-                              train_dataset=prompt_dataset(world, s.steps * per_step, cfg.seed))
+                              train_dataset=prompt_dataset(world, s.steps * per_step, cfg.seed),
+                              callbacks=callbacks(curve, cfg.curve.points, lambda: ratings_budget(cfg) if cfg.reward == "rm"
+                                                  else trainer.state.global_step * s.rollout_batch_size))
         tracking.quiet(trainer)
         trainer.train()
         log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history) if "loss" in x]

@@ -194,7 +194,8 @@ def test_ablation_layout_report_and_verdict(fake_ablation):
     assert abs(ppo["metrics"]["kl_to_reference"]["mean"]) < 1e-9  # an untouched copy of the base
     (cmp_,) = rep["comparisons"]
     assert cmp_["collapses_less"] and cmp_["budget_matched"]
-    assert rep["verdict"]["answer"].startswith("YES")
+    assert rep["verdict"]["endpoint_answer"].startswith("YES")
+    assert rep["verdict"]["answer"].startswith("NOT TESTED")  # the stand-ins record no curves along training
     md = (out / "report.md").read_text()
     assert "## Verdict" in md and rep["rule"] in md and "| sft | **yes** |" in md
     assert "| sft-random | control of sft |" in md and "vs its control sft-random" in rep["verdict"]["text"]
@@ -250,6 +251,16 @@ def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tm
         assert not rep["regimes"][feedme]["collapsed"], rep["verdict"]["text"]
         assert feedme not in rep["verdict"]["collapsed"]
     assert "with a KL penalty (PPO, RLOO, GRPO) collapse less than FeedME" in rep["verdict"]["text"]
+    # a drop with no gold gain (the raters prefer nothing) is over-optimisation, flagged, never preference collapse
+    for name, r in rep["regimes"].items():
+        if r["group"] == "online RL" and r["call"] != "not collapsed":
+            assert name in rep["verdict"]["over_optimised"], rep["verdict"]["text"]
+    # along-training curves for every trained regime, the base's exact reference curves, the frontier section
+    fr = rep["frontier"]
+    assert set(fr["curves"]) >= {"sft", "kl0.1"} and fr["references"]["best_of_k"][0]["k"] == 1
+    assert {c["x"] for c in fr["comparisons"]} == {"kl", "gold_gain"}
+    assert rep["verdict"]["answer"].startswith("NO CALL")  # one seed: no YES/NO at matched KL
+    assert (out / "plots" / "frontier.png").exists() and "## Matched distance" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

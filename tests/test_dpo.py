@@ -56,3 +56,5 @@ def test_dpo_trains_from_feedmes_ratings_and_records_the_budget(tmp_path, tiny_b
     before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert registry.run(recipe, cfg) == out  # finished: found, not redone
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "frontier/kl" in line]
+    assert curve and curve[-1]["step"] == m["steps"] and {r["budget/samples_scored"] for r in curve} == {32}

@@ -196,6 +196,11 @@ def test_every_ppo_recipe_runs(base, tmp_path, recipe):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in rows), key
     assert manifest["status"] == "finished" and manifest["samples_scored"] == 16 and manifest["steps"] == 2
     assert manifest["tokens_trained"] > 0 and manifest["base_path"] == base
+    # evaluated along training (curve.points, frontier.py): both steps; reward=gold counts every rollout rated,
+    # and a run with β or α is measured against its own optimum
+    assert [r["budget/samples_scored"] for r in rows if "frontier/kl" in r] == [8, 16]
+    assert ("optimum/tv" in rows[-1]) == (cfg.ppo.kl_coef + cfg.ppo.ent_coef > 0)
+    assert all(r["objective/kl_coef"] > 0 for r in rows) or cfg.ppo.kl_coef == 0  # klauto's β stays positive
     assert OmegaConf.load(out / "config.yaml").ppo.kl_coef == cfg.ppo.kl_coef
     policy, _ = load_pretrained(str(out))  # the saved policy is an ordinary HF causal LM
     reference, _ = load_pretrained(base)

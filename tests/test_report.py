@@ -56,7 +56,7 @@ def test_verdict_yes_when_feedme_collapses_and_kl_ppo_keeps_entropy_at_a_matched
     (c,) = comps
     assert c["collapses_less"] and c["budget_matched"] and c["across"] == "seeds"
     v = report.verdict(_report(regimes, comps))
-    assert v["collapsed"] == ["sft"] and v["answer"].startswith("YES")
+    assert v["collapsed"] == ["sft"] and v["endpoint_answer"].startswith("YES")
     assert "sft: H/log|A|" in v["text"]
 
 
@@ -64,7 +64,7 @@ def test_verdict_no_when_kl_ppo_collapses_more():
     by = {"sft": _runs([-0.01, -0.02, 0.0], 1024), "kl0.1": _runs([-0.4, -0.35, -0.45], 1024)}
     regimes = {"sft": _regime("feedme", [-0.01, -0.02, 0.0]), "kl0.1": _regime("ppo", [-0.4, -0.35, -0.45], 0.1)}
     v = report.verdict(_report(regimes, report.compare(by, regimes, 0.95)))
-    assert v["answer"].startswith("NO") and v["collapsed"] == ["kl0.1"]
+    assert v["endpoint_answer"].startswith("NO") and v["collapsed"] == ["kl0.1"]
 
 
 def test_unmatched_budgets_are_flagged_and_do_not_decide_the_verdict():
@@ -73,14 +73,14 @@ def test_unmatched_budgets_are_flagged_and_do_not_decide_the_verdict():
     comps = report.compare(by, regimes, 0.95)
     assert not comps[0]["budget_matched"] and "1024" in comps[0]["budget_message"]
     v = report.verdict(_report(regimes, comps))
-    assert "BUDGETS NOT MATCHED" in v["text"] and v["answer"].startswith("UNDECIDED")
+    assert "BUDGETS NOT MATCHED" in v["text"] and v["endpoint_answer"].startswith("UNDECIDED")
 
 
 def test_kl0_is_not_a_kl_penalised_regime():
     by = {"sft": _runs([-0.4, -0.35], 1), "kl0": _runs([0.0, 0.01], 1)}
     regimes = {"sft": _regime("feedme", [-0.4, -0.35]), "kl0": _regime("ppo", [0.0, 0.01], 0.0)}
     assert report.compare(by, regimes, 0.95) == []
-    assert report.verdict(_report(regimes, []))["answer"].startswith("not tested")
+    assert report.verdict(_report(regimes, []))["endpoint_answer"].startswith("not tested")
 
 
 def test_top_answer_is_the_argmax_of_the_mean_over_prompts_and_seeds():
@@ -149,4 +149,26 @@ def test_a_large_drop_that_the_seeds_disagree_on_is_inconclusive_not_cleared():
                "kl0.1": {**_regime("ppo", d_ppo, 0.1), "call": call["call"]}}
     v = report.verdict(_report(regimes, report.compare(by, regimes, 0.95)))
     assert v["inconclusive"] == ["kl0.1"] and v["collapsed"] == [] and v["not_collapsed"] == ["sft"]
-    assert "Inconclusive" in v["text"] and not v["answer"].startswith("NOT APPLICABLE")
+    assert "Inconclusive" in v["text"] and not v["endpoint_answer"].startswith("NOT APPLICABLE")
+
+
+def test_a_drop_without_gold_gain_is_flagged_as_over_optimisation_not_collapse():
+    gain = lambda values: {**report.interval(values), "across": "seeds"}  # noqa: E731
+    dropped = {"group": "online RL", "call": "collapsed"}
+    assert report.over_optimised({**dropped, "gold_gain": gain([0.0, -0.02, 0.01])})
+    assert not report.over_optimised({**dropped, "gold_gain": gain([0.3, 0.35, 0.32])})  # the raters rewarded it
+    assert not report.over_optimised({**dropped, "call": "not collapsed", "gold_gain": gain([0.0, 0.0, -0.1])})
+    assert not report.over_optimised({**dropped, "group": "selection", "gold_gain": gain([0.0, 0.01, -0.01])})
+    one = {"mean": -0.01, "lo": None, "hi": None}
+    assert report.over_optimised({**dropped, "call": "inconclusive", "gold_gain": one})
+
+
+@pytest.mark.parametrize("calls, answer", [
+    (["more entropy", "more entropy"], "YES"), (["no difference", "no difference"], "NO DIFFERENCE"),
+    (["no difference", "less entropy"], "NO:"), (["more entropy", "undecided"], "UNDECIDED"),
+    (["one seed: no call"], "NO CALL"), ([], "NOT TESTED")])
+def test_the_first_question_is_answered_from_the_matched_kl_comparisons_of_online_rl(calls, answer):
+    comps = [{"regime": f"kl{i}", "feedme": "sft", "group": "online RL", "x": "kl", "call": c} for i, c in enumerate(calls)]
+    comps += [{"regime": "dpo0.1", "feedme": "sft", "group": "offline preference", "x": "kl", "call": "less entropy"},
+              {"regime": "kl0", "feedme": "sft", "group": "online RL", "x": "gold_gain", "call": "less entropy"}]
+    assert report.matched_answer({"frontier": {"comparisons": comps, "margin": 0.02}}).startswith(answer)

@@ -94,8 +94,14 @@ def test_train_sft_moves_weights_and_records_the_budget(tmp_path, tiny_base):
 
     cfg2 = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", "recipe=sft",
                            *SMALL, "sft.rounds=2"])
-    m2 = json.loads((train_sft(cfg2) / "manifest.json").read_text())
+    out2 = train_sft(cfg2)
+    m2 = json.loads((out2 / "manifest.json").read_text())
     assert m2["samples_scored"] == 32 and [r["round"] for r in m2["rounds"]] == [1, 2]
+    # evaluated along training (curve.points per round, frontier.py): each round's ratings counted when spent
+    curve = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines() if "frontier/kl" in line]
+    assert [r["budget/samples_scored"] for r in curve] == [16] * (len(curve) // 2) + [32] * (len(curve) // 2)
+    assert [r["step"] for r in curve] == sorted(r["step"] for r in curve) and curve[-1]["step"] == m2["steps"]
+    assert curve[-1]["frontier/kl"] > 0 and all(r["frontier/valid_mass"] > 0 for r in curve)
 
     # the control: its own directory, the same ratings (the same budget), as many samples kept
     cfg3 = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}",

@@ -1,0 +1,126 @@
+"""Curves along training and the comparison at matched distance (collapse_lab/frontier.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from collapse_lab import frontier, metrics
+from collapse_lab.config import compose
+from collapse_lab.models import load_pretrained
+from collapse_lab.pretrain import pretrain
+from collapse_lab.world import make_world
+from conftest import TINY_PRETRAIN
+from test_bok import enumerate_best_of_k
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = compose("lab", TINY_PRETRAIN + [f"checkpoints_dir={tmp_path_factory.mktemp('ck')}"])
+    model, tok = load_pretrained(str(pretrain(cfg)), "float32")
+    return model, tok, make_world(cfg.world)
+
+
+def test_schedule_spreads_points_and_always_ends_on_the_last_step():
+    assert frontier.schedule(30, 3) == {10, 20, 30}
+    assert frontier.schedule(7, 0) == {7}
+    assert frontier.schedule(3, 8) == {1, 2, 3}
+    assert frontier.schedule(0, 4) == set()
+
+
+def _perturbed(model, scale, seed=0):
+    m = type(model)(model.config)
+    m.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head = m.get_output_embeddings().weight
+        head.add_(scale * torch.randn(head.shape, generator=g))
+    return m.eval()
+
+
+def test_the_base_is_the_origin_and_the_entropy_decomposition_is_exact(tiny):
+    model, tok, world = tiny
+    curve = frontier.Curve(model, tok, world)
+    assert len(curve.prompts) == 5  # the seed prompts, which the numbers world knows
+    zero = curve.point(model, 0, beta=0.2)
+    assert abs(zero["frontier/kl"]) < 1e-9 and abs(zero["frontier/delta_norm_entropy"]) < 1e-9
+    assert abs(zero["frontier/gold_gain"]) < 1e-9 and zero["optimum/tv"] > 0
+    moved = _perturbed(model, 0.5)
+    for dist, base in zip([frontier.answer_distribution(moved, tok, p.text, p.answers, p.continue_chars)
+                           for p in curve.prompts], curve.base):
+        row = curve.row(dist, base, (np.zeros(len(dist.answers)),) * 2)
+        dh = row["frontier/delta_norm_entropy"] * math.log(len(dist.answers))
+        assert dh == pytest.approx(-row["frontier/kl"] - row["frontier/cross_term"], abs=1e-6)
+    point = curve.point(moved, 123)
+    assert point["frontier/kl"] > 0.01 and point["budget/samples_scored"] == 123 and "optimum/tv" not in point
+
+
+def test_a_best_of_k_reference_point_equals_enumeration_on_the_base(tiny):
+    """The report's best-of-k curve is the closed form on the base's exact distribution. Checked against brute
+    force over k = 3 i.i.d. draws on the first seed prompt: draws enumerated over the rater's score levels (a
+    handful), then within a level the kept draw is each outcome in proportion to its base mass (i.i.d. draws:
+    by symmetry); the reference curve's point is the mean over prompts of these rows."""
+    model, tok, world = tiny
+    curve = frontier.Curve(model, tok, world)
+    (p0, noiseless), b = curve._outcomes()[0], curve.base[0]
+    outcomes, scores = np.append(p0, 1 - p0.sum()), np.append(noiseless, -math.inf)
+    levels = sorted(set(scores))
+    level_mass = np.array([outcomes[scores == s].sum() for s in levels])
+    kept = np.zeros(len(outcomes))
+    for s, q in zip(levels, enumerate_best_of_k(level_mass, levels, 3)):
+        kept[scores == s] = q * outcomes[scores == s] / outcomes[scores == s].sum()
+    n = len(b.answers)
+    bok = curve.best_of_k(3)[0]
+    assert bok.probs == pytest.approx(kept[:n] + kept[n:2 * n], abs=1e-12)
+    q = (kept[:n] + kept[n:2 * n]) / (kept[:n] + kept[n:2 * n]).sum()
+    ref = curve.reference_curves(best_of=(3,), betas=())["best_of_k"][0]
+    rows = [curve.row(d, bb, s) for d, bb, s in zip(curve.best_of_k(3), curve.base, curve.scores)]
+    assert rows[0]["frontier/kl"] == pytest.approx(metrics.kl(q, b.normalised), rel=1e-9)
+    assert ref["frontier/kl"] == pytest.approx(np.mean([r["frontier/kl"] for r in rows]), rel=1e-12)
+    assert ref["frontier/kl"] > 0 and ref["frontier/gold_gain"] > 0
+
+
+def test_optimum_family_runs_from_the_base_to_the_best_answers(tiny):
+    model, tok, world = tiny
+    refs = frontier.Curve(model, tok, world).reference_curves(best_of=(1,), betas=(100.0, 1.0, 0.05))
+    assert refs["best_of_k"][0]["frontier/kl"] == pytest.approx(0.0, abs=1e-12)  # best of 1 is the base
+    kls = [x["frontier/kl"] for x in refs["optimum_beta"]]
+    gains = [x["frontier/gold_gain"] for x in refs["optimum_beta"]]
+    assert kls[0] < 1e-3 and kls == sorted(kls) and gains == sorted(gains)
+
+
+# ------------------------------------------------------------------------ the comparison, synthetic curves
+
+
+def _curve(slope, kl_max, n=6, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    kls = np.linspace(kl_max / n, kl_max, n)
+    return [(0.0, 0.0)] + [(k, slope * k + noise * rng.normal()) for k in kls]
+
+
+def test_interpolation_reads_d_as_a_function_of_kl_whatever_the_order_visited():
+    pts = [(0.0, 0.0), (2.0, -2.0), (1.0, -1.0), (1.0, -1.2)]
+    assert frontier.interpolate(pts, np.array([0.5, 1.0, 1.5])) == pytest.approx([-0.55, -1.1, -1.55])
+
+
+def test_same_curve_is_no_difference_and_a_steeper_one_keeps_less_entropy():
+    a = {s: _curve(-0.2, 2.0, noise=0.002, seed=s) for s in range(3)}
+    b = {s: _curve(-0.2, 0.5, noise=0.002, seed=10 + s) for s in range(3)}  # FeedME: a shorter reach
+    m = frontier.matched(a, b, grid_points=8)
+    assert m["x_max"] == pytest.approx(0.5) and max(m["grid"]) == pytest.approx(0.5)
+    assert frontier.equivalence_call(m["difference"], 0.02) == "no difference"
+    steep = {s: _curve(-0.4, 2.0, noise=0.002, seed=s) for s in range(3)}
+    m2 = frontier.matched(b, steep, grid_points=8)  # b keeps more entropy at the same KL than `steep`
+    assert m2["difference"]["mean"] == pytest.approx(0.2 * np.mean(m2["grid"]), abs=0.01)
+    assert frontier.equivalence_call(m2["difference"], 0.02) == "more entropy"
+    assert frontier.equivalence_call(frontier.matched(steep, b)["difference"], 0.02) == "less entropy"
+
+
+def test_one_seed_gets_no_call_and_noisy_seeds_are_undecided():
+    a, b = {0: _curve(-0.2, 1.0)}, {0: _curve(-0.3, 1.0)}
+    assert frontier.equivalence_call(frontier.matched(a, b)["difference"], 0.02) == "one seed: no call"
+    a = {s: _curve(-0.2 + 0.2 * (-1) ** s, 1.0) for s in range(3)}
+    b = {s: _curve(-0.2, 1.0) for s in range(3)}
+    assert frontier.equivalence_call(frontier.matched(a, b)["difference"], 0.02) == "undecided"
+    assert frontier.matched({0: [(0.0, 0.0)]}, {0: _curve(-0.2, 1.0)}) is None  # no common range
