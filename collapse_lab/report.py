@@ -253,6 +253,9 @@ def build(ablation: Path, write: bool = True) -> dict:
                                           "world.rater.preference_strength") if by_regime else None}
     for r in regimes.values():
         r["over_optimised"] = over_optimised(r)
+    rm = [_json(m) for m in sorted((ablation / "runs" / "reward_model").glob("s*/manifest.json"))]
+    report["reward_model"] = {k: interval([m.get(k) for m in rm], confidence)  # the reward model's quality
+                              for k in ("eval_pairwise_accuracy", "eval_spearman_gold")} if rm else None
     report["verdict"] = verdict(report)
     if write:
         plots = make_plots(ablation, base, by_regime, report)
@@ -492,6 +495,10 @@ def markdown(report: dict) -> str:
         md.append(_row([name, str(r["group"]) + (f" (control of {r['control_of']})" if r.get("control_of") else "")]
                        + [_cell(b[k]["mean"], ".0f") for k in BUDGET_KEYS]
                        + [_cell(report["compute"][name]["wall_time_s"], ".1f"), "/".join(r["status"])]))
+    if report.get("reward_model"):
+        q = report["reward_model"]
+        md += ["", f"Reward model (reward=rm regimes' reward), on held-out prompt draws of its ratings: pairwise accuracy "
+               f"{_fmt(q['eval_pairwise_accuracy'])}, Spearman with the gold rater {_fmt(q['eval_spearman_gold'])}."]
     for name, r in regimes.items():
         if r.get("control_of"):
             md += ["", (f"`{name}` is trained on the same ratings as `{r['control_of']}` (the same ratings "

@@ -111,18 +111,26 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
             r = rep["regimes"][regime]
             call = (f"control of {r['control_of']}" if r.get("control_of") else
                     r.get("call") or ("collapsed" if r["collapsed"] else "not collapsed"))
+            matched = next((c for c in (rep.get("frontier") or {}).get("comparisons", [])
+                            if c["regime"] == regime and c["x"] == "kl"), None)  # vs FeedME at matched KL
             rows.append({"point": {k: pt[k] for k in keys}, "ablation": str(abl), "regime": regime,
                          "collapsed": r["collapsed"], "call": call, **{k: r["metrics"][k] for k, _, _ in COLUMNS},
+                         "rm_accuracy": (rep.get("reward_model") or {}).get("eval_pairwise_accuracy"),  # an interval
+                         "matched_kl": None if matched is None else {**matched["difference"], "call": matched["call"]},
                          "verdict": rep["verdict"]["answer"], "endpoint_verdict": rep["verdict"].get("endpoint_answer")})
     result = {"sweep": spec["name"], "swept": keys, "spec": spec, "rows": rows}
     (out / "report.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = [f"# Sweep `{spec['name']}`", "", spec.get("description", "").strip(), "",
           f"Swept: {', '.join(keys)}; each point is an ablation (`collapse-lab ablate`) whose report is linked.", "",
-          _row([*keys, "regime", "collapsed", *[label for _, label, _ in COLUMNS], "ablation"]),
-          _row(["---"] * (len(keys) + 3 + len(COLUMNS)))]
+          _row([*keys, "regime", "collapsed", *[label for _, label, _ in COLUMNS], "RM held-out accuracy",
+                "vs FeedME at matched KL", "ablation"]),
+          _row(["---"] * (len(keys) + 5 + len(COLUMNS)))]
     for r in rows:
+        m = r["matched_kl"]
         md.append(_row([*[str(r["point"][k]) for k in keys], r["regime"], "**yes**" if r["collapsed"] else r["call"],
-                        *[_fmt(r[k], f) for k, _, f in COLUMNS], f"[report]({Path(r['ablation']) / 'report.md'})"]))
+                        *[_fmt(r[k], f) for k, _, f in COLUMNS], _fmt(r["rm_accuracy"], ".3f"),
+                        "-" if m is None else f"{_fmt(m, '+.3f')} ({m['call']})",
+                        f"[report]({Path(r['ablation']) / 'report.md'})"]))
     plot = _plot(out, keys, rows)
     if plot:
         md += ["", f"![{plot.name}](plots/{plot.name})"]
@@ -140,11 +148,12 @@ def _plot(out: Path, keys: list[str], rows: list[dict]):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for regime in dict.fromkeys(r["regime"] for r in rows):
-        pts = sorted((r["point"][keys[0]], r) for r in rows if r["regime"] == regime)
+    line = lambda r: " ".join([r["regime"], *(f"{k}={r['point'][k]}" for k in keys[1:])])  # noqa: E731
+    for label in dict.fromkeys(map(line, rows)):
+        pts = sorted(((r["point"][keys[0]], r) for r in rows if line(r) == label), key=lambda x: x[0])
         x = [p for p, _ in pts]
         for ax, key in zip(axes, ("norm_entropy", "gold_reward")):
-            ax.plot(x, [r[key]["mean"] if r[key]["mean"] is not None else math.nan for _, r in pts], "o-", label=regime)
+            ax.plot(x, [r[key]["mean"] if r[key]["mean"] is not None else math.nan for _, r in pts], "o-", label=label)
     symlog = any(v <= 0 for v in (r["point"][keys[0]] for r in rows))
     for ax, label in zip(axes, ("H / log|A| (seed prompts)", "mean gold reward")):
         ax.set_xscale("symlog", linthresh=1e-3) if symlog else ax.set_xscale("log")

@@ -14,7 +14,7 @@ SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
 
 
 def test_the_three_sweeps_exist():
-    assert {p.stem for p in SWEEPS} >= {"beta", "alpha", "preference"}
+    assert {p.stem for p in SWEEPS} >= {"beta", "alpha", "preference", "rating_budget"}
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
@@ -27,20 +27,20 @@ def test_sweep_file_is_a_wandb_grid_whose_every_point_is_a_valid_ablation(path):
     assert spec["command"][spec["command"].index("${program}") + 1] == "ablate"
     loaded = sweep.load(path)
     points = sweep.grid(loaded)
-    assert len(points) >= 3 and len(sweep.swept(loaded)) == 1
+    assert len(points) >= 3 and 1 <= len(sweep.swept(loaded)) <= 2
     regime = spec["metric"]["name"].split("/")[0]
     for pt in points:
         p = ablate.plan(sweep.point_overrides(loaded, pt, []))
         assert regime in p.cfg.regimes
         lab = p.lab_config(p.seeds[0], regime)
         assert lab.wandb.mode == "offline" and lab.wandb.group == spec["name"]
-    # the swept value reaches the stage's config
-    key = sweep.swept(loaded)[0]
-    last = ablate.plan(sweep.point_overrides(loaded, points[-1], [])).lab_config(0, regime)
-    lab_key = "world.rater.preference_strength" if key == "world.preference" else key
+    # every swept value reaches the stage's config
     from omegaconf import OmegaConf
 
-    assert OmegaConf.select(last, lab_key) == points[-1][key]
+    last = ablate.plan(sweep.point_overrides(loaded, points[-1], [])).lab_config(0, regime)
+    for key in sweep.swept(loaded):
+        lab_key = "world.rater.preference_strength" if key == "world.preference" else key
+        assert OmegaConf.select(last, lab_key) == points[-1][key]
 
 
 @pytest.mark.parametrize("text, message", [
