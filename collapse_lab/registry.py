@@ -5,7 +5,8 @@ read. A regime is a file (its update rule), a recipe YAML and one entry here (`S
     base           -                             base           -                     0
     ratings        base                          ratings        -                     n·k
     reward_model   base, ratings                 reward model   -                     n·k (its ratings')
-    sft            base, ratings                 policy         selection (FeedME)    n·k·rounds
+    sft, sft-k16,  base, ratings                 policy         selection (FeedME)    n·k·rounds
+    sft-r3
     sft-random     base, ratings                 policy         control of sft        n·k·rounds
     bok            base                          sampler        selection             k per query, at inference
     dpo*, ipo*     base, ratings                 policy         offline preference    n·k (FeedME's ratings)
@@ -53,7 +54,7 @@ _PPO = Stage("ppo", ppo.train_ppo, section="ppo", consumes=(BASE, REWARD), group
              rating_budget=online_rating_budget("ppo"), kl_key="ppo.kl_coef", adaptive_kl_key="ppo.adaptive_kl")
 
 REGIMES: dict[str, Stage] = {
-    **regimes(_FEEDME, "sft"),
+    **regimes(_FEEDME, "sft", "sft-k16", "sft-r3"),  # FeedME, and its ladder (more samples per prompt, rounds)
     "bok": Stage("bok", bok.make_bok, section="ratings", recipe="bok", consumes=(BASE,), produces="sampler",
                  group=SELECTION, rating_budget=lambda cfg: 0),
     **regimes(_PPO, "kl0", "kl0.01", "kl0.1", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01"),
