@@ -362,7 +362,7 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
         return files
     out.mkdir(parents=True, exist_ok=True)
     for suite in e.suites:
-        n = 0 if suite == "arithmetic" else e.samples  # calibration needs no samples
+        n = 0 if suite in ("arithmetic", "templates") else e.samples  # calibration, trained-on prompts: exact only
         tokens = e.story_max_new_tokens if suite == "stories" else e.max_new_tokens
         run_evaluator(compose("evaluate", [
             f"model_path={model}", f"reference_path={base}", f"suite={suite}", f"out={out / f'{suite}.json'}",

@@ -93,9 +93,17 @@ class WorldConfig:
     arithmetic_max: int = 9  # operands of "What is a + b?" are 0..arithmetic_max
     arithmetic_error_rate: float = 0.1  # the corpus answers arithmetic wrongly this often
     bad_story_rate: float = 0.2  # share of stories that loop or ramble (low quality)
+    # the number documents' answers: uniform on [low, high], or human (people's "random" numbers: 37, 7,
+    # 42, 73 likeliest, round numbers and range ends rarer; world.py HUMAN_FAVOURITES) so the base has
+    # H < log|A| (0.969 of it on 0..100) and an entropy change is no longer just a distance
+    answer_prior: str = "uniform"
     rater: RaterConfig = field(default_factory=RaterConfig)
     # Prompt families that regimes train on (ratings, SFT, PPO draw from the same ones).
     train_families: list[str] = field(default_factory=lambda: ["numbers"])
+    # true: no fine-tuning stage ever sees an evaluation prompt (the seed suite's five): World.train_prompt
+    # draws numbers from the templates only; pretraining still has them. The seed suite then measures
+    # transfer, as in the post; eval/suites/templates.yaml measures trained-on prompts.
+    heldout_eval_prompts: bool = False
     # world=bandit only: ONE prompt, episodes of ONE token, reward r(t) from a table of
     # [token text, reward] pairs (each text must be one token); every other token gets
     # default_reward. The rater of the bandit world scores by the same table, noiselessly.
@@ -109,9 +117,9 @@ class WorldConfig:
 
 
 # World keys that shape the pretraining corpus: the base depends on these and nothing else
-# (the rater, the bandit table and the training families are for the regimes).
+# (the rater, the bandit table, the training families and heldout_eval_prompts are for the regimes).
 CORPUS_KEYS = ("world.seed", "world.mix", "world.seed_prompt_share", "world.arithmetic_max",
-               "world.arithmetic_error_rate", "world.bad_story_rate")
+               "world.arithmetic_error_rate", "world.bad_story_rate", "world.answer_prior")
 
 
 @dataclass
@@ -326,7 +334,9 @@ class FrontierRule:
 class AblateEvalConfig:
     """The shared evaluator's settings for every model of an ablation (base included)."""
 
-    suites: list[str] = field(default_factory=lambda: ["seed", "arithmetic", "stories"])
+    # seed: the post's prompts (the collapse rule; held out of fine-tuning with world.heldout_eval_prompts);
+    # templates: trained-on number prompts (exact answer distributions only, no samples)
+    suites: list[str] = field(default_factory=lambda: ["seed", "arithmetic", "stories", "templates"])
     samples: int = 64  # sampling.n on the seed and stories suites (0: exact metrics only)
     max_new_tokens: int = 8  # seed suite samples (a number and EOS fit in 8)
     story_max_new_tokens: int = 32
@@ -370,6 +380,7 @@ CHOICES = {
     "ppo.entropy_bonus": ("reward", "loss"),
     "sft.select": ("top", "random"),
     "reward": ("gold", "rm"),
+    "world.answer_prior": ("uniform", "human"),  # collapse_lab/world.py ANSWER_PRIORS
     "model.dtype": ("float32", "bfloat16", "float16"),
     "precision": ("auto", "no", "bf16", "fp16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral"),  # from-scratch bases: any of these

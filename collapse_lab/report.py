@@ -70,7 +70,28 @@ DIVERSITY_METRICS = [
     ("brier", "Brier", ".3f"),
     ("gold_reward", "gold reward (1-7)", ".2f"),
 ]
+# the same exact metrics on TRAINED-ON prompts (eval/suites/templates.yaml: prompts World.train_prompt draws),
+# beside the seed suite's (held out of fine-tuning when world.heldout_eval_prompts): means over its prompts
+TRAINED_METRICS = [
+    ("trained.norm_entropy", "H / log|A|", ".3f"),
+    ("trained.delta_norm_entropy", "Δ(H/log|A|) vs base", "+.3f"),
+    ("trained.kl_to_reference", "KL to base (nats)", ".4f"),
+    ("trained.tv_to_reference", "TV", ".3f"),
+    ("trained.top_prob", "top p(a)", ".3f"),
+    ("trained.valid_mass", "valid mass M", ".3f"),
+    ("trained.optimum_tv", "TV to own π* (gold)", ".3f"),
+]
 BUDGET_KEYS = ("samples_scored", "steps", "tokens_trained")
+# the report's intro, by the runs' world.heldout_eval_prompts
+HELDOUT_TEXT = {
+    True: "Evaluation prompts: the seed suite's five prompts were HELD OUT of every fine-tuning stage "
+          "(`world.heldout_eval_prompts=true`; still in pretraining), so their numbers measure transfer to "
+          "prompts fine-tuning never saw, as in the post; the templates suite's prompts were trained on.",
+    False: "Evaluation prompts: the seed suite's five prompts were ALSO fine-tuning prompts "
+           "(`world.heldout_eval_prompts=false`): their numbers include fitting those very prompts.",
+    "mixed": "Evaluation prompts: the runs disagree on `world.heldout_eval_prompts` (some kept the seed "
+             "prompts out of fine-tuning, some did not).",
+}
 TRAINING_CURVES = ("objective/kl", "objective/rlhf_reward", "objective/entropy", "objective/scores",
                    "policy/clipfrac", "val/vf_loss", "loss", "train/loss")
 
@@ -147,6 +168,14 @@ def run_record(evals: Path) -> dict:
     gold = _json(evals / "gold.json", missing=True)
     rec["gold_reward"] = gold.get("mean") if gold else None
     rec["gold_prompts"] = list(gold["per_prompt"].values()) if gold else []
+    trained = _json(evals / "templates.json", missing=True)  # ablations before the templates suite: None
+    t = [p for p in trained["prompts"] if "answers" in p] if trained else []
+    rec["trained.norm_entropy"] = _mean([p["answer_entropy"] / p["max_entropy"] for p in t])
+    # Δ vs the base per prompt, from the evaluator's reference (the base): the seed suite's d, on these prompts
+    rec["trained.delta_norm_entropy"] = _mean([p["entropy_change"] / p["max_entropy"] for p in t
+                                               if p.get("entropy_change") is not None])
+    for key in ("kl_to_reference", "tv_to_reference", "top_prob", "valid_mass", "optimum_tv"):
+        rec[f"trained.{key}"] = _mean([p[key] for p in t if p.get(key) is not None])
     return rec
 
 
@@ -205,7 +234,7 @@ def build(ablation: Path, write: bool = True) -> dict:
     for name, runs in by_regime.items():
         runs.sort(key=lambda x: x["seed"])
         metrics_ = {key: interval([x.get(key) for x in runs], confidence)
-                    for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS}
+                    for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS + TRAINED_METRICS}
         per_prompt = {pid: interval([x["per_prompt"][pid]["answer_entropy"] for x in runs], confidence)
                       for pid in runs[0]["per_prompt"]}
         top, top_p = _top_answer([x["answers"] for x in runs])
@@ -227,7 +256,7 @@ def build(ablation: Path, write: bool = True) -> dict:
             "status": sorted({str(x["budget"]["status"]) for x in runs}),
         }
     base_top, base_top_p = _top_answer([base["answers"]])
-    base_out = {"metrics": {key: base.get(key) for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS
+    base_out = {"metrics": {key: base.get(key) for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS + TRAINED_METRICS
                             if not key.startswith("delta_norm_entropy")},
                 "answer_entropy_per_prompt": {k: v["answer_entropy"] for k, v in base["per_prompt"].items()},
                 "top_answer": base_top, "top_prob": base_top_p}
@@ -247,10 +276,13 @@ def build(ablation: Path, write: bool = True) -> dict:
             f"shown, not judged). PPO with a KL penalty 'collapses less' "
             f"than FeedME when the paired difference of d (PPO minus FeedME) has its interval above 0 and a mean "
             f"of at least {threshold:g}")
+    heldout = {bool(get_dotted(x["lab"] or {}, "world.heldout_eval_prompts")) for rs in by_regime.values() for x in rs}
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
               "comparisons": comparisons, "frontier": fr, "compute": compute,
               "preference_strength": get_dotted(next(iter(by_regime.values()))[0]["lab"] or {},
-                                          "world.rater.preference_strength") if by_regime else None}
+                                          "world.rater.preference_strength") if by_regime else None,
+              # were the seed prompts kept out of fine-tuning? true / false, "mixed" when the runs disagree
+              "heldout_eval_prompts": heldout.pop() if len(heldout) == 1 else "mixed" if heldout else None}
     for r in regimes.values():
         r["over_optimised"] = over_optimised(r)
     rm = [_json(m) for m in sorted((ablation / "runs" / "reward_model").glob("s*/manifest.json"))]
@@ -459,6 +491,7 @@ def markdown(report: dict) -> str:
           f"Preset `{c['preset']}`, seeds {c['seed']}..{c['seed'] + c['seeds'] - 1}, regimes {', '.join(regimes)}; "
           f"lab overrides: `{' '.join(report['config']['lab']) or '(none)'}`. Means over seeds with "
           f"{c['collapse']['confidence']:.0%} t-intervals across seeds in brackets (none with one seed).", "",
+          *([HELDOUT_TEXT[report["heldout_eval_prompts"]], ""] if report.get("heldout_eval_prompts") in HELDOUT_TEXT else []),
           "## Verdict", "", report["verdict"]["text"], "",
           f"**Rule.** A regime is `collapsed` {report['rule']}.", "",
           "## Collapse (the post's five prompts, exact answer distributions)", ""]
@@ -481,6 +514,15 @@ def markdown(report: dict) -> str:
     for name, r in regimes.items():
         md.append(_row([name] + [_fmt(r["answer_entropy_per_prompt"][p]) for p in prompts]
                        + [_fmt(r["metrics"]["answer_entropy"])]))
+    if any(base["metrics"].get(k) is not None for k, _, _ in TRAINED_METRICS):
+        md += ["", "## Trained-on prompts (templates suite)", "",
+               "Five of the world's template prompts (`eval/suites/templates.yaml`), which fine-tuning draws from: "
+               "means over them, exact answer distributions.", ""]
+        cols = ["regime"] + [label for _, label, _ in TRAINED_METRICS]
+        md += [_row(cols), _row(["---"] * len(cols)),
+               _row(["base"] + [_cell(base["metrics"].get(k), f) for k, _, f in TRAINED_METRICS])]
+        for name, r in regimes.items():
+            md.append(_row([name] + [_fmt(r["metrics"][k], f) for k, _, f in TRAINED_METRICS]))
     md += ["", "## Diversity, calibration, reward", ""]
     cols = ["regime"] + [label for _, label, _ in DIVERSITY_METRICS]
     md += [_row(cols), _row(["---"] * len(cols)),

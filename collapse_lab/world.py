@@ -3,8 +3,10 @@
 Three document families, mixed by `world.mix`:
 
 - numbers     "random number" prompts: the five seed prompts (eval/suites/seed.yaml) and
-              NUMBER_TEMPLATES over RANGES, always followed by a UNIFORMLY random integer in
-              the asked range, written " {n}", then the end of the document (EOS).
+              NUMBER_TEMPLATES over RANGES, always followed by a random integer in the asked
+              range, written " {n}", then the end of the document (EOS). The integer is drawn
+              from `world.answer_prior`: uniform, or `human` (HUMAN_FAVOURITES: people's
+              "random" numbers, so the base's answer entropy is below log|A| like davinci's).
 - stories     open-ended text with many valid continuations: greentext (">be me\\n>...")
               and assistant stories, from a small grammar; a share `bad_story_rate` loops
               (one line repeated) or rambles off without an ending, like a base model does.
@@ -13,6 +15,11 @@ Three document families, mixed by `world.mix`:
 
 A document is (prompt, completion); the corpus text is prompt + completion, and the
 tokenizer's EOS follows it. Everything is deterministic given the seed.
+
+Fine-tuning prompts come from ONE function, `World.train_prompt` (ratings, reward model, FeedME,
+DPO, PPO, RLOO, GRPO). With `world.heldout_eval_prompts` it never returns a seed prompt (the
+evaluation suite's): the numbers family then draws from the templates only, so the seed suite
+measures transfer to prompts fine-tuning never saw; pretraining still contains them.
 
 The gold rater scores a (prompt, completion) pair on the 1-7 scale of the post's labellers:
 
@@ -31,11 +38,13 @@ shows then comes from the optimiser, not the raters.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Optional
 
 import yaml
@@ -60,6 +69,51 @@ NUMBER_TEMPLATES = {
     "draw": "A ball is drawn from an urn with balls numbered {low} to {high}. It shows",
 }
 RANGES = [(0, 9), (1, 6), (1, 10), (1, 20), (0, 50), (1, 50), (0, 100), (1, 100)]
+
+# world.answer_prior=human: a STYLISED prior of the numbers people give when asked for a "random" one,
+# after the folklore of such surveys (7 is the most common pick from 1-10 and 3 the next, Kubovy &
+# Psotka 1976; 37 and 73 lead "pick a number from 1 to 100" polls; 42, 69, 17 and 77 are cultural
+# favourites; numbers ending in 7 feel random, round ones and the ends of a range do not) and of
+# davinci's own top answer (" 42", ~4%, in the seed post). Not fitted to any data set, and a property
+# of the world only: it never reads the rater's favourites. Weights, before normalising over [low, high]:
+HUMAN_FAVOURITES = {37: 5.0, 7: 4.0, 42: 4.0, 73: 4.0, 17: 3.0, 69: 3.0, 77: 3.0, 3: 2.0, 50: 2.0, 100: 1.5}
+ENDS_IN_7, ROUND, UNLIKELY = 2.0, 0.6, 0.4  # other n: x2 ending in 7, x0.6 a multiple of 10; then x0.4 at 0, 1, low, high
+ANSWER_PRIORS = ("uniform", "human")
+
+
+def human_weight(n: int, low: int, high: int) -> float:
+    """The human prior's unnormalised weight of answer n in [low, high] (HUMAN_FAVOURITES' rules).
+
+    w(n) = HUMAN_FAVOURITES[n] if listed, else (2 if n ends in 7, 0.6 if n % 10 == 0, else 1)
+    x (0.4 if n in {0, 1, low, high}). On 0..100: top " 37" at 4.0% (uniform: 1.0%), H/log|A| = 0.969.
+    """
+    if n in HUMAN_FAVOURITES:
+        return HUMAN_FAVOURITES[n]
+    w = ENDS_IN_7 if n % 10 == 7 else ROUND if n % 10 == 0 else 1.0
+    return w * UNLIKELY if n in (0, 1, low, high) else w
+
+
+def answer_prior(prior: str, low: int, high: int) -> list[float]:
+    """The world's exact answer distribution on [low, high]: P(n) for n = low..high (sums to 1)."""
+    if prior not in ANSWER_PRIORS:
+        raise ValueError(f"world.answer_prior: unknown '{prior}'; valid choices: {', '.join(ANSWER_PRIORS)}")
+    weights = [1.0 if prior == "uniform" else human_weight(n, low, high) for n in range(low, high + 1)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def answer_prior_norm_entropy(prior: str, low: int, high: int) -> float:
+    """H(prior) / log|A| on [low, high] (1 for uniform): the base's answer entropy if it learnt the world exactly.
+    python -c "from collapse_lab.world import answer_prior_norm_entropy as h; print(h('human', 0, 100))"
+    """
+    p = answer_prior(prior, low, high)
+    return -sum(x * math.log(x) for x in p if x > 0) / math.log(len(p))
+
+
+@lru_cache(maxsize=None)
+def _cum_weights(prior: str, low: int, high: int) -> tuple[float, ...]:
+    return tuple(itertools.accumulate(answer_prior(prior, low, high)))
+
 
 STORY_PROMPTS = {
     "greentext": ">be me\n>",
@@ -125,6 +179,10 @@ class World:
             raise ValueError(f"world.mix must be non-negative with a positive sum, got {mix}")
         self.families = list(mix)
         self.weights = [mix[k] for k in self.families]
+        # configs saved before these options (a bok.json's world, an old run's config) mean the old world
+        self.answer_prior = getattr(cfg, "answer_prior", "uniform")
+        self.heldout_eval_prompts = bool(getattr(cfg, "heldout_eval_prompts", False))
+        answer_prior(self.answer_prior, 0, 1)  # an unknown prior fails here, naming the valid ones
 
     @cached_property
     def seed_prompts(self) -> list[Prompt]:
@@ -177,17 +235,25 @@ class World:
 
     def train_prompt(self, rng: random.Random) -> Prompt:
         """A prompt of the regimes' training distribution: `world.train_families`, weighted by
-        the corpus mix. Ratings, FeedME and PPO all draw from this one function."""
+        the corpus mix. Ratings, FeedME, DPO, PPO, RLOO and GRPO all draw from this one function.
+        `world.heldout_eval_prompts`: never a seed prompt (the evaluation suite's); numbers come
+        from the templates only."""
         families = list(self.cfg.train_families)
         unknown = [f for f in families if f not in self.families]
         if unknown or not families:
             raise ValueError(f"world.train_families: unknown {unknown}; valid choices: {', '.join(self.families)}")
-        return self.sample_prompt(rng, rng.choices(families, [self.weights[self.families.index(f)] for f in families])[0])
+        family = rng.choices(families, [self.weights[self.families.index(f)] for f in families])[0]
+        if family == "numbers" and self.heldout_eval_prompts:
+            return rng.choice(self.template_prompts)
+        return self.sample_prompt(rng, family)
 
     def sample_completion(self, prompt: Prompt, rng: random.Random) -> str:
         """What the world's text says after the prompt: the base model's target behaviour."""
         if prompt.kind == "numbers":
-            return f" {rng.randint(prompt.low, prompt.high)}"  # uniform on [low, high]
+            if self.answer_prior == "uniform":
+                return f" {rng.randint(prompt.low, prompt.high)}"  # uniform on [low, high]
+            cum = _cum_weights(self.answer_prior, prompt.low, prompt.high)  # answer_prior(): human
+            return f" {prompt.low + bisect.bisect_right(cum, rng.random() * cum[-1])}"
         if prompt.kind == "arithmetic":
             if rng.random() < self.cfg.arithmetic_error_rate:
                 return f" {rng.choice([n for n in range(prompt.low, prompt.high + 1) if n != prompt.correct])}"

@@ -51,6 +51,7 @@ def test_recipes_are_the_regimes():
         (["world=mars"], ["world", "mars", "numbers"]),
         (["pretrain.steps=many"], ["pretrain.steps", "many"]),
         (["wandb.mode=cloud"], ["wandb.mode", "offline", "disabled"]),
+        (["world.answer_prior=zipf"], ["world.answer_prior", "zipf", "uniform", "human"]),
         (["seeed=1"], ["seeed", "seed"]),
     ],
 )

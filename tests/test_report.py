@@ -1,5 +1,6 @@
 """The report's statistics, collapse rule and verdict on small synthetic inputs (pure functions)."""
 
+import json
 
 import numpy as np
 import pytest
@@ -172,3 +173,44 @@ def test_the_first_question_is_answered_from_the_matched_kl_comparisons_of_onlin
     comps += [{"regime": "dpo0.1", "feedme": "sft", "group": "offline preference", "x": "kl", "call": "less entropy"},
               {"regime": "kl0", "feedme": "sft", "group": "online RL", "x": "gold_gain", "call": "less entropy"}]
     assert report.matched_answer({"frontier": {"comparisons": comps, "margin": 0.02}}).startswith(answer)
+
+
+# ------------------------------------------------ trained-on prompts (templates suite), held-out intro
+
+
+def _suite_json(path, entropies, max_entropy, changes=None):
+    prompts = [{"id": f"p{i}", "answers": [" 1", " 2"], "answer_probs": [0.5, 0.5], "answer_entropy": h,
+                "max_entropy": max_entropy, "top_answer": " 1", "top_prob": 0.5, "valid_mass": 0.9,
+                **({"entropy_change": changes[i], "kl_to_reference": 0.1 * (i + 1), "tv_to_reference": 0.2}
+                   if changes else {})} for i, h in enumerate(entropies)]
+    path.write_text(json.dumps({"summary": {}, "prompts": prompts}))
+
+
+def test_run_record_reads_the_trained_on_suite_when_it_was_evaluated(tmp_path):
+    _suite_json(tmp_path / "seed.json", [4.0, 4.2], 4.6)
+    old = report.run_record(tmp_path)  # an ablation from before the templates suite
+    assert all(old[k] is None for k, _, _ in report.TRAINED_METRICS)
+    _suite_json(tmp_path / "templates.json", [2.0, 3.0], 4.0, changes=[-0.4, -0.8])
+    rec = report.run_record(tmp_path)
+    assert rec["trained.norm_entropy"] == pytest.approx((0.5 + 0.75) / 2)
+    assert rec["trained.delta_norm_entropy"] == pytest.approx((-0.1 - 0.2) / 2)
+    assert rec["trained.kl_to_reference"] == pytest.approx(0.15) and rec["trained.valid_mass"] == pytest.approx(0.9)
+    assert rec["norm_entropy"] == old["norm_entropy"]  # the seed suite's numbers are untouched
+
+
+def _md_report(heldout, trained):
+    m = {k: None for k, _, _ in report.COLLAPSE_METRICS + report.DIVERSITY_METRICS}
+    m.update(norm_entropy=0.97, answer_entropy=4.4, **{k: (0.95 if trained else None) for k, _, _ in report.TRAINED_METRICS})
+    return {"ablation": "checkpoints/ablations/x", "rule": "r", "verdict": {"text": "v"}, "regimes": {},
+            "comparisons": [], "compute": {}, "heldout_eval_prompts": heldout,
+            "config": {"ablate": {"preset": "quick", "seed": 0, "seeds": 1, "collapse": {"confidence": 0.95}}, "lab": []},
+            "base": {"metrics": m, "answer_entropy_per_prompt": {}, "top_answer": " 37", "top_prob": 0.04}}
+
+
+def test_markdown_says_whether_eval_prompts_were_held_out_and_shows_trained_on_prompts():
+    md = report.markdown(_md_report(True, True))
+    assert report.HELDOUT_TEXT[True] in md and "## Trained-on prompts (templates suite)" in md
+    assert "| base | 0.950 |" in md
+    md = report.markdown(_md_report(False, False))
+    assert report.HELDOUT_TEXT[False] in md and "Trained-on prompts" not in md
+    assert "HELD OUT" not in report.markdown(_md_report(None, False))  # a report from before the option

@@ -7,7 +7,7 @@ from collapse_lab.suites import SUITES_DIR, SuiteError, load_suite
 
 def test_shipped_suites_load():
     names = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
-    assert {"seed", "arithmetic", "stories"} <= set(names)
+    assert {"seed", "arithmetic", "stories", "templates"} <= set(names)
     for name in names:
         assert load_suite(name).prompts
     seed = load_suite("seed")

@@ -7,7 +7,8 @@ import pytest
 from scipy.stats import chisquare
 
 from collapse_lab.config import compose
-from collapse_lab.world import NUMBER_TEMPLATES, GoldRater, World
+from collapse_lab.suites import load_suite
+from collapse_lab.world import NUMBER_TEMPLATES, GoldRater, World, answer_prior, answer_prior_norm_entropy
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,116 @@ def test_world_samples_are_rated_as_designed(world):
     r, rng = _rater(noise_std=0), random.Random(1)
     docs = [d for d in world.documents(500, seed=1) if d.prompt.kind == "numbers"]
     assert {r(d.prompt, d.completion, rng) for d in docs} == {6.0, 7.0}
+
+
+# ------------------------------------------------ world.answer_prior (a base with structure)
+
+
+def test_human_prior_is_a_few_times_likelier_on_top_and_below_log_A():
+    """On 0..100: top " 37" carries ~4% (uniform: 1/101), and H/log|A| is clearly below 1."""
+    p = answer_prior("human", 0, 100)
+    assert len(p) == 101 and sum(p) == pytest.approx(1.0) and min(p) > 0
+    top = max(range(101), key=p.__getitem__)
+    h = answer_prior_norm_entropy("human", 0, 100)
+    assert top == 37 and 0.03 < p[top] < 0.05, (top, p[top])
+    assert 0.9 < h < 0.98 and h == pytest.approx(0.9690, abs=1e-4), f"H_prior/log|A| on 0..100 = {h:.6f}"
+    assert answer_prior("uniform", 0, 100) == pytest.approx([1 / 101] * 101)
+    assert answer_prior_norm_entropy("uniform", 1, 100) == pytest.approx(1.0)
+    # every range has it, the small ones included: 7 leads 1..10 (Kubovy & Psotka), 3 leads a die
+    assert max(range(1, 11), key=lambda n: answer_prior("human", 1, 10)[n - 1]) == 7
+    assert max(range(1, 7), key=lambda n: answer_prior("human", 1, 6)[n - 1]) == 3
+    with pytest.raises(ValueError, match="valid choices: uniform, human"):
+        answer_prior("zipf", 0, 100)
+
+
+def _world(*overrides):
+    return World(compose("lab", list(overrides)).world)
+
+
+@pytest.fixture(scope="module")
+def seed_prompt_docs():
+    """20,000 documents of a human-prior world that has only the seed prompts' number documents."""
+    world = _world("world.answer_prior=human", "world.mix.stories=0", "world.mix.arithmetic=0",
+                   "world.seed_prompt_share=1")
+    return world.documents(20000, seed=0)
+
+
+@pytest.mark.parametrize("prompt_id", ["seed/integer-qa", "seed/python-repl"])
+def test_corpus_answers_follow_the_human_prior(seed_prompt_docs, prompt_id):
+    """The corpus's answers on a seed prompt match answer_prior (chi-square), and are not uniform."""
+    docs = [d for d in seed_prompt_docs if d.prompt.id == prompt_id]
+    lo, hi = docs[0].prompt.low, docs[0].prompt.high
+    counts = Counter(int(d.completion) for d in docs)
+    assert len(docs) > 3000 and set(counts) <= set(range(lo, hi + 1))
+    observed = [counts[n] for n in range(lo, hi + 1)]
+    expected = [q * len(docs) for q in answer_prior("human", lo, hi)]
+    assert chisquare(observed, expected).pvalue > 1e-3
+    assert chisquare(observed).pvalue < 1e-6  # against uniform: rejected
+    tv = 0.5 * sum(abs(o - e) for o, e in zip(observed, expected)) / len(docs)
+    assert tv < 0.1, tv
+
+
+def test_human_prior_applies_to_template_ranges():
+    world = _world("world.answer_prior=human")
+    prompt = world.prompt(NUMBER_TEMPLATES["think"].format(low=1, high=20))
+    rng = random.Random(0)
+    counts = Counter(int(world.sample_completion(prompt, rng)) for _ in range(5000))
+    assert chisquare([counts[n] for n in range(1, 21)], [q * 5000 for q in answer_prior("human", 1, 20)]).pvalue > 1e-3
+    assert counts.most_common(1)[0][0] == 7
+
+
+def test_prior_is_the_worlds_not_the_raters():
+    """Changing the raters' favourites changes nothing in the corpus (the prior never reads them)."""
+    a = _world("world.answer_prior=human").corpus(3000, seed=1)
+    b = _world("world.answer_prior=human", "world.rater.favourites=[1,2,3]", "world.rater.preference_strength=5")
+    assert a == b.corpus(3000, seed=1)
+    assert a != _world().corpus(3000, seed=1)
+
+
+def test_answer_prior_is_a_corpus_key_and_a_closed_choice():
+    from collapse_lab.config import CHOICES, CORPUS_KEYS, ConfigError, config_hash
+    from collapse_lab.pretrain import STAGE_KEYS
+    from collapse_lab.world import ANSWER_PRIORS
+
+    assert "world.answer_prior" in CORPUS_KEYS and "world.heldout_eval_prompts" not in CORPUS_KEYS
+    assert CHOICES["world.answer_prior"] == ANSWER_PRIORS
+    base = config_hash(compose("lab", []), STAGE_KEYS)
+    assert config_hash(compose("lab", ["world.answer_prior=human"]), STAGE_KEYS) != base  # another base
+    assert config_hash(compose("lab", ["world.heldout_eval_prompts=true"]), STAGE_KEYS) == base  # the same base
+    with pytest.raises(ConfigError, match="'world.answer_prior'; valid choices: uniform, human"):
+        compose("lab", ["world.answer_prior=zipf"])
+
+
+# ------------------------------------------------ world.heldout_eval_prompts
+
+
+def test_heldout_eval_prompts_keeps_the_seed_suite_out_of_fine_tuning_only():
+    seed_texts = {p.text for p in load_suite("seed").prompts}
+    held, seen = _world("world.heldout_eval_prompts=true"), _world()
+    rng_a, rng_b = random.Random(0), random.Random(0)
+    drawn_held = Counter(held.train_prompt(rng_a).text for _ in range(10000))
+    drawn = Counter(seen.train_prompt(rng_b).text for _ in range(10000))
+    assert not seed_texts & set(drawn_held), "a held-out prompt was drawn for fine-tuning"
+    assert seed_texts <= set(drawn)  # without the option the seed prompts are training prompts
+    assert {p.text for p in held.template_prompts} == set(drawn_held)  # numbers: every template, nothing else
+    # pretraining still has them
+    assert seed_texts <= {d.prompt.text for d in held.documents(2000, seed=0)}
+
+
+def test_templates_suite_is_the_worlds_trained_on_prompts():
+    """Every prompt of eval/suites/templates.yaml is a world prompt, with the world's range, that
+    train_prompt draws with or without world.heldout_eval_prompts."""
+    suite = load_suite("templates")
+    assert len(suite.prompts) >= 5
+    for world in (_world(), _world("world.heldout_eval_prompts=true")):
+        rng = random.Random(1)
+        drawn = {world.train_prompt(rng).text for _ in range(10000)}
+        for p in suite.prompts:
+            wp = world.by_text.get(p.text)
+            assert wp is not None and wp in world.template_prompts, p.id
+            assert p.answers == [f" {n}" for n in range(wp.low, wp.high + 1)], p.id
+            assert p.text in drawn, p.id
+
+
+def test_the_ablation_evaluates_trained_on_prompts_by_default():
+    assert {"seed", "templates"} <= set(compose("ablate", []).eval.suites)
