@@ -328,6 +328,9 @@ class FrontierRule:
 
     margin: float = 0.02  # in units of log|A| (0.02 ~ 0.09 nats on 101 answers)
     grid_points: int = 8
+    # a regime whose entropy dropped with a gold gain below this (rating points, 1-7 scale; exact, on the answers)
+    # is flagged: not preference-driven collapse (collapse_lab/report.py no_gold_gain)
+    gain_floor: float = 0.02
 
 
 @dataclass
@@ -444,7 +447,7 @@ RANGES = {
     },
     "ablate": {
         "seed": NONNEG, "seeds": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
-        "frontier.margin": NONNEG, "frontier.grid_points": COUNT,
+        "frontier.margin": NONNEG, "frontier.grid_points": COUNT, "frontier.gain_floor": NONNEG,
         "eval.samples": NONNEG, "eval.max_new_tokens": COUNT, "eval.story_max_new_tokens": COUNT,
         "eval.temperature": POSITIVE, "eval.gold_samples": COUNT, "eval.seed": NONNEG,
     },

@@ -261,9 +261,9 @@ def build(ablation: Path, write: bool = True) -> dict:
                 "answer_entropy_per_prompt": {k: v["answer_entropy"] for k, v in base["per_prompt"].items()},
                 "top_answer": base_top, "top_prob": base_top_p}
     comparisons = compare(by_regime, regimes, confidence, threshold)
-    for name, runs in by_regime.items():
-        regimes[name]["gold_gain"] = gold_gain(runs, base, confidence)
     fr = frontier_section(ablation, by_regime, regimes, acfg.get("frontier") or {}, confidence)
+    for name, runs in by_regime.items():
+        regimes[name]["gold_gain"] = gold_gain(runs, base, confidence, fr["curves"].get(name))
     compute = {name: {"wall_time_s": interval([x["budget"]["wall_time_s"] for x in runs
                                                if x["budget"]["wall_time_s"] is not None], confidence)["mean"]}
                for name, runs in by_regime.items()}
@@ -283,8 +283,9 @@ def build(ablation: Path, write: bool = True) -> dict:
                                           "world.rater.preference_strength") if by_regime else None,
               # were the seed prompts kept out of fine-tuning? true / false, "mixed" when the runs disagree
               "heldout_eval_prompts": heldout.pop() if len(heldout) == 1 else "mixed" if heldout else None}
+    floor = float((acfg.get("frontier") or {}).get("gain_floor", 0.02))
     for r in regimes.values():
-        r["over_optimised"] = over_optimised(r)
+        r["no_gold_gain"] = no_gold_gain(r, floor)
     rm = [_json(m) for m in sorted((ablation / "runs" / "reward_model").glob("s*/manifest.json"))]
     report["reward_model"] = {k: interval([m.get(k) for m in rm], confidence)  # the reward model's quality
                               for k in ("eval_pairwise_accuracy", "eval_spearman_gold")} if rm else None
@@ -330,29 +331,37 @@ def compare(by_regime: dict, regimes: dict, confidence: float, threshold: float 
     return out
 
 
-def gold_gain(runs: list[dict], base: dict, confidence: float) -> dict:
-    """The regime's gold-reward gain over the base (the evaluator's sampled noiseless gold score on the seed
-    prompts): an interval across seeds, or with one seed across the prompts (`across`)."""
+def gold_gain(runs: list[dict], base: dict, confidence: float, curves: Optional[dict] = None) -> dict:
+    """The regime's gold-reward gain over the base on the seed prompts. With curves along training: EXACT, the
+    rater's mean score of the answer distribution normalised over the answers (frontier/gold_gain at the run's
+    last point: what a preference can raise, not validity or ending), per seed, an interval across seeds.
+    Otherwise (best-of-k, old ablations) the evaluator's SAMPLED noiseless gold score minus the base's: across
+    seeds, or with one seed across the prompts. `source` and `across` say which."""
+    if curves:
+        ends = [rows[-1]["frontier/gold_gain"] for rows in curves.values() if rows]
+        return {**interval(ends, confidence), "across": "seeds", "source": "exact"}
     if len(runs) >= 2:
         return {**interval([x["gold_reward"] - base["gold_reward"] for x in runs
                             if x.get("gold_reward") is not None and base.get("gold_reward") is not None], confidence),
-                "across": "seeds"}
+                "across": "seeds", "source": "sampled"}
     x = runs[0]
     if not x.get("gold_prompts") or len(x["gold_prompts"]) != len(base.get("gold_prompts") or []):
-        return {**interval([], confidence), "across": "prompts"}
-    return {**interval(list(np.subtract(x["gold_prompts"], base["gold_prompts"])), confidence), "across": "prompts"}
+        return {**interval([], confidence), "across": "prompts", "source": "sampled"}
+    return {**interval(list(np.subtract(x["gold_prompts"], base["gold_prompts"])), confidence), "across": "prompts",
+            "source": "sampled"}
 
 
-def over_optimised(regime: dict) -> bool:
-    """A regime trained on a reward (online RL, offline preference) whose answer entropy dropped (called collapsed,
-    or inconclusive) with NO gold-reward gain (the gain's interval reaches 0 or below; no interval: mean ≤ 0):
-    it followed its reward's errors, not the raters' preferences. Not preference-driven collapse."""
-    if regime["group"] not in (ONLINE, OFFLINE) or regime.get("control_of") or regime.get("call") == "not collapsed":
+def no_gold_gain(regime: dict, floor: float) -> bool:
+    """A judged regime whose answer entropy dropped (called collapsed, or inconclusive) with NO gold-reward gain:
+    the gain's mean below `floor` (rating points) or its interval reaching 0. Not preference-driven collapse: a
+    reward-trained regime followed its reward's errors (over-optimising the reward model); FeedME carried over
+    what its training prompts selected for."""
+    if regime.get("control_of") or regime.get("call") == "not collapsed":
         return False
     g = regime.get("gold_gain") or {}
     if g.get("mean") is None:
         return False
-    return bool(g["lo"] <= 0 if g.get("lo") is not None else g["mean"] <= 0)
+    return bool(g["mean"] < floor or (g.get("lo") is not None and g["lo"] <= 0))
 
 
 def curve_rows(run_dir: Path) -> list[dict]:
@@ -469,15 +478,16 @@ def verdict(report: dict) -> dict:
                       "from FeedME")
     lines.append(f"Second, at the END points with a matched rating budget: does RLHF with a KL penalty (PPO, RLOO, "
                  f"GRPO) collapse less than FeedME? {answer}.")
-    flagged = [n for n, r in judged.items() if r.get("over_optimised")]
+    flagged = [n for n, r in judged.items() if r.get("no_gold_gain")]
     if flagged:
-        lines.append(f"Entropy dropped with no gold-reward gain (over-optimising the reward, not preference-driven "
-                     f"collapse): {', '.join(flagged)}.")
+        lines.append(f"Entropy dropped with no gold-reward gain on these prompts, so NOT preference-driven collapse "
+                     f"(reward-trained: over-optimising the reward model; FeedME: what its training prompts selected "
+                     f"for, carried over): {', '.join(flagged)}.")
     first = matched_answer(report) if report.get("frontier") else "NOT TESTED: no frontier section"
     lines.insert(0, f"First, at MATCHED distance: at the same KL to the base, does KL-penalised online RL (PPO, "
                     f"RLOO, GRPO) keep more answer entropy than FeedME? {first}.")
     return {"collapsed": collapsed, "inconclusive": unclear, "not_collapsed": fine, "answer": first,
-            "endpoint_answer": answer, "over_optimised": flagged, "text": " ".join(lines)}
+            "endpoint_answer": answer, "no_gold_gain": flagged, "text": " ".join(lines)}
 
 
 # ------------------------------------------------------------------------------- markdown

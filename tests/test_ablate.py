@@ -243,7 +243,8 @@ def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tm
     """The science check: raters with no favourite answers give FeedME nothing to collapse onto. FeedME fits
     its N kept samples' EMPIRICAL answer distribution (~(|A|-1)/(2N) nats below the base's with no selection
     at all), so the rule also needs a drop below its control, sft-random (as many random base samples)."""
-    out = _real_ablation("preset=quick", "world.preference=0", "regimes=[sft,bok,kl0.1]", f"checkpoints_dir={tmp_path}")
+    out = _real_ablation("preset=quick", "world.preference=0", "regimes=[sft,bok,kl0.1]", f"checkpoints_dir={tmp_path}",
+                         "world.heldout_eval_prompts=false")  # held out, FeedME's range selection transfers: README
     rep = json.loads((out / "report.json").read_text())
     assert rep["preference_strength"] == 0
     assert rep["regimes"]["sft"]["control"] == "sft-random" and rep["regimes"]["sft-random"]["control_of"] == "sft"
@@ -251,10 +252,10 @@ def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tm
         assert not rep["regimes"][feedme]["collapsed"], rep["verdict"]["text"]
         assert feedme not in rep["verdict"]["collapsed"]
     assert "with a KL penalty (PPO, RLOO, GRPO) collapse less than FeedME" in rep["verdict"]["text"]
-    # a drop with no gold gain (the raters prefer nothing) is over-optimisation, flagged, never preference collapse
+    # a drop with no gold gain (the raters prefer nothing) is flagged: never preference-driven collapse
     for name, r in rep["regimes"].items():
         if r["group"] == "online RL" and r["call"] != "not collapsed":
-            assert name in rep["verdict"]["over_optimised"], rep["verdict"]["text"]
+            assert name in rep["verdict"]["no_gold_gain"], rep["verdict"]["text"]
     # along-training curves for every trained regime, the base's exact reference curves, the frontier section
     fr = rep["frontier"]
     assert set(fr["curves"]) >= {"sft", "kl0.1"} and fr["references"]["best_of_k"][0]["k"] == 1

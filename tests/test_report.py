@@ -153,15 +153,27 @@ def test_a_large_drop_that_the_seeds_disagree_on_is_inconclusive_not_cleared():
     assert "Inconclusive" in v["text"] and not v["endpoint_answer"].startswith("NOT APPLICABLE")
 
 
-def test_a_drop_without_gold_gain_is_flagged_as_over_optimisation_not_collapse():
+def test_a_drop_without_gold_gain_is_flagged_as_not_preference_driven():
     gain = lambda values: {**report.interval(values), "across": "seeds"}  # noqa: E731
     dropped = {"group": "online RL", "call": "collapsed"}
-    assert report.over_optimised({**dropped, "gold_gain": gain([0.0, -0.02, 0.01])})
-    assert not report.over_optimised({**dropped, "gold_gain": gain([0.3, 0.35, 0.32])})  # the raters rewarded it
-    assert not report.over_optimised({**dropped, "call": "not collapsed", "gold_gain": gain([0.0, 0.0, -0.1])})
-    assert not report.over_optimised({**dropped, "group": "selection", "gold_gain": gain([0.0, 0.01, -0.01])})
-    one = {"mean": -0.01, "lo": None, "hi": None}
-    assert report.over_optimised({**dropped, "call": "inconclusive", "gold_gain": one})
+    assert report.no_gold_gain({**dropped, "gold_gain": gain([0.0, -0.02, 0.01])}, 0.02)
+    assert report.no_gold_gain({**dropped, "gold_gain": gain([0.012, 0.011, 0.013])}, 0.02)  # significant but tiny
+    assert not report.no_gold_gain({**dropped, "gold_gain": gain([0.3, 0.35, 0.32])}, 0.02)  # the raters rewarded it
+    assert not report.no_gold_gain({**dropped, "call": "not collapsed", "gold_gain": gain([0.0, 0.0, -0.1])}, 0.02)
+    assert report.no_gold_gain({**dropped, "group": "selection", "gold_gain": gain([0.0, 0.01, -0.01])}, 0.02)
+    assert not report.no_gold_gain({**dropped, "control_of": "sft", "gold_gain": gain([0.0, 0.01, -0.01])}, 0.02)
+    one = {"mean": 0.01, "lo": None, "hi": None}
+    assert report.no_gold_gain({**dropped, "call": "inconclusive", "gold_gain": one}, 0.02)
+    assert not report.no_gold_gain({**dropped, "gold_gain": {**one, "mean": 0.4}}, 0.02)
+
+
+def test_gold_gain_is_exact_from_the_curves_when_the_run_has_them():
+    curves = {0: [{"frontier/gold_gain": 0.5}, {"frontier/gold_gain": 0.2}], 1: [{"frontier/gold_gain": 0.4}]}
+    g = report.gold_gain([{"seed": 0}, {"seed": 1}], {}, 0.95, curves)
+    assert g["source"] == "exact" and g["values"] == [0.2, 0.4]
+    sampled = report.gold_gain([{"gold_reward": 6.0, "gold_prompts": [6.0, 6.0]}], {"gold_reward": 5.5,
+                                                                                    "gold_prompts": [5.0, 6.0]}, 0.95)
+    assert sampled["source"] == "sampled" and sampled["across"] == "prompts" and sampled["mean"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("calls, answer", [
