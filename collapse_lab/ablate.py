@@ -52,6 +52,7 @@ from collapse_lab.config import AblateConfig, ConfigError, compose, group_option
 from collapse_lab.evaluator import _load, sample
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.frontier import Curve
+from collapse_lab.models import check_base
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.registry import CONTROLS, REGIMES, UPSTREAM
 from collapse_lab.stage import BASE, device, flush_denormals
@@ -211,9 +212,6 @@ def plan(argv: list[str]) -> Plan:
         p.lab_config(p.seeds[0], regime)
     first = p.lab_config(p.seeds[0], p.regimes[0])
     if first.model.path:  # a user's model: a causal LM with a tokenizer that spells the answers, context enough
-        from collapse_lab.models import check_base
-        from collapse_lab.world import make_world
-
         tokens = max(first.ratings.max_new_tokens, first.ppo.max_new_tokens, cfg.eval.max_new_tokens,
                      cfg.eval.story_max_new_tokens if "stories" in cfg.eval.suites else 0)
         check_base(first.model.path, make_world(first.world), tokens)

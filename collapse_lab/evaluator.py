@@ -39,7 +39,7 @@ from collapse_lab.config import ConfigError, check_output
 from collapse_lab.optimum import optimum_tv, prompt_optimum, run_objective
 from collapse_lab.models import load_pretrained
 from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
-from collapse_lab.tokenizer import decode_continuations, encode_texts
+from collapse_lab.tokenizer import answer_token_ids, decode_continuations, encode_texts
 from collapse_lab.world import make_world
 
 SCHEMA_VERSION = 1
@@ -83,28 +83,6 @@ def end_mask(tokenizer, continue_chars: Optional[str], vocab_size: int) -> torch
         texts = continuation_texts(tokenizer, vocab_size)
         cache[key] = torch.tensor([not continues(s, continue_chars) for s in texts])
     return cache[key]
-
-
-def answer_token_ids(tokenizer, answers: list[str], prompt: Optional[str] = None) -> list[tuple[int, ...]]:
-    """Canonical tokens of each answer; ValueError if one is empty or two coincide (they'd count twice).
-
-    Each answer encoded on its own; with `prompt`, the tokens it gets AFTER the prompt when that differs:
-    tokens(prompt + a) minus tokens(prompt), where the joint encoding starts with the prompt's. Tokenizers
-    that prepend "▁" to every encode call (SentencePiece "legacy" Llama/Mistral ones) spell " 37" alone
-    as "▁" "▁3" "7", and after a prompt as "▁3" "7": the text the model reads is the in-context one."""
-    seqs = [tuple(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
-    if prompt is not None:
-        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        joint = tokenizer([prompt + a for a in answers], add_special_tokens=False)["input_ids"]
-        seqs = [tuple(j[len(head):]) if j[:len(head)] == head else s for s, j in zip(seqs, joint)]
-    seen: dict[tuple[int, ...], str] = {}
-    for a, s in zip(answers, seqs):
-        if not s:
-            raise ValueError(f"answer {a!r} encodes to no tokens")
-        if s in seen:
-            raise ValueError(f"answers {seen[s]!r} and {a!r} encode to the same tokens {list(s)}")
-        seen[s] = a
-    return seqs
 
 
 @dataclass

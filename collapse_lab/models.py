@@ -10,6 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from collapse_lab.config import ConfigError
+from collapse_lab.suites import load_suite
+from collapse_lab.tokenizer import answer_token_ids, decode_continuations, encode_texts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -207,12 +209,6 @@ def check_base(path: str, world, new_tokens: int) -> None:
 
     Spelling: each answer (" 0" .. " 100", the arithmetic sums) encodes without the unknown token and
     decodes back to itself after a prompt; each prompt encodes without the unknown token."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from collapse_lab.evaluator import answer_token_ids
-    from collapse_lab.suites import load_suite
-    from collapse_lab.tokenizer import decode_continuations, encode_texts
-
     key = (path, getattr(world.cfg, "name", None), new_tokens)
     if key in _CHECKED:
         return

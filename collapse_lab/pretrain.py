@@ -31,10 +31,10 @@ from collapse_lab.checkpoint import (already_finished, git_commit, package_versi
                                      start_run, write_manifest)
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
 from collapse_lab.distributed import exact_div, is_main_process, world_size
-from collapse_lab.models import build_base_model
+from collapse_lab.models import build_base_model, check_base
 from collapse_lab.stage import flush_denormals, hf_args
 from collapse_lab.tokenizer import train_tokenizer
-from collapse_lab.world import World
+from collapse_lab.world import World, make_world
 from collapse_lab import tracking
 
 STAGE = "base"
@@ -58,9 +58,6 @@ def resolve_base(cfg: DictConfig) -> str:
     path = cfg.base_path or cfg.model.path
     if path is None:
         return str(pretrain(cfg, named=False))
-    from collapse_lab.models import check_base
-    from collapse_lab.world import make_world
-
     # a user's model: checked before the stage writes anything (one line naming what it lacks)
     check_base(path, make_world(cfg.world), max(cfg.ratings.max_new_tokens, cfg.ppo.max_new_tokens))
     return path

@@ -9,6 +9,8 @@ end-of-answer rule exists for. Saved as a `PreTrainedTokenizerFast`, so
 
 from __future__ import annotations
 
+from typing import Optional
+
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -70,3 +72,25 @@ def decode_continuations(tokenizer, prefixes: list[list[int]], continuations: li
     whole = tokenizer.batch_decode([list(p) + list(c) for p, c in zip(prefixes, continuations)], **kw)
     alone = tokenizer.batch_decode(continuations, **kw)
     return [w[len(h):] if w.startswith(h) else a for h, w, a in zip(heads, whole, alone)]
+
+
+def answer_token_ids(tokenizer, answers: list[str], prompt: Optional[str] = None) -> list[tuple[int, ...]]:
+    """Canonical tokens of each answer; ValueError if one is empty or two coincide (they'd count twice).
+
+    Each answer encoded on its own; with `prompt`, the tokens it gets AFTER the prompt when that differs:
+    tokens(prompt + a) minus tokens(prompt), where the joint encoding starts with the prompt's. Tokenizers
+    that prepend "▁" to every encode call (SentencePiece "legacy" Llama/Mistral ones) spell " 37" alone
+    as "▁" "▁3" "7", and after a prompt as "▁3" "7": the text the model reads is the in-context one."""
+    seqs = [tuple(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    if prompt is not None:
+        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        joint = tokenizer([prompt + a for a in answers], add_special_tokens=False)["input_ids"]
+        seqs = [tuple(j[len(head):]) if j[:len(head)] == head else s for s, j in zip(seqs, joint)]
+    seen: dict[tuple[int, ...], str] = {}
+    for a, s in zip(answers, seqs):
+        if not s:
+            raise ValueError(f"answer {a!r} encodes to no tokens")
+        if s in seen:
+            raise ValueError(f"answers {seen[s]!r} and {a!r} encode to the same tokens {list(s)}")
+        seen[s] = a
+    return seqs
