@@ -467,6 +467,8 @@ def verdict(report: dict) -> dict:
         any_drop = any(call(regimes[c[k]]) != "not collapsed" for c in matched for k in ("selection", "regime"))
         if not matched:
             answer = "UNDECIDED: no comparison has matched rating budgets"
+        elif all(c["across"] == "prompts" for c in matched):  # the five prompts are not replicates
+            answer = "NO CALL: one seed (the differences above are across prompts, which are not replicates)"
         elif all(c["collapses_less"] for c in matched) and sft_collapsed:
             answer = "YES: every KL-penalised online RL regime keeps more answer entropy than FeedME at a matched budget"
         elif any(c["collapses_more"] for c in matched):

@@ -226,3 +226,15 @@ def test_markdown_says_whether_eval_prompts_were_held_out_and_shows_trained_on_p
     md = report.markdown(_md_report(False, False))
     assert report.HELDOUT_TEXT[False] in md and "Trained-on prompts" not in md
     assert "HELD OUT" not in report.markdown(_md_report(None, False))  # a report from before the option
+
+
+def test_one_seed_gets_no_yes_or_no_at_the_end_points_either():
+    """The five prompts of one seed are not replicates: the same separation that answers YES with three seeds
+    answers NO CALL with one."""
+    by = {"sft": _runs([-0.4], 1024), "kl0.1": _runs([-0.01], 1024)}
+    for runs, d in ((by["sft"], [-0.4, -0.35, -0.45, -0.42, -0.38]), (by["kl0.1"], [-0.01, 0.0, -0.02, 0.01, -0.01])):
+        runs[0]["delta_prompts"] = d
+    regimes = {"sft": _regime("feedme", [-0.4], collapsed=True), "kl0.1": _regime("ppo", [-0.01], 0.1)}
+    comps = report.compare(by, regimes, 0.95)
+    assert comps[0]["across"] == "prompts" and comps[0]["collapses_less"]
+    assert report.verdict(_report(regimes, comps))["endpoint_answer"].startswith("NO CALL")
