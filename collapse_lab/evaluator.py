@@ -150,7 +150,9 @@ def answer_distribution(model, tokenizer, prompt_text: str, answers: list[str],
             _TREE_OK[model] = np.allclose(tree[0], leaf[0], atol=tol)
         except Exception:  # an architecture without 4D-mask support (e.g. ALiBi models)
             _TREE_OK[model] = False
-        logprobs, eos_logprobs = leaf
+        # the method every later call on this model uses: a result never depends on whether it came first
+        # (a resumed run evaluates its policy first at a later step than the uninterrupted one did)
+        logprobs, eos_logprobs = tree if _TREE_OK[model] else leaf
     elif _TREE_OK[model]:
         logprobs, eos_logprobs = _tree_logprobs(model, out.cache, first, seqs, ends, eos)
     else:

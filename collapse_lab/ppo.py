@@ -48,8 +48,7 @@ from transformers import AutoModelForTokenClassification, get_scheduler
 
 from collapse_lab import tracking
 from collapse_lab.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
-                                     start_run, write_manifest)
+from collapse_lab.checkpoint import publish, read_manifest, write_manifest
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained, mixed_precision
@@ -58,7 +57,7 @@ from collapse_lab.frontier import Curve, schedule
 from collapse_lab.optimum import answer_optimum, optimum_tv
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
-from collapse_lab.stage import ratings_budget
+from collapse_lab.stage import Run, ratings_budget, stage_function
 from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate_by_length, length_chunks,
                                   position_ids, response_logits, select, token_logprobs, width)
 from collapse_lab.world import make_world
@@ -188,11 +187,12 @@ def value_model(policy, base: str, cfg: DictConfig, pad_token_id: int) -> torch.
     return add_lora(value, cfg.peft, task_type="TOKEN_CLS") if cfg.peft.enabled else value
 
 
-def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
-    p = cfg.ppo
-    out = ppo_dir(cfg, named)
-    if already_finished(out, "{steps} steps"):
-        return out
+@stage_function(STAGE, ppo_dir, "{steps} steps")
+def train_ppo(cfg: DictConfig, run: Run) -> None:
+    """PPO on this config (or find it finished, or resume it): `train_ppo(cfg, named=True)` returns the run's
+    directory (stage.stage_function: the shared bookkeeping; the run directory is written only after every
+    input is checked, and an interrupted run resumes from its last checkpoint)."""
+    p, out = cfg.ppo, run.out
     bandit_world = cfg.world.name == "bandit"  # episodes of one token (or max_tokens, then EOS)
     max_new_tokens, missing_eos_penalty = p.max_new_tokens, p.missing_eos_penalty
     if bandit_world:
@@ -245,9 +245,7 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
             curve = Curve(reference, tokenizer, world) or None
     curve_steps = schedule(p.steps, cfg.curve.points)
 
-    if accelerator.is_main_process:  # after every input is checked: rejected input leaves no run directory
-        start_run(cfg, out, STAGE, read_manifest(out), base_path=base)
-    tracking.init(cfg, out, job_type="ppo")
+    run.start(resume=True, base_path=base)  # after every input is checked: rejected input leaves no run directory
     metrics_file = out / "metrics.jsonl"
     bar = tqdm(total=p.steps, initial=progress.step, desc=f"ppo {out.name}", disable=not accelerator.is_main_process)
     started = time.time() - progress.wall_time_s
@@ -408,18 +406,14 @@ def train_ppo(cfg: DictConfig, named: bool = True) -> Path:
             (tmp / "metrics.json").write_text(json.dumps(last_row, indent=1) + "\n")
 
         publish(out, save)
-        write_manifest(out, {
-            **(read_manifest(out) or {}), "status": "finished", "reward": cfg.reward,
-            "samples_scored": getattr(reward, "samples_scored", progress.samples_scored),
-            "steps": progress.step, "tokens_trained": progress.tokens_trained,
-            "wall_time_s": progress.wall_time_s, "world_size": accelerator.num_processes,
-            "final": last_row, "git_commit": git_commit(), "versions": package_versions(),
-        })
+    # wall_time_s: the resumable counter (every interrupted session's time included)
+    run.finish(reward=cfg.reward, samples_scored=getattr(reward, "samples_scored", progress.samples_scored),
+               steps=progress.step, tokens_trained=progress.tokens_trained, wall_time_s=progress.wall_time_s,
+               world_size=accelerator.num_processes, final=last_row if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         print(f"saved {out}")
-    tracking.finish()
     accelerator.end_training()
-    return out
 
 
 # ------------------------------------------------------------------------------ plumbing

@@ -27,12 +27,11 @@ from omegaconf import DictConfig
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
 
-from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
-                                     start_run, write_manifest)
+from collapse_lab.checkpoint import publish, read_manifest, write_manifest
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
-from collapse_lab.distributed import exact_div, is_main_process, world_size
+from collapse_lab.distributed import exact_div, world_size
 from collapse_lab.models import build_base_model, check_base
-from collapse_lab.stage import flush_denormals, hf_args
+from collapse_lab.stage import Run, hf_args, stage_function
 from collapse_lab.tokenizer import train_tokenizer
 from collapse_lab.world import World, make_world
 from collapse_lab import tracking
@@ -63,22 +62,21 @@ def resolve_base(cfg: DictConfig) -> str:
     return path
 
 
-def pretrain(cfg: DictConfig, named: bool = True) -> Path:
-    """Pretrain (or resume, or find finished) the base; `named=False` when another stage
-    needs it on the way (its directory then ignores that stage's `name=`)."""
+def check(cfg: DictConfig) -> None:
     if cfg.model.path is not None:
         raise ConfigError(f"model '{cfg.model.name}' is already pretrained (path={cfg.model.path}); "
                           "pretraining builds the lab's own base: use model=tiny")
-    flush_denormals()  # the other stages get it from stage.run_stage
-    out = base_dir(cfg, named)
-    if already_finished(out, "{steps} steps, {wall_time_s:.0f} s"):
-        return out
+
+
+@stage_function(STAGE, base_dir, "{steps} steps, {wall_time_s:.0f} s", check=check)
+def pretrain(cfg: DictConfig, run: Run) -> None:
+    """Pretrain (or resume, or find finished) the base: `pretrain(cfg, named=True)` returns its directory;
+    `named=False` when another stage needs it on the way (its directory then ignores that stage's `name=`)."""
+    out, p = run.out, cfg.pretrain
     manifest = read_manifest(out)  # an interrupted run's (resumed), or None
-    p = cfg.pretrain
     per_device = exact_div(p.batch_size, world_size(), "pretrain.batch_size over processes")
-    started = time.time()
-    if is_main_process():
-        start_run(cfg, out, STAGE, manifest, started_at=(manifest or {}).get("started_at", _now()))
+    run.start(resume=True, started_at=(manifest or {}).get("started_at", _now()))
+    started = run.started
 
     # 1-2. corpus and tokenizer (the main process trains and saves it, the others load it)
     world = World(cfg.world)
@@ -100,7 +98,6 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # 4. train
-    tracking.init(cfg, out, job_type="pretrain")
     args = hf_args(TrainingArguments, cfg, out, seed=p.seed, lr=p.lr, batch_size=per_device, max_steps=p.steps,
                    lr_scheduler_type="cosine", warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
                    logging_steps=p.log_every, save_strategy="steps", save_steps=p.save_every, save_total_limit=1,
@@ -126,25 +123,14 @@ def pretrain(cfg: DictConfig, named: bool = True) -> Path:
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
         publish(out, save)
-        previous = (manifest or {}).get("wall_time_s", 0.0)  # kept work of earlier, interrupted runs
-        write_manifest(out, {
-            **(read_manifest(out) or {}),
-            "status": "finished",
-            "steps": trainer.state.global_step,
-            "sequences_seen": trainer.state.global_step * p.batch_size,
-            "tokens_seen": int(trainer.state.num_input_tokens_seen),
-            "final_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
-            "parameters": model.num_parameters(),
-            "wall_time_s": previous + time.time() - started,
-            "finished_at": _now(),
-            "world_size": world_size(),
-            "git_commit": git_commit(),
-            "versions": package_versions(),
-        })
+    # wall time: the interrupted runs' kept work (the manifest's, as of their last save) plus this session's
+    run.finish(steps=trainer.state.global_step, sequences_seen=trainer.state.global_step * p.batch_size,
+               tokens_seen=int(trainer.state.num_input_tokens_seen),
+               final_loss=next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
+               parameters=model.num_parameters(), finished_at=_now(), world_size=world_size())
+    if trainer.is_world_process_zero():
         shutil.rmtree(args.output_dir, ignore_errors=True)
         print(f"saved {out}")
-    tracking.finish()
-    return out
 
 
 def last_complete_checkpoint(trainer_dir: Path) -> Optional[str]:
