@@ -39,7 +39,7 @@ def test_overrides_split_into_ablation_and_lab_with_the_preference_alias():
 
 @pytest.mark.parametrize("args, message", [
     (["regimes=[sft,nope]"], "unknown regime(s) ['nope']"),
-    (["preset=fast"], "unknown preset 'fast'; valid choices: default, quick"),
+    (["preset=fast"], "unknown preset 'fast'; valid choices: default, frontier, quick"),
     (["regimes=[sft]", "ppo.kl_coeff=1"], "unknown key 'ppo.kl_coeff'"),
     (["regimes=[sft]", "recipe=kl0"], "'recipe' cannot be given to ablate"),
     (["regimes=[sft]", "seeds=0"], "seeds must be >= 1"),
@@ -54,7 +54,7 @@ def test_bad_input_is_one_line_naming_it(args, message):
 
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     r = run_cli("-m", "collapse_lab.cli", "ablate", "regimes=[sft,nope]", f"checkpoints_dir={tmp_path}")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "valid choices: sft, bok, kl0" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "valid choices: sft, sft-k16, sft-r3, bok, kl0" in r.stderr
     assert not any(tmp_path.iterdir())
     r = run_cli("-m", "collapse_lab.cli", "report", str(tmp_path))
     assert r.returncode == 2 and "not a finished ablation directory" in r.stderr
