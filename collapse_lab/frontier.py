@@ -68,11 +68,15 @@ def _mean_score(q_clean: np.ndarray, q_other: np.ndarray, clean: np.ndarray, oth
     return float((q_clean * clean).sum() + (q_other * other).sum())
 
 
-def _split(dist) -> tuple[np.ndarray, np.ndarray]:
-    """(A,) EOS-ended and (A,) otherwise-ended mass of each answer, normalised together over A (no EOS
-    split known, e.g. a best-of-k transform: every end counts as EOS)."""
+def _eos_mass(dist) -> np.ndarray:
+    """(A,) the EOS-ended part of each answer's mass (no EOS split known, e.g. a best-of-k transform: all of it)."""
     p = dist.probs
-    eos = p if dist.eos_logprobs is None else np.minimum(np.exp(dist.eos_logprobs), p)
+    return p if dist.eos_logprobs is None else np.minimum(np.exp(dist.eos_logprobs), p)
+
+
+def _split(dist) -> tuple[np.ndarray, np.ndarray]:
+    """(A,) EOS-ended and (A,) otherwise-ended mass of each answer, normalised together over A."""
+    p, eos = dist.probs, _eos_mass(dist)
     return eos / p.sum(), (p - eos) / p.sum()
 
 
@@ -126,7 +130,7 @@ class Curve:
         out = []
         for p, b in zip(self.prompts, self.base):
             prompt = self.world.prompt(p.text)
-            eos = b.probs if b.eos_logprobs is None else np.minimum(np.exp(b.eos_logprobs), b.probs)
+            eos = _eos_mass(b)
             out.append((np.concatenate([eos, b.probs - eos]),
                         np.array([self.world.rater.expected(prompt, a, e) for e in (True, False) for a in p.answers])))
         return out
