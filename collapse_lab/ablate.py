@@ -32,11 +32,13 @@ import dataclasses
 import gc
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import resource
 import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -140,10 +142,18 @@ class Plan:
         return compose("lab", self.lab_overrides(seed, regime))
 
     @property
+    def jobs(self) -> int:
+        """Worker processes for the stages after the base (`jobs`; null: 2 on a machine with 2+ CPU cores
+        and no GPU, else 1)."""
+        if self.cfg.jobs is not None:
+            return int(self.cfg.jobs)
+        return 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+    @property
     def digest(self) -> str:
-        """8 hex digits over what decides the results (not the name or the checkpoints_dir)."""
+        """8 hex digits over what decides the results (not the name, the checkpoints_dir or the jobs)."""
         c = OmegaConf.to_container(self.cfg, resolve=True)
-        c.pop("name"), c.pop("checkpoints_dir")
+        c.pop("name"), c.pop("checkpoints_dir"), c.pop("jobs")
         text = json.dumps({"ablate": c, "lab": self.lab}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -248,20 +258,107 @@ class Display:
         self.progress.stop()
 
     def stage(self, label: str, fn: Callable, *args):
-        """Run one stage, then print `[i/n] label: summary (s)`."""
+        """Run one stage in this process, then print `[i/n] label: summary (s)`."""
         self.progress.update(self.task, description=label)
-        start = time.time()
-        result, summary = fn(*args)
-        gc.collect()  # the stage's models, optimiser and trainer (reference cycles): memory stays flat across stages
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.rss_mib.append(_rss_mib())
+        result, line = _timed(label, lambda: fn(*args))
+        self.record(*line)
+        return result
+
+    def record(self, label: str, summary: str, seconds: float, rss_mib: int) -> None:
+        """Print one finished stage's line (run here or in a worker process, whose memory `rss_mib` is)."""
+        self.rss_mib.append(rss_mib)
         self.done += 1
-        line = f"[{self.done}/{self.total}] {label}: {summary} ({time.time() - start:.1f} s)"
+        line = f"[{self.done}/{self.total}] {label}: {summary} ({seconds:.1f} s)"
         self.lines.append(line)
         self.progress.console.print(line, markup=False, soft_wrap=True)
+        self.progress.update(self.task, description=label)
         self.progress.advance(self.task)
-        return result
+
+
+def _timed(label: str, fn: Callable) -> tuple:
+    """fn() -> (result, summary), timed: (result, (label, summary, seconds, RSS after it in MiB))."""
+    start = time.time()
+    result, summary = fn()
+    seconds = time.time() - start
+    gc.collect()  # the stage's models, optimiser and trainer (reference cycles): memory stays flat across stages
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result, (label, summary, seconds, _rss_mib())
+
+
+class Workers:
+    """Where the stages after the base run: `jobs` spawned worker processes, this process's torch threads
+    split between them (torch on 2 CPU threads runs a tiny model's step far below 2x one thread's speed, so two
+    one-thread stages side by side get more done: README, the ablation's speed), or with jobs=1 this
+    process, each task run when it is submitted. A stage's result depends on its config and its thread
+    count only (every stage seeds itself), not on which worker runs it or in what order."""
+
+    def __init__(self, jobs: int):
+        self.jobs, self.pool = jobs, None
+
+    def __enter__(self) -> "Workers":
+        if self.jobs > 1:
+            threads = max(1, torch.get_num_threads() // self.jobs)
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(threads,))
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.pool is not None:  # on an error: queued tasks are dropped, running ones finish (their stages resume)
+            self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:  # re-raised by result(), as a worker's would be
+            future.set_exception(e)
+        return future
+
+    def next_done(self, pending: dict) -> Future:
+        """A finished task among `pending` (the first submitted of those finished)."""
+        if not any(f.done() for f in pending):
+            wait(pending, return_when=FIRST_COMPLETED)
+        return next(f for f in pending if f.done())
+
+
+def _worker_init(threads: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker's threads are torch's
+    torch.set_num_threads(threads)
+    flush_denormals()
+
+
+# the tasks (module-level: a worker process unpickles them); each returns (stage lines, its run record or None)
+
+
+def _base_task(p: Plan, base: Path, out: Path) -> tuple[list, None]:
+    _, evaluated = _timed("evaluate base", lambda: _evaluated(evaluate(p, base, base, out / "evals" / "base")))
+    _, curves = _timed("reference curves", lambda: _evaluated([reference_curves(p, base, out / "evals" / "base")]))
+    return [evaluated, curves], None
+
+
+def _upstream_task(p: Plan, seed: int, needs: list[str], out: Path) -> tuple[list, None]:
+    """One replicate's upstream stages (ratings, reward model), in the registry's order."""
+    lab, lines = p.lab_config(seed), []
+    for x in needs:
+        path, line = _timed(f"{x.replace('_', ' ')} s{seed}", lambda: _done(load_stage(x)(lab, named=False)))
+        _copy_run(path, out / "runs" / x / f"s{seed}")
+        lines.append(line)
+    return lines, None
+
+
+def _regime_task(p: Plan, seed: int, name: str, base: Path, out: Path) -> tuple[list, dict]:
+    """One regime of one replicate, then the evaluator on it."""
+    regime, rcfg = REGIMES[name], p.lab_config(seed, name)
+    path, trained = _timed(f"{name} s{seed}", lambda: _done(load_stage(name)(rcfg, named=False)))
+    _copy_run(path, out / "runs" / name / f"s{seed}")
+    evals = out / "evals" / name / f"s{seed}"
+    _, evaluated = _timed(f"evaluate {name} s{seed}", lambda: _evaluated(evaluate(p, path, base, evals)))
+    return [trained, evaluated], {"regime": name, "seed": seed, "group": regime.group, "recipe": regime.recipe,
+                                  "control_of": regime.control_of, "path": str(path),
+                                  "evals": str(evals.relative_to(out))}
 
 
 def _rss_mib() -> int:
@@ -298,31 +395,29 @@ def run(p: Plan) -> Path:
     needs = [x for x in UPSTREAM if x != BASE and any(x in registry.upstream(p.lab_config(p.seeds[0], r), r)
                                                       for r in p.regimes)]
     total = 3 + len(needs) * n_seeds + len(p.regimes) * n_seeds * 2 + 1
-    runs: list[dict] = []
     with Display(total) as show:
         # 1. the base (shared by every seed)
         base = Path(show.stage("base", lambda: _done(Path(resolve_base(p.lab_config())))))
         p.base = str(base)  # explicit from here on: every stage and seed starts from THIS base
         _copy_run(base, out / "runs" / "base")
-        show.stage("evaluate base", lambda: _evaluated(evaluate(p, base, base, out / "evals" / "base")))
-        show.stage("reference curves", lambda: _evaluated([reference_curves(p, base, out / "evals" / "base")]))
-        for seed in p.seeds:
-            lab = p.lab_config(seed)
-            # 2-3. the upstream stages of this replicate (ratings, reward model), as the registry orders them
-            for x in needs:
-                label = x.replace("_", " ")
-                path = show.stage(f"{label} s{seed}", lambda: _done(load_stage(x)(lab, named=False)))
-                _copy_run(Path(path), out / "runs" / x / f"s{seed}")
-            # 4-5. every regime, then the evaluator on it
-            for name in p.regimes:
-                regime = REGIMES[name]
-                rcfg = p.lab_config(seed, name)
-                path = Path(show.stage(f"{name} s{seed}", lambda: _done(load_stage(name)(rcfg, named=False))))
-                _copy_run(path, out / "runs" / name / f"s{seed}")
-                evals = out / "evals" / name / f"s{seed}"
-                show.stage(f"evaluate {name} s{seed}", lambda: _evaluated(evaluate(p, path, base, evals)))
-                runs.append({"regime": name, "seed": seed, "group": regime.group, "recipe": regime.recipe,
-                             "control_of": regime.control_of, "path": str(path), "evals": str(evals.relative_to(out))})
+        # 2-5 in `jobs` worker processes: the base's evaluation and reference curves; per seed its upstream
+        # stages (ratings, reward model), then each regime (training and the evaluator) once they are done
+        with Workers(p.jobs) as pool:
+            pending = {pool.submit(_base_task, p, base, out): None}
+            pending.update({pool.submit(_upstream_task, p, seed, needs, out): seed for seed in p.seeds})
+            records = []
+            while pending:
+                future = pool.next_done(pending)
+                seed = pending.pop(future)
+                lines, record = future.result()
+                for line in lines:
+                    show.record(*line)
+                if record is not None:
+                    records.append(record)
+                if seed is not None:  # a seed's upstream stages are done: its regimes may start
+                    pending.update({pool.submit(_regime_task, p, seed, name, base, out): None for name in p.regimes})
+        order = {(s, r): i for i, (s, r) in enumerate((s, r) for s in p.seeds for r in p.regimes)}
+        runs = sorted(records, key=lambda x: order[x["seed"], x["regime"]])
         _write_json(out / "runs.json", {"base": str(base), "runs": runs})
         # 6. the report
         result = show.stage("report", lambda: (report.build(out), f"{out / 'report.md'}"))

@@ -104,6 +104,9 @@ class WorldConfig:
     # draws numbers from the templates only; pretraining still has them. The seed suite then measures
     # transfer, as in the post; eval/suites/templates.yaml measures trained-on prompts.
     heldout_eval_prompts: bool = False
+    # share of the fine-tuning stages' NUMBER prompts drawn from the seed suite's five (the rest from the
+    # templates); None: the corpus's seed_prompt_share. Ignored (0) with heldout_eval_prompts.
+    train_seed_share: Optional[float] = None
     # world=bandit only: ONE prompt, episodes of ONE token, reward r(t) from a table of
     # [token text, reward] pairs (each text must be one token); every other token gets
     # default_reward. The rater of the bandit world scores by the same table, noiselessly.
@@ -366,6 +369,9 @@ class AblateConfig:
     # the collapse rule then needs the regime's drop vs its control too (CollapseRule)
     controls: bool = True
     checkpoints_dir: str = "checkpoints"
+    # worker processes for the stages after the base, the CPU threads split between them (1: this process,
+    # in order). null: 2 on a machine with 2+ cores and no GPU, else 1. Not part of the ablation's digest
+    jobs: Optional[int] = None
     # the preset's lab settings, a nested mapping as in the lab's YAML ({ppo: {steps: 10}, model: tiny}),
     # applied to every stage before the command line's lab overrides
     lab: dict[str, Any] = field(default_factory=dict)
@@ -421,7 +427,7 @@ RANGES = {
         "model.intermediate_size": COUNT, "model.max_seq_len": COUNT, "model.vocab_size": COUNT,
         "peft.r": COUNT, "peft.alpha": POSITIVE, "peft.dropout": Range(0, 1, high_open=True),
         "world.seed": NONNEG, "world.mix.numbers": NONNEG, "world.mix.stories": NONNEG,
-        "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.arithmetic_max": NONNEG,
+        "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.train_seed_share": SHARE, "world.arithmetic_max": NONNEG,
         "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
         "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
         "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.lr": POSITIVE,
@@ -446,7 +452,7 @@ RANGES = {
         "sampling.max_new_tokens": COUNT,
     },
     "ablate": {
-        "seed": NONNEG, "seeds": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
+        "seed": NONNEG, "seeds": COUNT, "jobs": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
         "frontier.margin": NONNEG, "frontier.grid_points": COUNT, "frontier.gain_floor": NONNEG,
         "eval.samples": NONNEG, "eval.max_new_tokens": COUNT, "eval.story_max_new_tokens": COUNT,
         "eval.temperature": POSITIVE, "eval.gold_samples": COUNT, "eval.seed": NONNEG,

@@ -182,6 +182,8 @@ class World:
         # configs saved before these options (a bok.json's world, an old run's config) mean the old world
         self.answer_prior = getattr(cfg, "answer_prior", "uniform")
         self.heldout_eval_prompts = bool(getattr(cfg, "heldout_eval_prompts", False))
+        share = getattr(cfg, "train_seed_share", None)
+        self.train_seed_share = cfg.seed_prompt_share if share is None else float(share)
         answer_prior(self.answer_prior, 0, 1)  # an unknown prior fails here, naming the valid ones
 
     @cached_property
@@ -243,9 +245,11 @@ class World:
         if unknown or not families:
             raise ValueError(f"world.train_families: unknown {unknown}; valid choices: {', '.join(self.families)}")
         family = rng.choices(families, [self.weights[self.families.index(f)] for f in families])[0]
-        if family == "numbers" and self.heldout_eval_prompts:
+        if family != "numbers":
+            return self.sample_prompt(rng, family)
+        if self.heldout_eval_prompts:
             return rng.choice(self.template_prompts)
-        return self.sample_prompt(rng, family)
+        return rng.choice(self.seed_prompts if rng.random() < self.train_seed_share else self.template_prompts)
 
     def sample_completion(self, prompt: Prompt, rng: random.Random) -> str:
         """What the world's text says after the prompt: the base model's target behaviour."""

@@ -167,7 +167,7 @@ def _fake_main(stages: dict, args: list[str]) -> Path:
 def fake_ablation(tmp_path_factory):
     root = tmp_path_factory.mktemp("abl")
     stages = fake_stages()
-    args = ["regimes=[sft,kl0.1]", "seeds=2", f"checkpoints_dir={root}", "name=fake", *TINY_EVAL,
+    args = ["regimes=[sft,kl0.1]", "seeds=2", f"checkpoints_dir={root}", "name=fake", "jobs=1", *TINY_EVAL,
             *[f"{o}" for o in TINY_PRETRAIN]]
     return _fake_main(stages, args), args, stages
 
@@ -231,6 +231,42 @@ def test_report_survives_clearing_the_stage_cache(fake_ablation, tmp_path):
     assert a["regimes"]["sft"]["metrics"] == b["regimes"]["sft"]["metrics"]
 
 
+def _threads_and_pid(tag: str) -> tuple:
+    import os
+    return tag, torch.get_num_threads(), os.getpid()
+
+
+def _fails(message: str):
+    raise ConfigError(message)
+
+
+def test_workers_run_tasks_in_other_processes_on_split_threads_and_reraise_their_errors():
+    import os
+
+    with ablate.Workers(2) as pool:
+        futures = [pool.submit(_threads_and_pid, t) for t in "ab"]
+        results = [f.result() for f in futures]
+        bad = pool.submit(_fails, "no such regime")
+        with pytest.raises(ConfigError, match="no such regime"):
+            bad.result()
+    assert [r[0] for r in results] == ["a", "b"]
+    assert all(r[2] != os.getpid() for r in results)  # not this process
+    assert all(r[1] == max(1, torch.get_num_threads() // 2) for r in results)
+    with ablate.Workers(1) as inline:  # jobs=1: this process, run at submission
+        done = inline.submit(_threads_and_pid, "c")
+        assert done.done() and done.result()[2] == os.getpid()
+        assert inline.next_done({done: None}) is done
+
+
+def test_jobs_default_and_range_and_not_in_the_digest(tmp_path):
+    p = ablate.plan([f"checkpoints_dir={tmp_path}", "preset=quick"])
+    q = ablate.plan([f"checkpoints_dir={tmp_path}", "preset=quick", "jobs=1"])
+    assert p.jobs == (1 if torch.cuda.is_available() else max(1, min(2, __import__("os").cpu_count() or 1)))
+    assert q.jobs == 1 and q.digest == p.digest  # how the stages run, not what they compute
+    with pytest.raises(ConfigError, match="jobs"):
+        ablate.plan([f"checkpoints_dir={tmp_path}", "preset=quick", "jobs=0"])
+
+
 # ------------------------------------------------------------------ the real stages (slow)
 
 
@@ -266,11 +302,12 @@ def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tm
 
 @pytest.mark.slow
 def test_same_seed_twice_gives_identical_report_numbers_and_another_seed_does_not(tmp_path):
-    """Every stage retrained in a second checkpoints dir (the base copied over): same numbers."""
+    """Every stage retrained in a second checkpoints dir (the base copied over): same numbers, whether the
+    stages run in this process in order or in two worker processes (at the same threads per stage)."""
     args = ["preset=quick", "regimes=[sft,kl0.1]", "ppo.steps=3", *TINY_EVAL, *TINY_PRETRAIN]
-    a = _real_ablation(*args, f"checkpoints_dir={tmp_path / 'a'}")
+    a = _real_ablation(*args, "jobs=1", f"checkpoints_dir={tmp_path / 'a'}")
     shutil.copytree(tmp_path / "a" / "base", tmp_path / "b" / "base")
-    b = _real_ablation(*args, f"checkpoints_dir={tmp_path / 'b'}")
+    b = _real_ablation(*args, "jobs=2", f"checkpoints_dir={tmp_path / 'b'}")
     c = _real_ablation(*args, "seed=1", f"checkpoints_dir={tmp_path / 'b'}")
     ra, rb, rc = (json.loads((x / "report.json").read_text()) for x in (a, b, c))
     numbers = lambda r: {n: v["metrics"] for n, v in r["regimes"].items()}

@@ -67,7 +67,8 @@ def test_local_runner_runs_the_grid_and_writes_one_comparison(tmp_path, monkeypa
                                  "parameters": {"ppo.kl_coef": {"values": [0.01, 0.1]},
                                                 "regimes": {"value": "[sft,kl0.1]"}, "seeds": {"value": 1}},
                                  "command": ["${program}", "ablate", "${args_no_hyphens}"]}))
-    out = sweep.main([str(f), f"checkpoints_dir={tmp_path / 'ck'}", "wandb.mode=disabled", *TINY_EVAL, *TINY_PRETRAIN])
+    out = sweep.main([str(f), f"checkpoints_dir={tmp_path / 'ck'}", "wandb.mode=disabled", "jobs=1",  # stand-ins: here
+                      *TINY_EVAL, *TINY_PRETRAIN])
     assert out == tmp_path / "ck" / "sweeps" / "mini"
     rep = json.loads((out / "report.json").read_text())
     assert [(r["point"]["ppo.kl_coef"], r["regime"]) for r in rep["rows"]] == [  # + FeedME's control, shown
