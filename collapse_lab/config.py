@@ -130,6 +130,9 @@ class PretrainConfig:
     seed: int = 0
     steps: int = 300
     batch_size: int = 32  # sequences per optimizer step, summed over processes
+    # gradient accumulation over this many micro-batches per step, each step's sequences sorted by length
+    # first (1: one padded batch per step)
+    micro_batches: int = 4
     lr: float = 2e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
@@ -430,7 +433,7 @@ RANGES = {
         "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.train_seed_share": SHARE, "world.arithmetic_max": NONNEG,
         "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
         "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
-        "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.lr": POSITIVE,
+        "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.micro_batches": COUNT, "pretrain.lr": POSITIVE,
         "pretrain.warmup_steps": NONNEG, "pretrain.weight_decay": NONNEG, "pretrain.save_every": COUNT,
         "pretrain.log_every": COUNT, "pretrain.tokenizer_docs": COUNT,
         "ratings.prompts": COUNT, "ratings.samples_per_prompt": COUNT, "ratings.temperature": POSITIVE,

@@ -21,8 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import torch
 from accelerate import PartialState
 from datasets import Dataset
+from torch.utils.data import Sampler
 from omegaconf import DictConfig
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
@@ -75,6 +77,7 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
     out, p = run.out, cfg.pretrain
     manifest = read_manifest(out)  # an interrupted run's (resumed), or None
     per_device = exact_div(p.batch_size, world_size(), "pretrain.batch_size over processes")
+    micro = exact_div(per_device, p.micro_batches, "pretrain.batch_size per process over pretrain.micro_batches")
     run.start(resume=True, started_at=(manifest or {}).get("started_at", _now()))
     started = run.started
 
@@ -98,11 +101,12 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # 4. train
-    args = hf_args(TrainingArguments, cfg, out, seed=p.seed, lr=p.lr, batch_size=per_device, max_steps=p.steps,
+    args = hf_args(TrainingArguments, cfg, out, seed=p.seed, lr=p.lr, batch_size=micro, max_steps=p.steps,
+                   gradient_accumulation_steps=p.micro_batches,
                    lr_scheduler_type="cosine", warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
                    logging_steps=p.log_every, save_strategy="steps", save_steps=p.save_every, save_total_limit=1,
                    include_num_input_tokens_seen="non_padding")
-    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+    trainer = SortedBatchTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[ManifestCallback(out, started, (manifest or {}).get("wall_time_s", 0.0))])
     tracking.quiet(trainer)
@@ -141,6 +145,34 @@ def last_complete_checkpoint(trainer_dir: Path) -> Optional[str]:
     """
     done = [d for d in trainer_dir.glob("checkpoint-*") if (d / "trainer_state.json").is_file()]
     return str(max(done, key=lambda d: int(d.name.split("-")[1]))) if done else None
+
+
+class SortedBatches(Sampler):
+    """A seeded random order of the corpus in which each optimiser step's `batch` sequences are sorted by
+    length: its micro-batches (gradient accumulation; the loss is normalised by the step's token count)
+    then hold sequences of similar length. The same step as one padded batch, with less padding (documents
+    of 3-90 tokens). transformers' BatchRebalanceSampler does this with micro-batches of varying size
+    and its own fixed shuffle seed; here the order follows pretrain.seed and micro-batches are equal."""
+
+    def __init__(self, lengths: list[int], batch: int, seed: int):
+        self.lengths, self.batch, self.seed = lengths, batch, seed
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        for i in range(0, len(order), self.batch):
+            yield from sorted(order[i:i + self.batch], key=lambda j: (self.lengths[j], j))
+
+
+class SortedBatchTrainer(Trainer):
+    def _get_train_sampler(self, train_dataset=None) -> Sampler:
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        a = self.args
+        batch = a.train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
+        return SortedBatches([len(x) for x in data["input_ids"]], batch, a.data_seed)
 
 
 class ManifestCallback(TrainerCallback):

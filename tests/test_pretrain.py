@@ -47,6 +47,24 @@ def test_pretrain_writes_a_loadable_base_that_moved(tmp_path):
     assert len(moved) == len(trained), f"unchanged tensors: {set(trained) - set(moved)}"
 
 
+def test_micro_batches_sort_each_step_by_length_and_train_the_same_steps(tmp_path):
+    """pretrain.micro_batches: one step's sequences, sorted by length, in several forwards: the same loss
+    curve as one padded batch (to float rounding), and micro-batches of similar length."""
+    from collapse_lab.pretrain import SortedBatches
+
+    order = list(SortedBatches([5, 1, 9, 3, 7, 2, 8, 4], batch=4, seed=0))
+    assert sorted(order) == list(range(8)) and order != list(range(8))  # a permutation, shuffled
+    lengths = [[5, 1, 9, 3, 7, 2, 8, 4][j] for j in order]
+    assert lengths[:4] == sorted(lengths[:4]) and lengths[4:] == sorted(lengths[4:])  # sorted within each step
+    steps = lambda o: [set(o[:4]), set(o[4:])]  # which sequences each step trains on: the seed's, not the lengths'
+    assert steps(list(SortedBatches([1] * 8, 4, 0))) == steps(order) != steps(list(SortedBatches([1] * 8, 4, 3)))
+    losses = []
+    for micro in (1, 2):
+        out = pretrain(_cfg(tmp_path, f"pretrain.micro_batches={micro}", "pretrain.log_every=1", f"name=m{micro}"))
+        losses.append([r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r])
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_interrupted_run_resumes_and_finished_run_is_not_redone(tmp_path, monkeypatch, capsys):
     cfg = _cfg(tmp_path)
     original = Trainer.training_step
