@@ -6,7 +6,7 @@
 
 Each run gets a fresh temporary checkpoints_dir, so nothing is cached. Prints per preset the wall
 time, its ratio to the issue's target (quick <= 180 s, default <= 900 s, frontier <= 2700 s), the peak resident memory
-(RSS; bound 2 GiB) and the RSS after each stage (flat: finished stages' models are released), the per-stage lines
+(RSS; bound 2 GiB) of one process and of the ablation's processes together (its `jobs` workers), the RSS after each stage (flat: finished stages' models are released), the per-stage lines
 of the ablation's manifest (the slowest stages first), plus the machine it ran on. Run it with
 nothing else running; tests never assert wall-clock times.
 """
@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -27,11 +28,38 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_S = {"quick": 180, "default": 900, "frontier": 2700}
 
 
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants now (Linux /proc), MiB: the ablation's own
+    process plus its worker processes (`jobs`)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def run(preset: str, extra: list[str], keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as ck:
         start = time.time()
-        r = subprocess.run([sys.executable, "-m", "collapse_lab.cli", "ablate", f"preset={preset}", f"checkpoints_dir={ck}",
-                            *extra], cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "collapse_lab.cli", "ablate", f"preset={preset}",
+                                 f"checkpoints_dir={ck}", *extra], cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        peak_tree = [0.0]
+
+        def sample() -> None:  # the process tree's total RSS, once a second
+            while proc.poll() is None:
+                peak_tree[0] = max(peak_tree[0], tree_rss_mib(proc.pid))
+                time.sleep(1.0)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        out, err = proc.communicate()
+        r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         wall = time.time() - start
         if r.returncode != 0:
             sys.exit(f"{preset}: failed ({r.returncode}):\n{r.stderr[-2000:]}")
@@ -44,7 +72,7 @@ def run(preset: str, extra: list[str], keep: Path | None = None) -> dict:
     # ru_maxrss of the ablation's process (and any it started): KiB on Linux
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     return {"preset": preset, "wall_s": wall, "stages": stages, "verdict": verdict, "peak_rss_gib": peak,
-            "rss_after_stages_mib": rss}
+            "peak_tree_rss_gib": peak_tree[0] / 1024, "rss_after_stages_mib": rss, "jobs": manifest.get("jobs")}
 
 
 def main() -> None:
@@ -66,8 +94,9 @@ def main() -> None:
         for line in slow[:8]:
             print("   ", line)
         print("   verdict:", res["verdict"])
-        print(f"   peak RSS {res['peak_rss_gib']:.2f} GiB (so far in this benchmark; the issue's bound: 2 GiB); "
-              f"RSS after each stage (MiB): {res['rss_after_stages_mib']}")
+        print(f"   jobs={res['jobs']}: peak RSS {res['peak_rss_gib']:.2f} GiB of one process (so far in this benchmark; "
+              f"the issue's bound: 2 GiB), {res['peak_tree_rss_gib']:.2f} GiB of the ablation's processes together "
+              f"(sampled each second); RSS after each stage (MiB, in the process that ran it): {res['rss_after_stages_mib']}")
 
 
 if __name__ == "__main__":

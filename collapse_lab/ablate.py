@@ -57,7 +57,7 @@ from collapse_lab.frontier import Curve
 from collapse_lab.models import check_base
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.registry import CONTROLS, REGIMES, UPSTREAM
-from collapse_lab.stage import BASE, device, flush_denormals
+from collapse_lab.stage import BASE, ONLINE, device, flush_denormals
 from collapse_lab.suites import SuiteError, load_suite
 from collapse_lab.tokenizer import decode_continuations, encode_texts
 from collapse_lab.world import make_world
@@ -414,8 +414,9 @@ def run(p: Plan) -> Path:
                     show.record(*line)
                 if record is not None:
                     records.append(record)
-                if seed is not None:  # a seed's upstream stages are done: its regimes may start
-                    pending.update({pool.submit(_regime_task, p, seed, name, base, out): None for name in p.regimes})
+                if seed is not None:  # a seed's upstream stages are done: its regimes may start, online RL first
+                    first = sorted(p.regimes, key=lambda r: REGIMES[r].group != ONLINE)  # (the longest: a short tail)
+                    pending.update({pool.submit(_regime_task, p, seed, name, base, out): None for name in first})
         order = {(s, r): i for i, (s, r) in enumerate((s, r) for s in p.seeds for r in p.regimes)}
         runs = sorted(records, key=lambda x: order[x["seed"], x["regime"]])
         _write_json(out / "runs.json", {"base": str(base), "runs": runs})
@@ -423,7 +424,7 @@ def run(p: Plan) -> Path:
         result = show.stage("report", lambda: (report.build(out), f"{out / 'report.md'}"))
     _write_json(out / "manifest.json", {**(_read_json(out / "manifest.json") or {}), "status": "finished",
                                         "finished_at": _now(), "wall_time_s": time.time() - started,
-                                        "stages": show.lines, "rss_mib": show.rss_mib})
+                                        "stages": show.lines, "rss_mib": show.rss_mib, "jobs": p.jobs})
     unlock_run(out)
     print(result["verdict"]["text"])
     _log_to_wandb(p, out, result)
@@ -460,7 +461,7 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
         run_evaluator(compose("evaluate", [
             f"model_path={model}", f"reference_path={base}", f"suite={suite}", f"out={out / f'{suite}.json'}",
             f"sampling.n={n}", f"sampling.temperature={e.temperature}", f"sampling.max_new_tokens={tokens}",
-            f"seed={e.seed}", f"plots={suite == 'seed'}"]))
+            f"seed={e.seed}", "plots=false"]))  # the report draws its own
     _write_json(out / "gold.json", gold_reward(p, model))
     _write_json(out / "stamp.json", stamp)
     return files
