@@ -287,41 +287,68 @@ def _timed(label: str, fn: Callable) -> tuple:
 
 
 class Workers:
-    """Where the stages after the base run: `jobs` spawned worker processes, this process's torch threads
-    split between them (torch on 2 CPU threads runs a tiny model's step far below 2x one thread's speed, so two
-    one-thread stages side by side get more done: README, the ablation's speed), or with jobs=1 this
-    process, each task run when it is submitted. A stage's result depends on its config and its thread
-    count only (every stage seeds itself), not on which worker runs it or in what order."""
+    """Where the stages after the base run: with jobs=N > 1, in THIS process and N − 1 spawned worker
+    processes, this process's torch threads split between all N (torch on 2 CPU threads runs a tiny model's
+    step far below 2x one thread's speed, so two one-thread stages side by side get more done: README, the
+    ablation's speed; the ablation's own process takes tasks too, so N processes hold memory, not N + 1).
+    With jobs=1, each task runs in this process when it is submitted. A stage's result depends on its
+    config and its thread count only (every stage seeds itself), not on which process runs it or when."""
 
     def __init__(self, jobs: int):
-        self.jobs, self.pool = jobs, None
+        self.jobs, self.pool, self.queue, self.in_pool = jobs, None, [], set()
 
     def __enter__(self) -> "Workers":
         if self.jobs > 1:
-            threads = max(1, torch.get_num_threads() // self.jobs)
-            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+            self.threads_before = torch.get_num_threads()
+            threads = max(1, self.threads_before // self.jobs)
+            self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_worker_init, initargs=(threads,))
+            torch.set_num_threads(threads)
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         if self.pool is not None:  # on an error: queued tasks are dropped, running ones finish (their stages resume)
+            self.queue.clear()
             self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+            torch.set_num_threads(self.threads_before)
 
     def submit(self, fn: Callable, *args) -> Future:
-        if self.pool is not None:
-            return self.pool.submit(fn, *args)
         future = Future()
-        try:
-            future.set_result(fn(*args))
-        except Exception as e:  # re-raised by result(), as a worker's would be
-            future.set_exception(e)
+        if self.pool is None:
+            _run_into(future, fn, args)
+        else:
+            self.queue.append((future, fn, args))
+            self._feed()
         return future
 
+    def _feed(self) -> None:
+        """Keep every worker process on one task with one more queued (it never waits for this process)."""
+        while self.queue and len(self.in_pool) < 2 * (self.jobs - 1):
+            future, fn, args = self.queue.pop(0)
+            inner = self.pool.submit(fn, *args)
+            self.in_pool.add(inner)
+            inner.add_done_callback(lambda inner, future=future: (
+                self.in_pool.discard(inner), future.set_exception(inner.exception()) if inner.exception()
+                else future.set_result(inner.result())))
+
     def next_done(self, pending: dict) -> Future:
-        """A finished task among `pending` (the first submitted of those finished)."""
-        if not any(f.done() for f in pending):
-            wait(pending, return_when=FIRST_COMPLETED)
+        """A finished task among `pending` (the first submitted of those finished); while none is, this
+        process runs the next queued task itself."""
+        while not any(f.done() for f in pending):
+            self._feed()
+            if self.queue:
+                future, fn, args = self.queue.pop(0)
+                _run_into(future, fn, args)
+            else:
+                wait(pending, return_when=FIRST_COMPLETED)
         return next(f for f in pending if f.done())
+
+
+def _run_into(future: Future, fn: Callable, args: tuple) -> None:
+    try:
+        future.set_result(fn(*args))
+    except Exception as e:  # re-raised by result(), as a worker's would be
+        future.set_exception(e)
 
 
 def _worker_init(threads: int) -> None:

@@ -240,20 +240,26 @@ def _fails(message: str):
     raise ConfigError(message)
 
 
-def test_workers_run_tasks_in_other_processes_on_split_threads_and_reraise_their_errors():
+def test_workers_share_tasks_between_this_process_and_spawned_ones_on_split_threads():
     import os
 
+    threads = torch.get_num_threads()
     with ablate.Workers(2) as pool:
-        futures = [pool.submit(_threads_and_pid, t) for t in "ab"]
-        results = [f.result() for f in futures]
-        bad = pool.submit(_fails, "no such regime")
+        pending = {pool.submit(_threads_and_pid, t): t for t in "abcdef"}
+        results = {}
+        while pending:
+            f = pool.next_done(pending)
+            results[pending.pop(f)] = f.result()
+        bad = {pool.submit(_fails, "no such regime"): None}
         with pytest.raises(ConfigError, match="no such regime"):
-            bad.result()
-    assert [r[0] for r in results] == ["a", "b"]
-    assert all(r[2] != os.getpid() for r in results)  # not this process
-    assert all(r[1] == max(1, torch.get_num_threads() // 2) for r in results)
+            pool.next_done(bad).result()
+    assert sorted(results) == list("abcdef") and all(r[0] == t for t, r in results.items())
+    pids = {r[2] for r in results.values()}
+    assert os.getpid() in pids and len(pids) == 2  # this process and one worker: 2 processes for jobs=2
+    assert {r[1] for r in results.values()} == {max(1, threads // 2)}
+    assert torch.get_num_threads() == threads  # restored
     with ablate.Workers(1) as inline:  # jobs=1: this process, run at submission
-        done = inline.submit(_threads_and_pid, "c")
+        done = inline.submit(_threads_and_pid, "g")
         assert done.done() and done.result()[2] == os.getpid()
         assert inline.next_done({done: None}) is done
 
