@@ -295,7 +295,7 @@ class Workers:
     config and its thread count only (every stage seeds itself), not on which process runs it or when."""
 
     def __init__(self, jobs: int):
-        self.jobs, self.pool, self.queue, self.in_pool = jobs, None, [], set()
+        self.jobs, self.pool, self.queue, self.in_pool = jobs, None, [], {}
 
     def __enter__(self) -> "Workers":
         if self.jobs > 1:
@@ -322,23 +322,37 @@ class Workers:
         return future
 
     def _feed(self) -> None:
-        """Keep every worker process on one task with one more queued (it never waits for this process)."""
-        while self.queue and len(self.in_pool) < 2 * (self.jobs - 1):
+        """Keep every worker process on one task with two more queued, so that it does not wait while this
+        process runs a task of its own."""
+        while self.queue and len(self.in_pool) < 3 * (self.jobs - 1):
             future, fn, args = self.queue.pop(0)
             inner = self.pool.submit(fn, *args)
-            self.in_pool.add(inner)
-            inner.add_done_callback(lambda inner, future=future: (
-                self.in_pool.discard(inner), future.set_exception(inner.exception()) if inner.exception()
-                else future.set_result(inner.result())))
+            self.in_pool[inner] = (future, fn, args)
+            inner.add_done_callback(self._finished)
+
+    def _finished(self, inner: Future) -> None:
+        future, _, _ = self.in_pool.pop(inner, (None, None, None))
+        if future is None or inner.cancelled():  # taken back by this process (next_done)
+            return
+        if inner.exception() is not None:
+            future.set_exception(inner.exception())
+        else:
+            future.set_result(inner.result())
 
     def next_done(self, pending: dict) -> Future:
         """A finished task among `pending` (the first submitted of those finished); while none is, this
-        process runs the next queued task itself."""
+        process runs the next queued task itself, or takes back one a worker has not started yet."""
         while not any(f.done() for f in pending):
             self._feed()
             if self.queue:
                 future, fn, args = self.queue.pop(0)
                 _run_into(future, fn, args)
+                continue
+            for inner, (future, fn, args) in list(self.in_pool.items())[::-1]:  # the last queued first
+                if inner.cancel():
+                    self.in_pool.pop(inner, None)
+                    _run_into(future, fn, args)
+                    break
             else:
                 wait(pending, return_when=FIRST_COMPLETED)
         return next(f for f in pending if f.done())

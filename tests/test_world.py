@@ -200,6 +200,16 @@ def test_heldout_eval_prompts_keeps_the_seed_suite_out_of_fine_tuning_only():
     assert seed_texts <= {d.prompt.text for d in held.documents(2000, seed=0)}
 
 
+def test_train_seed_share_sets_fine_tunings_share_of_seed_prompts_and_heldout_wins():
+    seed_texts = {p.text for p in load_suite("seed").prompts}
+    share = lambda w: sum(w.train_prompt(rng).text in seed_texts for _ in range(4000)) / 4000
+    rng = random.Random(0)
+    assert share(_world("world.train_seed_share=1")) == 1.0
+    assert share(_world("world.train_seed_share=0")) == 0.0
+    assert share(_world()) == pytest.approx(0.5, abs=0.04)  # null: the corpus's seed_prompt_share
+    assert share(_world("world.train_seed_share=1", "world.heldout_eval_prompts=true")) == 0.0
+
+
 def test_templates_suite_is_the_worlds_trained_on_prompts():
     """Every prompt of eval/suites/templates.yaml is a world prompt, with the world's range, that
     train_prompt draws with or without world.heldout_eval_prompts."""
