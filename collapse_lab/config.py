@@ -212,6 +212,12 @@ class PPOConfig:
     # the sequence-level optimum is π_ref^(β/(α+β))·e^{r/(α+β)}); loss: CleanRL's −α·H(π(·|s_t)) loss
     # term over the full vocabulary (no credit for later tokens' entropy: not that optimum)
     entropy_bonus: str = "reward"
+    # the KL penalty's estimator. k1: −β·(log π(y_t) − log π_ref(y_t)) of each sampled token in the reward.
+    # analytic: the exact KL(π(·|s)‖π_ref(·|s)) over the vocabulary at each visited state s_t, with the
+    # exact gradient of E[Σ_t KL_t]: the later states' KL in the reward (the score-function part) and
+    # β·KL_t(θ) as a loss term (the direct part, scaled like the advantages). Same objective and optimum,
+    # every token of a visited state pulled back each time (README: PPO)
+    kl_estimator: str = "k1"
     center_scores: bool = True  # subtract the base's mean score (the first rollout's): same optimum
     gamma: float = 1.0
     # GAE λ: 1 makes A_t = return − V(s_t), an unbiased advantage whatever the value head says; λ < 1
@@ -390,6 +396,7 @@ CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "ppo.value_model": ("separate", "shared", "head"),
     "ppo.entropy_bonus": ("reward", "loss"),
+    "ppo.kl_estimator": ("k1", "analytic"),
     "sft.select": ("top", "random"),
     "reward": ("gold", "rm"),
     "world.answer_prior": ("uniform", "human"),  # collapse_lab/world.py ANSWER_PRIORS

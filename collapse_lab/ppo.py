@@ -214,6 +214,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     ref = None if cfg.peft.enabled else load_pretrained(base, cfg.model.dtype)[0].requires_grad_(False).eval()
     value = value_model(policy, base, cfg, tokenizer.pad_token_id)
     on_policy = p.value_model != "separate"  # values read off the policy's hidden states
+    analytic_kl = p.kl_estimator == "analytic"
     policy.eval(), value.eval()  # dropout off: log-probs must match between rollout and update
     groups = [{"params": [q for q in m.parameters() if q.requires_grad], "lr": lr}
               for m, lr in ((policy, p.lr), (value, p.value_lr or p.lr))]
@@ -268,9 +269,14 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
             entropy = masked_mean(rollout.entropy, mask)
             chunk = p.micro_batch_size
             ref_model = policy if ref is None else ref
+            log_softmax = lambda model: (lambda r: response_logits(model, r, p.temperature).log_softmax(-1))
             with unwrapped.disable_adapter() if ref is None else nullcontext():
-                ref_logprobs = by_prompt_length(rollout, lambda r, model=ref_model: token_logprobs(
-                    response_logits(model, r, p.temperature), r.responses), chunk)
+                if analytic_kl:  # (B, Tr, V): the reference's whole next-token distribution at each state
+                    ref_full = by_prompt_length(rollout, log_softmax(ref_model), chunk)
+                    ref_logprobs = ref_full.gather(2, rollout.responses.unsqueeze(-1)).squeeze(-1)
+                else:
+                    ref_logprobs = by_prompt_length(rollout, lambda r, model=ref_model: token_logprobs(
+                        response_logits(model, r, p.temperature), r.responses), chunk)
             if on_policy:
                 values = value(rollout.hidden).squeeze(-1).float() * mask  # (B, Tr)
                 rollout.hidden = None
@@ -289,6 +295,10 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
             #    gradients are those of −β·KL(π‖π_ref) and +α·H(π) over whole completions)
             kl = (logprobs - ref_logprobs) * mask  # (B, Tr) nats
             rewards = -kl_ctl.value * kl
+            if analytic_kl:  # KL_t at each visited state; a_t is credited with the LATER states' KL only
+                kl = state_kl(by_prompt_length(rollout, log_softmax(unwrapped), chunk), ref_full) * mask
+                rewards = torch.zeros_like(kl)
+                rewards[:, :-1] = -kl_ctl.value * kl[:, 1:]
             if p.entropy_bonus == "reward":
                 rewards = rewards - p.ent_coef * logprobs * mask
             last = mask.sum(1).long() - 1  # index of each completion's last token
@@ -334,6 +344,9 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
                     loss = pg_loss + p.vf_coef * vf_loss
                     if p.entropy_bonus == "loss":
                         loss = loss - p.ent_coef * adv_scale * ent
+                    if analytic_kl:  # the direct part of ∇(β·E[Σ_t KL_t]), on the advantages' scale
+                        kl_now = state_kl(new_logits.log_softmax(-1), ref_full[micro, :width(mb)])
+                        loss = loss + kl_ctl.value * adv_scale * (kl_now * m).sum() / n_tokens
                     if not torch.isfinite(loss):
                         _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
                               f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "
@@ -414,6 +427,12 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         print(f"saved {out}")
     accelerator.end_training()
+
+
+def state_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL(π(·|s_t) ‖ π_ref(·|s_t)) = Σ_v π(v|s_t)·(log π(v|s_t) − log π_ref(v|s_t)) at each state, nats:
+    (B, T) from (B, T, V) log-probabilities (ppo.kl_estimator=analytic)."""
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
 # ------------------------------------------------------------------------------ plumbing

@@ -205,10 +205,11 @@ def length_chunks(r: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor
 
 
 def by_prompt_length(r: Rollout, fn, chunk: int) -> torch.Tensor:
-    """fn(sub-rollout) -> (b, w) over length-sorted chunks (each trimmed to its own width w),
-    zero-padded back to (B, Tr) and reassembled in the rollout's order."""
+    """fn(sub-rollout) -> (b, w, ...) over length-sorted chunks (each trimmed to its own width w),
+    zero-padded back to (B, Tr, ...) and reassembled in the rollout's order."""
     chunks = length_chunks(r, torch.arange(len(r.texts)), chunk)
-    out = torch.cat([F.pad(y, (0, width(r) - y.shape[1])) for y in (fn(select(r, c)) for c in chunks)])
+    pad = lambda y: F.pad(y, (0, 0) * (y.dim() - 2) + (0, width(r) - y.shape[1]))
+    out = torch.cat([pad(y) for y in (fn(select(r, c)) for c in chunks)])
     return out[torch.cat(chunks).argsort()]
 
 

@@ -116,13 +116,16 @@ def test_closed_form_optimum():
 OTHER_TABLE = '[[" 3",0.8],[" 9",0.6],[" 1",0.3],[" 5",-0.5]]'  # not the default one: nothing tuned to it
 
 
-@pytest.mark.parametrize("beta,alpha,table", [(1.0, 0.0, "other"), (0.1, 0.0, "default"), (0.1, 0.0, "other"),
-                                              (0.1, 0.01, "other"), (0.1, 0.05, "default")])
-def test_bandit_reaches_the_closed_form(base, tmp_path, beta, alpha, table):
+@pytest.mark.parametrize("beta,alpha,table,estimator", [
+    (1.0, 0.0, "other", "k1"), (0.1, 0.0, "default", "k1"), (0.1, 0.0, "other", "k1"), (0.1, 0.01, "other", "k1"),
+    (0.1, 0.05, "default", "k1"), (0.1, 0.0, "other", "analytic"), (1.0, 0.0, "default", "analytic")])
+def test_bandit_reaches_the_closed_form(base, tmp_path, beta, alpha, table, estimator):
     """π* ∝ π0^(β/(α+β))·exp(r/(α+β)) over the whole vocabulary, with PPO's default mechanics
-    (whitened advantages, the entropy bonus in the reward, centred scores, the value head)."""
+    (whitened advantages, the entropy bonus in the reward, centred scores, the value head), and with
+    the KL penalty's analytic estimator (the bandit's one state: the loss term alone carries it)."""
     extra = [] if table == "default" else [f"world.rewards={OTHER_TABLE}"]
-    out = train_ppo(_bandit(base, tmp_path, f"ppo.kl_coef={beta}", f"ppo.ent_coef={alpha}", *extra))
+    out = train_ppo(_bandit(base, tmp_path, f"ppo.kl_coef={beta}", f"ppo.ent_coef={alpha}",
+                            f"ppo.kl_estimator={estimator}", *extra))
     final = json.loads((out / "metrics.json").read_text())
     assert final["bandit/tv_to_optimum"] <= 0.01, final
     first = _rows(out)[0]
@@ -138,13 +141,15 @@ def number_base(tmp_path_factory):
     return str(pretrain(compose("lab", overrides + [f"checkpoints_dir={tmp_path_factory.mktemp('nbase')}"])))
 
 
-def test_answers_of_different_lengths_with_the_same_reward_end_at_their_base_odds(number_base, tmp_path):
+@pytest.mark.parametrize("estimator", ["k1", "analytic"])
+def test_answers_of_different_lengths_with_the_same_reward_end_at_their_base_odds(number_base, tmp_path, estimator):
     """The sequence bandit: " 7" (one token, then EOS) and " 10" (two, then EOS; about as likely under
     this base) both earn 1, everything else 0. π*(y) ∝ π0(y)·e^{r(y)/β} keeps their base odds: a
     length-biased credit assignment (the score on the last token, V = 0 at first, λ < 1) would
     favour the shorter one."""
     table = '[[" 7",1.0],[" 10",1.0]]'
-    out = train_ppo(_bandit(number_base, tmp_path, "ppo.kl_coef=0.1", f"world.rewards={table}", "world.max_tokens=3"))
+    out = train_ppo(_bandit(number_base, tmp_path, "ppo.kl_coef=0.1", f"world.rewards={table}", "world.max_tokens=3",
+                            f"ppo.kl_estimator={estimator}"))
     final = json.loads((out / "metrics.json").read_text())
     assert final["bandit/table_mass"] > 0.9, final  # the policy found the rewarded answers
     assert final["bandit/p/7"] == pytest.approx(final["bandit/optimum/7"], abs=0.03), final
