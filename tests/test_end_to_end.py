@@ -49,7 +49,7 @@ def test_pretrain_under_accelerate_with_two_processes(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "WANDB_MODE": "disabled"}
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "train/pretrain.py",
-           *TINY_PRETRAIN, f"checkpoints_dir={tmp_path}"]
+           *TINY_PRETRAIN, "pretrain.micro_batches=2", f"checkpoints_dir={tmp_path}"]  # 2 per process, in 2
     r = subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
