@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,21 @@ TINY_PRETRAIN = [
     "model.intermediate_size=64", "model.vocab_size=300", "pretrain.steps=6", "pretrain.batch_size=4",
     "pretrain.save_every=2", "pretrain.log_every=2", "pretrain.tokenizer_docs=300",
 ]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: each test's `accelerate launch` gets its own rendezvous port.
+    On the default (29500) two launches that pytest-xdist runs side by side join each other's group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_on_cpu(processes: int, script: str, *args: str) -> list[str]:
+    """`accelerate launch` of a lab script on `processes` CPU processes (set ACCELERATE_USE_CPU=true)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", script, *args]
 
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -10,12 +10,10 @@ import json
 import math
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_PRETRAIN
+from conftest import REPO, TINY_PRETRAIN, launch_on_cpu
 from test_readme import quick_start
 
 pytestmark = pytest.mark.slow
@@ -47,11 +45,9 @@ def test_readme_main_job_runs_the_whole_ablation_at_the_quick_preset(tmp_path):
 
 def test_pretrain_under_accelerate_with_two_processes(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "WANDB_MODE": "disabled"}
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "train/pretrain.py",
-           *TINY_PRETRAIN, "pretrain.micro_batches=2", f"checkpoints_dir={tmp_path}"]  # 2 per process, in 2
-    r = subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    cmd = launch_on_cpu(2, "train/pretrain.py", *TINY_PRETRAIN, "pretrain.micro_batches=2",  # 2 per process, in 2
+                        f"checkpoints_dir={tmp_path}")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (base,) = (tmp_path / "base").iterdir()
     manifest = json.loads((base / "manifest.json").read_text())

@@ -12,7 +12,6 @@
 """
 
 import json
-import math
 import os
 import pickle
 import re
@@ -33,9 +32,9 @@ from collapse_lab.checkpoint import FAULT, read_manifest
 from collapse_lab.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, RANGES, SCHEMAS, SHARE, ConfigError, EvalConfig,
                                  cli, compose)
 from collapse_lab.ppo import ppo_dir, train_ppo
-from collapse_lab.pretrain import base_dir, pretrain
-from collapse_lab.reward_model import reward_dir, train_reward_model
-from collapse_lab.sft import sft_dir, train_sft
+from collapse_lab.pretrain import pretrain
+from collapse_lab.reward_model import train_reward_model
+from collapse_lab.sft import train_sft
 
 from conftest import REPO, TINY_PRETRAIN
 

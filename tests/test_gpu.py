@@ -13,7 +13,7 @@ import torch
 
 from collapse_lab.config import compose
 from collapse_lab.pretrain import pretrain
-from conftest import REPO, TINY_PRETRAIN
+from conftest import REPO, TINY_PRETRAIN, free_port
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # every stage of the ablation, a couple of steps each
@@ -115,7 +115,7 @@ def test_accelerate_launch_configs_run_ppo_on_the_gpus(base, tmp_path, config):
         pytest.skip("DDP needs 2 GPUs")
     batch = 8 * n
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml", "--num_processes", str(n),
-           "train/ppo.py", "wandb.mode=disabled", f"base_path={base}", f"checkpoints_dir={tmp_path}", "recipe=kl0.1",
+           "--main_process_port", str(free_port()), "train/ppo.py", "wandb.mode=disabled", f"base_path={base}", f"checkpoints_dir={tmp_path}", "recipe=kl0.1",
            "ppo.steps=2", f"ppo.rollout_batch_size={batch}", f"ppo.minibatch_size={batch // 2}", "ppo.max_new_tokens=4",
            "ppo.samples_per_prompt=4", "name=launched"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)

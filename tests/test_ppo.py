@@ -5,7 +5,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from collapse_lab.ppo import batch_sizes, gae, masked_whiten, train_ppo
 from collapse_lab.pretrain import pretrain
 from collapse_lab.rollout import entropy_from_logits
 
-from conftest import REPO, TINY_PRETRAIN
+from conftest import REPO, TINY_PRETRAIN, launch_on_cpu
 
 PPO_RECIPES = [r for r in group_options("recipe") if r.startswith(("kl", "ent"))]
 
@@ -373,10 +372,9 @@ def test_real_model_preset_runs_the_same_code(tmp_path, base):
 @pytest.mark.slow
 def test_two_processes_through_accelerate(base, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train/ppo.py",
-           "recipe=kl0.1", f"base_path={base}", f"checkpoints_dir={tmp_path}", "name=two", "wandb.mode=disabled",
-           "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4"]
+    cmd = launch_on_cpu(2, "train/ppo.py", "recipe=kl0.1", f"base_path={base}", f"checkpoints_dir={tmp_path}",
+                        "name=two", "wandb.mode=disabled", "ppo.steps=2", "ppo.rollout_batch_size=8",
+                        "ppo.minibatch_size=4")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "ppo" / "two"
