@@ -28,6 +28,7 @@ comparison (run the ablation twice with pretrain.seed=... for that).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import hashlib
@@ -50,8 +51,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab import registry, report, tracking
 from collapse_lab.checkpoint import lock_run, unlock_run
-from collapse_lab.config import AblateConfig, ConfigError, compose, group_options
-from collapse_lab.evaluator import _load, sample
+from collapse_lab.config import AblateConfig, ConfigError, EvalConfig, compose, group_options
+from collapse_lab.evaluator import Loaded
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.frontier import Curve
 from collapse_lab.models import check_base
@@ -496,16 +497,25 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
     if _read_json(out / "stamp.json") == json.loads(json.dumps(stamp)) and all(f.exists() for f in files):
         return files
     out.mkdir(parents=True, exist_ok=True)
-    for suite in e.suites:
-        n = 0 if suite in ("arithmetic", "templates") else e.samples  # calibration, trained-on prompts: exact only
-        tokens = e.story_max_new_tokens if suite == "stories" else e.max_new_tokens
-        run_evaluator(compose("evaluate", [
-            f"model_path={model}", f"reference_path={base}", f"suite={suite}", f"out={out / f'{suite}.json'}",
-            f"sampling.n={n}", f"sampling.temperature={e.temperature}", f"sampling.max_new_tokens={tokens}",
-            f"seed={e.seed}", "plots=false"]))  # the report draws its own
-    _write_json(out / "gold.json", gold_reward(p, model))
+    common = compose("evaluate", [f"model_path={model}", f"reference_path={base}", f"sampling.temperature={e.temperature}",
+                                  f"seed={e.seed}", "plots=false"])  # the report draws its own
+    try:
+        for suite in e.suites:
+            cfg = copy.deepcopy(common)
+            cfg.suite, cfg.out = suite, str(out / f"{suite}.json")
+            cfg.sampling.n = 0 if suite in ("arithmetic", "templates") else e.samples  # calibration, trained-on: exact only
+            cfg.sampling.max_new_tokens = e.story_max_new_tokens if suite == "stories" else e.max_new_tokens
+            run_evaluator(cfg, _LOADED)
+        _write_json(out / "gold.json", gold_reward(p, model))
+    finally:
+        _LOADED.forget(keep=str(base))
     _write_json(out / "stamp.json", stamp)
     return files
+
+
+# Per process: the base, loaded once, with its answer distributions on every suite's prompts (the reference of
+# every evaluation); a model under evaluation is loaded once for all its suites and released after.
+_LOADED = Loaded()
 
 
 def reference_curves(p: Plan, base: Path, out: Path) -> Path:
@@ -513,7 +523,7 @@ def reference_curves(p: Plan, base: Path, out: Path) -> Path:
     best-of-k for k in frontier.BEST_OF and the KL-regularised optimum π*_β for β in frontier.BETAS
     (collapse_lab/frontier.py); {} for a world without the seed prompts."""
     path = out / "reference_curves.json"
-    model, tokenizer = _load(str(base), device(), "float32")
+    model, tokenizer = _LOADED.load(str(base), device(), "float32")
     curve = Curve(model, tokenizer, make_world(p.lab_config().world))
     _write_json(path, curve.reference_curves() if curve else {})
     return path
@@ -530,11 +540,11 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     spec = _read_json(model_path / "bok.json")
     if spec is not None:
         model_path, k = Path(spec["base_path"]), int(spec["k"])
-    model, tokenizer = _load(str(model_path), device(), "float32")
+    model, tokenizer = _LOADED.load(str(model_path), device(), "float32")
     per_prompt = {}
-    for prompt in world.seed_prompts:
-        torch.manual_seed(e.seed)
-        s = sample(model, tokenizer, prompt.text, e.gold_samples * k, e.temperature, e.max_new_tokens)
+    for prompt in world.seed_prompts:  # at the seed suite's settings, these are its samples (drawn once)
+        s = _LOADED.sample(model, tokenizer, prompt.text, e.gold_samples * k, e.temperature, e.max_new_tokens,
+                           EvalConfig.batch_size, e.seed)
         eos = tokenizer.eos_token_id
         texts = decode_continuations(tokenizer, encode_texts(tokenizer, [prompt.text]) * len(s.tokens),
                                      [[t for t in y if t != eos] for y in s.tokens])

@@ -296,8 +296,9 @@ def sampling_metrics(tokenizer, samples: Samples, prompt: Prompt, temperature: f
 
 
 def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference=None, policy=None,
-                    objective: Optional[dict] = None) -> dict:
-    """One prompt's record (fields: eval/README.md). reference: (model, tokenizer) or None.
+                    objective: Optional[dict] = None, loaded: Optional["Loaded"] = None) -> dict:
+    """One prompt's record (fields: eval/README.md). reference: (model, tokenizer) or None. loaded: the
+    models' `Loaded`, whose kept reference distributions and samples are used (and filled) here.
 
     policy: a best-of-k policy over `model` (collapse_lab/bok.py): exact answer distributions only.
     objective: the run's own objective ({beta, alpha, world}; `optimum.run_objective`): with a
@@ -322,7 +323,7 @@ def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference
         if prompt.correct is not None:
             rec.update(correct=prompt.correct, correct_prob=float(q[prompt.answers.index(prompt.correct)]))
         if reference is not None:
-            ref = answer_distribution(*reference, prompt.text, prompt.answers, prompt.continue_chars, cfg.batch_size)
+            ref = (loaded or Loaded()).answer_distribution(*reference, prompt, cfg.batch_size)
             q_ref = ref.normalised
             kl = metrics.kl(q, q_ref)
             rec.update(reference_answer_probs=ref.probs.tolist(), reference_valid_mass=float(ref.probs.sum()),
@@ -337,9 +338,9 @@ def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference
                 rec.update(optimum_answer_probs=target.tolist(), optimum_tv=optimum_tv(p, target),
                            optimum_answer_entropy=metrics.entropy(target), optimum_kl_to_reference=metrics.kl(target, q_ref))
     if cfg.sampling.n > 0 and policy is None:
-        torch.manual_seed(cfg.seed)  # each prompt's samples depend only on the seed and the prompt
-        s = sample(model, tokenizer, prompt.text, cfg.sampling.n, cfg.sampling.temperature,
-                   cfg.sampling.max_new_tokens, cfg.batch_size)
+        # each prompt's samples depend only on the seed and the prompt
+        s = (loaded or Loaded()).sample(model, tokenizer, prompt.text, cfg.sampling.n, cfg.sampling.temperature,
+                                        cfg.sampling.max_new_tokens, cfg.batch_size, cfg.seed)
         rec["sampling"] = sampling_metrics(tokenizer, s, prompt, cfg.sampling.temperature,
                                            cfg.sampling.max_new_tokens, ends)
     return rec
@@ -420,6 +421,51 @@ def _load(path: str, device: str, dtype: str):
     return model.to(device).eval(), tokenizer
 
 
+class Loaded:
+    """Models loaded once for several evaluator runs (`run(cfg, loaded)`: every suite of a model and its
+    gold reward in collapse-lab ablate), with what is computed from them kept: a reference's answer
+    distribution per prompt (the base is the reference of every evaluation of an ablation) and a model's
+    seeded samples per prompt and settings (the seed suite's are the gold reward's). A model in here is
+    never trained, so whatever is kept is what a new computation would give."""
+
+    def __init__(self):
+        self.models: dict[tuple, tuple] = {}  # (path, device, dtype) -> (model, tokenizer)
+        self.kept: dict[tuple, object] = {}  # (path, device, dtype, what...) -> distribution or samples
+
+    def load(self, path: str, device: str, dtype: str):
+        key = (str(path), device, dtype)
+        if key not in self.models:
+            self.models[key] = _load(str(path), device, dtype)
+        return self.models[key]
+
+    def _once(self, model, what: tuple, compute):
+        key = next((k for k, m in self.models.items() if m[0] is model), None)
+        if key is None:  # not loaded here: nothing kept
+            return compute()
+        if (*key, *what) not in self.kept:
+            self.kept[(*key, *what)] = compute()
+        return self.kept[(*key, *what)]
+
+    def answer_distribution(self, model, tokenizer, prompt: Prompt, batch_size: int) -> AnswerDistribution:
+        return self._once(model, ("answers", prompt.text, tuple(prompt.answers), prompt.continue_chars),
+                          lambda: answer_distribution(model, tokenizer, prompt.text, prompt.answers,
+                                                      prompt.continue_chars, batch_size))
+
+    def sample(self, model, tokenizer, prompt_text: str, n: int, temperature: float, max_new_tokens: int,
+               batch_size: int, seed: int) -> Samples:
+        """`sample` right after torch.manual_seed(seed)."""
+        def draw() -> Samples:
+            torch.manual_seed(seed)
+            return sample(model, tokenizer, prompt_text, n, temperature, max_new_tokens, batch_size)
+        return self._once(model, ("samples", prompt_text, n, temperature, max_new_tokens, batch_size, seed), draw)
+
+    def forget(self, keep: str) -> None:
+        """Release every model (and what was kept from it) but those loaded from `keep`."""
+        for store in (self.models, self.kept):
+            for key in [k for k in store if k[0] != str(keep)]:
+                del store[key]
+
+
 def _check_fits(model, tokenizer, suite: Suite, max_new_tokens: int, n_samples: int, path: str) -> None:
     """ConfigError if an answer's tokens are degenerate or prompt + answer (+ samples) exceeds the context."""
     cfg = model.config
@@ -468,8 +514,9 @@ def _jsonable(x):
     return x
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, loaded: Optional[Loaded] = None) -> dict:
     """Evaluate cfg.model_path (and cfg.reference_path) on cfg.suite; write <out>.json and <out>.png.
+    `loaded`: models (and reference distributions) kept from and for other runs in this process.
 
     Every input is validated (ConfigError) before anything is written.
     """
@@ -490,18 +537,19 @@ def run(cfg: DictConfig) -> dict:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     else:
         device = cfg.device
+    loaded = loaded or Loaded()
     policy = load_policy(cfg.model_path)  # a best-of-k directory: its base, transformed per prompt
-    model, tokenizer = _load(policy.base_path if policy else cfg.model_path, device, cfg.dtype)
+    model, tokenizer = loaded.load(policy.base_path if policy else cfg.model_path, device, cfg.dtype)
     _check_fits(model, tokenizer, suite, s.max_new_tokens, s.n, cfg.model_path)
     reference = None
     if cfg.reference_path:
-        reference = _load(cfg.reference_path, device, cfg.dtype)
+        reference = loaded.load(cfg.reference_path, device, cfg.dtype)
         _check_fits(*reference, suite, s.max_new_tokens, 0, cfg.reference_path)
 
     objective = run_objective(cfg.model_path) if policy is None and reference is not None else None
     if objective is not None:
         objective = {**objective, "world": make_world(objective["world"])}
-    records = [evaluate_prompt(model, tokenizer, p, cfg, reference, policy, objective) for p in suite.prompts]
+    records = [evaluate_prompt(model, tokenizer, p, cfg, reference, policy, objective, loaded) for p in suite.prompts]
     summary = {"schema_version": SCHEMA_VERSION, "suite": suite.name, "suite_path": str(suite.path),
                "model_path": cfg.model_path, "reference_path": cfg.reference_path,
                "vocab_size": model.get_output_embeddings().weight.shape[0], "n_prompts": len(records),

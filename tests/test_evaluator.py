@@ -213,6 +213,30 @@ def test_reference_equal_to_model_gives_zero_kl(saved, tmp_path):
     assert not (tmp_path / "a.png").exists()
 
 
+def test_runs_sharing_loaded_models_give_what_fresh_runs_give(saved, tmp_path):
+    """Several runs through one `Loaded` (as collapse-lab ablate does) reuse the models, the reference's
+    answer distributions and seeded samples, and write exactly what each run alone writes: a kept result
+    is used only at the same prompt, settings and seed (here: two temperatures, two seeds, two suites)."""
+    loaded, pol, ref = evaluator.Loaded(), str(saved / "policy"), str(saved / "reference")
+    settings = [("seed", {"temperature": 1.0}, 0), ("seed", {"temperature": 0.5}, 0), ("seed", {"temperature": 1.0}, 1),
+                ("arithmetic", {"n": 0}, 0), ("seed", {"temperature": 1.0}, 0)]
+
+    def strip(r):
+        return {**r, "summary": {k: v for k, v in r["summary"].items() if k != "wall_time_s"}}
+
+    shared = []
+    for i, (suite, sampling, seed) in enumerate(settings):
+        c = cfg(model_path=pol, reference_path=ref, suite=suite, seed=seed, sampling=sampling, plots=False)
+        fresh = strip(run(OmegaConf.merge(c, {"out": str(tmp_path / f"fresh{i}.json")})))
+        shared.append(strip(run(OmegaConf.merge(c, {"out": str(tmp_path / f"shared{i}.json")}), loaded)))
+        assert shared[-1] == fresh, (suite, sampling, seed)
+    assert len(loaded.models) == 2  # each model loaded once
+    samples = lambda r: [x["sampling"]["examples"] for x in r["prompts"]]
+    assert samples(shared[0]) == samples(shared[4]) != samples(shared[1]) and samples(shared[0]) != samples(shared[2])
+    loaded.forget(keep=ref)
+    assert [k[0] for k in loaded.models] == [ref] and all(k[0] == ref for k in loaded.kept)
+
+
 def test_calibration_and_open_suites(saved, tmp_path):
     data = run(cfg(model_path=str(saved / "policy"), suite="arithmetic", out=str(tmp_path / "a.json")))
     assert 0 <= data["summary"]["ece"] <= 1 and 0 <= data["summary"]["brier"] <= 2
