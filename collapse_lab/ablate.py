@@ -38,6 +38,7 @@ import os
 import re
 import resource
 import shutil
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -288,30 +289,35 @@ def _timed(label: str, fn: Callable) -> tuple:
 
 
 class Workers:
-    """Where the stages after the base run: with jobs=N > 1, in THIS process and N − 1 spawned worker
-    processes, this process's torch threads split between all N (torch on 2 CPU threads runs a tiny model's
-    step far below 2x one thread's speed, so two one-thread stages side by side get more done: README, the
-    ablation's speed; the ablation's own process takes tasks too, so N processes hold memory, not N + 1).
-    With jobs=1, each task runs in this process when it is submitted. A stage's result depends on its
-    config and its thread count only (every stage seeds itself), not on which process runs it or when."""
+    """Where the stages after the base run: with jobs=N > 1, in a thread of THIS process and in N − 1 spawned
+    worker processes, the torch threads split between all N (torch on 2 CPU threads runs a tiny model's step
+    far below 2x one thread's speed, so two one-thread stages side by side get more done: README, the
+    ablation's speed; this process takes tasks too, so N processes hold memory, not N + 1). This process's
+    main thread only schedules: a task starts the moment a slot is free and its inputs are done. With
+    jobs=1, each task runs in this process when it is submitted. A stage's result depends on its config and
+    its thread count only (every stage seeds itself), not on which process runs it or when."""
 
     def __init__(self, jobs: int):
-        self.jobs, self.pool, self.queue, self.in_pool = jobs, None, [], {}
+        self.jobs, self.pool, self.queue = jobs, None, []
+        self.in_pool: dict[Future, Future] = {}  # a worker process's future -> the caller's future
+        self.here: Optional[Future] = None  # the caller's future of the task this process's thread runs
 
     def __enter__(self) -> "Workers":
         if self.jobs > 1:
             self.threads_before = torch.get_num_threads()
-            threads = max(1, self.threads_before // self.jobs)
+            self.threads = max(1, self.threads_before // self.jobs)
             self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(threads,))
-            torch.set_num_threads(threads)
+                                            initializer=_worker_init, initargs=(self.threads,))
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if self.pool is not None:  # on an error: queued tasks are dropped, running ones finish (their stages resume)
+        # on an error: queued tasks are dropped, the workers' running ones finish (their stages resume later);
+        # this process's task thread is a daemon: it ends with the process, like a killed stage (it resumes)
+        if self.pool is not None:
             self.queue.clear()
             self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
-            torch.set_num_threads(self.threads_before)
+            if exc_type is None and self.here is not None:
+                wait([self.here])
 
     def submit(self, fn: Callable, *args) -> Future:
         future = Future()
@@ -319,43 +325,33 @@ class Workers:
             _run_into(future, fn, args)
         else:
             self.queue.append((future, fn, args))
-            self._feed()
+            self._dispatch()
         return future
 
-    def _feed(self) -> None:
-        """Keep every worker process on one task with two more queued, so that it does not wait while this
-        process runs a task of its own."""
-        while self.queue and len(self.in_pool) < 3 * (self.jobs - 1):
+    def _dispatch(self) -> None:
+        """Pass finished workers' results on, then start queued tasks on the free slots, in order."""
+        for inner in [f for f in self.in_pool if f.done()]:
+            future = self.in_pool.pop(inner)
+            if inner.exception() is not None:
+                future.set_exception(inner.exception())
+            else:
+                future.set_result(inner.result())
+        if self.here is not None and self.here.done():
+            self.here = None
+        while self.queue and self.here is None:
+            self.here, fn, args = self.queue.pop(0)
+            threading.Thread(target=_thread_task, args=(self.threads, self.here, fn, args), daemon=True,
+                             name="ablate-task").start()
+        while self.queue and len(self.in_pool) < self.jobs - 1:
             future, fn, args = self.queue.pop(0)
-            inner = self.pool.submit(fn, *args)
-            self.in_pool[inner] = (future, fn, args)
-            inner.add_done_callback(self._finished)
-
-    def _finished(self, inner: Future) -> None:
-        future, _, _ = self.in_pool.pop(inner, (None, None, None))
-        if future is None or inner.cancelled():  # taken back by this process (next_done)
-            return
-        if inner.exception() is not None:
-            future.set_exception(inner.exception())
-        else:
-            future.set_result(inner.result())
+            self.in_pool[self.pool.submit(fn, *args)] = future
 
     def next_done(self, pending: dict) -> Future:
-        """A finished task among `pending` (the first submitted of those finished); while none is, this
-        process runs the next queued task itself, or takes back one a worker has not started yet."""
+        """A finished task among `pending` (the first submitted of those finished), scheduling while none is."""
+        self._dispatch()
         while not any(f.done() for f in pending):
-            self._feed()
-            if self.queue:
-                future, fn, args = self.queue.pop(0)
-                _run_into(future, fn, args)
-                continue
-            for inner, (future, fn, args) in list(self.in_pool.items())[::-1]:  # the last queued first
-                if inner.cancel():
-                    self.in_pool.pop(inner, None)
-                    _run_into(future, fn, args)
-                    break
-            else:
-                wait(pending, return_when=FIRST_COMPLETED)
+            wait([*pending, *self.in_pool], return_when=FIRST_COMPLETED)
+            self._dispatch()
         return next(f for f in pending if f.done())
 
 
@@ -364,6 +360,13 @@ def _run_into(future: Future, fn: Callable, args: tuple) -> None:
         future.set_result(fn(*args))
     except Exception as e:  # re-raised by result(), as a worker's would be
         future.set_exception(e)
+
+
+def _thread_task(threads: int, future: Future, fn: Callable, args: tuple) -> None:
+    """A task in this process's task thread: torch's thread count and the denormal flush are per thread."""
+    torch.set_num_threads(threads)
+    flush_denormals()
+    _run_into(future, fn, args)
 
 
 def _worker_init(threads: int) -> None:

@@ -233,6 +233,8 @@ def test_report_survives_clearing_the_stage_cache(fake_ablation, tmp_path):
 
 def _threads_and_pid(tag: str) -> tuple:
     import os
+    import time
+    time.sleep(0.3)  # long enough that one slot cannot take every task
     return tag, torch.get_num_threads(), os.getpid()
 
 
