@@ -218,6 +218,12 @@ class PPOConfig:
     # β·KL_t(θ) as a loss term (the direct part, scaled like the advantages). Same objective and optimum,
     # every token of a visited state pulled back each time (README: PPO)
     kl_estimator: str = "k1"
+    # c: + c·KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the whole vocabulary at each visited state in the loss (on the
+    # whitened advantages' scale), beside the ratio clip: a trust region that also holds the tokens NOT
+    # sampled at s_t (the ratio clip binds only on sampled ones) and a likely token whose ratio cannot reach
+    # 1 + clip_range. Its gradient is 0 at π_θ = π_old: the objective's optimum is unchanged
+    # (Schulman et al. 2017's KL-penalty PPO, exact over the vocabulary; 0: off)
+    trust_region_coef: float = 0.0
     center_scores: bool = True  # subtract the base's mean score (the first rollout's): same optimum
     gamma: float = 1.0
     # GAE λ: 1 makes A_t = return − V(s_t), an unbiased advantage whatever the value head says; λ < 1
@@ -451,7 +457,7 @@ RANGES = {
         "sft.lr": POSITIVE, "sft.batch_size": COUNT,
         "ppo.steps": COUNT, "ppo.rollout_batch_size": COUNT, "ppo.minibatch_size": COUNT,
         "ppo.micro_batch_size": COUNT, "ppo.ppo_epochs": COUNT, "ppo.lr": POSITIVE, "ppo.value_lr": POSITIVE,
-        "ppo.kl_coef": NONNEG, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG,
+        "ppo.kl_coef": NONNEG, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG, "ppo.trust_region_coef": NONNEG,
         "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,
         "ppo.vf_coef": NONNEG, "ppo.temperature": POSITIVE, "ppo.max_new_tokens": COUNT,
         "ppo.missing_eos_penalty": NONNEG, "ppo.max_grad_norm": NONNEG, "ppo.save_every": COUNT,

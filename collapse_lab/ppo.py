@@ -295,8 +295,11 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
             #    gradients are those of −β·KL(π‖π_ref) and +α·H(π) over whole completions)
             kl = (logprobs - ref_logprobs) * mask  # (B, Tr) nats
             rewards = -kl_ctl.value * kl
+            # (B, Tr, V): π_old's whole next-token distribution at each state (analytic KL, trust region)
+            old_full = by_prompt_length(rollout, log_softmax(unwrapped), chunk) \
+                if analytic_kl or p.trust_region_coef > 0 else None
             if analytic_kl:  # KL_t at each visited state; a_t is credited with the LATER states' KL only
-                kl = state_kl(by_prompt_length(rollout, log_softmax(unwrapped), chunk), ref_full) * mask
+                kl = state_kl(old_full, ref_full) * mask
                 rewards = torch.zeros_like(kl)
                 rewards[:, :-1] = -kl_ctl.value * kl[:, 1:]
             if p.entropy_bonus == "reward":
@@ -347,6 +350,9 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
                     if analytic_kl:  # the direct part of ∇(β·E[Σ_t KL_t]), on the advantages' scale
                         kl_now = state_kl(new_logits.log_softmax(-1), ref_full[micro, :width(mb)])
                         loss = loss + kl_ctl.value * adv_scale * (kl_now * m).sum() / n_tokens
+                    if p.trust_region_coef > 0:  # KL(π_old ‖ π_θ) at each visited state, every token
+                        moved = state_kl(old_full[micro, :width(mb)], new_logits.log_softmax(-1))
+                        loss = loss + p.trust_region_coef * (moved * m).sum() / n_tokens
                     if not torch.isfinite(loss):
                         _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
                               f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "
