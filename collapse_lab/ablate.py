@@ -35,6 +35,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
 import re
 import resource
 import shutil
@@ -301,23 +302,27 @@ class Workers:
         self.jobs, self.pool, self.queue = jobs, None, []
         self.in_pool: dict[Future, Future] = {}  # a worker process's future -> the caller's future
         self.here: Optional[Future] = None  # the caller's future of the task this process's thread runs
+        self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()  # this process's task thread's next task
 
     def __enter__(self) -> "Workers":
         if self.jobs > 1:
-            self.threads_before = torch.get_num_threads()
-            self.threads = max(1, self.threads_before // self.jobs)
+            threads = max(1, torch.get_num_threads() // self.jobs)
             self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(self.threads,))
+                                            initializer=_worker_init, initargs=(threads,))
+            # ONE thread for all of this process's tasks (a new thread per task grew the heap: glibc gives
+            # threads their own malloc arenas); a daemon: on an error it ends with the process, like a
+            # killed stage (which resumes)
+            threading.Thread(target=_task_thread, args=(threads, self.inbox), daemon=True, name="ablate-tasks").start()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        # on an error: queued tasks are dropped, the workers' running ones finish (their stages resume later);
-        # this process's task thread is a daemon: it ends with the process, like a killed stage (it resumes)
+        # on an error: queued tasks are dropped, the workers' running ones finish (their stages resume later)
         if self.pool is not None:
             self.queue.clear()
             self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
             if exc_type is None and self.here is not None:
                 wait([self.here])
+            self.inbox.put(None)
 
     def submit(self, fn: Callable, *args) -> Future:
         future = Future()
@@ -338,10 +343,9 @@ class Workers:
                 future.set_result(inner.result())
         if self.here is not None and self.here.done():
             self.here = None
-        while self.queue and self.here is None:
+        if self.queue and self.here is None:
             self.here, fn, args = self.queue.pop(0)
-            threading.Thread(target=_thread_task, args=(self.threads, self.here, fn, args), daemon=True,
-                             name="ablate-task").start()
+            self.inbox.put((self.here, fn, args))
         while self.queue and len(self.in_pool) < self.jobs - 1:
             future, fn, args = self.queue.pop(0)
             self.in_pool[self.pool.submit(fn, *args)] = future
@@ -362,11 +366,17 @@ def _run_into(future: Future, fn: Callable, args: tuple) -> None:
         future.set_exception(e)
 
 
-def _thread_task(threads: int, future: Future, fn: Callable, args: tuple) -> None:
-    """A task in this process's task thread: torch's thread count and the denormal flush are per thread."""
+def _task_thread(threads: int, inbox: "queue.SimpleQueue") -> None:
+    """This process's task thread: runs what `Workers` puts in its inbox until None. Torch's thread count and
+    the denormal flush are per thread."""
     torch.set_num_threads(threads)
     flush_denormals()
-    _run_into(future, fn, args)
+    while (task := inbox.get()) is not None:
+        future, fn, args = task
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # SystemExit too: the scheduler must hear of it, not wait forever
+            future.set_exception(e)
 
 
 def _worker_init(threads: int) -> None:
