@@ -320,7 +320,8 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
         #    minibatch's gradient accumulated over micro-batches of similar prompt length (each cut
         #    to its own longest response); every term is a mean over the minibatch's tokens, so the
         #    split does not change the update
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio")}
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio",
+                                 "moved")}
         for _ in range(p.ppo_epochs):
             order = (torch.randperm(batches.prompts_per_device)[:, None] * p.samples_per_prompt
                      + torch.arange(p.samples_per_prompt)).flatten()  # shuffled prompts, completions together
@@ -350,7 +351,8 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
                     if analytic_kl:  # the direct part of ∇(β·E[Σ_t KL_t]), on the advantages' scale
                         kl_now = state_kl(new_logits.log_softmax(-1), ref_full[micro, :width(mb)])
                         loss = loss + kl_ctl.value * adv_scale * (kl_now * m).sum() / n_tokens
-                    if p.trust_region_coef > 0:  # KL(π_old ‖ π_θ) at each visited state, every token
+                    moved = torch.zeros_like(m)  # KL(π_old ‖ π_θ) at each visited state, every token
+                    if p.trust_region_coef > 0:
                         moved = state_kl(old_full[micro, :width(mb)], new_logits.log_softmax(-1))
                         loss = loss + p.trust_region_coef * (moved * m).sum() / n_tokens
                     if not torch.isfinite(loss):
@@ -362,7 +364,8 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
                         for key, x in (("pg_loss", pg_losses), ("vf_loss", vf_losses), ("entropy", entropies),
                                        ("approxkl", 0.5 * log_ratio ** 2), ("ratio", ratio),
                                        ("clipfrac", ((ratio - 1).abs() > p.clip_range).float()),
-                                       ("vf_clipfrac", ((v - old_v).abs() > p.clip_range_value).float())):
+                                       ("vf_clipfrac", ((v - old_v).abs() > p.clip_range_value).float()),
+                                       ("moved", moved)):
                             sums[key] += (x * m).sum() / n_tokens
                 if p.max_grad_norm:
                     accelerator.clip_grad_norm_(params, p.max_grad_norm)
@@ -381,6 +384,8 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
             "objective/rlhf_reward": (scores - kl_ctl.value * seq_kl).mean(),
             "policy/approxkl": _mean(stats["approxkl"]), "policy/clipfrac": _mean(stats["clipfrac"]),
             "policy/entropy": _mean(stats["entropy"]), "policy/ratio": _mean(stats["ratio"]),
+            # the exact KL(π_old ‖ π_θ) at the visited states before each minibatch (with the trust region only)
+            **({"policy/state_kl_moved": _mean(stats["moved"])} if p.trust_region_coef > 0 else {}),
             "loss/policy": _mean(stats["pg_loss"]), "val/vf_loss": _mean(stats["vf_loss"]),
             "val/clipfrac": _mean(stats["vf_clipfrac"]), "val/mean": masked_mean(values, mask),
             "ppo/returns/mean": masked_mean(returns, mask), "ppo/advantages/mean": masked_mean(advantages, mask),
