@@ -158,16 +158,16 @@ def test_answers_of_different_lengths_with_the_same_reward_end_at_their_base_odd
 
 def test_trust_region_holds_each_update_and_keeps_the_optimum(base, tmp_path):
     """ppo.trust_region_coef=c adds c·KL(π_old(·|s)‖π_θ(·|s)) over the vocabulary at each visited state. With
-    16 updates per batch (4 epochs of 4 minibatches) it holds the policy closer to π_old within each batch,
+    4 updates per batch (2 epochs of 2 minibatches) it holds the policy closer to π_old within each batch,
     and since its gradient is 0 at π_θ = π_old, PPO still reaches the bandit's closed form."""
-    several = ["ppo.ppo_epochs=4", "ppo.minibatch_size=64", "ppo.kl_coef=0.1", f"world.rewards={OTHER_TABLE}"]
+    several = ["ppo.ppo_epochs=2", "ppo.minibatch_size=128", "ppo.kl_coef=0.1", f"world.rewards={OTHER_TABLE}"]
     free = train_ppo(_bandit(base, tmp_path, *several))
     held = train_ppo(_bandit(base, tmp_path, *several, "ppo.trust_region_coef=10"))
     moved = lambda out: np.mean([r["policy/approxkl"] for r in _rows(out)[:20]])  # while far from π*
     assert moved(held) < 0.5 * moved(free), (moved(held), moved(free))
     assert all(r["policy/state_kl_moved"] >= 0 for r in _rows(held)) and "policy/state_kl_moved" not in _rows(free)[0]
     tv = lambda out: json.loads((out / "metrics.json").read_text())["bandit/tv_to_optimum"]
-    assert tv(held) <= 0.01 and tv(free) <= 0.02, (tv(held), tv(free))  # 16 updates a batch: noisier than 1
+    assert tv(held) <= 0.01 and tv(free) <= 0.02, (tv(held), tv(free))  # 4 updates a batch: noisier than 1
 
 
 def test_analytic_kl_as_a_loss_term_misses_the_closed_form_at_small_beta(base, tmp_path):
