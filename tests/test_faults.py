@@ -208,10 +208,22 @@ def test_a_planted_pickle_in_a_ppo_checkpoint_never_runs(base, ppo_whole, tmp_pa
 # ----------------------------------------------------------------- 3. two identical runs at once
 
 
+# A process that imports the lab, says "ready", and runs the script in argv when it reads a line: two of them
+# started with their imports done reach the run's lock together, whatever the load (a 4-step run takes ~2 s;
+# under load one process's imports alone can take longer, and it would find the run finished, never waiting).
+WARM = ("import runpy, sys; import collapse_lab.ppo, collapse_lab.registry; print('ready', flush=True); "
+        "sys.stdin.readline(); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 @pytest.mark.slow
 def test_two_identical_runs_started_together_give_one_result(base, ppo_whole, tmp_path):
     args = ("train/ppo.py", *_argv(tmp_path, *PPO, base=base))
-    a, b = _run(*args), _run(*args)
+    a, b = (_run("-c", WARM, *args, stdin=subprocess.PIPE) for _ in range(2))
+    for p in (a, b):
+        assert p.stdout.readline().strip() == "ready"
+    for p in (a, b):
+        p.stdin.write("go\n")
+        p.stdin.flush()
     (out_a, err_a), (out_b, err_b) = a.communicate(timeout=600), b.communicate(timeout=600)
     assert a.returncode == 0 and b.returncode == 0, (err_a[-2000:], err_b[-2000:])
     waited = [(o, e) for o, e in ((out_a, err_a), (out_b, err_b)) if "in use by PID" in e]
