@@ -362,8 +362,8 @@ class Workers:
 def _run_into(future: Future, fn: Callable, args: tuple) -> None:
     try:
         future.set_result(fn(*args))
-    except Exception as e:  # re-raised by result(), as a worker's would be
-        future.set_exception(e)
+    except BaseException as e:  # re-raised by result(), as a worker's would be (SystemExit too: in the task
+        future.set_exception(e)  # thread it must reach the scheduler, not leave it waiting)
 
 
 def _task_thread(threads: int, inbox: "queue.SimpleQueue") -> None:
@@ -372,11 +372,7 @@ def _task_thread(threads: int, inbox: "queue.SimpleQueue") -> None:
     torch.set_num_threads(threads)
     flush_denormals()
     while (task := inbox.get()) is not None:
-        future, fn, args = task
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # SystemExit too: the scheduler must hear of it, not wait forever
-            future.set_exception(e)
+        _run_into(*task)
 
 
 def _worker_init(threads: int) -> None:

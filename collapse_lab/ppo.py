@@ -215,6 +215,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     value = value_model(policy, base, cfg, tokenizer.pad_token_id)
     on_policy = p.value_model != "separate"  # values read off the policy's hidden states
     analytic_kl = p.kl_estimator == "analytic"
+    trust_region = p.trust_region_coef > 0
     policy.eval(), value.eval()  # dropout off: log-probs must match between rollout and update
     groups = [{"params": [q for q in m.parameters() if q.requires_grad], "lr": lr}
               for m, lr in ((policy, p.lr), (value, p.value_lr or p.lr))]
@@ -293,15 +294,16 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
 
             # 3. per-token KL penalty and entropy bonus into the reward (k1 estimators: their
             #    gradients are those of −β·KL(π‖π_ref) and +α·H(π) over whole completions)
-            kl = (logprobs - ref_logprobs) * mask  # (B, Tr) nats
-            rewards = -kl_ctl.value * kl
             # (B, Tr, V): π_old's whole next-token distribution at each state (analytic KL, trust region)
             old_full = by_prompt_length(rollout, log_softmax(unwrapped), chunk) \
-                if analytic_kl or p.trust_region_coef > 0 else None
+                if analytic_kl or trust_region else None
             if analytic_kl:  # KL_t at each visited state; a_t is credited with the LATER states' KL only
                 kl = state_kl(old_full, ref_full) * mask
                 rewards = torch.zeros_like(kl)
                 rewards[:, :-1] = -kl_ctl.value * kl[:, 1:]
+            else:
+                kl = (logprobs - ref_logprobs) * mask  # (B, Tr) nats
+                rewards = -kl_ctl.value * kl
             if p.entropy_bonus == "reward":
                 rewards = rewards - p.ent_coef * logprobs * mask
             last = mask.sum(1).long() - 1  # index of each completion's last token
@@ -321,7 +323,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
         #    to its own longest response); every term is a mean over the minibatch's tokens, so the
         #    split does not change the update
         stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio",
-                                 "moved")}
+                                 *(["moved"] if trust_region else []))}
         for _ in range(p.ppo_epochs):
             order = (torch.randperm(batches.prompts_per_device)[:, None] * p.samples_per_prompt
                      + torch.arange(p.samples_per_prompt)).flatten()  # shuffled prompts, completions together
@@ -348,24 +350,24 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
                     loss = pg_loss + p.vf_coef * vf_loss
                     if p.entropy_bonus == "loss":
                         loss = loss - p.ent_coef * adv_scale * ent
+                    new_full = new_logits.log_softmax(-1) if analytic_kl or trust_region else None  # (b, w, V)
                     if analytic_kl:  # the direct part of ∇(β·E[Σ_t KL_t]), on the advantages' scale
-                        kl_now = state_kl(new_logits.log_softmax(-1), ref_full[micro, :width(mb)])
+                        kl_now = state_kl(new_full, ref_full[micro, :width(mb)])
                         loss = loss + kl_ctl.value * adv_scale * (kl_now * m).sum() / n_tokens
-                    moved = torch.zeros_like(m)  # KL(π_old ‖ π_θ) at each visited state, every token
-                    if p.trust_region_coef > 0:
-                        moved = state_kl(old_full[micro, :width(mb)], new_logits.log_softmax(-1))
-                        loss = loss + p.trust_region_coef * (moved * m).sum() / n_tokens
+                    terms = {"pg_loss": pg_losses, "vf_loss": vf_losses, "entropy": entropies}
+                    if trust_region:  # KL(π_old ‖ π_θ) at each visited state, every token
+                        terms["moved"] = state_kl(old_full[micro, :width(mb)], new_full)
+                        loss = loss + p.trust_region_coef * (terms["moved"] * m).sum() / n_tokens
                     if not torch.isfinite(loss):
                         _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
                               f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "
                               f"last good checkpoint: {_last_checkpoint(out) or 'none'}")
                     accelerator.backward(loss)
                     with torch.no_grad():
-                        for key, x in (("pg_loss", pg_losses), ("vf_loss", vf_losses), ("entropy", entropies),
-                                       ("approxkl", 0.5 * log_ratio ** 2), ("ratio", ratio),
-                                       ("clipfrac", ((ratio - 1).abs() > p.clip_range).float()),
-                                       ("vf_clipfrac", ((v - old_v).abs() > p.clip_range_value).float()),
-                                       ("moved", moved)):
+                        terms.update(approxkl=0.5 * log_ratio ** 2, ratio=ratio,
+                                     clipfrac=((ratio - 1).abs() > p.clip_range).float(),
+                                     vf_clipfrac=((v - old_v).abs() > p.clip_range_value).float())
+                        for key, x in terms.items():
                             sums[key] += (x * m).sum() / n_tokens
                 if p.max_grad_norm:
                     accelerator.clip_grad_norm_(params, p.max_grad_norm)
@@ -385,7 +387,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
             "policy/approxkl": _mean(stats["approxkl"]), "policy/clipfrac": _mean(stats["clipfrac"]),
             "policy/entropy": _mean(stats["entropy"]), "policy/ratio": _mean(stats["ratio"]),
             # the exact KL(π_old ‖ π_θ) at the visited states before each minibatch (with the trust region only)
-            **({"policy/state_kl_moved": _mean(stats["moved"])} if p.trust_region_coef > 0 else {}),
+            **({"policy/state_kl_moved": _mean(stats["moved"])} if trust_region else {}),
             "loss/policy": _mean(stats["pg_loss"]), "val/vf_loss": _mean(stats["vf_loss"]),
             "val/clipfrac": _mean(stats["vf_clipfrac"]), "val/mean": masked_mean(values, mask),
             "ppo/returns/mean": masked_mean(returns, mask), "ppo/advantages/mean": masked_mean(advantages, mask),
