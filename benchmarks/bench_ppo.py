@@ -12,7 +12,7 @@ gold rater, with a KL coefficient of 0.1 to the frozen base and ONE optimisation
   (one gradient step per PPO step), reward=gold; step time = `time/step_s` of metrics.jsonl
   (rollout, the three no-grad forwards, scoring, GAE, the update and the metric reduction; not
   the JSON write or the progress bar, which come after it). Once per --value-models entry
-  (ppo.value_model: `separate` = a second model, the default; `shared` / `head` = a scalar head
+  (ppo.value_model: `separate` = a second model; `shared` / `head` (the default) = a scalar head
   on the policy's hidden states, values read off generation: no value forward or backward).
 - TRL: GRPOTrainer, beta=0.1, --batch/4 prompts x num_generations=4 per step
   (per_device_train_batch_size = --batch: one generation and one optimizer step per step),
@@ -47,13 +47,14 @@ import torch
 from collapse_lab.config import compose
 
 KL_COEF = 0.1
-GENERATIONS = 4  # TRL: completions per prompt (GRPO needs a group); the lab samples one per prompt
+GENERATIONS = 4  # completions per prompt on both sides: TRL's num_generations (GRPO needs a group), ppo.samples_per_prompt
 
 
 def lab_overrides(args, ck: str, base: str, value_model: str) -> list[str]:
     return [f"checkpoints_dir={ck}", f"ppo.value_model={value_model}", f"base_path={base}", "wandb.mode=disabled", "reward=gold",
             f"ppo.steps={args.warmup + args.steps}", f"ppo.rollout_batch_size={args.batch}",
-            f"ppo.minibatch_size={args.batch}", "ppo.ppo_epochs=1", f"ppo.max_new_tokens={args.new_tokens}",
+            f"ppo.minibatch_size={args.batch}", f"ppo.samples_per_prompt={GENERATIONS}", "ppo.ppo_epochs=1",
+            f"ppo.max_new_tokens={args.new_tokens}",
             f"ppo.kl_coef={KL_COEF}", "ppo.temperature=1.0", "ppo.save_every=1000000", "name=bench"]
 
 

@@ -185,16 +185,18 @@ class SFTConfig:
 class PPOConfig:
     """Classic RLHF PPO (Ziegler et al. 2019; Huang et al. 2024); names as in the N+ details."""
 
-    steps: int = 300
-    rollout_batch_size: int = 64  # completions per step (over all processes)
+    # The defaults spend a 10-minute CPU run on RATINGS: how close PPO gets to its objective's optimum is set
+    # by how many noisy ratings it has seen (the rater's noise leaves each answer's mean score known to
+    # σ/√n), so one epoch over large batches of many completions per prompt (cheap: each prompt's prefix is
+    # computed once) beats more epochs over fewer samples (README: PPO, the information limit)
+    steps: int = 250
+    rollout_batch_size: int = 256  # completions per step (over all processes)
     # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
     # reference and update forwards); the prompts still come from the world's training distribution
-    samples_per_prompt: int = 4
-    minibatch_size: int = 16
-    micro_batch_size: int = 8  # sequences per forward/backward (per process); gradients accumulate to a minibatch
-    # 2 epochs, not 4: the rater's noise, not the sample count per update, limits how close PPO gets
-    # to its optimum, so compute goes to fresh samples (README: PPO)
-    ppo_epochs: int = 2
+    samples_per_prompt: int = 8
+    minibatch_size: int = 64
+    micro_batch_size: int = 32  # sequences per forward/backward (per process); gradients accumulate to a minibatch
+    ppo_epochs: int = 1
     lr: float = 1e-4  # the policy's, for the tiny base (annealed to 0); real models want ~1e-6..1e-5
     # the value model's or head's (None: lr). Adam's step is ~lr whatever vf_coef, and a fresh
     # scalar head at 5e-5 needs ~100 steps to reach returns of ~6: hence its own, larger rate
@@ -237,7 +239,7 @@ class PPOConfig:
     # update is the clipped PPO objective alone; shared: the same head with the value loss also
     # training the trunk (TRL's old ValueHead); separate: its own trunk + head (the N+ details).
     # head/shared read the rollout's values off generation: no value forward, no second model
-    # (median step 0.53 s against separate's 0.93 s on the tiny base: benchmarks/bench_ppo.py).
+    # (benchmarks/bench_ppo.py).
     value_model: str = "head"
     whiten_advantages: bool = True
     temperature: float = 1.0

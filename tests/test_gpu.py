@@ -18,7 +18,8 @@ from conftest import REPO, TINY_PRETRAIN, free_port
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # every stage of the ablation, a couple of steps each
 TINY_STAGES = ["ratings.prompts=8", "ratings.max_new_tokens=4", "reward_model.epochs=1", "sft.batch_size=8",
-               "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.max_new_tokens=4"]
+               "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=4", "ppo.minibatch_size=4",
+               "ppo.max_new_tokens=4"]
 
 
 @pytest.fixture(scope="module")
