@@ -31,8 +31,8 @@ from collections import defaultdict
 import numpy as np
 
 from collapse_lab.config import compose
-from collapse_lab.evaluator import _load
 from collapse_lab.frontier import Curve
+from collapse_lab.models import load_pretrained
 from collapse_lab.optimum import answer_optimum, optimum_tv
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.world import make_world
@@ -79,7 +79,8 @@ def main() -> None:
     cfg = compose("lab", args.overrides)
     beta, alpha = float(cfg.ppo.kl_coef), float(cfg.ppo.ent_coef)
     base_path = resolve_base(cfg)
-    model, tokenizer = _load(str(base_path), "cpu", "float32")
+    model, tokenizer = load_pretrained(str(base_path), "float32")
+    model.eval()
     curve = Curve(model, tokenizer, make_world(cfg.world))
     targets = [answer_optimum(b, *s, beta, alpha) for b, s in zip(curve.base, curve.scores)]
     print(f"base {base_path}, β = {beta:g}, α = {alpha:g}, favourites {list(cfg.world.rater.favourites)}, "
