@@ -99,3 +99,34 @@ def run_objective(model_path: str) -> Optional[dict]:
     if beta + alpha == 0 or cfg.world.name == "bandit":
         return None
     return {"beta": beta, "alpha": alpha, "reward": cfg.reward, "world": cfg.world}
+
+
+ANSWER_GROUPS = ("favourites", "extensions", "same first token", "same last token", "other")
+
+
+def answer_groups(answers: list[str], favourites: set[int], tokenizer) -> list[str]:
+    """Each answer's group, from the rater's favourites and the tokenizer (nothing tuned to one favourites set):
+
+        favourites        the rater's favourite answers
+        extensions        other answers whose text starts with a favourite's (' 7' → ' 70'..' 79'): their mass
+                          is what a policy keeps AFTER a favourite's last token instead of ending there
+        same first token  other answers that share a favourite's first token but do not extend it (' 45', ' 4')
+        same last token   other answers that share a favourite's last token (' 67' and ' 97': '7')
+        other             the rest
+
+    Where a policy trained towards π* misses it, by group (benchmarks/optimum_residual.py)."""
+    ids = {a: tokenizer.encode(a, add_special_tokens=False) for a in answers}
+    fav = [a for a in answers if a.strip().isdigit() and int(a.strip()) in favourites]
+
+    def group(a: str) -> str:
+        if a in fav:
+            return "favourites"
+        if any(a.startswith(f) for f in fav):
+            return "extensions"
+        if any(ids[a][0] == ids[f][0] for f in fav):
+            return "same first token"
+        if any(ids[a][-1] == ids[f][-1] for f in fav):
+            return "same last token"
+        return "other"
+
+    return [group(a) for a in answers]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from collapse_lab.config import RaterConfig
 from collapse_lab.evaluator import answer_distribution, continuation_texts, end_mask
-from collapse_lab.optimum import answer_optimum, answer_scores, log_optimum
+from collapse_lab.optimum import answer_groups, answer_optimum, answer_scores, log_optimum
 from collapse_lab.rollout import generate, response_logits, token_logprobs
 from collapse_lab.world import GoldRater, Prompt, noisy_score_mean
 from tests.tiny_models import byte_level_tokenizer, metaspace_tokenizer, number_heavy, tiny_gpt2, tiny_llama
@@ -107,3 +107,23 @@ def test_eos_at_the_first_position_is_sampled_as_often_as_the_log_probs_say():
     lp = token_logprobs(response_logits(model, r), r.responses)[:, 0]
     assert torch.allclose(r.logprobs[first, 0], lp[first], atol=1e-5)
     assert torch.allclose(lp[first], torch.tensor(math.log(p_eos)), atol=1e-5)
+
+
+class DigitTokenizer:
+    """' 42' → [' 4', '2']: a first token with the space, then one token per digit."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [text[:2]] + list(text[2:])
+
+
+@pytest.mark.parametrize("favourites,expected", [
+    ({7, 42, 97}, {" 7": "favourites", " 42": "favourites", " 72": "extensions", " 100": "other", " 45": "same first token",
+                   " 67": "same last token", " 12": "same last token", " 9": "same first token", " 3": "other"}),
+    ({3, 58}, {" 3": "favourites", " 58": "favourites", " 30": "extensions", " 5": "same first token",
+               " 48": "same last token", " 7": "other", " 100": "other"}),
+])
+def test_answer_groups_follow_the_favourites_and_the_tokens(favourites, expected):
+    answers = [f" {n}" for n in range(101)]
+    groups = dict(zip(answers, answer_groups(answers, favourites, DigitTokenizer())))
+    assert {a: groups[a] for a in expected} == expected
+    assert sum(g == "favourites" for g in groups.values()) == len(favourites)
