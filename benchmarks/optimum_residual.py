@@ -50,11 +50,11 @@ def residual(run: Path, curve: Curve, tokenizer) -> dict:
         for a, x, y, g in zip(p.answers, pi, opt, groups):
             if g != "favourites":
                 log_ratio.setdefault(a, []).append(np.log(x / y))
-    common = sorted(a for a, v in log_ratio.items() if len(v) == len(curve.prompts))
-    per_answer = np.array([np.mean(log_ratio[a]) for a in common])
+    per_answer = {a: np.mean(v) for a, v in log_ratio.items() if len(v) == len(curve.prompts)}
+    centre = np.mean(list(per_answer.values()))
     return {"tv": np.mean(tv), "tv_max": max(tv), "parts": np.mean(parts, 0),
             "groups": {g: np.mean(v) if v else float("nan") for g, v in masses.items()},
-            "answers": common, "log_ratio": per_answer - per_answer.mean()}
+            "log_ratio": {a: x - centre for a, x in per_answer.items()}}
 
 
 def main(runs: list[Path]) -> None:
@@ -67,12 +67,12 @@ def main(runs: list[Path]) -> None:
     print("|---|---|---|" + "---|" * len(GROUPS) + "---|")
     for run, r in zip(runs, results):
         print(f"| {run.name} | {r['tv']:.3f} / {r['tv_max']:.3f} | {r['parts'][0]:.3f} / {r['parts'][1]:.3f} | "
-              + " | ".join(f"{r['groups'][g]:+.2f}" for g in GROUPS) + f" | {r['log_ratio'].std():.2f} |")
+              + " | ".join(f"{r['groups'][g]:+.2f}" for g in GROUPS) + f" | {np.std(list(r['log_ratio'].values())):.2f} |")
     print("\ngroups: log(π(G)/π*(G)), mean over the seed prompts; the last column: over the non-favourite answers,")
     print("each answer's log(π/π*) averaged over the prompts")
     if len(results) > 1:
-        common = sorted(set.intersection(*(set(r["answers"]) for r in results)))
-        vectors = [np.array([r["log_ratio"][r["answers"].index(a)] for a in common]) for r in results]
+        common = sorted(set.intersection(*(set(r["log_ratio"]) for r in results)))
+        vectors = [[r["log_ratio"][a] for a in common] for r in results]
         print(f"\ncorrelation of the per-answer log(π/π*) across runs ({len(common)} non-favourite answers):")
         for run, row in zip(runs, np.corrcoef(vectors)):
             print(f"  {run.name:>24s}  " + " ".join(f"{c:+.2f}" for c in row))
@@ -87,6 +87,11 @@ if __name__ == "__main__":
         if not manifest or manifest.get("stage") != "ppo" or manifest.get("status") != "finished":
             sys.exit(f"error: {run} is not a finished PPO run (a checkpoints/ppo/<run> directory with its "
                      f"config.yaml and a finished manifest)")
-        if OmegaConf.load(run / "config.yaml").reward != "gold":
+        cfg = OmegaConf.load(run / "config.yaml")
+        if cfg.reward != "gold":
             sys.exit(f"error: {run} was trained with reward=rm; π* is the gold rater's objective: give reward=gold runs")
+        first = OmegaConf.load(runs[0] / "config.yaml")
+        if manifest["base_path"] != read_manifest(runs[0])["base_path"] or cfg.world.name != first.world.name \
+                or list(cfg.world.rater.favourites) != list(first.world.rater.favourites):
+            sys.exit(f"error: {run} and {runs[0]} differ in base, world or favourites; compare runs of one world and base")
     main(runs)
