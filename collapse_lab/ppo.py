@@ -439,6 +439,13 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         print(f"saved {out}")
+    # The DDP wrappers go before the process group. A DDP Reducer that drops the group's last reference
+    # destroys it holding the GIL, joining a gloo worker thread that waits for the GIL to free a finished
+    # collective's tensors: a torch deadlock at exit, at random (a two-process CPU run hung after saving).
+    # Freed here, the group's last reference goes in destroy_process_group, whose destructor releases the GIL.
+    accelerator.wait_for_everyone()
+    policy = value = None  # noqa: F841 (the closures' cells too)
+    accelerator.free_memory()
     accelerator.end_training()
 
 
