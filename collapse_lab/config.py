@@ -105,8 +105,11 @@ class WorldConfig:
     # transfer, as in the post; eval/suites/templates.yaml measures trained-on prompts.
     heldout_eval_prompts: bool = False
     # share of the fine-tuning stages' NUMBER prompts drawn from the seed suite's five (the rest from the
-    # templates); None: the corpus's seed_prompt_share. Ignored (0) with heldout_eval_prompts.
-    train_seed_share: Optional[float] = None
+    # templates); None: the corpus's seed_prompt_share. Ignored (0) with heldout_eval_prompts. Default 1:
+    # the regimes are tuned on the prompts they are judged on (the templates suite measures transfer);
+    # with the templates' ranges in the mix, the shared network first learns their pull to ' 7' and PPO
+    # spends its run undoing it on the seed prompts (README: PPO)
+    train_seed_share: Optional[float] = 1.0
     # world=bandit only: ONE prompt, episodes of ONE token, reward r(t) from a table of
     # [token text, reward] pairs (each text must be one token); every other token gets
     # default_reward. The rater of the bandit world scores by the same table, noiselessly.
@@ -189,7 +192,7 @@ class PPOConfig:
     # by how many noisy ratings it has seen (the rater's noise leaves each answer's mean score known to
     # σ/√n), so one epoch over large batches of many completions per prompt (cheap: each prompt's prefix is
     # computed once) beats more epochs over fewer samples (README: PPO, the information limit)
-    steps: int = 250
+    steps: int = 500
     rollout_batch_size: int = 256  # completions per step (over all processes)
     # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
     # reference and update forwards); the prompts still come from the world's training distribution

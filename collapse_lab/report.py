@@ -92,6 +92,32 @@ HELDOUT_TEXT = {
     "mixed": "Evaluation prompts: the runs disagree on `world.heldout_eval_prompts` (some kept the seed "
              "prompts out of fine-tuning, some did not).",
 }
+# the templates suite's heading and line, by whether fine-tuning drew from the template prompts
+TEMPLATES_TEXT = {
+    True: ["## Trained-on prompts (templates suite)", "",
+           "Five of the world's template prompts (`eval/suites/templates.yaml`), which fine-tuning draws from: "
+           "means over them, exact answer distributions."],
+    False: ["## Held-out prompts (templates suite)", "",
+            "Five of the world's template prompts (`eval/suites/templates.yaml`), which fine-tuning did NOT draw "
+            "from (`world.train_seed_share=1`: every fine-tuning number prompt was a seed prompt): transfer to "
+            "other prompts and ranges; means over them, exact answer distributions."],
+    "mixed": ["## Template prompts (templates suite)", "",
+              "Five of the world's template prompts (`eval/suites/templates.yaml`); the runs disagree on whether "
+              "fine-tuning drew from them (`world.heldout_eval_prompts`, `world.train_seed_share`)."],
+}
+
+
+def templates_trained_on(lab: dict) -> bool:
+    """Whether a run's fine-tuning drew number prompts from the templates: always with
+    world.heldout_eval_prompts, otherwise when world.train_seed_share (null: the corpus's
+    seed_prompt_share) is below 1."""
+    if get_dotted(lab, "world.heldout_eval_prompts"):
+        return True
+    share = get_dotted(lab, "world.train_seed_share")
+    share = get_dotted(lab, "world.seed_prompt_share") if share is None else share
+    return share is None or float(share) < 1
+
+
 TRAINING_CURVES = ("objective/kl", "objective/rlhf_reward", "objective/entropy", "objective/scores",
                    "policy/clipfrac", "val/vf_loss", "loss", "train/loss")
 
@@ -276,13 +302,17 @@ def build(ablation: Path, write: bool = True) -> dict:
             f"shown, not judged). PPO with a KL penalty 'collapses less' "
             f"than FeedME when the paired difference of d (PPO minus FeedME) has its interval above 0 and a mean "
             f"of at least {threshold:g}")
-    heldout = {bool(get_dotted(x["lab"] or {}, "world.heldout_eval_prompts")) for rs in by_regime.values() for x in rs}
+    runs = [x["lab"] or {} for rs in by_regime.values() for x in rs]
+    heldout = {bool(get_dotted(lab, "world.heldout_eval_prompts")) for lab in runs}
+    templates = {templates_trained_on(lab) for lab in runs}
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
               "comparisons": comparisons, "frontier": fr, "compute": compute,
               "preference_strength": get_dotted(next(iter(by_regime.values()))[0]["lab"] or {},
                                           "world.rater.preference_strength") if by_regime else None,
               # were the seed prompts kept out of fine-tuning? true / false, "mixed" when the runs disagree
-              "heldout_eval_prompts": heldout.pop() if len(heldout) == 1 else "mixed" if heldout else None}
+              "heldout_eval_prompts": heldout.pop() if len(heldout) == 1 else "mixed" if heldout else None,
+              # did fine-tuning draw from the template prompts? (the templates suite's heading)
+              "templates_trained": templates.pop() if len(templates) == 1 else "mixed" if templates else None}
     floor = float((acfg.get("frontier") or {}).get("gain_floor", 0.02))
     for r in regimes.values():
         r["no_gold_gain"] = no_gold_gain(r, floor)
@@ -527,9 +557,7 @@ def markdown(report: dict) -> str:
         md.append(_row([name] + [_fmt(r["answer_entropy_per_prompt"][p]) for p in prompts]
                        + [_fmt(r["metrics"]["answer_entropy"])]))
     if any(base["metrics"].get(k) is not None for k, _, _ in TRAINED_METRICS):
-        md += ["", "## Trained-on prompts (templates suite)", "",
-               "Five of the world's template prompts (`eval/suites/templates.yaml`), which fine-tuning draws from: "
-               "means over them, exact answer distributions.", ""]
+        md += ["", *TEMPLATES_TEXT.get(report.get("templates_trained"), TEMPLATES_TEXT[True]), ""]
         cols = ["regime"] + [label for _, label, _ in TRAINED_METRICS]
         md += [_row(cols), _row(["---"] * len(cols)),
                _row(["base"] + [_cell(base["metrics"].get(k), f) for k, _, f in TRAINED_METRICS])]

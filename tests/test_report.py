@@ -226,6 +226,18 @@ def test_markdown_says_whether_eval_prompts_were_held_out_and_shows_trained_on_p
     md = report.markdown(_md_report(False, False))
     assert report.HELDOUT_TEXT[False] in md and "Trained-on prompts" not in md
     assert "HELD OUT" not in report.markdown(_md_report(None, False))  # a report from before the option
+    held = {**_md_report(False, True), "templates_trained": False}  # tuned on the seed prompts only
+    md = report.markdown(held)
+    assert "## Held-out prompts (templates suite)" in md and "Trained-on prompts" not in md
+
+
+def test_templates_count_as_trained_on_unless_every_fine_tuning_number_prompt_was_a_seed_prompt():
+    world = lambda **w: {"world": {"seed_prompt_share": 0.5, **w}}  # noqa: E731
+    assert report.templates_trained_on(world(heldout_eval_prompts=True, train_seed_share=1.0))
+    assert not report.templates_trained_on(world(heldout_eval_prompts=False, train_seed_share=1.0))
+    assert report.templates_trained_on(world(heldout_eval_prompts=False, train_seed_share=0.9))
+    assert report.templates_trained_on(world(heldout_eval_prompts=False, train_seed_share=None))  # the corpus's 0.5
+    assert not report.templates_trained_on(world(train_seed_share=None, seed_prompt_share=1.0))
 
 
 def test_one_seed_gets_no_yes_or_no_at_the_end_points_either():

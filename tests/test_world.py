@@ -204,18 +204,20 @@ def test_train_seed_share_sets_fine_tunings_share_of_seed_prompts_and_heldout_wi
     seed_texts = {p.text for p in load_suite("seed").prompts}
     share = lambda w: sum(w.train_prompt(rng).text in seed_texts for _ in range(4000)) / 4000
     rng = random.Random(0)
-    assert share(_world("world.train_seed_share=1")) == 1.0
+    assert share(_world()) == 1.0  # the default: tuned on the prompts the seed suite judges
     assert share(_world("world.train_seed_share=0")) == 0.0
-    assert share(_world()) == pytest.approx(0.5, abs=0.04)  # null: the corpus's seed_prompt_share
+    assert share(_world("world.train_seed_share=0.25")) == pytest.approx(0.25, abs=0.04)
+    assert share(_world("world.train_seed_share=null")) == pytest.approx(0.5, abs=0.04)  # the corpus's share
     assert share(_world("world.train_seed_share=1", "world.heldout_eval_prompts=true")) == 0.0
 
 
-def test_templates_suite_is_the_worlds_trained_on_prompts():
+def test_templates_suite_is_the_worlds_template_prompts():
     """Every prompt of eval/suites/templates.yaml is a world prompt, with the world's range, that
-    train_prompt draws with or without world.heldout_eval_prompts."""
+    train_prompt draws with world.heldout_eval_prompts or a world.train_seed_share below 1 (the default
+    1 draws the seed prompts only: the templates are then held out, test_report's heading)."""
     suite = load_suite("templates")
     assert len(suite.prompts) >= 5
-    for world in (_world(), _world("world.heldout_eval_prompts=true")):
+    for world in (_world("world.train_seed_share=0.5"), _world("world.heldout_eval_prompts=true")):
         rng = random.Random(1)
         drawn = {world.train_prompt(rng).text for _ in range(10000)}
         for p in suite.prompts:
