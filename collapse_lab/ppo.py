@@ -444,7 +444,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     # collective's tensors: a torch deadlock at exit, at random (a two-process CPU run hung after saving).
     # Freed here, the group's last reference goes in destroy_process_group, whose destructor releases the GIL.
     accelerator.wait_for_everyone()
-    policy = value = None  # noqa: F841 (the closures' cells too)
+    policy = value = None  # the closures' cells too (save() reads policy)
     accelerator.free_memory()
     accelerator.end_training()
 
