@@ -629,7 +629,11 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
         # this setting when they start, so it is set before any computation of the run.
         torch.set_flush_denormal(True)
         quiet_libraries()
-        return fn(cfg)
+        result = fn(cfg)
+        from collapse_lab.distributed import end_processes  # (it imports this module)
+
+        end_processes()
+        return result
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,10 @@
 
 import os
 
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, parse_flag_from_env
+
 from collapse_lab.config import ConfigError
 
 
@@ -12,6 +16,30 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_state() -> PartialState:
+    """accelerate's process state for this launch, distributed whenever the launch is (its barriers wait).
+
+    A bare `PartialState()` on a machine without a GPU is NOT distributed, even under `accelerate launch
+    --multi_gpu` with ACCELERATE_USE_CPU=true (accelerate reads that flag in AcceleratorState only): its
+    `main_process_first` then lets every process through at once. It is a process-wide singleton, so one
+    made bare earlier (by a library) is made again here."""
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if world_size() > 1 and state.distributed_type == DistributedType.NO:
+        PartialState._reset_state()
+        state = PartialState(cpu=cpu)
+    return state
+
+
+def end_processes() -> None:
+    """A launch's last step: every process waits for the others, then the process group goes, its gloo
+    threads joined. Left to the interpreter's exit, a process died after its run had finished (SIGABRT:
+    "terminate called without an active exception", a joinable thread destroyed at exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def exact_div(a: int, b: int, what: str) -> int:

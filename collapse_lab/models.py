@@ -35,9 +35,9 @@ def trainer_precision(cfg) -> dict:
 def default_device() -> torch.device:
     """This process's device: its GPU under `accelerate launch` (cuda:<local rank>), the GPU or Apple MPS
     of a plain run, else the CPU; never hard-coded."""
-    from accelerate import PartialState
+    from collapse_lab.distributed import process_state
 
-    return PartialState().device
+    return process_state().device
 
 
 def autocast(cfg, device):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from torch.utils.data import Sampler
 from omegaconf import DictConfig
@@ -31,7 +30,7 @@ from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTra
 
 from collapse_lab.checkpoint import publish, read_manifest, write_manifest
 from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
-from collapse_lab.distributed import exact_div, world_size
+from collapse_lab.distributed import exact_div, process_state, world_size
 from collapse_lab.models import build_base_model, check_base
 from collapse_lab.stage import Run, hf_args, stage_function
 from collapse_lab.tokenizer import train_tokenizer
@@ -86,7 +85,7 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
     # Kept with the resumable checkpoints, published as ONE directory (a rename: all of it or none), never
     # in the run directory, whose final files a kill during the final save may leave half replaced.
     saved_tokenizer = out / "trainer" / "tokenizer"
-    with PartialState().main_process_first():
+    with process_state().main_process_first():
         if saved_tokenizer.is_dir():
             tokenizer = AutoTokenizer.from_pretrained(saved_tokenizer)
         else:

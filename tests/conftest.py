@@ -1,4 +1,5 @@
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,22 @@ def launch_on_cpu(processes: int, script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
             "--dynamo_backend", "no", script, *args]
+
+
+def launch_failure(stderr: str, tail: int = 1500) -> str:
+    """What a failed `accelerate launch` says: each rank's own last traceback (torchrun prefixes a
+    worker's lines with [rankN]:), then the launcher's tail. The tail alone shows the rank that
+    noticed a peer was gone, not the peer's own error."""
+    ranks: dict[str, list[str]] = {}
+    for line in stderr.splitlines():
+        m = re.match(r"\[(rank\d+)\]:(.*)", line)
+        if m:
+            lines = ranks.setdefault(m[1], [])
+            if m[2].startswith("Traceback"):
+                lines.clear()
+            lines.append(m[2])
+    own = "".join(f"--- {rank}\n" + "\n".join(lines[-40:]) + "\n" for rank, lines in sorted(ranks.items()))
+    return own + "--- launcher\n" + stderr[-tail:]
 
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY_PRETRAIN, launch_on_cpu
+from conftest import REPO, TINY_PRETRAIN, launch_failure, launch_on_cpu
 from test_readme import quick_start
 
 pytestmark = pytest.mark.slow
@@ -48,8 +48,32 @@ def test_pretrain_under_accelerate_with_two_processes(tmp_path):
     cmd = launch_on_cpu(2, "train/pretrain.py", *TINY_PRETRAIN, "pretrain.micro_batches=2",  # 2 per process, in 2
                         f"checkpoints_dir={tmp_path}")
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_failure(r.stderr)
     (base,) = (tmp_path / "base").iterdir()
     manifest = json.loads((base / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["world_size"] == 2 and manifest["steps"] == 6
     assert manifest["sequences_seen"] == 6 * 4  # batch_size is global: 2 per process
+
+
+def test_main_process_first_waits_under_a_cpu_launch(tmp_path):
+    """pretrain's tokenizer: the main process trains and publishes it, the others wait and load it. A bare
+    PartialState() on a CPU machine is not distributed under `accelerate launch` (its barriers do nothing:
+    both processes once wrote the tokenizer at the same time); process_state() is."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, os, time\n"
+        "from accelerate import PartialState\n"
+        "PartialState()  # made bare first, as a library may: the singleton process_state must remake\n"
+        "from collapse_lab.distributed import process_state\n"
+        "state, mark = process_state(), os.environ['MARK']\n"
+        "with state.main_process_first():\n"
+        "    if state.is_main_process:\n"
+        "        time.sleep(1.0)\n"
+        "        open(mark, 'w').write('main')\n"
+        "    seen = open(mark).read() if os.path.exists(mark) else None\n"
+        "print(json.dumps({'type': state.distributed_type.name, 'rank': state.process_index, 'seen': seen}))\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "MARK": str(tmp_path / "mark")}
+    r = subprocess.run(launch_on_cpu(2, str(probe)), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, launch_failure(r.stderr)
+    rows = sorted((json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")), key=lambda x: x["rank"])
+    assert rows == [{"type": "MULTI_CPU", "rank": 0, "seen": "main"}, {"type": "MULTI_CPU", "rank": 1, "seen": "main"}]
