@@ -196,6 +196,25 @@ def select(r: Rollout, idx: torch.Tensor) -> Rollout:
     return trim_right_padding(trim_left_padding(take(r, idx)))
 
 
+def sequence_ids(r: Rollout, idx: torch.Tensor) -> torch.Tensor:
+    """(len(idx),) for the rows `idx`: equal ids for equal (prompt, response) sequences, padding included."""
+    return torch.unique(torch.cat([r.input_ids[idx], r.attention_mask[idx]], 1), dim=0, return_inverse=True)[1]
+
+
+def distinct_rows(r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, inverse): a row of each distinct (prompt, response) sequence of `r`, and each row's index
+    among them (r's rows = take(r, first)'s rows [inverse]).
+
+    A collapsing policy repeats its answers (a rollout over a few seed prompts holds each sequence many
+    times), and equal sequences have equal logits, values and gradients: a forward over `take(r, first)`,
+    indexed by `inverse`, equals the forward over every row (used by the no-gradient forwards: README, PPO
+    speed)."""
+    inverse = sequence_ids(r, torch.arange(len(r.texts), device=r.input_ids.device))
+    rows = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full((int(inverse.max()) + 1,), len(rows), device=rows.device).scatter_reduce(0, inverse, rows, "amin")
+    return first, inverse
+
+
 def length_chunks(r: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     """The rows `idx` sorted by prompt length, in chunks of `size`: each chunk then pads only to
     its own longest prompt (micro-batches of a minibatch, and the no-gradient forwards)."""
@@ -205,12 +224,15 @@ def length_chunks(r: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor
 
 
 def by_prompt_length(r: Rollout, fn, chunk: int) -> torch.Tensor:
-    """fn(sub-rollout) -> (b, w, ...) over length-sorted chunks (each trimmed to its own width w),
-    zero-padded back to (B, Tr, ...) and reassembled in the rollout's order."""
-    chunks = length_chunks(r, torch.arange(len(r.texts)), chunk)
+    """fn(sub-rollout) -> (b, w, ...) over the rollout's DISTINCT sequences (`distinct_rows`) in
+    length-sorted chunks of `chunk` (each trimmed to its own width w), zero-padded back to (B, Tr, ...)
+    and indexed back to the rollout's rows in its order (the no-gradient forwards: reference, π_old)."""
+    first, inverse = distinct_rows(r)
+    once = take(r, first)
+    chunks = length_chunks(once, torch.arange(len(first)), chunk)
     pad = lambda y: F.pad(y, (0, 0) * (y.dim() - 2) + (0, width(r) - y.shape[1]))
-    out = torch.cat([pad(y) for y in (fn(select(r, c)) for c in chunks)])
-    return out[torch.cat(chunks).argsort()]
+    out = torch.cat([pad(fn(select(once, c))) for c in chunks])
+    return out[torch.cat(chunks).argsort()][inverse]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collapse_lab.ppo import batch_sizes, gae, masked_whiten, train_ppo
 from collapse_lab.pretrain import pretrain
 from collapse_lab.rollout import entropy_from_logits
 
-from conftest import REPO, TINY_PRETRAIN, launch_on_cpu
+from conftest import REPO, TINY_PRETRAIN, launch_failure, launch_on_cpu
 
 PPO_RECIPES = [r for r in group_options("recipe") if r.startswith(("kl", "ent"))]
 
@@ -300,6 +300,45 @@ def test_shared_prompt_forward_has_the_logits_and_gradient_of_separate_rows(base
     assert max((a - b).abs().max() for a, b in zip(*grads)) <= 1e-5 * scale
 
 
+def test_distinct_sequences_forward_once_with_the_logits_and_gradient_of_every_row(base):
+    """A collapsing policy repeats its answers: the no-gradient forwards (reference, π_old) run each distinct
+    (prompt, response) once (rollout.distinct_rows, by_prompt_length) and index it back, with the logits,
+    and the gradient, of a forward over every row."""
+    from collapse_lab.rollout import (Rollout, by_prompt_length, distinct_rows, encode_prompts, response_logits, take,
+                                      token_logprobs)
+
+    policy, tok = load_pretrained(base)
+    torch.manual_seed(0)
+    prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:", "Q: One?\nA:"] * 4
+    batch = encode_prompts(tok, prompts, "cpu")
+    responses = torch.randint(0, 300, (3, 3))[torch.tensor([0, 1, 2, 0, 0, 2] * 2)]  # 6 distinct of 12 rows
+    responses[6:, 2] = responses[:6, 2] + 1
+    rmask = torch.ones_like(responses)
+    rmask[[0, 3], 2:] = 0  # rows 0 and 3 ended early: equal with their padding
+    responses[[0, 3], 2:] = tok.pad_token_id
+    r = Rollout(torch.cat([batch["input_ids"], responses], 1), torch.cat([batch["attention_mask"], rmask], 1),
+                rmask, rmask[:, -1] == 0, [""] * len(prompts), batch["input_ids"].shape[1])
+    first, inverse = distinct_rows(r)
+    rows = torch.cat([r.input_ids, r.attention_mask], 1)
+    assert torch.equal(rows[first][inverse], rows) and len(first) == len(torch.unique(rows, dim=0)) < len(prompts)
+    assert int(inverse[0]) == int(inverse[3]) != int(inverse[6])
+
+    every = token_logprobs(response_logits(policy, r), r.responses)
+    once = take(r, first)
+    indexed = token_logprobs(response_logits(policy, once), once.responses)[inverse]
+    m = rmask.bool()
+    assert torch.allclose(every[m], indexed[m], atol=1e-5)
+    weights = torch.randn(responses.shape)  # a loss that differs between a sequence's repeats (the advantages)
+    params = list(policy.parameters())
+    grads = [torch.autograd.grad((x * weights * rmask).sum(), params) for x in (every, indexed)]
+    scale = max(g.abs().max() for g in grads[0])
+    assert max((a - b).abs().max() for a, b in zip(*grads)) <= 1e-5 * scale
+    with torch.no_grad():
+        for chunk in (1, 2, 5):
+            chunked = by_prompt_length(r, lambda x: token_logprobs(response_logits(policy, x), x.responses), chunk)
+            assert chunked.shape == every.shape and torch.allclose(chunked[m], every[m], atol=1e-5), chunk
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(base, tmp_path, monkeypatch):
     common = ("ppo.steps=6", "ppo.save_every=2", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4")
     whole = _rows(train_ppo(_cfg(base, tmp_path / "a", *common)))
@@ -391,7 +430,7 @@ def test_two_processes_through_accelerate(base, tmp_path):
                         "name=two", "wandb.mode=disabled", "ppo.steps=2", "ppo.rollout_batch_size=8",
                         "ppo.samples_per_prompt=4", "ppo.minibatch_size=4")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_failure(done.stderr)
     out = tmp_path / "ppo" / "two"
     manifest = read_manifest(out)
     assert manifest["world_size"] == 2 and manifest["samples_scored"] == 16  # the GLOBAL batch, 2 x 4
