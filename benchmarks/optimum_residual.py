@@ -10,6 +10,8 @@ both normalised over the valid answers; then
 - per answer group (`collapse_lab.optimum.answer_groups`: favourites, their extensions, answers sharing a
   favourite's first or last token, the rest), log(π(G)/π*(G)): the log of the group's mass over π*'s
   (0: right; mean over the prompts);
+- per prompt, the answers furthest from π* (|π − π*|, with π, π* and the base's π0): which answers hold
+  the distance (e.g. one answer behind a shared first token, or a long tail of small ones);
 - across runs, the correlation of each answer's log(π/π*) averaged over the prompts (non-favourites,
   each run's mean removed), and that average's standard deviation (nats). The rating noise of two runs
   with different seeds is independent: a correlation near 0 says the residual is noise, a high one
@@ -32,17 +34,22 @@ from collapse_lab.optimum import ANSWER_GROUPS as GROUPS, answer_groups, answer_
 from collapse_lab.world import make_world
 
 
+TOP = 4  # answers listed per prompt
+
+
 def residual(run: Path, curve: Curve, tokenizer) -> dict:
     cfg = OmegaConf.load(run / "config.yaml")
     model, _ = load_pretrained(str(run))
     favourites = {int(f) for f in cfg.world.rater.favourites}
-    tv, parts, masses, log_ratio = [], [], {g: [] for g in GROUPS}, {}
+    tv, parts, masses, log_ratio, worst = [], [], {g: [] for g in GROUPS}, {}, {}
     for p, base, scores in zip(curve.prompts, curve.base, curve.scores):
         pi = answer_distribution(model, tokenizer, p.text, p.answers, p.continue_chars).normalised
         opt = answer_optimum(base, *scores, float(cfg.ppo.kl_coef), float(cfg.ppo.ent_coef))
         groups = np.array(answer_groups(p.answers, favourites, tokenizer))
         gap = 0.5 * np.abs(pi - opt)
         tv.append(gap.sum())
+        base_pi = base.normalised
+        worst[p.id] = [(p.answers[i], pi[i], opt[i], base_pi[i]) for i in np.argsort(-gap)[:TOP]]
         parts.append((gap[groups == "favourites"].sum(), gap[groups != "favourites"].sum()))
         for g in GROUPS:
             if (groups == g).any():
@@ -54,7 +61,7 @@ def residual(run: Path, curve: Curve, tokenizer) -> dict:
     centre = np.mean(list(per_answer.values()))
     return {"tv": np.mean(tv), "tv_max": max(tv), "parts": np.mean(parts, 0),
             "groups": {g: np.mean(v) if v else float("nan") for g, v in masses.items()},
-            "log_ratio": {a: x - centre for a, x in per_answer.items()}}
+            "log_ratio": {a: x - centre for a, x in per_answer.items()}, "worst": worst}
 
 
 def main(runs: list[Path]) -> None:
@@ -70,6 +77,10 @@ def main(runs: list[Path]) -> None:
               + " | ".join(f"{r['groups'][g]:+.2f}" for g in GROUPS) + f" | {np.std(list(r['log_ratio'].values())):.2f} |")
     print("\ngroups: log(π(G)/π*(G)), mean over the seed prompts; the last column: over the non-favourite answers,")
     print("each answer's log(π/π*) averaged over the prompts")
+    for run, r in zip(runs, results):
+        print(f"\n{run.name}: the {TOP} answers furthest from π* on each prompt (π / π* / base π0)")
+        for pid, rows in r["worst"].items():
+            print(f"  {pid:>16s}  " + "; ".join(f"{a!r} {x:.3f} / {y:.3f} / {b:.3f}" for a, x, y, b in rows))
     if len(results) > 1:
         common = sorted(set.intersection(*(set(r["log_ratio"]) for r in results)))
         vectors = [[r["log_ratio"][a] for a in common] for r in results]
