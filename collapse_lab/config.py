@@ -630,9 +630,12 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
         torch.set_flush_denormal(True)
         quiet_libraries()
         result = fn(cfg)
-        from collapse_lab.distributed import end_processes  # (it imports this module)
-
-        end_processes()
+        # A launch's last step: every process waits for the others, then the process group goes, its gloo
+        # threads joined. Left to the interpreter's exit, a process died after its run had finished
+        # (SIGABRT: "terminate called without an active exception", a joinable thread destroyed at exit).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return result
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,15 +33,6 @@ def process_state() -> PartialState:
     return state
 
 
-def end_processes() -> None:
-    """A launch's last step: every process waits for the others, then the process group goes, its gloo
-    threads joined. Left to the interpreter's exit, a process died after its run had finished (SIGABRT:
-    "terminate called without an active exception", a joinable thread destroyed at exit)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def exact_div(a: int, b: int, what: str) -> int:
     """a / b, or a one-line error naming `what` when it does not divide."""
     if b <= 0 or a % b:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from collapse_lab.config import ConfigError
+from collapse_lab.distributed import process_state
 from collapse_lab.suites import load_suite
 from collapse_lab.tokenizer import answer_token_ids, decode_continuations, encode_texts
 
@@ -35,8 +36,6 @@ def trainer_precision(cfg) -> dict:
 def default_device() -> torch.device:
     """This process's device: its GPU under `accelerate launch` (cuda:<local rank>), the GPU or Apple MPS
     of a plain run, else the CPU; never hard-coded."""
-    from collapse_lab.distributed import process_state
-
     return process_state().device
 
 
