@@ -24,8 +24,9 @@ def process_state() -> PartialState:
     A bare `PartialState()` on a machine without a GPU is NOT distributed, even under `accelerate launch
     --multi_gpu` with ACCELERATE_USE_CPU=true (accelerate reads that flag in AcceleratorState only): its
     `main_process_first` then lets every process through at once. It is a process-wide singleton, so one
-    made bare earlier (by a library) is made again here."""
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    made bare earlier (by a library) is made again here. A plain one-process run keeps accelerate's own
+    choice of device (a GPU, Apple's MPS, else the CPU)."""
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (world_size() > 1 and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
     if world_size() > 1 and state.distributed_type == DistributedType.NO:
         PartialState._reset_state()
