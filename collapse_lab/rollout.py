@@ -196,20 +196,15 @@ def select(r: Rollout, idx: torch.Tensor) -> Rollout:
     return trim_right_padding(trim_left_padding(take(r, idx)))
 
 
-def sequence_ids(r: Rollout, idx: torch.Tensor) -> torch.Tensor:
-    """(len(idx),) for the rows `idx`: equal ids for equal (prompt, response) sequences, padding included."""
-    return torch.unique(torch.cat([r.input_ids[idx], r.attention_mask[idx]], 1), dim=0, return_inverse=True)[1]
-
-
 def distinct_rows(r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first, inverse): a row of each distinct (prompt, response) sequence of `r`, and each row's index
-    among them (r's rows = take(r, first)'s rows [inverse]).
+    """(first, inverse): a row of each distinct (prompt, response) sequence of `r` (padding included), and
+    each row's index among them (r's rows = take(r, first)'s rows [inverse]).
 
     A collapsing policy repeats its answers (a rollout over a few seed prompts holds each sequence many
     times), and equal sequences have equal logits, values and gradients: a forward over `take(r, first)`,
     indexed by `inverse`, equals the forward over every row (used by the no-gradient forwards: README, PPO
     speed)."""
-    inverse = sequence_ids(r, torch.arange(len(r.texts), device=r.input_ids.device))
+    inverse = torch.unique(torch.cat([r.input_ids, r.attention_mask], 1), dim=0, return_inverse=True)[1]
     rows = torch.arange(len(inverse), device=inverse.device)
     first = torch.full((int(inverse.max()) + 1,), len(rows), device=rows.device).scatter_reduce(0, inverse, rows, "amin")
     return first, inverse
