@@ -1,21 +1,18 @@
-"""Would packing a prompt's completions after ONE copy of it make PPO's update cheaper? (a design probe)
+"""PPO's update forward + backward: packed (`rollout.packed_response_logits`) against the shared-prompt cache.
 
     python benchmarks/bench_packed_update.py [--policy PATH] [--threads 2]
 
-PPO's update forward (`rollout.response_logits`) computes each distinct prompt once, then indexes its KV
-cache to every completion's row and runs the completions on it: the prompt's keys and values are expanded
-per row, and the backward scatters them back. The alternative measured here: one sequence per distinct
-prompt, the prompt followed by all its completions (each without its last token), a 4D block mask letting
-each completion's tokens see the prompt and their own earlier tokens only, positions restarting after the
-prompt for each completion. No cache, no per-row copy of the prompt.
+`rollout.response_logits` computes each distinct prompt once, then indexes its KV cache to every completion's
+row and runs the completions on it: the prompt's keys and values are copied per row, and the backward scatters
+them back. `rollout.packed_response_logits` (what PPO uses on the model types `rollout.packs` allows) runs one
+sequence: each distinct prompt followed by all its completions (each without its last token), under a block
+mask letting each completion's tokens see the prompt and their own earlier tokens only, positions restarting
+after the prompt for each completion. No per-row copy of the prompt, no padding.
 
 On a 256-completion rollout of the seed prompts from `--policy` (default: the lab's base), minibatches of
 64 in micro-batches of 32 as the default PPO update, it prints
 1. the largest |Δ log π| between the two forwards over the response tokens (they must agree to float error);
 2. seconds for one update's forward + backward of Σ log π (median of 3 after a warm-up) for each, and the ratio.
-
-A probe, not the lab's forward: this version loops in Python over rows and handles full-attention
-decoder models taking 4D boolean masks and position ids (the tiny Llama); PPO does not use it yet.
 """
 
 from __future__ import annotations
@@ -30,45 +27,9 @@ import torch
 from collapse_lab.config import compose
 from collapse_lab.models import load_pretrained
 from collapse_lab.pretrain import resolve_base
-from collapse_lab.rollout import Rollout, generate_by_length, length_chunks, response_logits, select, token_logprobs
+from collapse_lab.rollout import (generate_by_length, length_chunks, packed_response_logits, response_logits, select,
+                                  token_logprobs)
 from collapse_lab.world import make_world
-
-
-def packed_logprobs(model, r: Rollout, pad_id: int) -> torch.Tensor:
-    """(B, Tr) log π(y_t | s_t) of the rollout's responses, from one packed sequence per distinct prompt."""
-    q = r.query_len
-    prompt_mask = r.attention_mask[:, :q].bool()
-    widths = r.response_mask.sum(1).tolist()
-    _, group = torch.unique(torch.cat([r.input_ids[:, :q], prompt_mask.long()], 1), dim=0, return_inverse=True)
-    seqs, reads = [], []  # per prompt: (tokens, positions, owner row per token); per row: where its logits are
-    for g in range(int(group.max()) + 1):
-        rows = (group == g).nonzero().flatten().tolist()
-        tokens = r.input_ids[rows[0], :q][prompt_mask[rows[0]]].tolist()
-        n_prompt = len(tokens)
-        positions, owner = list(range(n_prompt)), [-1] * n_prompt
-        for i in rows:
-            body = r.input_ids[i, q:q + widths[i] - 1].tolist()
-            reads.append((i, g, [n_prompt - 1] + list(range(len(tokens), len(tokens) + len(body)))))
-            tokens += body
-            positions += range(n_prompt, n_prompt + len(body))
-            owner += [i] * len(body)
-        seqs.append((tokens, positions, owner))
-    length = max(len(s[0]) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id)
-    pos = torch.zeros((len(seqs), length), dtype=torch.long)
-    mask = torch.zeros((len(seqs), 1, length, length), dtype=torch.bool)
-    for g, (tokens, positions, owner) in enumerate(seqs):
-        n = len(tokens)
-        ids[g, :n], pos[g, :n] = torch.tensor(tokens), torch.tensor(positions)
-        o = torch.tensor(owner)
-        mask[g, 0, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril() & ((o[:, None] == o) | (o == -1)[None, :])
-        mask[g, 0, n:, 0] = True  # padding queries see one key (their outputs are never read)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-    out = torch.zeros(r.response_mask.shape)
-    for i, g, at in reads:
-        w = widths[i]
-        out[i, :w] = logits[g, at].log_softmax(-1).gather(1, r.responses[i, :w, None]).squeeze(1)
-    return out
 
 
 def main() -> None:
@@ -87,7 +48,7 @@ def main() -> None:
     m = r.response_mask.bool()
 
     current = lambda mb: token_logprobs(response_logits(model, mb), mb.responses)  # noqa: E731
-    packed = lambda mb: packed_logprobs(model, mb, tok.pad_token_id)  # noqa: E731
+    packed = lambda mb: token_logprobs(packed_response_logits(model, mb), mb.responses)  # noqa: E731
     with torch.no_grad():
         diff = (current(r) - packed(r))[m].abs().max()
     print(f"max |Δ log π| over {int(m.sum())} response tokens: {float(diff):.2e}")

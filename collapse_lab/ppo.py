@@ -59,7 +59,8 @@ from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
 from collapse_lab.stage import Run, ratings_budget, stage_function
 from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate_by_length, length_chunks,
-                                  position_ids, response_logits, select, token_logprobs, width)
+                                  packed_response_logits, packs, position_ids, response_logits, select, token_logprobs,
+                                  width)
 from collapse_lab.world import make_world
 
 STAGE = "ppo"
@@ -216,6 +217,8 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     on_policy = p.value_model != "separate"  # values read off the policy's hidden states
     analytic_kl = p.kl_estimator == "analytic"
     trust_region = p.trust_region_coef > 0
+    # every forward of a rollout's responses (identical results; the packed one skips per-row prompt copies)
+    forward = packed_response_logits if packs(policy) else response_logits
     policy.eval(), value.eval()  # dropout off: log-probs must match between rollout and update
     groups = [{"params": [q for q in m.parameters() if q.requires_grad], "lr": lr}
               for m, lr in ((policy, p.lr), (value, p.value_lr or p.lr))]
@@ -270,14 +273,14 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
             entropy = masked_mean(rollout.entropy, mask)
             chunk = p.micro_batch_size
             ref_model = policy if ref is None else ref
-            log_softmax = lambda model: (lambda r: response_logits(model, r, p.temperature).log_softmax(-1))
+            log_softmax = lambda model: (lambda r: forward(model, r, p.temperature).log_softmax(-1))
             with unwrapped.disable_adapter() if ref is None else nullcontext():
                 if analytic_kl:  # (B, Tr, V): the reference's whole next-token distribution at each state
                     ref_full = by_prompt_length(rollout, log_softmax(ref_model), chunk)
                     ref_logprobs = ref_full.gather(2, rollout.responses.unsqueeze(-1)).squeeze(-1)
                 else:
                     ref_logprobs = by_prompt_length(rollout, lambda r, model=ref_model: token_logprobs(
-                        response_logits(model, r, p.temperature), r.responses), chunk)
+                        forward(model, r, p.temperature), r.responses), chunk)
             if on_policy:
                 values = value(rollout.hidden).squeeze(-1).float() * mask  # (B, Tr)
                 rollout.hidden = None
@@ -336,10 +339,10 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
                     m, old_logprobs, adv, old_v, ret = (x[micro, :width(mb)] for x in
                                                         (mask, logprobs, advantages, values, returns))
                     if on_policy:
-                        new_logits, h = response_logits(policy, mb, p.temperature, hidden=True)
+                        new_logits, h = forward(policy, mb, p.temperature, hidden=True)
                         v = value(h.detach() if p.value_model == "head" else h).squeeze(-1).float()
                     else:
-                        new_logits, v = response_logits(policy, mb, p.temperature), value_predictions(value, mb)
+                        new_logits, v = forward(policy, mb, p.temperature), value_predictions(value, mb)
                     log_ratio = (token_logprobs(new_logits, mb.responses) - old_logprobs) * m
                     ratio = torch.exp(log_ratio)
                     pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip_range, 1 + p.clip_range))

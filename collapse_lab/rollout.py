@@ -256,6 +256,65 @@ def response_logits(model, rollout: Rollout, temperature: float = 1.0, hidden: b
     return (logits, torch.cat(states, 1)) if hidden else logits
 
 
+PACKABLE = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")  # model types whose custom-4D-mask path is tested equal
+
+
+def packs(model) -> bool:
+    """Whether `packed_response_logits` may stand in for `response_logits` on `model` (unwrapped): a model
+    type tested to take a custom 4D mask with position ids (tests/test_ppo.py), under SDPA or eager
+    attention (flash-attention kernels take no such mask)."""
+    config = getattr(model, "module", model).config  # through a DDP wrapper
+    return config.model_type in PACKABLE and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def packed_response_logits(model, rollout: Rollout, temperature: float = 1.0, hidden: bool = False):
+    """`response_logits` from ONE packed sequence: each distinct prompt once, each followed by its
+    completions (all but their last token), under a block-causal mask by which a completion's tokens see
+    their prompt and their own earlier tokens only, positions counting on from the prompt's length in
+    each completion. The same logits and gradient as the per-row forward on a shared prompt cache,
+    without copying the prompt's keys and values to every row (nor scattering their gradient back), and
+    without padding; full-vocabulary logits only where a response token is predicted.
+
+    Past a row's last response token the output repeats its first position (masked by every caller)."""
+    q, tr, dev = rollout.query_len, width(rollout), rollout.input_ids.device
+    unique, group = torch.unique(torch.cat([rollout.input_ids[:, :q], rollout.attention_mask[:, :q]], 1), dim=0,
+                                 return_inverse=True)
+    u_ids, u_mask = unique[:, :q], unique[:, q:]
+    n_groups, n_rows = len(unique), len(group)
+    n_prompt = u_mask.sum(1)  # (G,) real prompt tokens
+    w = rollout.response_mask.sum(1).long()  # (B,) response tokens, EOS included
+    steps = torch.arange(tr - 1, device=dev)
+    # items: the G prompts, then the B bodies (a completion but its last token), as rows of one padded matrix
+    cols = max(q, tr - 1)
+    pad = lambda x, left=0: F.pad(x, (left, cols - x.shape[1] - left))  # noqa: E731
+    items = torch.cat([pad(u_ids, cols - q), pad(rollout.responses[:, :tr - 1])])
+    valid = torch.cat([pad(u_mask, cols - q), pad((steps < (w - 1)[:, None]).long())]).bool()
+    item_pos = torch.cat([pad(position_ids(u_mask), cols - q), pad(n_prompt[group][:, None] + steps)])
+    item_group = torch.cat([torch.arange(n_groups, device=dev), group])
+    order = (item_group * (n_rows + 1) + torch.cat([torch.zeros(n_groups, dtype=torch.long, device=dev),
+                                                   torch.arange(1, n_rows + 1, device=dev)])).argsort()
+    keep = valid[order]  # each prompt, then its completions' bodies
+    ids, pos = items[order][keep], item_pos[order][keep]  # (L,)
+    owner = order[:, None].expand_as(keep)[keep]  # (L,) the item each packed token belongs to
+    same_prompt = (owner < n_groups)[None, :] & (item_group[owner][None, :] == item_group[owner][:, None])
+    visible = torch.ones(len(ids), len(ids), dtype=torch.bool, device=dev).tril() & (
+        (owner[:, None] == owner[None, :]) | same_prompt)  # (L query, L key)
+    counts = keep.sum(1)
+    start = torch.empty_like(counts)
+    start[order] = counts.cumsum(0) - counts  # where each item begins in the packed sequence
+    first = (start[:n_groups] + n_prompt - 1)[group]  # (B,) the last prompt token: predicts response token 0
+    t = torch.arange(tr, device=dev)
+    read = torch.where((t >= 1) & (t < w[:, None]), start[n_groups:, None] + t - 1, first[:, None])  # (B, Tr)
+    at, where = torch.unique(read, return_inverse=True)
+    inner = getattr(model, "module", model)  # through a DDP wrapper
+    mask = visible if inner.config._attn_implementation == "sdpa" else torch.zeros(  # eager adds its mask
+        visible.shape, dtype=inner.dtype, device=dev).masked_fill(~visible, torch.finfo(inner.dtype).min)
+    out = model(input_ids=ids[None], attention_mask=mask[None, None], position_ids=pos[None], use_cache=False,
+                logits_to_keep=at, output_hidden_states=hidden)
+    logits = out.logits[0, where].float() / temperature
+    return (logits, out.hidden_states[-1][0, read]) if hidden else logits
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T) log pi(token_t | s_t), nats, from (B, T, V) logits."""
     return torch.gather(F.log_softmax(logits, -1), 2, tokens.unsqueeze(-1)).squeeze(-1)

@@ -278,26 +278,87 @@ def test_rollout_values_from_generation_match_a_forward_pass(base, chunk):
 def test_shared_prompt_forward_has_the_logits_and_gradient_of_separate_rows(base):
     """response_logits runs each distinct prompt once and indexes its KV cache to every row: the
     same logits, and the same gradient, as a plain forward over every (prompt + response) row."""
-    from collapse_lab.rollout import Rollout, encode_prompts, position_ids, response_logits
+    from collapse_lab.rollout import position_ids, response_logits
 
     policy, tok = load_pretrained(base)
-    torch.manual_seed(0)
+    r = _prompts_and_responses(tok)
+    plain = policy(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=position_ids(r.attention_mask),
+                   use_cache=False).logits[:, r.query_len - 1:-1]
+    shared = response_logits(policy, r)
+    m = r.response_mask.bool()
+    assert torch.allclose(plain[m], shared[m], atol=1e-4)
+    params = list(policy.parameters())
+    grads = [torch.autograd.grad((x.log_softmax(-1)[..., 7] * r.response_mask).sum(), params) for x in (plain, shared)]
+    scale = max(g.abs().max() for g in grads[0])
+    assert max((a - b).abs().max() for a, b in zip(*grads)) <= 1e-5 * scale
+
+
+def _prompts_and_responses(tok, seed=0):
+    """A rollout of repeated prompts of different lengths, with rows that end early (one at its first token)."""
+    from collapse_lab.rollout import Rollout, encode_prompts
+
+    torch.manual_seed(seed)
     prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:"] * 3 + ["Q: One?\nA:"]
     batch = encode_prompts(tok, prompts, "cpu")
     responses = torch.randint(0, 300, (len(prompts), 4))
     rmask = torch.ones_like(responses)
-    rmask[0, 2:], rmask[3, 1:] = 0, 0  # rows ended early: padding after their EOS
-    r = Rollout(torch.cat([batch["input_ids"], responses], 1), torch.cat([batch["attention_mask"], rmask], 1),
-                rmask, rmask[:, -1] == 0, [""] * len(prompts), batch["input_ids"].shape[1])
-    plain = policy(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=position_ids(r.attention_mask),
-                   use_cache=False).logits[:, r.query_len - 1:-1]
-    shared = response_logits(policy, r)
-    m = rmask.bool()
-    assert torch.allclose(plain[m], shared[m], atol=1e-4)
-    params = list(policy.parameters())
-    grads = [torch.autograd.grad((x.log_softmax(-1)[..., 7] * rmask).sum(), params) for x in (plain, shared)]
+    rmask[0, 2:], rmask[3, 1:], rmask[6, 3:] = 0, 0, 0  # rows ended early (row 3: EOS first)
+    responses[rmask == 0] = tok.pad_token_id
+    return Rollout(torch.cat([batch["input_ids"], responses], 1), torch.cat([batch["attention_mask"], rmask], 1),
+                   rmask, rmask[:, -1] == 0, [""] * len(prompts), batch["input_ids"].shape[1])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "lora"])
+def test_packed_forward_has_the_logits_hidden_states_and_gradient_of_the_cached_one(base, arch, attention):
+    """PPO's forwards pack each prompt's completions after one copy of it (block-causal mask, positions
+    restarting at the prompt's length): the logits, hidden states and gradient of `response_logits`, on
+    every model type `packs` allows, under both attention kernels that take the mask, and through LoRA."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from collapse_lab.models import add_lora
+    from collapse_lab.rollout import PACKABLE, packed_response_logits, packs, response_logits
+
+    tok = load_pretrained(base)[1]
+    r = _prompts_and_responses(tok)
+    torch.manual_seed(1)
+    if arch == "lora":
+        policy = add_lora(load_pretrained(base)[0], compose("lab", ["peft.enabled=true", "peft.r=4"]).peft,
+                          task_type="CAUSAL_LM")
+        for name, w in policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(w, std=0.1)  # an adapter that moves the outputs
+        policy.base_model.model.config._attn_implementation = attention
+    else:
+        assert arch in PACKABLE
+        config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, n_inner=64,
+                                      rotary_pct=0.5, pad_token_id=tok.pad_token_id, attn_implementation=attention)
+        policy = AutoModelForCausalLM.from_config(config).eval()
+    assert packs(policy) and policy.config._attn_implementation == attention
+    m = r.response_mask.bool()
+    (cached, h_cached), (packed, h_packed) = (f(policy, r, 0.7, hidden=True) for f in (response_logits,
+                                                                                      packed_response_logits))
+    assert packed.shape == cached.shape and h_packed.shape == h_cached.shape
+    assert torch.allclose(packed[m], cached[m], atol=1e-5) and torch.allclose(h_packed[m], h_cached[m], atol=1e-5)
+    params = [w for w in policy.parameters() if w.requires_grad]
+    weights = torch.randn(r.response_mask.shape)  # per-token advantages
+    grads = [torch.autograd.grad(((x.log_softmax(-1)[..., 7] + h.sum(-1)) * weights * r.response_mask).sum(), params)
+             for x, h in ((cached, h_cached), (packed, h_packed))]
     scale = max(g.abs().max() for g in grads[0])
     assert max((a - b).abs().max() for a, b in zip(*grads)) <= 1e-5 * scale
+
+
+def test_packing_is_only_for_the_model_types_and_kernels_tested_with_it(base):
+    from collapse_lab.rollout import packs
+
+    policy = load_pretrained(base)[0]
+    assert packs(policy)
+    policy.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
+    assert not packs(policy)
+    policy.config._attn_implementation = "sdpa"
+    policy.config.model_type = "t5"
+    assert not packs(policy)
 
 
 def test_distinct_sequences_forward_once_with_the_logits_and_gradient_of_every_row(base):
