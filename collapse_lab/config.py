@@ -191,14 +191,19 @@ class PPOConfig:
     # The defaults spend a 10-minute CPU run on RATINGS: how close PPO gets to its objective's optimum is set
     # by how many noisy ratings it has seen (the rater's noise leaves each answer's mean score known to
     # σ/√n), so one epoch over large batches of many completions per prompt (cheap: each prompt's prefix is
-    # computed once) beats more epochs over fewer samples (README: PPO, the information limit)
-    steps: int = 500
+    # computed once) beats more epochs over fewer samples (README: PPO, the information limit); as many
+    # steps as a 10-minute run of the tiny base on 2 CPU cores holds (README: PPO, speed)
+    steps: int = 1000
     rollout_batch_size: int = 256  # completions per step (over all processes)
     # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
     # reference and update forwards); the prompts still come from the world's training distribution
     samples_per_prompt: int = 8
     minibatch_size: int = 64
     micro_batch_size: int = 32  # sequences per forward/backward (per process); gradients accumulate to a minibatch
+    # completions sampled together (per process), in chunks of similar prompt length. On the packed path
+    # (rollout.packs) a chunk pays no padding and an ended completion no compute, so fewer, larger forwards
+    # are faster (README: PPO, speed); on the cache path each row pays its chunk's longest prompt
+    generation_batch_size: int = 256
     ppo_epochs: int = 1
     lr: float = 1e-4  # the policy's, for the tiny base (annealed to 0); real models want ~1e-6..1e-5
     # the value model's or head's (None: lr). Adam's step is ~lr whatever vf_coef, and a fresh
@@ -461,7 +466,8 @@ RANGES = {
         "sft.keep_top": COUNT, "sft.min_score": ANY, "sft.rounds": COUNT, "sft.epochs": POSITIVE,
         "sft.lr": POSITIVE, "sft.batch_size": COUNT,
         "ppo.steps": COUNT, "ppo.rollout_batch_size": COUNT, "ppo.minibatch_size": COUNT,
-        "ppo.micro_batch_size": COUNT, "ppo.ppo_epochs": COUNT, "ppo.lr": POSITIVE, "ppo.value_lr": POSITIVE,
+        "ppo.micro_batch_size": COUNT, "ppo.generation_batch_size": COUNT, "ppo.ppo_epochs": COUNT,
+        "ppo.lr": POSITIVE, "ppo.value_lr": POSITIVE,
         "ppo.kl_coef": NONNEG, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG,
         "ppo.trust_region_coef": NONNEG,
         "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,

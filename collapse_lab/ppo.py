@@ -267,7 +267,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
         #    the generation's logits), the reference's log-probs, values (rows batched by prompt length)
         with torch.no_grad(), accelerator.autocast():  # the reference is not prepared: autocast here too
             rollout = generate_by_length(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens,
-                                         p.temperature, hidden=on_policy, chunk=p.micro_batch_size)
+                                         p.temperature, hidden=on_policy, chunk=p.generation_batch_size)
             mask = rollout.response_mask.float()  # (B, Tr) 1 up to and including EOS
             logprobs = rollout.logprobs  # (B, Tr) nats
             entropy = masked_mean(rollout.entropy, mask)

@@ -50,38 +50,33 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     """Sample one completion per prompt (torch's global RNG: seed it for reproducibility).
 
     Ancestral sampling from softmax(z/T) over the FULL vocabulary (no top-k / top-p), written out
-    rather than through `model.generate`, so that each DISTINCT prompt is run once (its KV cache
-    shared by every completion of it: `shared_prefix_cache`) and the log-probabilities and
-    entropies of the sampling distribution are read off the very logits that sampled. EOS may come
-    first (an empty completion): masking it there (min_new_tokens) would sample from another
-    distribution than the one these log-probs, the KL and the update see. The responses are as wide
-    as the longest one (sampling stops when all have ended). With `hidden`, the last hidden state
-    at each sampling position comes too (a value head's input).
+    rather than through `model.generate`, so that each DISTINCT prompt is run once (`PackedDecoder` on
+    the model types `packs` allows, else `CacheDecoder`: the same tokens from the same seed) and the
+    log-probabilities and entropies of the sampling distribution are read off the very logits that
+    sampled. EOS may come first (an empty completion): masking it there (min_new_tokens) would sample
+    from another distribution than the one these log-probs, the KL and the update see. The responses
+    are as wide as the longest one (sampling stops when all have ended). With `hidden`, the last
+    hidden state at each sampling position comes too (a value head's input).
     """
     batch = encode_prompts(tokenizer, prompts, model.device)
     ids, prompt_mask = batch["input_ids"], batch["attention_mask"]  # (B, Tq)
-    out, cache = shared_prefix_cache(model, ids, prompt_mask, hidden)
-    logits, h = out.logits[:, -1], out.hidden_states[-1][:, -1] if hidden else None  # (B, V), (B, H)
+    decoder = (PackedDecoder if packs(model) else CacheDecoder)(model, ids, prompt_mask, hidden)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     alive = torch.ones(len(prompts), dtype=torch.bool, device=ids.device)  # no EOS yet
-    attention, position = prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, Tq), (B, 1) next position
     tokens, logprobs, entropy, states, mask = [], [], [], [], []
     for t in range(max_new_tokens):
-        logp = F.log_softmax(logits.float() / temperature, -1)  # (B, V) the sampling distribution
+        logp = F.log_softmax(decoder.logits.float() / temperature, -1)  # (B, V) the sampling distribution
         probs = logp.exp()
         token = torch.multinomial(probs, 1).squeeze(1).masked_fill(~alive, pad)  # (B,)
         tokens.append(token)
         mask.append(alive.long())
-        states.append(h)
+        states.append(decoder.h)
         logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
         entropy.append(-(probs * logp).sum(-1))
-        alive = alive & (token != eos)
+        sampled, alive = alive, alive & (token != eos)
         if not alive.any() or t == max_new_tokens - 1:
             break
-        attention = torch.cat([attention, mask[-1][:, None]], 1)
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=position, cache=cache,
-                    use_cache=True, output_hidden_states=hidden)
-        logits, h, position = out.logits[:, -1], out.hidden_states[-1][:, -1] if hidden else None, position + 1
+        decoder.step(token, sampled, alive)
     response, response_mask = torch.stack(tokens, 1), torch.stack(mask, 1)  # (B, Tr)
     is_eos = (response == eos) & response_mask.bool()
     body = (response_mask.bool() & ~is_eos).tolist()  # the completion's text tokens: no EOS, no padding
@@ -119,13 +114,73 @@ def shared_prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, hidden: bo
     return out, cache
 
 
+class CacheDecoder:
+    """`generate`'s forwards on any causal LM: each row decodes on its own copy of its prompt's KV cache
+    (`shared_prefix_cache`). `logits` (B, V) and `h` (B, H) are each row's next-token logits and last
+    hidden state; `step` feeds every row its sampled token (padding once it has ended)."""
+
+    def __init__(self, model, ids: torch.Tensor, prompt_mask: torch.Tensor, hidden: bool):
+        out, self.cache = shared_prefix_cache(model, ids, prompt_mask, hidden)
+        self.model, self.hidden = model, hidden
+        self.attention, self.position = prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, T), (B, 1) next
+        self.logits, self.h = out.logits[:, -1], out.hidden_states[-1][:, -1] if hidden else None
+
+    def step(self, token: torch.Tensor, sampled: torch.Tensor, alive: torch.Tensor) -> None:
+        self.attention = torch.cat([self.attention, sampled.long()[:, None]], 1)
+        out = self.model(input_ids=token[:, None], attention_mask=self.attention, position_ids=self.position,
+                         cache=self.cache, use_cache=True, output_hidden_states=self.hidden)
+        self.logits, self.h = out.logits[:, -1], out.hidden_states[-1][:, -1] if self.hidden else None
+        self.position = self.position + 1
+
+
+class PackedDecoder:
+    """`generate`'s forwards on the model types `packs` allows: ONE sequence for the batch, each distinct
+    prompt once, then at each step the sampled tokens of the rows still going, appended under a mask by
+    which a row's token sees its own prompt and its own earlier tokens only (`packed_response_logits`,
+    incrementally). No per-row copy of a prompt's keys and values, and rows that have ended cost nothing.
+    The same interface, logits and hidden states as `CacheDecoder` (an ended row keeps its last ones)."""
+
+    def __init__(self, model, ids: torch.Tensor, prompt_mask: torch.Tensor, hidden: bool):
+        unique, self.group = torch.unique(torch.cat([ids, prompt_mask], 1), dim=0, return_inverse=True)
+        q, dev = ids.shape[1], ids.device
+        u_ids, u_mask = unique[:, :q], unique[:, q:].bool()
+        n_prompt = u_mask.sum(1)  # (G,)
+        # each key of the sequence: its prompt, and the row it was sampled for (-1: a prompt's token)
+        self.key_group = torch.arange(len(unique), device=dev)[:, None].expand_as(u_ids)[u_mask]
+        self.key_row = torch.full_like(self.key_group, -1)
+        visible = torch.ones(len(self.key_group), len(self.key_group), dtype=torch.bool, device=dev).tril() & (
+            self.key_group[:, None] == self.key_group[None, :])
+        last = n_prompt.cumsum(0) - 1  # each prompt's last token: predicts its rows' first response token
+        self.model, self.hidden = model, hidden
+        out = model(input_ids=u_ids[u_mask][None], attention_mask=attention_mask_4d(model, visible),
+                    position_ids=position_ids(u_mask.long())[u_mask][None], use_cache=True, logits_to_keep=last,
+                    output_hidden_states=hidden)
+        self.cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+        self.logits = out.logits[0, self.group]
+        self.h = out.hidden_states[-1][0, last][self.group] if hidden else None
+        self.position = n_prompt[self.group]  # (B,) each row's next position
+
+    def step(self, token: torch.Tensor, sampled: torch.Tensor, alive: torch.Tensor) -> None:
+        live = alive.nonzero().squeeze(1)  # the rows whose next token is still to come
+        self.key_group = torch.cat([self.key_group, self.group[live]])
+        self.key_row = torch.cat([self.key_row, live])
+        visible = (self.key_row[None, :] == live[:, None]) | (
+            (self.key_row[None, :] == -1) & (self.key_group[None, :] == self.group[live][:, None]))  # (b, L)
+        out = self.model(input_ids=token[live][None], attention_mask=attention_mask_4d(self.model, visible),
+                         position_ids=self.position[live][None], cache=self.cache, use_cache=True,
+                         output_hidden_states=self.hidden)
+        self.logits = self.logits.index_copy(0, live, out.logits[0])
+        if self.hidden:
+            self.h = self.h.index_copy(0, live, out.hidden_states[-1][0])
+        self.position = self.position + 1
+
+
 def generate_by_length(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
                        hidden: bool = False, chunk: int = 8) -> Rollout:
     """`generate` over chunks of `chunk` prompts of similar length, merged back in the prompts' order.
 
-    Every row pays prefill for the batch's longest prompt (left padding): on the numbers world
-    (prompts of 9..83 tokens, mean 28) a batch of 32 spends ~3x the prefill it needs; chunks of 8
-    in length order halve generation's time (benchmarks/bench_ppo.py --profile).
+    On the cache path every row pays prefill for its chunk's longest prompt (left padding), so chunks
+    in length order save prefill; the packed path pays no padding, and a chunk bounds its memory only.
     """
     lengths = list(map(len, encode_texts(tokenizer, prompts)))
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
@@ -267,6 +322,16 @@ def packs(model) -> bool:
     return config.model_type in PACKABLE and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
+def attention_mask_4d(model, visible: torch.Tensor) -> torch.Tensor:
+    """(1, 1, queries, keys) custom mask of one packed sequence from `visible` (True: the query may attend
+    to the key): boolean for SDPA, additive (0 / the dtype's minimum) for eager attention."""
+    inner = getattr(model, "module", model)  # through a DDP wrapper
+    if inner.config._attn_implementation != "sdpa":
+        visible = torch.zeros(visible.shape, dtype=inner.dtype, device=visible.device).masked_fill(
+            ~visible, torch.finfo(inner.dtype).min)
+    return visible[None, None]
+
+
 def packed_response_logits(model, rollout: Rollout, temperature: float = 1.0, hidden: bool = False):
     """`response_logits` from ONE packed sequence: each distinct prompt once, each followed by its
     completions (all but their last token), under a block-causal mask by which a completion's tokens see
@@ -306,10 +371,7 @@ def packed_response_logits(model, rollout: Rollout, temperature: float = 1.0, hi
     t = torch.arange(tr, device=dev)
     read = torch.where((t >= 1) & (t < w[:, None]), start[n_groups:, None] + t - 1, first[:, None])  # (B, Tr)
     at, where = torch.unique(read, return_inverse=True)
-    inner = getattr(model, "module", model)  # through a DDP wrapper
-    mask = visible if inner.config._attn_implementation == "sdpa" else torch.zeros(  # eager adds its mask
-        visible.shape, dtype=inner.dtype, device=dev).masked_fill(~visible, torch.finfo(inner.dtype).min)
-    out = model(input_ids=ids[None], attention_mask=mask[None, None], position_ids=pos[None], use_cache=False,
+    out = model(input_ids=ids[None], attention_mask=attention_mask_4d(model, visible), position_ids=pos[None], use_cache=False,
                 logits_to_keep=at, output_hidden_states=hidden)
     logits = out.logits[0, where].float() / temperature
     return (logits, out.hidden_states[-1][0, read]) if hidden else logits

@@ -308,33 +308,41 @@ def _prompts_and_responses(tok, seed=0):
                    rmask, rmask[:, -1] == 0, [""] * len(prompts), batch["input_ids"].shape[1])
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "lora"])
-def test_packed_forward_has_the_logits_hidden_states_and_gradient_of_the_cached_one(base, arch, attention):
-    """PPO's forwards pack each prompt's completions after one copy of it (block-causal mask, positions
-    restarting at the prompt's length): the logits, hidden states and gradient of `response_logits`, on
-    every model type `packs` allows, under both attention kernels that take the mask, and through LoRA."""
+def _packable_model(base, arch: str, attention: str):
+    """A tiny random model of `arch` for the base's tokenizer ("lora": the base under a moving LoRA adapter),
+    with `attention` as its kernel."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from collapse_lab.models import add_lora
-    from collapse_lab.rollout import PACKABLE, packed_response_logits, packs, response_logits
+    from collapse_lab.rollout import PACKABLE
 
-    tok = load_pretrained(base)[1]
-    r = _prompts_and_responses(tok)
+    policy, tok = load_pretrained(base)
     torch.manual_seed(1)
     if arch == "lora":
-        policy = add_lora(load_pretrained(base)[0], compose("lab", ["peft.enabled=true", "peft.r=4"]).peft,
-                          task_type="CAUSAL_LM")
+        policy = add_lora(policy, compose("lab", ["peft.enabled=true", "peft.r=4"]).peft, task_type="CAUSAL_LM")
         for name, w in policy.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(w, std=0.1)  # an adapter that moves the outputs
-        policy.base_model.model.config._attn_implementation = attention
+        policy.config._attn_implementation = attention
     else:
         assert arch in PACKABLE
         config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, n_inner=64,
                                       rotary_pct=0.5, pad_token_id=tok.pad_token_id, attn_implementation=attention)
         policy = AutoModelForCausalLM.from_config(config).eval()
+    return policy, tok
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "lora"])
+def test_packed_forward_has_the_logits_hidden_states_and_gradient_of_the_cached_one(base, arch, attention):
+    """PPO's forwards pack each prompt's completions after one copy of it (block-causal mask, positions
+    restarting at the prompt's length): the logits, hidden states and gradient of `response_logits`, on
+    every model type `packs` allows, under both attention kernels that take the mask, and through LoRA."""
+    from collapse_lab.rollout import packed_response_logits, packs, response_logits
+
+    policy, tok = _packable_model(base, arch, attention)
+    r = _prompts_and_responses(tok)
     assert packs(policy) and policy.config._attn_implementation == attention
     m = r.response_mask.bool()
     (cached, h_cached), (packed, h_packed) = (f(policy, r, 0.7, hidden=True) for f in (response_logits,
@@ -347,6 +355,34 @@ def test_packed_forward_has_the_logits_hidden_states_and_gradient_of_the_cached_
              for x, h in ((cached, h_cached), (packed, h_packed))]
     scale = max(g.abs().max() for g in grads[0])
     assert max((a - b).abs().max() for a, b in zip(*grads)) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "lora"])
+def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, attention, monkeypatch):
+    """`generate` on one packed sequence (PackedDecoder: each prompt once, each step's tokens of the rows still
+    going appended under a mask) draws, from the same seed, the tokens of the per-row cache path
+    (CacheDecoder), with its log-probs, entropies and hidden states, while rows that have ended leave the
+    batch and others sample on."""
+    from collapse_lab import rollout
+
+    policy, tok = _packable_model(base, arch, attention)
+    prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:", "Q: One?\nA:"] * 3 + ["A:"]
+
+    def sample(packed: bool):
+        monkeypatch.setattr(rollout, "packs", lambda model: packed)
+        torch.manual_seed(0)
+        return rollout.generate(policy, tok, prompts, max_new_tokens=5, temperature=0.9, hidden=True)
+
+    # a random model seldom samples EOS: let the second token row 0 samples be the end of text instead
+    tok.eos_token = tok.convert_ids_to_tokens(int(sample(False).responses[0, 1]))
+    cached, packed = sample(False), sample(True)
+    widths = cached.response_mask.sum(1)
+    assert widths.min() < widths.max() == 5, widths  # some rows ended while others sampled on
+    assert torch.equal(cached.input_ids, packed.input_ids) and torch.equal(cached.response_mask, packed.response_mask)
+    m = cached.response_mask.bool()
+    for a, b in ((cached.logprobs, packed.logprobs), (cached.entropy, packed.entropy), (cached.hidden, packed.hidden)):
+        assert torch.allclose(a[m], b[m], atol=1e-5)
 
 
 def test_packing_is_only_for_the_model_types_and_kernels_tested_with_it(base):
