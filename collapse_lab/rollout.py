@@ -46,21 +46,22 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-             hidden: bool = False) -> Rollout:
+             hidden: bool = False, packed: bool | None = None) -> Rollout:
     """Sample one completion per prompt (torch's global RNG: seed it for reproducibility).
 
     Ancestral sampling from softmax(z/T) over the FULL vocabulary (no top-k / top-p), written out
-    rather than through `model.generate`, so that each DISTINCT prompt is run once (`PackedDecoder` on
-    the model types `packs` allows, else `CacheDecoder`: the same tokens from the same seed) and the
-    log-probabilities and entropies of the sampling distribution are read off the very logits that
-    sampled. EOS may come first (an empty completion): masking it there (min_new_tokens) would sample
+    rather than through `model.generate`, so that each DISTINCT prompt is run once (`PackedDecoder`
+    where `packed`, by default on the model types `packs` allows, else `CacheDecoder`: the same tokens
+    from the same seed) and the log-probabilities and entropies of the sampling distribution are read
+    off the very logits that sampled. EOS may come first (an empty completion): masking it there (min_new_tokens) would sample
     from another distribution than the one these log-probs, the KL and the update see. The responses
     are as wide as the longest one (sampling stops when all have ended). With `hidden`, the last
     hidden state at each sampling position comes too (a value head's input).
     """
     batch = encode_prompts(tokenizer, prompts, model.device)
     ids, prompt_mask = batch["input_ids"], batch["attention_mask"]  # (B, Tq)
-    decoder = (PackedDecoder if packs(model) else CacheDecoder)(model, ids, prompt_mask, hidden)
+    packed = packs(model) if packed is None else packed
+    decoder = (PackedDecoder if packed else CacheDecoder)(model, ids, prompt_mask, hidden)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     alive = torch.ones(len(prompts), dtype=torch.bool, device=ids.device)  # no EOS yet
     tokens, logprobs, entropy, states, mask = [], [], [], [], []
@@ -176,7 +177,7 @@ class PackedDecoder:
 
 
 def generate_by_length(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-                       hidden: bool = False, chunk: int = 8) -> Rollout:
+                       hidden: bool = False, chunk: int = 8, packed: bool | None = None) -> Rollout:
     """`generate` over chunks of `chunk` prompts of similar length, merged back in the prompts' order.
 
     On the cache path every row pays prefill for its chunk's longest prompt (left padding), so chunks
@@ -184,7 +185,8 @@ def generate_by_length(model, tokenizer, prompts: list[str], max_new_tokens: int
     """
     lengths = list(map(len, encode_texts(tokenizer, prompts)))
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    parts = [generate(model, tokenizer, [prompts[i] for i in order[k:k + chunk]], max_new_tokens, temperature, hidden)
+    parts = [generate(model, tokenizer, [prompts[i] for i in order[k:k + chunk]], max_new_tokens, temperature, hidden,
+                      packed)
              for k in range(0, len(order), chunk)]
     merged = concat(parts, tokenizer.pad_token_id)
     return take(merged, torch.tensor(order, device=merged.input_ids.device).argsort())

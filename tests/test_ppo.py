@@ -359,20 +359,19 @@ def test_packed_forward_has_the_logits_hidden_states_and_gradient_of_the_cached_
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "lora"])
-def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, attention, monkeypatch):
+def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, attention):
     """`generate` on one packed sequence (PackedDecoder: each prompt once, each step's tokens of the rows still
     going appended under a mask) draws, from the same seed, the tokens of the per-row cache path
     (CacheDecoder), with its log-probs, entropies and hidden states, while rows that have ended leave the
     batch and others sample on."""
-    from collapse_lab import rollout
+    from collapse_lab.rollout import generate
 
     policy, tok = _packable_model(base, arch, attention)
     prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:", "Q: One?\nA:"] * 3 + ["A:"]
 
     def sample(packed: bool):
-        monkeypatch.setattr(rollout, "packs", lambda model: packed)
         torch.manual_seed(0)
-        return rollout.generate(policy, tok, prompts, max_new_tokens=5, temperature=0.9, hidden=True)
+        return generate(policy, tok, prompts, max_new_tokens=5, temperature=0.9, hidden=True, packed=packed)
 
     # a random model seldom samples EOS: let the second token row 0 samples be the end of text instead
     tok.eos_token = tok.convert_ids_to_tokens(int(sample(False).responses[0, 1]))
