@@ -51,16 +51,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
 
     Ancestral sampling from softmax(z/T) over the FULL vocabulary (no top-k / top-p), written out
     rather than through `model.generate`, so that each DISTINCT prompt is run once (`PackedDecoder`
-    where `packed`, by default on the model types `packs` allows, else `CacheDecoder`: the same tokens
-    from the same seed) and the log-probabilities and entropies of the sampling distribution are read
-    off the very logits that sampled. EOS may come first (an empty completion): masking it there (min_new_tokens) would sample
+    where `packed`, by default on the model types `packs` allows while the packed sequence stays within
+    PACKED_MAX_TOKENS, else `CacheDecoder`: the same tokens from the same seed) and the log-probabilities
+    and entropies of the sampling distribution are read off the very logits that sampled. EOS may come first (an empty completion): masking it there (min_new_tokens) would sample
     from another distribution than the one these log-probs, the KL and the update see. The responses
     are as wide as the longest one (sampling stops when all have ended). With `hidden`, the last
     hidden state at each sampling position comes too (a value head's input).
     """
     batch = encode_prompts(tokenizer, prompts, model.device)
     ids, prompt_mask = batch["input_ids"], batch["attention_mask"]  # (B, Tq)
-    packed = packs(model) if packed is None else packed
+    if packed is None:  # the packed sequence at its longest: each distinct prompt, then every row's tokens
+        length = int(torch.unique(torch.cat([ids, prompt_mask], 1), dim=0)[:, ids.shape[1]:].sum())
+        packed = packs(model) and length + len(prompts) * max_new_tokens <= PACKED_MAX_TOKENS
     decoder = (PackedDecoder if packed else CacheDecoder)(model, ids, prompt_mask, hidden)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     alive = torch.ones(len(prompts), dtype=torch.bool, device=ids.device)  # no EOS yet
@@ -314,6 +316,9 @@ def response_logits(model, rollout: Rollout, temperature: float = 1.0, hidden: b
 
 
 PACKABLE = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")  # model types whose custom-4D-mask path is tested equal
+# The longest packed sequence: its mask, and the attention over it (dense, masked), grow as its length squared
+# where the per-row caches' grow as rows x (prompt + response); past this the per-row path is the cheaper one
+PACKED_MAX_TOKENS = 4096
 
 
 def packs(model) -> bool:
@@ -340,7 +345,8 @@ def packed_response_logits(model, rollout: Rollout, temperature: float = 1.0, hi
     their prompt and their own earlier tokens only, positions counting on from the prompt's length in
     each completion. The same logits and gradient as the per-row forward on a shared prompt cache,
     without copying the prompt's keys and values to every row (nor scattering their gradient back), and
-    without padding; full-vocabulary logits only where a response token is predicted.
+    without padding; full-vocabulary logits only where a response token is predicted. A packed sequence
+    longer than PACKED_MAX_TOKENS runs as `response_logits` instead.
 
     Past a row's last response token the output repeats its first position (masked by every caller)."""
     q, tr, dev = rollout.query_len, width(rollout), rollout.input_ids.device
@@ -361,6 +367,8 @@ def packed_response_logits(model, rollout: Rollout, temperature: float = 1.0, hi
     order = (item_group * (n_rows + 1) + torch.cat([torch.zeros(n_groups, dtype=torch.long, device=dev),
                                                    torch.arange(1, n_rows + 1, device=dev)])).argsort()
     keep = valid[order]  # each prompt, then its completions' bodies
+    if int(keep.sum()) > PACKED_MAX_TOKENS:
+        return response_logits(model, rollout, temperature, hidden)
     ids, pos = items[order][keep], item_pos[order][keep]  # (L,)
     owner = order[:, None].expand_as(keep)[keep]  # (L,) the item each packed token belongs to
     same_prompt = (owner < n_groups)[None, :] & (item_group[owner][None, :] == item_group[owner][:, None])

@@ -384,6 +384,26 @@ def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, 
         assert torch.allclose(a[m], b[m], atol=1e-5)
 
 
+def test_a_packed_sequence_past_the_cap_runs_per_row(base, monkeypatch):
+    """A packed sequence's mask and dense attention grow as its length squared: past PACKED_MAX_TOKENS sampling
+    and the update's forward take the per-row cache path (same results, tested above)."""
+    from collapse_lab import rollout
+
+    policy, tok = load_pretrained(base)
+    r = _prompts_and_responses(tok)
+    used = []
+    cache_forward, packed_decoder = rollout.response_logits, rollout.PackedDecoder
+    monkeypatch.setattr(rollout, "response_logits", lambda *a, **k: used.append("rows") or cache_forward(*a, **k))
+    monkeypatch.setattr(rollout, "PackedDecoder", lambda *a: used.append("packed") or packed_decoder(*a))
+    prompts = ["Q: Pick a number between 1 and 10.\nA:"] * 4
+    for cap, expected in ((rollout.PACKED_MAX_TOKENS, ["packed"]), (20, ["rows"])):
+        monkeypatch.setattr(rollout, "PACKED_MAX_TOKENS", cap)
+        used.clear()
+        rollout.packed_response_logits(policy, r)
+        rollout.generate(policy, tok, prompts, max_new_tokens=3)
+        assert used == expected, (cap, used)
+
+
 def test_packing_is_only_for_the_model_types_and_kernels_tested_with_it(base):
     from collapse_lab.rollout import packs
 
