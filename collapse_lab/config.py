@@ -191,8 +191,9 @@ class PPOConfig:
     # The defaults spend a 10-minute CPU run on RATINGS: how close PPO gets to its objective's optimum is set
     # by how many noisy ratings it has seen (the rater's noise leaves each answer's mean score known to
     # σ/√n), so one epoch over large batches of many completions per prompt (cheap: each prompt's prefix is
-    # computed once) beats more epochs over fewer samples (README: PPO, the information limit); as many
-    # steps as a 10-minute run of the tiny base on 2 CPU cores holds (README: PPO, speed)
+    # computed once) beats more epochs over fewer samples (README: PPO, the information limit); 1000 steps:
+    # about the ratings the README table's hardest row needs, within a 10-minute run of the tiny base on
+    # 2 CPU cores (README: PPO, wall time)
     steps: int = 1000
     rollout_batch_size: int = 256  # completions per step (over all processes)
     # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
