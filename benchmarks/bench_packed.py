@@ -13,8 +13,8 @@ the update runs all of a micro-batch's completions in one pass (`rollout.packed_
 
 On 256 completions of the seed prompts (32 prompts x 8, as a default PPO step) from `--policy` (default:
 the lab's base), it prints, each time the median of 3 after a warm-up:
-1. sampling: whether both paths draw the same tokens from the same seed (in the same chunks), and seconds per rollout for
-   the cache path in chunks of 32 prompts (its best: each chunk pays its longest prompt) and the packed
+1. sampling: whether both paths draw the same tokens from the same seed (in the same chunks), and seconds
+   per rollout for the cache path in chunks of 32 prompts (its best: each chunk pays its longest prompt) and the packed
    path in one chunk (`ppo.generation_batch_size`, 256), and the ratio;
 2. the update: the largest |Δ log π| between the two forwards over the response tokens, and seconds for one
    default update's forward + backward of Σ log π (minibatches of 64, micro-batches of 32), and the ratio.

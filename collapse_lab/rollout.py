@@ -53,15 +53,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     rather than through `model.generate`, so that each DISTINCT prompt is run once (`PackedDecoder`
     where `packed`, by default on the model types `packs` allows while the packed sequence stays within
     PACKED_MAX_TOKENS, else `CacheDecoder`: the same tokens from the same seed) and the log-probabilities
-    and entropies of the sampling distribution are read off the very logits that sampled. EOS may come first (an empty completion): masking it there (min_new_tokens) would sample
-    from another distribution than the one these log-probs, the KL and the update see. The responses
-    are as wide as the longest one (sampling stops when all have ended). With `hidden`, the last
-    hidden state at each sampling position comes too (a value head's input).
+    and entropies of the sampling distribution are read off the very logits that sampled. EOS may come
+    first (an empty completion): masking it there (min_new_tokens) would sample from another
+    distribution than the one these log-probs, the KL and the update see. The responses are as wide
+    as the longest one (sampling stops when all have ended). With `hidden`, the last hidden state at
+    each sampling position comes too (a value head's input).
     """
     batch = encode_prompts(tokenizer, prompts, model.device)
     ids, prompt_mask = batch["input_ids"], batch["attention_mask"]  # (B, Tq)
     if packed is None:  # the packed sequence at its longest: each distinct prompt, then every row's tokens
-        length = int(torch.unique(torch.cat([ids, prompt_mask], 1), dim=0)[:, ids.shape[1]:].sum())
+        length = int(distinct_prompts(ids, prompt_mask)[1].sum())
         packed = packs(model) and length + len(prompts) * max_new_tokens <= PACKED_MAX_TOKENS
     decoder = (PackedDecoder if packed else CacheDecoder)(model, ids, prompt_mask, hidden)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -98,6 +99,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     )
 
 
+def distinct_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, inverse): the distinct rows of a (B, Tq) left-padded prompt batch and its mask, and each
+    row's index among them (every forward runs each distinct prompt once)."""
+    unique, inverse = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+    return unique[:, :ids.shape[1]], unique[:, ids.shape[1]:], inverse
+
+
 def shared_prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, hidden: bool = False):
     """One forward pass over each DISTINCT prompt row of (B, Tq) left-padded `ids`, its KV cache then
     indexed back to all B rows: rollouts repeat prompts (a few seed prompts, k samples per prompt),
@@ -105,8 +113,7 @@ def shared_prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, hidden: bo
     update's gradient flows into the shared prompt computation exactly as through B separate ones.
     Returns (the output at the last prompt position, indexed to B rows, with the last layer's hidden
     states only; the cache)."""
-    unique, inverse = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
-    u_ids, u_mask = unique[:, :ids.shape[1]], unique[:, ids.shape[1]:]
+    u_ids, u_mask, inverse = distinct_prompts(ids, mask)
     out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids(u_mask), use_cache=True,
                 logits_to_keep=1, output_hidden_states=hidden)
     cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
@@ -144,12 +151,11 @@ class PackedDecoder:
     The same interface, logits and hidden states as `CacheDecoder` (an ended row keeps its last ones)."""
 
     def __init__(self, model, ids: torch.Tensor, prompt_mask: torch.Tensor, hidden: bool):
-        unique, self.group = torch.unique(torch.cat([ids, prompt_mask], 1), dim=0, return_inverse=True)
-        q, dev = ids.shape[1], ids.device
-        u_ids, u_mask = unique[:, :q], unique[:, q:].bool()
+        u_ids, u_mask, self.group = distinct_prompts(ids, prompt_mask)
+        u_mask, dev = u_mask.bool(), ids.device
         n_prompt = u_mask.sum(1)  # (G,)
         # each key of the sequence: its prompt, and the row it was sampled for (-1: a prompt's token)
-        self.key_group = torch.arange(len(unique), device=dev)[:, None].expand_as(u_ids)[u_mask]
+        self.key_group = torch.arange(len(u_ids), device=dev)[:, None].expand_as(u_ids)[u_mask]
         self.key_row = torch.full_like(self.key_group, -1)
         visible = torch.ones(len(self.key_group), len(self.key_group), dtype=torch.bool, device=dev).tril() & (
             self.key_group[:, None] == self.key_group[None, :])
@@ -322,7 +328,8 @@ PACKED_MAX_TOKENS = 4096
 
 
 def packs(model) -> bool:
-    """Whether `packed_response_logits` may stand in for `response_logits` on `model` (unwrapped): a model
+    """Whether the packed forwards (`packed_response_logits`, `PackedDecoder`) may stand in for the per-row
+    ones (`response_logits`, `CacheDecoder`) on `model` (or its DDP wrapper): a model
     type tested to take a custom 4D mask with position ids (tests/test_ppo.py), under SDPA or eager
     attention (flash-attention kernels take no such mask)."""
     config = getattr(model, "module", model).config  # through a DDP wrapper
@@ -350,10 +357,8 @@ def packed_response_logits(model, rollout: Rollout, temperature: float = 1.0, hi
 
     Past a row's last response token the output repeats its first position (masked by every caller)."""
     q, tr, dev = rollout.query_len, width(rollout), rollout.input_ids.device
-    unique, group = torch.unique(torch.cat([rollout.input_ids[:, :q], rollout.attention_mask[:, :q]], 1), dim=0,
-                                 return_inverse=True)
-    u_ids, u_mask = unique[:, :q], unique[:, q:]
-    n_groups, n_rows = len(unique), len(group)
+    u_ids, u_mask, group = distinct_prompts(rollout.input_ids[:, :q], rollout.attention_mask[:, :q])
+    n_groups, n_rows = len(u_ids), len(group)
     n_prompt = u_mask.sum(1)  # (G,) real prompt tokens
     w = rollout.response_mask.sum(1).long()  # (B,) response tokens, EOS included
     steps = torch.arange(tr - 1, device=dev)
@@ -381,8 +386,8 @@ def packed_response_logits(model, rollout: Rollout, temperature: float = 1.0, hi
     t = torch.arange(tr, device=dev)
     read = torch.where((t >= 1) & (t < w[:, None]), start[n_groups:, None] + t - 1, first[:, None])  # (B, Tr)
     at, where = torch.unique(read, return_inverse=True)
-    out = model(input_ids=ids[None], attention_mask=attention_mask_4d(model, visible), position_ids=pos[None], use_cache=False,
-                logits_to_keep=at, output_hidden_states=hidden)
+    out = model(input_ids=ids[None], attention_mask=attention_mask_4d(model, visible), position_ids=pos[None],
+                use_cache=False, logits_to_keep=at, output_hidden_states=hidden)
     logits = out.logits[0, where].float() / temperature
     return (logits, out.hidden_states[-1][0, read]) if hidden else logits
 
