@@ -227,8 +227,15 @@ class PPOConfig:
     # analytic: the exact KL(π(·|s)‖π_ref(·|s)) over the vocabulary at each visited state s_t, with the
     # exact gradient of E[Σ_t KL_t]: the later states' KL in the reward (the score-function part) and
     # β·KL_t(θ) as a loss term (the direct part, scaled like the advantages). Same objective and optimum,
-    # every token of a visited state pulled back each time (README: PPO)
-    kl_estimator: str = "k1"
+    # every token of a visited state pulled back each time (README: PPO).
+    # blend: k1 at the prompt's state, c·k1 + (1 − c)·analytic at every later state, c = kl_blend (ppo.k1_shares).
+    # Each mix is an unbiased gradient of the same β·KL. k1 keeps a control variate analytic lacks (at π*,
+    # r − β·log π/π_ref = β·log Z for every answer: no gradient noise left, and Adam needs none to settle);
+    # the exact term restores a token no sample draws at a later state (k1 cannot: a path PPO closed stays closed)
+    # (README: PPO, the KL estimator). All of them keep the reference's next-token distribution at every
+    # response state for the update (B·Tr·V floats) except k1: with a large vocabulary and long answers, k1
+    kl_estimator: str = "blend"
+    kl_blend: float = 0.0  # c, k1's share at the later states under kl_estimator=blend (1: k1, 0: analytic)
     # c: + c·KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the whole vocabulary at each visited state in the loss (on the
     # whitened advantages' scale), beside the ratio clip: a trust region that also holds the tokens NOT
     # sampled at s_t (the ratio clip binds only on sampled ones) and a likely token whose ratio cannot reach
@@ -413,7 +420,7 @@ CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "ppo.value_model": ("separate", "shared", "head"),
     "ppo.entropy_bonus": ("reward", "loss"),
-    "ppo.kl_estimator": ("k1", "analytic"),
+    "ppo.kl_estimator": ("k1", "analytic", "blend"),
     "sft.select": ("top", "random"),
     "reward": ("gold", "rm"),
     "world.answer_prior": ("uniform", "human"),  # collapse_lab/world.py ANSWER_PRIORS
@@ -470,7 +477,7 @@ RANGES = {
         "ppo.micro_batch_size": COUNT, "ppo.generation_batch_size": COUNT, "ppo.ppo_epochs": COUNT,
         "ppo.lr": POSITIVE, "ppo.value_lr": POSITIVE,
         "ppo.kl_coef": NONNEG, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG,
-        "ppo.trust_region_coef": NONNEG,
+        "ppo.trust_region_coef": NONNEG, "ppo.kl_blend": SHARE,
         "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,
         "ppo.vf_coef": NONNEG, "ppo.temperature": POSITIVE, "ppo.max_new_tokens": COUNT,
         "ppo.missing_eos_penalty": NONNEG, "ppo.max_grad_norm": NONNEG, "ppo.save_every": COUNT,

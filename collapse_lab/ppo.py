@@ -215,7 +215,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     ref = None if cfg.peft.enabled else load_pretrained(base, cfg.model.dtype)[0].requires_grad_(False).eval()
     value = value_model(policy, base, cfg, tokenizer.pad_token_id)
     on_policy = p.value_model != "separate"  # values read off the policy's hidden states
-    analytic_kl = p.kl_estimator == "analytic"
+    analytic_kl = p.kl_estimator != "k1"  # some state's KL taken exactly over the vocabulary
     trust_region = p.trust_region_coef > 0
     # every forward of a rollout's responses (identical results; the packed one skips per-row prompt copies)
     forward = packed_response_logits if packs(policy) else response_logits
@@ -302,8 +302,8 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
                 if analytic_kl or trust_region else None
             if analytic_kl:  # KL_t at each visited state; a_t is credited with the LATER states' KL only
                 kl = state_kl(old_full, ref_full) * mask
-                rewards = torch.zeros_like(kl)
-                rewards[:, :-1] = -kl_ctl.value * kl[:, 1:]
+                share = k1_shares(p.kl_estimator, p.kl_blend, kl.shape[1]).to(kl)  # (Tr,) c_t
+                rewards = kl_rewards(logprobs - ref_logprobs, kl, mask, share, kl_ctl.value)
             else:
                 kl = (logprobs - ref_logprobs) * mask  # (B, Tr) nats
                 rewards = -kl_ctl.value * kl
@@ -356,7 +356,8 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
                     new_full = new_logits.log_softmax(-1) if analytic_kl or trust_region else None  # (b, w, V)
                     if analytic_kl:  # the direct part of ∇(β·E[Σ_t KL_t]), on the advantages' scale
                         kl_now = state_kl(new_full, ref_full[micro, :width(mb)])
-                        loss = loss + kl_ctl.value * adv_scale * (kl_now * m).sum() / n_tokens
+                        exact = (1 - share[:width(mb)]) * m  # (b, w) the exact share 1 − c_t
+                        loss = loss + kl_ctl.value * adv_scale * (kl_now * exact).sum() / n_tokens
                     terms = {"pg_loss": pg_losses, "vf_loss": vf_losses, "entropy": entropies}
                     if trust_region:  # KL(π_old ‖ π_θ) at each visited state, every token
                         terms["moved"] = state_kl(old_full[micro, :width(mb)], new_full)
@@ -450,6 +451,32 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     policy = value = None  # the closures' cells too (save() reads policy)
     accelerator.free_memory()
     accelerator.end_training()
+
+
+def k1_shares(estimator: str, blend: float, length: int) -> torch.Tensor:
+    """c_t, the share of state t's KL that enters through its sampled token (k1), the rest exactly
+    (analytic), for the response's states t = 0..length−1: k1 1, analytic 0, and blend 1 at t = 0 and
+    `blend` after it. Every sample of a prompt visits its state 0, where k1's control variate leaves no
+    gradient noise at π*; a later state is visited only by the samples that took its path, and there a
+    token no sample draws gets no k1 gradient (PPO can close a path for good) while the exact term
+    pulls it back toward π_ref."""
+    share = torch.full((length,), {"k1": 1.0, "analytic": 0.0, "blend": blend}[estimator])
+    if estimator == "blend":
+        share[:1] = 1.0
+    return share
+
+
+def kl_rewards(log_ratio: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, share: torch.Tensor,
+               beta: float) -> torch.Tensor:
+    """The KL penalty's per-token rewards (B, Tr) for k1 shares c_t (Tr,):
+    reward_t = −β·(c_t·ℓ_t + (1 − c_{t+1})·KL_{t+1}), with ℓ_t = log π(y_t|s_t) − log π_ref(y_t|s_t) the
+    sampled token's log-ratio and KL_t = KL(π(·|s_t)‖π_ref(·|s_t)) (masked, 0 past the end). The rest of
+    the gradient of β·E[Σ_t KL_t], the direct part β·(1 − c_t)·∇_θ KL_t, is a loss term. Any c_t in [0, 1]
+    gives an unbiased gradient: state t's KL enters either through its sampled token's score function
+    (∇log π(y_≤t)·ℓ_t) or exactly (∇log π(y_<t)·KL_t plus ∇_θ KL_t)."""
+    rewards = -beta * share * log_ratio * mask
+    rewards[:, :-1] -= beta * (1 - share[1:]) * kl[:, 1:]
+    return rewards
 
 
 def state_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

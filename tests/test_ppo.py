@@ -16,7 +16,7 @@ from collapse_lab.bandit import optimum, total_variation
 from collapse_lab.checkpoint import read_manifest
 from collapse_lab.config import ConfigError, compose, group_options
 from collapse_lab.models import load_pretrained
-from collapse_lab.ppo import batch_sizes, gae, masked_whiten, train_ppo
+from collapse_lab.ppo import batch_sizes, gae, k1_shares, kl_rewards, masked_whiten, state_kl, train_ppo
 from collapse_lab.pretrain import pretrain
 from collapse_lab.rollout import entropy_from_logits
 
@@ -110,6 +110,42 @@ def test_closed_form_optimum():
     assert optimum(pi0, r, 0.0).tolist() == [0.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("share", [
+    k1_shares("k1", 0.5, 3), k1_shares("analytic", 0.5, 3), k1_shares("blend", 0.5, 3), torch.tensor([0.2, 0.9, 0.4])])
+def test_every_kl_estimator_is_an_unbiased_gradient_of_the_sequence_kl(share):
+    """A tabular policy over three-token answers (vocabulary 3, a state per prefix), enumerated
+    exactly: E_y[Σ_t ∇log π(y_t|s_t)·G_t] − Σ_t (1 − c_t)·E[∇KL_t] (G_t the return of kl_rewards at
+    β = 1, the loss's direct term) equals −∇KL(π‖π_ref) over whole answers, for any shares c_t."""
+    torch.manual_seed(0)
+    V, T = 3, 3
+    logits = torch.randn(1 + V + V * V, V, dtype=torch.float64, requires_grad=True)  # a row per prefix
+    ref = torch.randn(1 + V + V * V, V, dtype=torch.float64).log_softmax(-1)
+    state = lambda prefix: sum(V ** k for k in range(len(prefix))) + sum(a * V ** (len(prefix) - 1 - k)
+                                                                         for k, a in enumerate(prefix))
+    answers = [(a, b, c) for a in range(V) for b in range(V) for c in range(V)]
+    logp, surrogate, seq_kl = logits.log_softmax(-1), 0.0, 0.0
+    for y in answers:
+        rows = [state(y[:t]) for t in range(T)]
+        step_logp = torch.stack([logp[s, a] for s, a in zip(rows, y)])  # (T,)
+        log_ratio = (step_logp - torch.stack([ref[s, a] for s, a in zip(rows, y)]))[None]
+        kls = state_kl(logp[rows], ref[rows])  # (T,) exact per-state KL, with its gradient
+        rewards = kl_rewards(log_ratio.detach(), kls.detach()[None], torch.ones(1, T, dtype=torch.float64),
+                             share.double(), beta=1.0)[0]
+        returns = rewards.flip(0).cumsum(0).flip(0)
+        p_y = step_logp.sum().exp()
+        surrogate = surrogate + p_y.detach() * ((step_logp * returns).sum() - ((1 - share.double()) * kls).sum())
+        seq_kl = seq_kl + p_y * log_ratio.sum()
+    (estimated,) = torch.autograd.grad(surrogate, logits, retain_graph=True)
+    (exact,) = torch.autograd.grad(-seq_kl, logits)
+    assert exact.abs().max() > 0.01
+    assert torch.allclose(estimated, exact, atol=1e-10), (estimated - exact).abs().max()
+
+
+def test_blend_takes_the_prompts_state_by_k1_and_later_states_partly_exact():
+    assert k1_shares("blend", 0.3, 4).tolist() == pytest.approx([1.0, 0.3, 0.3, 0.3])
+    assert k1_shares("k1", 0.3, 2).tolist() == [1.0, 1.0] and k1_shares("analytic", 0.3, 2).tolist() == [0.0, 0.0]
+
+
 # ----------------------------------------------------------------- bandit: exact optima
 
 
@@ -117,15 +153,17 @@ OTHER_TABLE = '[[" 3",0.8],[" 9",0.6],[" 1",0.3],[" 5",-0.5]]'  # not the defaul
 
 
 @pytest.mark.parametrize("beta,alpha,table,estimator", [
-    (1.0, 0.0, "other", "k1"), (0.1, 0.0, "default", "k1"), (0.1, 0.0, "other", "k1"), (0.1, 0.01, "other", "k1"),
-    (0.1, 0.05, "default", "k1"), (1.0, 0.0, "default", "analytic")])
+    (1.0, 0.0, "default", None), (1.0, 0.0, "other", None), (0.1, 0.0, "default", None), (0.1, 0.0, "other", None),
+    (0.1, 0.01, "other", None), (0.1, 0.05, "default", None), (0.1, 0.05, "other", None),
+    (0.1, 0.0, "other", "k1"), (1.0, 0.0, "default", "analytic")])
 def test_bandit_reaches_the_closed_form(base, tmp_path, beta, alpha, table, estimator):
     """π* ∝ π0^(β/(α+β))·exp(r/(α+β)) over the whole vocabulary, with PPO's default mechanics
-    (whitened advantages, the entropy bonus in the reward, centred scores, the value head), and with
-    the KL penalty's analytic estimator at β = 1 (the bandit's one state: the loss term alone carries it)."""
+    (whitened advantages, the entropy bonus in the reward, centred scores, the value head, the default
+    KL estimator: None), with k1, and with the analytic estimator at β = 1 (the bandit's one state: the
+    loss term alone carries it)."""
     extra = [] if table == "default" else [f"world.rewards={OTHER_TABLE}"]
-    out = train_ppo(_bandit(base, tmp_path, f"ppo.kl_coef={beta}", f"ppo.ent_coef={alpha}",
-                            f"ppo.kl_estimator={estimator}", *extra))
+    extra += [] if estimator is None else [f"ppo.kl_estimator={estimator}"]
+    out = train_ppo(_bandit(base, tmp_path, f"ppo.kl_coef={beta}", f"ppo.ent_coef={alpha}", *extra))
     final = json.loads((out / "metrics.json").read_text())
     assert final["bandit/tv_to_optimum"] <= 0.01, final
     first = _rows(out)[0]
@@ -141,7 +179,7 @@ def number_base(tmp_path_factory):
     return str(pretrain(compose("lab", overrides + [f"checkpoints_dir={tmp_path_factory.mktemp('nbase')}"])))
 
 
-@pytest.mark.parametrize("estimator", ["k1", "analytic"])
+@pytest.mark.parametrize("estimator", ["k1", "analytic", "blend"])
 def test_answers_of_different_lengths_with_the_same_reward_end_at_their_base_odds(number_base, tmp_path, estimator):
     """The sequence bandit: " 7" (one token, then EOS) and " 10" (two, then EOS; about as likely under
     this base) both earn 1, everything else 0. π*(y) ∝ π0(y)·e^{r(y)/β} keeps their base odds: a
@@ -171,9 +209,10 @@ def test_trust_region_holds_each_update_and_keeps_the_optimum(base, tmp_path):
 
 
 def test_analytic_kl_as_a_loss_term_misses_the_closed_form_at_small_beta(base, tmp_path):
-    """ppo.kl_estimator=analytic puts the direct part of β·∇KL in the loss, scaled like the whitened
-    advantages by 1/std(A), a batch statistic (and unclipped): as with the loss-term entropy bonus its
-    balance with the reward drifts. At β = 1 it reaches π* (above); at β = 0.1 it does not."""
+    """ppo.kl_estimator=analytic gives up k1's control variate: at π* the k1 reward r − β·log π/π0 is the
+    same for every answer, so k1's gradient noise vanishes there, where analytic's advantages keep the
+    spread of r and Adam keeps the policy moving around π*. At β = 1 it reaches π* (above); at β = 0.1,
+    with 5 nats between π* and π0, it does not (with or without whitening: README, PPO)."""
     out = train_ppo(_bandit(base, tmp_path, "ppo.kl_coef=0.1", "ppo.kl_estimator=analytic", f"world.rewards={OTHER_TABLE}"))
     assert json.loads((out / "metrics.json").read_text())["bandit/tv_to_optimum"] > 0.02
 
