@@ -8,7 +8,10 @@ implementation details of RLHF with PPO"), one step = the five numbered steps of
                  unchanged, and the zero-initialised value head starts near the returns
     3. KL        per-token reward −β·(log π − log π_ref) − α·log π, π_ref the frozen base: the
                  k1 estimators of −β·KL and +α·H, so the sequence-level optimum is
-                 π*(y) ∝ π_ref(y)^(β/(α+β))·e^{r(y)/(α+β)} (collapse_lab/optimum.py)
+                 π*(y) ∝ π_ref(y)^(β/(α+β))·e^{r(y)/(α+β)} (collapse_lab/optimum.py). By default
+                 (`ppo.kl_estimator=blend`) k1 only at the prompt's state; each later state's KL is
+                 taken exactly over the vocabulary: the next states' KL in the reward and its direct
+                 gradient a loss term (`kl_rewards`; the same gradient in expectation)
     4. GAE       values V(s_t), δ_t = r_t + γV_{t+1} − V_t,
                  A_t = Σ_l (γλ)^l δ_{t+l}, returns = A + V, advantages whitened
                  (λ = 1: A_t = return − V(s_t), unbiased whatever V is)
