@@ -232,8 +232,9 @@ class PPOConfig:
     # Each mix is an unbiased gradient of the same β·KL. k1 keeps a control variate analytic lacks (at π*,
     # r − β·log π/π_ref = β·log Z for every answer: no gradient noise left, and Adam needs none to settle);
     # the exact term restores a token no sample draws at a later state (k1 cannot: a path PPO closed stays closed)
-    # (README: PPO, the KL estimator). All of them keep the reference's next-token distribution at every
-    # response state for the update (B·Tr·V floats) except k1: with a large vocabulary and long answers, k1
+    # (README: PPO, `ppo.kl_estimator=blend`). Except k1, each keeps the reference's and π_old's next-token
+    # distributions at every response state of the rollout (B·Tr·V floats each): with a large vocabulary and
+    # long answers, use k1
     kl_estimator: str = "blend"
     kl_blend: float = 0.0  # c, k1's share at the later states under kl_estimator=blend (1: k1, 0: analytic)
     # c: + c·KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the whole vocabulary at each visited state in the loss (on the
