@@ -484,7 +484,7 @@ def kl_rewards(log_ratio: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, sh
 
 def state_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """KL(π(·|s_t) ‖ π_ref(·|s_t)) = Σ_v π(v|s_t)·(log π(v|s_t) − log π_ref(v|s_t)) at each state, nats:
-    (B, T) from (B, T, V) log-probabilities (ppo.kl_estimator=analytic)."""
+    (B, T) from (B, T, V) log-probabilities (ppo.kl_estimator=analytic or blend, the trust region)."""
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
