@@ -1,4 +1,4 @@
-"""Print the closed-form figures of the README (collapse_lab/closed_forms.py): TRL's DPOTrainer, RLOOTrainer
+"""Print the closed-form figures of docs/regimes.md (collapse_lab/closed_forms.py): TRL's DPOTrainer, RLOOTrainer
 and GRPOTrainer on the tabular bandit (11 tokens, EOS included), β = 1, both reward tables.
 
     python benchmarks/bench_closed_forms.py            # ~4 min on one CPU thread

@@ -1,4 +1,4 @@
-"""The README's PPO table: each finished PPO run's exact answer distributions on the seed prompts
+"""The PPO table of docs/ppo.md: each finished PPO run's exact answer distributions on the seed prompts
 against the closed-form optimum π* of its own objective (collapse_lab/optimum.py).
 
     python benchmarks/ppo_optimum_table.py checkpoints/ppo/<run> [...]

@@ -39,6 +39,7 @@ import queue
 import re
 import resource
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -52,6 +53,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab import registry, report, tracking
+from collapse_lab.console import quiet_stage_bars, say
 from collapse_lab.checkpoint import lock_run, unlock_run
 from collapse_lab.config import AblateConfig, ConfigError, EvalConfig, compose, group_options
 from collapse_lab.evaluator import Loaded
@@ -156,7 +158,7 @@ class Plan:
     def digest(self) -> str:
         """8 hex digits over what decides the results (not the name, the checkpoints_dir or the jobs)."""
         c = OmegaConf.to_container(self.cfg, resolve=True)
-        c.pop("name"), c.pop("checkpoints_dir"), c.pop("jobs")
+        c.pop("name"), c.pop("checkpoints_dir"), c.pop("jobs"), c.pop("verbose")
         text = json.dumps({"ablate": c, "lab": self.lab}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -241,59 +243,90 @@ def plan(argv: list[str]) -> Plan:
 
 
 class Display:
-    """One progress bar for the whole run and a one-line summary per stage."""
+    """The ablation's console (collapse_lab/console.py): a line when each stage starts and when it ends, in
+    any output, as it happens (stages in worker processes report through a queue); on a terminal, also ONE
+    progress bar for the whole run. `lines` and `rss_mib` (each finished stage's) go into the manifest."""
 
     def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = Console(stderr=False, highlight=False)
-        self.progress = Progress(TextColumn("[bold]ablation[/bold] {task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=False)
-        self.task = self.progress.add_task("", total=total)
         self.done, self.total, self.lines, self.rss_mib = 0, total, [], []
+        self.lock = threading.Lock()  # this process's task thread reports too
+        self.progress = None
+        if sys.stdout.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("[bold]ablation[/bold] {task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(),
+                                     console=Console(highlight=False), transient=False)
+            self.task = self.progress.add_task("", total=total)
 
     def __enter__(self):
-        self.progress.start()
+        global _REPORT
+        _REPORT = self.event
+        quiet_stage_bars()  # the stages' own bars (and their worker processes') would interleave with this one
+        if self.progress is not None:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        global _REPORT
+        _REPORT = None
+        if self.progress is not None:
+            self.progress.stop()
 
-    def stage(self, label: str, fn: Callable, *args):
-        """Run one stage in this process, then print `[i/n] label: summary (s)`."""
-        self.progress.update(self.task, description=label)
-        result, line = _timed(label, lambda: fn(*args))
-        self.record(*line)
-        return result
+    def stage(self, label: str, fn: Callable):
+        """Run one stage in this process: fn() -> (result, summary); its lines; its result."""
+        return _timed(label, fn)
 
-    def record(self, label: str, summary: str, seconds: float, rss_mib: int) -> None:
-        """Print one finished stage's line (run here or in a worker process, whose memory `rss_mib` is)."""
-        self.rss_mib.append(rss_mib)
-        self.done += 1
-        line = f"[{self.done}/{self.total}] {label}: {summary} ({seconds:.1f} s)"
-        self.lines.append(line)
-        self.progress.console.print(line, markup=False, soft_wrap=True)
-        self.progress.update(self.task, description=label)
-        self.progress.advance(self.task)
+    def say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(line, markup=False, soft_wrap=True)
+        else:
+            say(line)
+
+    def event(self, event: tuple) -> None:
+        """A stage started (("start", label)) or ended (("end", label, summary, seconds, rss_mib)), in this
+        process or, passed on by `Workers`, in a worker process."""
+        with self.lock:
+            if event[0] == "start":
+                self.say(f"[{self.done}/{self.total}] start {event[1]}")
+                return
+            _, label, summary, seconds, rss_mib = event
+            self.rss_mib.append(rss_mib)
+            self.done += 1
+            line = f"[{self.done}/{self.total}] {label}: {summary} ({seconds:.1f} s)"
+            self.lines.append(line)
+            self.say(line)
+            if self.progress is not None:
+                self.progress.update(self.task, description=label, completed=self.done)
 
 
-def _timed(label: str, fn: Callable) -> tuple:
-    """fn() -> (result, summary), timed: (result, (label, summary, seconds, RSS after it in MiB))."""
+# Where this process reports a stage's start and end: the Display's `event` in the ablation's process, the
+# queue to it in a worker process (_worker_init), nowhere otherwise.
+_REPORT: Optional[Callable[[tuple], None]] = None
+
+
+def _timed(label: str, fn: Callable):
+    """fn() -> (result, summary), reported when it starts and when it ends (summary, seconds, the RSS after
+    it in MiB); returns the result."""
+    if _REPORT is not None:
+        _REPORT(("start", label))
     start = time.time()
     result, summary = fn()
     seconds = time.time() - start
     gc.collect()  # the stage's models, optimiser and trainer (reference cycles): memory stays flat across stages
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return result, (label, summary, seconds, _rss_mib())
+    if _REPORT is not None:
+        _REPORT(("end", label, summary, seconds, _rss_mib()))
+    return result
 
 
 class Workers:
     """Where the stages after the base run: with jobs=N > 1, in a thread of THIS process and in N − 1 spawned
     worker processes, the torch threads split between all N (torch on 2 CPU threads runs a tiny model's step
-    far below 2x one thread's speed, so two one-thread stages side by side get more done: README, the
-    ablation's speed; this process takes tasks too, so N processes hold memory, not N + 1). This process's
+    far below 2x one thread's speed, so two one-thread stages side by side get more done: docs/ablation.md,
+    speed and memory; this process takes tasks too, so N processes hold memory, not N + 1). This process's
     main thread only schedules: a task starts the moment a slot is free and its inputs are done. With
     jobs=1, each task runs in this process when it is submitted. A stage's result depends on its config and
     its thread count only (every stage seeds itself), not on which process runs it or when."""
@@ -307,8 +340,10 @@ class Workers:
     def __enter__(self) -> "Workers":
         if self.jobs > 1:
             threads = max(1, torch.get_num_threads() // self.jobs)
-            self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(threads,))
+            context = multiprocessing.get_context("spawn")
+            self.events = context.Queue()  # the workers' stage lines, passed on to this process's _REPORT
+            self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=context,
+                                            initializer=_worker_init, initargs=(threads, self.events))
             # ONE thread for all of this process's tasks (a new thread per task grew the heap: glibc gives
             # threads their own malloc arenas); a daemon: on an error it ends with the process, like a
             # killed stage (which resumes)
@@ -323,6 +358,7 @@ class Workers:
             if exc_type is None and self.here is not None:
                 wait([self.here])
             self.inbox.put(None)
+            self._pass_events()
 
     def submit(self, fn: Callable, *args) -> Future:
         future = Future()
@@ -354,9 +390,21 @@ class Workers:
         """A finished task among `pending` (the first submitted of those finished), scheduling while none is."""
         self._dispatch()
         while not any(f.done() for f in pending):
-            wait([*pending, *self.in_pool], return_when=FIRST_COMPLETED)
+            wait([*pending, *self.in_pool], return_when=FIRST_COMPLETED, timeout=0.2)
+            self._pass_events()
             self._dispatch()
+        self._pass_events()
         return next(f for f in pending if f.done())
+
+    def _pass_events(self) -> None:
+        """The worker processes' stage lines so far, to this process's console."""
+        while self.pool is not None:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if _REPORT is not None:
+                _REPORT(event)
 
 
 def _run_into(future: Future, fn: Callable, args: tuple) -> None:
@@ -375,39 +423,38 @@ def _task_thread(threads: int, inbox: "queue.SimpleQueue") -> None:
         _run_into(*task)
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, events) -> None:
+    global _REPORT
+    _REPORT = events.put  # this worker's stage lines go to the ablation's process (Workers._pass_events)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker's threads are torch's
     torch.set_num_threads(threads)
     flush_denormals()
 
 
-# the tasks (module-level: a worker process unpickles them); each returns (stage lines, its run record or None)
+# the tasks (module-level: a worker process unpickles them); a regime's returns its run record
 
 
-def _base_task(p: Plan, base: Path, out: Path) -> tuple[list, None]:
-    _, evaluated = _timed("evaluate base", lambda: _evaluated(evaluate(p, base, base, out / "evals" / "base")))
-    _, curves = _timed("reference curves", lambda: _evaluated([reference_curves(p, base, out / "evals" / "base")]))
-    return [evaluated, curves], None
+def _base_task(p: Plan, base: Path, out: Path) -> None:
+    _timed("evaluate base", lambda: _evaluated(evaluate(p, base, base, out / "evals" / "base")))
+    _timed("reference curves", lambda: _evaluated([reference_curves(p, base, out / "evals" / "base")]))
 
 
-def _upstream_task(p: Plan, seed: int, needs: list[str], out: Path) -> tuple[list, None]:
+def _upstream_task(p: Plan, seed: int, needs: list[str], out: Path) -> None:
     """One replicate's upstream stages (ratings, reward model), in the registry's order."""
-    lab, lines = p.lab_config(seed), []
+    lab = p.lab_config(seed)
     for x in needs:
-        path, line = _timed(f"{x.replace('_', ' ')} s{seed}", lambda: _done(load_stage(x)(lab, named=False)))
+        path = _timed(f"{x.replace('_', ' ')} s{seed}", lambda: _done(load_stage(x)(lab, named=False)))
         _copy_run(path, out / "runs" / x / f"s{seed}")
-        lines.append(line)
-    return lines, None
 
 
-def _regime_task(p: Plan, seed: int, name: str, base: Path, out: Path) -> tuple[list, dict]:
+def _regime_task(p: Plan, seed: int, name: str, base: Path, out: Path) -> dict:
     """One regime of one replicate, then the evaluator on it."""
     regime, rcfg = REGIMES[name], p.lab_config(seed, name)
-    path, trained = _timed(f"{name} s{seed}", lambda: _done(load_stage(name)(rcfg, named=False)))
+    path = _timed(f"{name} s{seed}", lambda: _done(load_stage(name)(rcfg, named=False)))
     _copy_run(path, out / "runs" / name / f"s{seed}")
     evals = out / "evals" / name / f"s{seed}"
-    _, evaluated = _timed(f"evaluate {name} s{seed}", lambda: _evaluated(evaluate(p, path, base, evals)))
-    return [trained, evaluated], {"regime": name, "seed": seed, "group": regime.group, "recipe": regime.recipe,
+    _timed(f"evaluate {name} s{seed}", lambda: _evaluated(evaluate(p, path, base, evals)))
+    return {"regime": name, "seed": seed, "group": regime.group, "recipe": regime.recipe,
                                   "control_of": regime.control_of, "path": str(path),
                                   "evals": str(evals.relative_to(out))}
 
@@ -460,9 +507,7 @@ def run(p: Plan) -> Path:
             while pending:
                 future = pool.next_done(pending)
                 seed = pending.pop(future)
-                lines, record = future.result()
-                for line in lines:
-                    show.record(*line)
+                record = future.result()
                 if record is not None:
                     records.append(record)
                 if seed is not None:  # a seed's upstream stages are done: its regimes may start, online RL first
@@ -507,7 +552,7 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
         return files
     out.mkdir(parents=True, exist_ok=True)
     common = compose("evaluate", [f"model_path={model}", f"reference_path={base}", f"sampling.temperature={e.temperature}",
-                                  f"seed={e.seed}", "plots=false"])  # the report draws its own
+                                  f"seed={e.seed}", "plots=false", f"verbose={p.cfg.verbose}"])  # the report draws its own
     try:
         for suite in e.suites:
             cfg = copy.deepcopy(common)

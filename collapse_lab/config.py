@@ -333,6 +333,7 @@ class EvalConfig:
     seed: int = 0
     plots: bool = True
     allow_unfinished: bool = False  # evaluate a lab run whose manifest is not finished (with a warning)
+    verbose: bool = True  # print the post's table per suite (the ablation's evaluations: its own verbose)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -406,6 +407,7 @@ class AblateConfig:
     # worker processes for the stages after the base, the CPU threads split between them (1: this process,
     # in order). null: 2 on a machine with 2+ cores and no GPU, else 1. Not part of the ablation's digest
     jobs: Optional[int] = None
+    verbose: bool = False  # print every evaluation's table (else one line per stage start and end)
     # the preset's lab settings, a nested mapping as in the lab's YAML ({ppo: {steps: 10}, model: tiny}),
     # applied to every stage before the command line's lab overrides
     lab: dict[str, Any] = field(default_factory=dict)

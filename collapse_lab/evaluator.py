@@ -568,7 +568,8 @@ def run(cfg: DictConfig, loaded: Optional[Loaded] = None) -> dict:
         tmp.unlink(missing_ok=True)
     if cfg.plots:
         plot_suite(records, f"{cfg.model_path} on suite '{suite.name}'", out.with_suffix(".png"))
-    print_table(records, f"{cfg.model_path} on suite '{suite.name}' -> {out}")
+    if cfg.verbose:
+        print_table(records, f"{cfg.model_path} on suite '{suite.name}' -> {out}")
     return result
 
 

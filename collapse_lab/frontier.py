@@ -1,5 +1,5 @@
 """Curves, not points: every regime evaluated ALONG its training by the shared exact evaluator, and
-regimes compared at the SAME distance from the base (DESIGN.md, "Matched distance").
+regimes compared at the SAME distance from the base (docs/design.md, "Matched distance").
 
 Along training (`Curve`). At `curve.points` evenly spaced optimiser steps (and the last one) a
 regime's policy is evaluated on the seed prompts of the evaluation suite with the evaluator's exact

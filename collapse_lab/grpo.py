@@ -13,7 +13,7 @@ condition is E_π[A·∇log π] = β·∇KL(π‖π_ref); for a tabular policy, 
 − KL), i.e. π(a) ∝ π_ref(a)·exp(E_π[A | y = a]/β): a tilt by the expected GROUP-NORMALISED advantage, ≈
 (r(a) − E_π r)/σ_π(r) for large groups, an effective β·σ_π that shrinks as the policy concentrates (σ_π < 1:
 further from π_ref than π* ∝ π_ref·e^{r/β}). Measured through this very trainer on the bandit
-(collapse_lab/closed_forms.py, tests/test_closed_forms.py, README): on that fixed point within TV 0.006,
+(collapse_lab/closed_forms.py, tests/test_closed_forms.py, docs/regimes.md): on that fixed point within TV 0.006,
 0.15-0.16 from π*.
 """
 

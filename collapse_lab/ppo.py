@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, get_scheduler
 
 from collapse_lab import tracking
+from collapse_lab.console import progress_bars
 from collapse_lab.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.checkpoint import publish, read_manifest, write_manifest
 from collapse_lab.config import ConfigError, run_dir
@@ -255,7 +256,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
 
     run.start(resume=True, base_path=base)  # after every input is checked: rejected input leaves no run directory
     metrics_file = out / "metrics.jsonl"
-    bar = tqdm(total=p.steps, initial=progress.step, desc=f"ppo {out.name}", disable=not accelerator.is_main_process)
+    bar = tqdm(total=p.steps, initial=progress.step, desc=f"ppo {out.name}", disable=not (accelerator.is_main_process and progress_bars()))
     started = time.time() - progress.wall_time_s
     while progress.step < p.steps:
         step_start = time.time()

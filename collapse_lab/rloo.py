@@ -10,8 +10,8 @@ RLOOTrainer (plumbing: collapse_lab/trl_online.py). One step:
     4. update    one gradient step on −A_i·ρ_i, ρ the (clipped) sequence importance ratio (1 on-policy)
 
 Fixed point: with the KL in the reward the expected gradient is ∇(E[r] − β·KL(π‖π_ref)), so RLOO
-converges to π*(y) ∝ π_ref(y)·e^{r(y)/β}, as KL-penalised PPO (REFERENCES.md; measured on the bandit:
-tests/test_closed_forms.py, README).
+converges to π*(y) ∝ π_ref(y)·e^{r(y)/β}, as KL-penalised PPO (docs/references.md; measured on the bandit:
+tests/test_closed_forms.py, docs/regimes.md).
 """
 
 from __future__ import annotations

@@ -267,7 +267,7 @@ def distinct_rows(r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
 
     A collapsing policy repeats its answers (a rollout over a few seed prompts holds each sequence many
     times), and equal sequences have equal logits, values and gradients: a forward over `take(r, first)`,
-    indexed by `inverse`, equals the forward over every row (used by the no-gradient forwards: README, PPO
+    indexed by `inverse`, equals the forward over every row (used by the no-gradient forwards: docs/ppo.md, PPO
     speed)."""
     inverse = torch.unique(torch.cat([r.input_ids, r.attention_mask], 1), dim=0, return_inverse=True)[1]
     rows = torch.arange(len(inverse), device=inverse.device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from collapse_lab import tracking
+from collapse_lab.console import progress_bars
 from collapse_lab.models import default_device, trainer_precision
 from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
                                      start_run, write_manifest)
@@ -206,7 +206,7 @@ def hf_args(cls, cfg: DictConfig, out: Path, *, seed: int, lr: float, batch_size
     base = dict(output_dir=str(Path(out) / "trainer"), learning_rate=lr, per_device_train_batch_size=batch_size,
                 save_strategy="no", report_to=tracking.report_to(cfg), run_name=Path(out).name, seed=seed,
                 data_seed=seed, use_cpu=device() == "cpu", dataloader_pin_memory=False,
-                disable_tqdm=not os.isatty(1),
+                disable_tqdm=not progress_bars(),
                 # the config's mixed precision, never the library's default (TRL's configs: bf16 autocast, on
                 # CPUs too, ~7x slower there, and left in accelerate's process-wide state for the next stage)
                 **trainer_precision(cfg))

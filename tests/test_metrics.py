@@ -33,7 +33,7 @@ def test_entropy_upper_bound_is_entropy_of_uniform_fill():
 
 @pytest.mark.parametrize("kl,bound", [(0.01, 0.58), (0.1, 1.56), (0.5, 3.0), (1.0, 3.86)])
 def test_fannes_bound_from_kl_matches_references(kl, bound):
-    """REFERENCES.md: d = 101, |ΔH| ≤ T log(d−1) + h(T), T = √(KL/2)."""
+    """docs/references.md: d = 101, |ΔH| ≤ T log(d−1) + h(T), T = √(KL/2)."""
     assert M.fannes_entropy_bound(M.pinsker_tv_bound(kl), 101) == pytest.approx(bound, abs=0.01)
 
 

@@ -1,0 +1,32 @@
+"""The console: what a person sees while the lab runs, in one place.
+
+- A stage says one line when it starts and one when it ends, in any output (a terminal or a file),
+  flushed at once (`say`): a log written to a file reads like the terminal, and in time.
+- Progress bars only on a terminal (`progress_bars`), and only the outermost command's: the ablation
+  draws one bar for the whole run and turns its stages' own bars off (`quiet_stage_bars`), so bars of
+  two worker processes never interleave.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+STAGE_BARS = "COLLAPSE_LAB_STAGE_BARS"  # "0": the stages' own progress bars off (inherited by worker processes)
+
+
+def progress_bars() -> bool:
+    """Whether a stage may draw a progress bar: stdout is a terminal and no outer command owns the console."""
+    return sys.stdout.isatty() and os.environ.get(STAGE_BARS, "1") != "0"
+
+
+def quiet_stage_bars() -> None:
+    """An outer command (the ablation) owns the console: its stages, in this process and in the worker
+    processes it starts from now on, draw no bars of their own."""
+    os.environ[STAGE_BARS] = "0"
+
+
+def say(line: str) -> None:
+    """One line to stdout, written and flushed at once (one write: lines of two processes do not mix)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
