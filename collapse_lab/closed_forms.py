@@ -66,7 +66,7 @@ def base_policy(out: Path) -> tuple[str, torch.Tensor]:
 def _common(out: Path, lr: float, batch: int, seed: int) -> dict:
     return dict(output_dir=str(out / "trainer"), learning_rate=lr, per_device_train_batch_size=batch, seed=seed,
                 data_seed=seed, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=10,
-                dataloader_pin_memory=False, max_grad_norm=0.0, gradient_checkpointing=False,
+                dataloader_pin_memory=False, max_grad_norm=0.0, activation_checkpointing=False,
                 bf16=False, fp16=False)  # TRL's default bf16 autocast would round the table's logits
 
 

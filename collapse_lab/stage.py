@@ -207,6 +207,9 @@ def hf_args(cls, cfg: DictConfig, out: Path, *, seed: int, lr: float, batch_size
                 save_strategy="no", report_to=tracking.report_to(cfg), run_name=Path(out).name, seed=seed,
                 data_seed=seed, use_cpu=device() == "cpu", dataloader_pin_memory=False,
                 disable_tqdm=not progress_bars(),
+                # TRL's configs turn activation checkpointing on by default through its deprecated name
+                # (`gradient_checkpointing`, a FutureWarning per stage); the lab's models are small: off, by its new name
+                activation_checkpointing=False,
                 # the config's mixed precision, never the library's default (TRL's configs: bf16 autocast, on
                 # CPUs too, ~7x slower there, and left in accelerate's process-wide state for the next stage)
                 **trainer_precision(cfg))
