@@ -39,6 +39,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ from transformers import AutoModelForTokenClassification, get_scheduler
 from collapse_lab import tracking
 from collapse_lab.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.checkpoint import publish, read_manifest, write_manifest
-from collapse_lab.config import ConfigError, run_dir
+from collapse_lab.config import COUNT, NONNEG, POSITIVE, SHARE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.models import DTYPES, add_lora, load_pretrained, mixed_precision
 from collapse_lab.evaluator import answer_distribution
@@ -60,7 +61,7 @@ from collapse_lab.frontier import Curve, schedule
 from collapse_lab.optimum import answer_optimum, optimum_tv
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward
-from collapse_lab.stage import Run, ratings_budget, stage_function
+from collapse_lab.stage import BASE, ONLINE, REWARD, Run, Stage, online_rating_budget, ratings_budget, stage_function
 from collapse_lab.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate_by_length, length_chunks,
                                   packed_response_logits, packs, position_ids, response_logits, select, token_logprobs,
                                   width)
@@ -69,20 +70,94 @@ from collapse_lab.world import make_world
 STAGE = "ppo"
 
 
-def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
-    """What a PPO run depends on (its directory's hash)."""
-    keys = ("seed", "base_path", "model", "peft", "world", "reward", "ppo", "curve")
-    if not cfg.base_path and not cfg.model.path:
-        keys += ("pretrain",)  # the lab's own base is made from these
-    if cfg.reward == "rm":
-        keys += ("reward_model_path",) if cfg.reward_model_path else ("ratings", "reward_model")
-    return keys
+@dataclass
+class PPOSection:
+    """Classic RLHF PPO (Ziegler et al. 2019; Huang et al. 2024); names as in the N+ details."""
+
+    # The defaults spend a 10-minute CPU run on RATINGS: how close PPO gets to its objective's optimum is set
+    # by how many noisy ratings it has seen (the rater's noise leaves each answer's mean score known to
+    # σ/√n), so one epoch over large batches of many completions per prompt (cheap: each prompt's prefix is
+    # computed once) beats more epochs over fewer samples (README: PPO, the information limit); 1000 steps:
+    # about the ratings the README table's hardest row needs, within a 10-minute run of the tiny base on
+    # 2 CPU cores (README: PPO, wall time)
+    steps: int = ranged(1000, COUNT)
+    rollout_batch_size: int = ranged(256, COUNT)  # completions per step (over all processes)
+    # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
+    # reference and update forwards); the prompts still come from the world's training distribution
+    samples_per_prompt: int = ranged(8, COUNT)
+    minibatch_size: int = ranged(64, COUNT)
+    micro_batch_size: int = ranged(32, COUNT)  # sequences per forward/backward (per process); gradients accumulate to a minibatch
+    # completions sampled together (per process), in chunks of similar prompt length. On the packed path
+    # (rollout.packs) a chunk pays no padding and an ended completion no compute, so fewer, larger forwards
+    # are faster (README: PPO, speed); on the cache path each row pays its chunk's longest prompt
+    generation_batch_size: int = ranged(256, COUNT)
+    ppo_epochs: int = ranged(1, COUNT)
+    lr: float = ranged(1e-4, POSITIVE)  # the policy's, for the tiny base (annealed to 0); real models want ~1e-6..1e-5
+    # the value model's or head's (None: lr). Adam's step is ~lr whatever vf_coef, and a fresh
+    # scalar head at 5e-5 needs ~100 steps to reach returns of ~6: hence its own, larger rate
+    value_lr: Optional[float] = ranged(1e-3, POSITIVE)
+    kl_coef: float = ranged(0.1, NONNEG)  # beta: per-token -beta * (log pi - log pi_base) in the reward
+    adaptive_kl: bool = False
+    kl_target: float = ranged(6.0, POSITIVE)
+    # samples over which β may move by a factor ~e^0.2. None: a tenth of the run's samples
+    # (steps·rollout_batch_size/10), so β can move up to e^{±2} over a run and at most 2/steps per
+    # step in log — slow next to the policy's own response, which a fixed horizon is not for every
+    # batch size and length (Ziegler et al.'s 10000 was for runs of millions of episodes)
+    kl_horizon: Optional[int] = ranged(None, COUNT)
+    ent_coef: float = ranged(0.0, NONNEG)  # alpha: entropy bonus
+    # reward: −α·log π(y_t) per token in the reward (the k1 estimator of α·H over whole completions:
+    # the sequence-level optimum is π_ref^(β/(α+β))·e^{r/(α+β)}); loss: CleanRL's −α·H(π(·|s_t)) loss
+    # term over the full vocabulary (no credit for later tokens' entropy: not that optimum)
+    entropy_bonus: str = one_of("reward", "reward", "loss")
+    # the KL penalty's estimator. k1: −β·(log π(y_t) − log π_ref(y_t)) of each sampled token in the reward.
+    # analytic: the exact KL(π(·|s)‖π_ref(·|s)) over the vocabulary at each visited state s_t, with the
+    # exact gradient of E[Σ_t KL_t]: the later states' KL in the reward (the score-function part) and
+    # β·KL_t(θ) as a loss term (the direct part, scaled like the advantages). Same objective and optimum,
+    # every token of a visited state pulled back each time (README: PPO).
+    # blend: k1 at the prompt's state, c·k1 + (1 − c)·analytic at every later state, c = kl_blend (ppo.k1_shares).
+    # Each mix is an unbiased gradient of the same β·KL. k1 keeps a control variate analytic lacks (at π*,
+    # r − β·log π/π_ref = β·log Z for every answer: no gradient noise left, and Adam needs none to settle);
+    # the exact term restores a token no sample draws at a later state (k1 cannot: a path PPO closed stays closed)
+    # (README: PPO, `ppo.kl_estimator=blend`). Except k1, each keeps the reference's and π_old's next-token
+    # distributions at every response state of the rollout (B·Tr·V floats each): with a large vocabulary and
+    # long answers, use k1
+    kl_estimator: str = one_of("blend", "k1", "analytic", "blend")
+    kl_blend: float = ranged(0.0, SHARE)  # c, k1's share at the later states under kl_estimator=blend (1: k1, 0: analytic)
+    # c: + c·KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the whole vocabulary at each visited state in the loss (on the
+    # whitened advantages' scale), beside the ratio clip: a trust region that also holds the tokens NOT
+    # sampled at s_t (the ratio clip binds only on sampled ones) and a likely token whose ratio cannot reach
+    # 1 + clip_range. Its gradient is 0 at π_θ = π_old: the objective's optimum is unchanged
+    # (Schulman et al. 2017's KL-penalty PPO, exact over the vocabulary; 0: off)
+    trust_region_coef: float = ranged(0.0, NONNEG)
+    center_scores: bool = True  # subtract the base's mean score (the first rollout's): same optimum
+    gamma: float = ranged(1.0, SHARE)
+    # GAE λ: 1 makes A_t = return − V(s_t), an unbiased advantage whatever the value head says; λ < 1
+    # borrows V, and an untrained V (0 at first) then credits the first token of a short answer more
+    # than that of a long one with the same score (README: the sequence bandit)
+    lam: float = ranged(1.0, SHARE)
+    clip_range: float = ranged(0.2, POSITIVE)
+    clip_range_value: float = ranged(0.2, POSITIVE)
+    vf_coef: float = ranged(0.1, NONNEG)
+    # head (default): a scalar head on the policy's DETACHED last hidden state, so the policy's
+    # update is the clipped PPO objective alone; shared: the same head with the value loss also
+    # training the trunk (TRL's old ValueHead); separate: its own trunk + head (the N+ details).
+    # head/shared read the rollout's values off generation: no value forward, no second model
+    # (benchmarks/bench_ppo.py).
+    value_model: str = one_of("head", "separate", "shared", "head")
+    whiten_advantages: bool = True
+    temperature: float = ranged(1.0, POSITIVE)
+    max_new_tokens: int = ranged(8, COUNT)
+    missing_eos_penalty: float = ranged(1.0, NONNEG)  # subtracted from the score of a completion cut off at max_new_tokens
+    anneal_lr: bool = True  # linear decay to 0 over the run (CleanRL's default)
+    max_grad_norm: float = ranged(1.0, NONNEG)  # 0 = no clipping
+    save_every: int = ranged(50, COUNT)  # steps between resumable checkpoints
+    log_every: int = ranged(1, COUNT)
 
 
 def ppo_dir(cfg: DictConfig, named: bool = True) -> Path:
     kl = "klauto" if cfg.ppo.adaptive_kl else f"kl{cfg.ppo.kl_coef:g}"
     ent = f"-ent{cfg.ppo.ent_coef:g}" if cfg.ppo.ent_coef else ""
-    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-{kl}{ent}-s{cfg.seed}", named)
+    return run_dir(cfg, STAGE, REGIME.keys(cfg), f"{cfg.model.name}-{cfg.world.name}-{kl}{ent}-s{cfg.seed}", named)
 
 
 @dataclass
@@ -605,3 +680,10 @@ def _fail(out: Path, accelerator: Accelerator, message: str):
     if accelerator.is_main_process:
         write_manifest(out, {**(read_manifest(out) or {}), "status": "failed", "error": message})
     raise FloatingPointError(message)
+
+
+# the regime's one declaration (collapse_lab/stage.py): the registry names an entry per recipe of kind ppo (kl0,
+# kl0.1, klauto, ent0.01, ...); its run directory's keys: the base, the world, the seed, the reward, this section,
+# LoRA and curve
+REGIME = Stage(STAGE, train_ppo, section=STAGE, schema=PPOSection, consumes=(BASE, REWARD), group=ONLINE,
+               rating_budget=online_rating_budget(STAGE), kl_key="ppo.kl_coef", adaptive_kl_key="ppo.adaptive_kl")
