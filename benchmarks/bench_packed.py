@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from collapse_lab import registry  # noqa: F401 (registers the regimes' config sections)
 from collapse_lab.config import compose
 from collapse_lab.models import load_pretrained
 from collapse_lab.pretrain import resolve_base

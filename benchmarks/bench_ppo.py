@@ -44,6 +44,7 @@ import time
 
 import torch
 
+from collapse_lab import registry  # noqa: F401 (registers the regimes' config sections)
 from collapse_lab.config import compose
 
 KL_COEF = 0.1

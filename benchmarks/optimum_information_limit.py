@@ -30,6 +30,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from collapse_lab import registry  # noqa: F401 (registers the regimes' config sections)
 from collapse_lab.config import compose
 from collapse_lab.frontier import Curve
 from collapse_lab.models import load_pretrained

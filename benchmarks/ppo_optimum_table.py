@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from collapse_lab import evaluator
 from collapse_lab.checkpoint import read_manifest
+from collapse_lab import registry  # noqa: F401 (registers the regimes' config sections)
 from collapse_lab.config import compose
 
 

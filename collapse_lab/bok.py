@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from collapse_lab.checkpoint import publish
 from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.pretrain import resolve_base
-from collapse_lab.stage import run_stage
+from collapse_lab.stage import BASE, SELECTION, Stage, run_stage
 from collapse_lab.world import make_world
 
 STAGE = "bok"
@@ -75,14 +75,8 @@ def answer_best_of_k(answer_probs, answer_scores, k: int, other_score: float = -
 # ---------------------------------------------------------------------------- the regime
 
 
-def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
-    """What a best-of-k policy depends on: the base, the world (its rater), k."""
-    keys = ("base_path", "model", "world", "ratings.samples_per_prompt")
-    return keys + (("pretrain",) if not cfg.base_path and not cfg.model.path else ())
-
-
 def bok_dir(cfg: DictConfig, named: bool = True) -> Path:
-    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-bo{cfg.ratings.samples_per_prompt}",
+    return run_dir(cfg, STAGE, REGIME.keys(cfg), f"{cfg.model.name}-{cfg.world.name}-bo{cfg.ratings.samples_per_prompt}",
                    named)
 
 
@@ -136,3 +130,9 @@ def load_policy(path: str) -> Optional[BestOfK]:
     """The best-of-k policy a directory holds, or None for an ordinary model."""
     spec = Path(path) / SPEC
     return BestOfK(json.loads(spec.read_text())) if spec.is_file() else None
+
+
+# the regime's one declaration (collapse_lab/stage.py): no section of its own (k is the ratings' k, FeedME's),
+# not seeded (exact), no training ratings; its keys: the base, the world (its rater), k
+REGIME = Stage(STAGE, make_bok, recipe=STAGE, consumes=(BASE,), produces="sampler", group=SELECTION,
+               rating_budget=lambda cfg: 0, seeded=False, reads=("ratings.samples_per_prompt",))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
-import importlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -167,108 +167,6 @@ class RewardModelConfig:
 
 
 @dataclass
-class SFTConfig:
-    """FeedME: keep the top-rated of each prompt's k rated samples, cross-entropy on them.
-
-    select=random is FeedME's finite-sample CONTROL (recipe sft-random): per prompt, as many of its k
-    samples as `top` keeps, drawn uniformly at random (seeded) regardless of score, i.e. SFT on as many
-    unselected base samples, from the same ratings (the same rating budget).
-    """
-
-    keep_top: int = 1
-    min_score: Optional[float] = None  # also require score >= this (e.g. 7: only 7/7 samples)
-    select: str = "top"  # top | random (the control: scores ignored, only the count per prompt kept)
-    rounds: int = 1  # iterated FeedME: sample from the current model, rate, keep best, again
-    epochs: int = 1
-    lr: float = 1e-4
-    batch_size: int = 32
-
-
-@dataclass
-class PPOConfig:
-    """Classic RLHF PPO (Ziegler et al. 2019; Huang et al. 2024); names as in the N+ details."""
-
-    # The defaults spend a 10-minute CPU run on RATINGS: how close PPO gets to its objective's optimum is set
-    # by how many noisy ratings it has seen (the rater's noise leaves each answer's mean score known to
-    # σ/√n), so one epoch over large batches of many completions per prompt (cheap: each prompt's prefix is
-    # computed once) beats more epochs over fewer samples (README: PPO, the information limit); 1000 steps:
-    # about the ratings the README table's hardest row needs, within a 10-minute run of the tiny base on
-    # 2 CPU cores (README: PPO, wall time)
-    steps: int = 1000
-    rollout_batch_size: int = 256  # completions per step (over all processes)
-    # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
-    # reference and update forwards); the prompts still come from the world's training distribution
-    samples_per_prompt: int = 8
-    minibatch_size: int = 64
-    micro_batch_size: int = 32  # sequences per forward/backward (per process); gradients accumulate to a minibatch
-    # completions sampled together (per process), in chunks of similar prompt length. On the packed path
-    # (rollout.packs) a chunk pays no padding and an ended completion no compute, so fewer, larger forwards
-    # are faster (README: PPO, speed); on the cache path each row pays its chunk's longest prompt
-    generation_batch_size: int = 256
-    ppo_epochs: int = 1
-    lr: float = 1e-4  # the policy's, for the tiny base (annealed to 0); real models want ~1e-6..1e-5
-    # the value model's or head's (None: lr). Adam's step is ~lr whatever vf_coef, and a fresh
-    # scalar head at 5e-5 needs ~100 steps to reach returns of ~6: hence its own, larger rate
-    value_lr: Optional[float] = 1e-3
-    kl_coef: float = 0.1  # beta: per-token -beta * (log pi - log pi_base) in the reward
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    # samples over which β may move by a factor ~e^0.2. None: a tenth of the run's samples
-    # (steps·rollout_batch_size/10), so β can move up to e^{±2} over a run and at most 2/steps per
-    # step in log — slow next to the policy's own response, which a fixed horizon is not for every
-    # batch size and length (Ziegler et al.'s 10000 was for runs of millions of episodes)
-    kl_horizon: Optional[int] = None
-    ent_coef: float = 0.0  # alpha: entropy bonus
-    # reward: −α·log π(y_t) per token in the reward (the k1 estimator of α·H over whole completions:
-    # the sequence-level optimum is π_ref^(β/(α+β))·e^{r/(α+β)}); loss: CleanRL's −α·H(π(·|s_t)) loss
-    # term over the full vocabulary (no credit for later tokens' entropy: not that optimum)
-    entropy_bonus: str = "reward"
-    # the KL penalty's estimator. k1: −β·(log π(y_t) − log π_ref(y_t)) of each sampled token in the reward.
-    # analytic: the exact KL(π(·|s)‖π_ref(·|s)) over the vocabulary at each visited state s_t, with the
-    # exact gradient of E[Σ_t KL_t]: the later states' KL in the reward (the score-function part) and
-    # β·KL_t(θ) as a loss term (the direct part, scaled like the advantages). Same objective and optimum,
-    # every token of a visited state pulled back each time (README: PPO).
-    # blend: k1 at the prompt's state, c·k1 + (1 − c)·analytic at every later state, c = kl_blend (ppo.k1_shares).
-    # Each mix is an unbiased gradient of the same β·KL. k1 keeps a control variate analytic lacks (at π*,
-    # r − β·log π/π_ref = β·log Z for every answer: no gradient noise left, and Adam needs none to settle);
-    # the exact term restores a token no sample draws at a later state (k1 cannot: a path PPO closed stays closed)
-    # (README: PPO, `ppo.kl_estimator=blend`). Except k1, each keeps the reference's and π_old's next-token
-    # distributions at every response state of the rollout (B·Tr·V floats each): with a large vocabulary and
-    # long answers, use k1
-    kl_estimator: str = "blend"
-    kl_blend: float = 0.0  # c, k1's share at the later states under kl_estimator=blend (1: k1, 0: analytic)
-    # c: + c·KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the whole vocabulary at each visited state in the loss (on the
-    # whitened advantages' scale), beside the ratio clip: a trust region that also holds the tokens NOT
-    # sampled at s_t (the ratio clip binds only on sampled ones) and a likely token whose ratio cannot reach
-    # 1 + clip_range. Its gradient is 0 at π_θ = π_old: the objective's optimum is unchanged
-    # (Schulman et al. 2017's KL-penalty PPO, exact over the vocabulary; 0: off)
-    trust_region_coef: float = 0.0
-    center_scores: bool = True  # subtract the base's mean score (the first rollout's): same optimum
-    gamma: float = 1.0
-    # GAE λ: 1 makes A_t = return − V(s_t), an unbiased advantage whatever the value head says; λ < 1
-    # borrows V, and an untrained V (0 at first) then credits the first token of a short answer more
-    # than that of a long one with the same score (README: the sequence bandit)
-    lam: float = 1.0
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    # head (default): a scalar head on the policy's DETACHED last hidden state, so the policy's
-    # update is the clipped PPO objective alone; shared: the same head with the value loss also
-    # training the trunk (TRL's old ValueHead); separate: its own trunk + head (the N+ details).
-    # head/shared read the rollout's values off generation: no value forward, no second model
-    # (benchmarks/bench_ppo.py).
-    value_model: str = "head"
-    whiten_advantages: bool = True
-    temperature: float = 1.0
-    max_new_tokens: int = 8
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a completion cut off at max_new_tokens
-    anneal_lr: bool = True  # linear decay to 0 over the run (CleanRL's default)
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    save_every: int = 50  # steps between resumable checkpoints
-    log_every: int = 1
-
-
-@dataclass
 class WandbConfig:
     mode: str = "offline"  # online | offline | disabled; offline needs no account
     project: str = "collapse-lab"
@@ -285,6 +183,16 @@ class CurveConfig:
     reward=gold) the TV to the run's own optimum. The points are rows of the run's metrics.jsonl."""
 
     points: int = 8
+
+
+@dataclass
+class RegimeConfig:
+    """What a recipe (recipes/recipe/<name>.yaml) declares about itself: `kind`, the regime module it configures
+    (collapse_lab/registry.py maps recipes to modules by it; an entry point given another kind's recipe stops,
+    exit 2), and, for a control, `control_of`: the regime whose collapse call also needs a drop below it."""
+
+    kind: Optional[str] = None
+    control_of: Optional[str] = None
 
 
 @dataclass
@@ -308,9 +216,8 @@ class LabConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     ratings: RatingsConfig = field(default_factory=RatingsConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -421,10 +328,6 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig, "ablate": AblateConfig}
 # String fields with a closed set of values (checked after composition).
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
-    "ppo.value_model": ("separate", "shared", "head"),
-    "ppo.entropy_bonus": ("reward", "loss"),
-    "ppo.kl_estimator": ("k1", "analytic", "blend"),
-    "sft.select": ("top", "random"),
     "reward": ("gold", "rm"),
     "world.answer_prior": ("uniform", "human"),  # collapse_lab/world.py ANSWER_PRIORS
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -436,7 +339,7 @@ CHOICES = {
 
 
 # Every numeric key's valid values (checked after composition, before any work). A new numeric key needs
-# an entry here: tests/test_config.py walks the schemas.
+# an entry here, or in a regime's section its field's metadata (`ranged`): tests/test_faults.py walks the schemas.
 
 
 @dataclass(frozen=True)
@@ -474,17 +377,7 @@ RANGES = {
         "ratings.max_new_tokens": COUNT, "ratings.seed": NONNEG,
         "reward_model.epochs": POSITIVE, "reward_model.lr": POSITIVE, "reward_model.batch_size": COUNT,
         "reward_model.eval_fraction": OPEN_SHARE,
-        "sft.keep_top": COUNT, "sft.min_score": ANY, "sft.rounds": COUNT, "sft.epochs": POSITIVE,
-        "sft.lr": POSITIVE, "sft.batch_size": COUNT,
-        "ppo.steps": COUNT, "ppo.rollout_batch_size": COUNT, "ppo.minibatch_size": COUNT,
-        "ppo.micro_batch_size": COUNT, "ppo.generation_batch_size": COUNT, "ppo.ppo_epochs": COUNT,
-        "ppo.lr": POSITIVE, "ppo.value_lr": POSITIVE,
-        "ppo.kl_coef": NONNEG, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG,
-        "ppo.trust_region_coef": NONNEG, "ppo.kl_blend": SHARE,
-        "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,
-        "ppo.vf_coef": NONNEG, "ppo.temperature": POSITIVE, "ppo.max_new_tokens": COUNT,
-        "ppo.missing_eos_penalty": NONNEG, "ppo.max_grad_norm": NONNEG, "ppo.save_every": COUNT,
-        "ppo.log_every": COUNT, "ppo.samples_per_prompt": COUNT, "curve.points": NONNEG, "world.max_tokens": COUNT,
+        "curve.points": NONNEG, "world.max_tokens": COUNT,
     },
     "evaluate": {
         "batch_size": COUNT, "seed": NONNEG, "sampling.n": NONNEG, "sampling.temperature": POSITIVE,
@@ -499,29 +392,67 @@ RANGES = {
 }
 
 
-def extend_schema(sections: dict[str, type], ranges: dict[str, Range], choices: dict[str, tuple]) -> None:
-    """Regimes that bring their own config section (a dataclass in the regime's file, declared in its
-    registry entry) join the lab's schema here: LabConfig + one field per section, their numeric keys'
-    ranges and closed choices. Called once, by collapse_lab/registry.py when it loads."""
-    new = {k: v for k, v in sections.items() if k not in {f.name for f in dataclasses.fields(SCHEMAS["lab"])}}
-    if new:
-        SCHEMAS["lab"] = dataclasses.make_dataclass(
-            "LabConfig", [(k, v, field(default_factory=v)) for k, v in new.items()], bases=(SCHEMAS["lab"],))
-    RANGES["lab"].update(ranges)
-    CHOICES.update(choices)
+def ranged(default: Any, valid: Range) -> Any:
+    """A numeric field of a section with its valid values, checked after composition:
+    `steps: int = ranged(100, COUNT)` (the regimes' sections carry their ranges this way)."""
+    return field(default=default, metadata={"range": valid})
 
 
-def _schema(config_name: str) -> type:
-    """The schema of `config_name`; for "lab", with the registered regimes' sections: the registry (which
-    imports every regime module, each importing this one) is loaded by name on first use, so that
-    config.py itself imports no stage and a recipe of any registered regime composes anywhere."""
-    if config_name == "lab" and "collapse_lab.registry" not in sys.modules:
-        importlib.import_module("collapse_lab.registry")
-    return SCHEMAS[config_name]
+def one_of(default: str, *choices: str) -> Any:
+    """A string field with a closed set of values: `loss_type: str = one_of("sigmoid", "sigmoid", "ipo")`."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def _field_rules(schema: type, kind: str, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: its fields' `kind` metadata ("range" or "choices")} over a dataclass schema, recursively."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        if kind in f.metadata:
+            out[prefix + f.name] = f.metadata[kind]
+        elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            out.update(_field_rules(f.default_factory, kind, f"{prefix}{f.name}."))
+    return out
+
+
+# The regimes' own config sections (cfg.<name>: a dataclass in the regime's module, its fields' ranges and
+# choices in their metadata). The registry (collapse_lab/registry.py) registers them: configuration, the
+# ground floor, imports no regime.
+SECTIONS: dict[str, type] = {}
+
+
+def register_sections(sections: dict[str, type]) -> None:
+    """Add regime sections to the lab's schema (collapse_lab/registry.py, once, when it loads)."""
+    SECTIONS.update(sections)
+
+
+def schema(config_name: str) -> type:
+    """The schema of `config_name`; for "lab", LabConfig with one field per registered regime section."""
+    if config_name != "lab":
+        return SCHEMAS[config_name]
+    if not SECTIONS:
+        raise RuntimeError("no regime config section is registered: import collapse_lab.registry (it collects "
+                           "the regimes and registers their sections) before composing a lab config")
+    return _lab_schema(tuple(SECTIONS.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _lab_schema(sections: tuple[tuple[str, type], ...]) -> type:
+    return dataclasses.make_dataclass("LabConfig", [(k, v, field(default_factory=v)) for k, v in sections],
+                                      bases=(LabConfig,))
+
+
+def ranges(config_name: str) -> dict[str, Range]:
+    """Every numeric key's valid values: RANGES (the lab-level sections) and the regime sections' metadata."""
+    return {**RANGES[config_name], **_field_rules(schema(config_name), "range")}
+
+
+def choices(config_name: str) -> dict[str, tuple]:
+    """Every closed-choice key's values: CHOICES and the regime sections' metadata."""
+    return {**CHOICES, **_field_rules(schema(config_name), "choices")}
 
 
 def _check_ranges(cfg: DictConfig, config_name: str) -> None:
-    for key, valid in RANGES[config_name].items():
+    for key, valid in ranges(config_name).items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not isinstance(value, bool) and value not in valid:
             raise ConfigError(f"{key} must be {valid}, got {value}")
@@ -571,8 +502,8 @@ def _check_overrides(schema: DictConfig, overrides: list[str], groups: tuple[str
             _check_key(schema, key)
 
 
-def _check_choices(cfg: DictConfig) -> None:
-    for key, valid in CHOICES.items():
+def _check_choices(cfg: DictConfig, config_name: str) -> None:
+    for key, valid in choices(config_name).items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in valid:
             raise ConfigError(f"bad value '{value}' for '{key}'; valid choices: {', '.join(valid)}")
@@ -597,9 +528,9 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
 
     if config_name not in SCHEMAS:
         raise ConfigError(f"unknown config '{config_name}'; valid choices: {', '.join(SCHEMAS)}")
-    schema = OmegaConf.structured(_schema(config_name))
-    _check_overrides(schema, overrides, GROUPS if config_name == "lab" else ())
-    ConfigStore.instance().store(name=f"{config_name}_schema", node=_schema(config_name))
+    structured = OmegaConf.structured(schema(config_name))
+    _check_overrides(structured, overrides, GROUPS if config_name == "lab" else ())
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema(config_name))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
@@ -615,7 +546,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         if isinstance(e, MissingMandatoryValue):
             raise ConfigError(f"missing required key '{e.full_key}' (give it as {e.full_key}=...)") from None
         raise ConfigError(_one_line(e)) from None
-    _check_choices(cfg)
+    _check_choices(cfg, config_name)
     _check_ranges(cfg, config_name)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)

@@ -29,11 +29,10 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab import tracking
-from collapse_lab.config import POSITIVE, ConfigError, Range, run_dir
+from collapse_lab.config import COUNT, POSITIVE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.frontier import Curve, callbacks
 from collapse_lab.models import add_lora, load_pretrained
 from collapse_lab.ratings import load_ratings, start_on_ratings
-from collapse_lab.ratings import stage_keys as ratings_keys
 from collapse_lab.stage import (BASE, OFFLINE, RATINGS, Run, Stage, device, hf_args, ratings_budget, save_policy,
                                 stage_function)
 from collapse_lab.world import make_world
@@ -45,21 +44,17 @@ STAGE = "dpo"
 class DPOSection:
     """`dpo.*`: β (the KL coefficient of the implied objective; IPO's τ), the loss, the optimiser."""
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
-    epochs: float = 3.0
-    lr: float = 1e-4
-    batch_size: int = 32  # pairs per step
-
-
-def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
-    return ratings_keys(cfg) + ("peft", "dpo", "curve")
+    beta: float = ranged(0.1, POSITIVE)
+    loss_type: str = one_of("sigmoid", "sigmoid", "ipo")  # sigmoid (DPO) | ipo
+    epochs: float = ranged(3.0, POSITIVE)
+    lr: float = ranged(1e-4, POSITIVE)
+    batch_size: int = ranged(32, COUNT)  # pairs per step
 
 
 def dpo_dir(cfg: DictConfig, named: bool = True) -> Path:
     d = cfg.dpo
     kind = "ipo" if d.loss_type == "ipo" else "dpo"
-    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-{kind}{d.beta:g}-s{cfg.seed}", named)
+    return run_dir(cfg, STAGE, REGIME.keys(cfg), f"{cfg.model.name}-{cfg.world.name}-{kind}{d.beta:g}-s{cfg.seed}", named)
 
 
 def preference_pairs(ratings: Dataset) -> tuple[list[tuple[int, int]], int]:
@@ -139,8 +134,7 @@ def train_dpo(cfg: DictConfig, run: Run) -> None:
           f"{trainer.state.global_step} steps")
 
 
-# the registry's template (collapse_lab/registry.py names one entry per recipe: dpo0.1, dpo0.5, ipo0.1)
-REGIME = Stage(STAGE, train_dpo, section="dpo", schema=DPOSection, consumes=(BASE, RATINGS), group=OFFLINE,
-               rating_budget=ratings_budget, kl_key="dpo.beta",
-               ranges={"dpo.beta": POSITIVE, "dpo.epochs": POSITIVE, "dpo.lr": POSITIVE, "dpo.batch_size": Range(1)},
-               choices={"dpo.loss_type": ("sigmoid", "ipo")})
+# the regime's one declaration (collapse_lab/stage.py): the registry names an entry per recipe of kind dpo
+# (dpo0.1, dpo0.5, ipo0.1); its run directory's keys: the ratings', this section, LoRA, curve
+REGIME = Stage(STAGE, train_dpo, section=STAGE, schema=DPOSection, consumes=(BASE, RATINGS), group=OFFLINE,
+               rating_budget=ratings_budget, kl_key="dpo.beta")

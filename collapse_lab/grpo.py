@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from collapse_lab.rloo import ranges
+from collapse_lab.config import COUNT, NONNEG, POSITIVE, one_of, ranged
 from collapse_lab.stage import BASE, ONLINE, REWARD, Stage, online_rating_budget
 from collapse_lab.trl_online import train_online
 
@@ -35,29 +35,28 @@ STAGE = "grpo"
 class GRPOSection:
     """`grpo.*`, named as PPO's where they mean the same."""
 
-    steps: int = 100
-    rollout_batch_size: int = 64  # completions per step
-    samples_per_prompt: int = 4  # G: the group
-    kl_coef: float = 0.1  # β: the k3 KL in the loss (TRL's beta; TRL's own default is 0)
-    scale_rewards: str = "group"  # group (Shao et al.) | batch | none (Dr. GRPO)
-    loss_type: str = "grpo"  # grpo (per-sequence token mean, Shao et al.) | dapo | dr_grpo (TRL's)
-    lr: float = 1e-4
-    temperature: float = 1.0
-    max_new_tokens: int = 8
-    missing_eos_penalty: float = 1.0
+    steps: int = ranged(100, COUNT)
+    rollout_batch_size: int = ranged(64, COUNT)  # completions per step
+    samples_per_prompt: int = ranged(4, COUNT)  # G: the group
+    kl_coef: float = ranged(0.1, NONNEG)  # β: the k3 KL in the loss (TRL's beta; TRL's own default is 0)
+    scale_rewards: str = one_of("group", "group", "batch", "none")  # group (Shao et al.) | batch | none (Dr. GRPO)
+    loss_type: str = one_of("grpo", "grpo", "dapo", "dr_grpo")  # grpo (per-sequence token mean, Shao et al.) | dapo | dr_grpo (TRL's)
+    lr: float = ranged(1e-4, POSITIVE)
+    temperature: float = ranged(1.0, POSITIVE)
+    max_new_tokens: int = ranged(8, COUNT)
+    missing_eos_penalty: float = ranged(1.0, NONNEG)
     anneal_lr: bool = True
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, NONNEG)
 
 
 def train_grpo(cfg: DictConfig, named: bool = True) -> Path:
     from trl import GRPOConfig, GRPOTrainer  # optional heavy dependency: loaded by the stages that train
 
     g = cfg.grpo
-    return train_online(cfg, named, STAGE, GRPOTrainer, GRPOConfig, scale_rewards=g.scale_rewards,
+    return train_online(cfg, named, REGIME, GRPOTrainer, GRPOConfig, scale_rewards=g.scale_rewards,
                         loss_type=g.loss_type)
 
 
-# the registry's template (collapse_lab/registry.py names one entry per recipe)
+# the regime's one declaration (collapse_lab/stage.py): the registry names an entry per recipe of kind grpo
 REGIME = Stage(STAGE, train_grpo, section=STAGE, schema=GRPOSection, consumes=(BASE, REWARD), group=ONLINE,
-               rating_budget=online_rating_budget(STAGE), kl_key="grpo.kl_coef", ranges=ranges(STAGE),
-               choices={"grpo.scale_rewards": ("group", "batch", "none"), "grpo.loss_type": ("grpo", "dapo", "dr_grpo")})
+               rating_budget=online_rating_budget(STAGE), kl_key="grpo.kl_coef")

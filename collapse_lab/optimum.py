@@ -33,6 +33,7 @@ from scipy.special import logsumexp
 
 from collapse_lab import metrics
 from collapse_lab.checkpoint import read_manifest
+from collapse_lab.world import make_world
 
 
 def log_optimum(log_p0: np.ndarray, scores: np.ndarray, beta: float, alpha: float = 0.0) -> Optional[np.ndarray]:
@@ -96,7 +97,7 @@ def run_objective(model_path: str) -> Optional[dict]:
     cfg = OmegaConf.load(path / "config.yaml")
     beta = float((manifest.get("final") or {}).get("objective/kl_coef", cfg.ppo.kl_coef))
     alpha = float(cfg.ppo.ent_coef)
-    if beta + alpha == 0 or cfg.world.name == "bandit":
+    if beta + alpha == 0 or make_world(cfg.world).reward_table is not None:  # a bandit: its own exact checks
         return None
     return {"beta": beta, "alpha": alpha, "reward": cfg.reward, "world": cfg.world}
 

@@ -35,28 +35,23 @@ from collapse_lab.models import autocast, load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rollout import generate
 from collapse_lab.tokenizer import encode_texts
-from collapse_lab.stage import device, run_stage
+from collapse_lab.stage import BASE, RATINGS, Stage, device, ratings_budget, run_stage
 from collapse_lab.world import make_world
 
 STAGE = "ratings"
 GENERATE_BATCH = 512  # sequences per generate() call
 
 
-def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
-    """What the ratings depend on (their directory's hash): the base, the world, this section."""
-    keys = ("seed", "base_path", "model", "world", "ratings")
-    return keys + (("pretrain",) if not cfg.base_path and not cfg.model.path else ())
-
-
 def ratings_dir(cfg: DictConfig, named: bool = True) -> Path:
     r = cfg.ratings
-    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-n{r.prompts}k{r.samples_per_prompt}"
+    return run_dir(cfg, STAGE, UPSTREAM.keys(cfg), f"{cfg.model.name}-{cfg.world.name}-n{r.prompts}k{r.samples_per_prompt}"
                    f"-s{cfg.seed}", named)
 
 
 def episode_tokens(cfg: DictConfig) -> int:
-    """Tokens per sampled completion: the bandit's episodes are one token, whatever the section says."""
-    return 1 if cfg.world.name == "bandit" else cfg.ratings.max_new_tokens
+    """Tokens per sampled completion: the world's episode for ratings.max_new_tokens (World.episode: the
+    bandit's episodes are its own length, whatever the section says)."""
+    return make_world(cfg.world).episode(cfg.ratings.max_new_tokens)[0]
 
 
 def stable_seed(*parts) -> int:
@@ -142,3 +137,7 @@ def start_on_ratings(run, cfg: DictConfig) -> tuple[Path, str]:
     base = resolve_base(cfg)
     run.start(base_path=base, ratings_path=str(ratings_path))
     return ratings_path, base
+
+
+# the stage's declaration (collapse_lab/stage.py), which the registry collects; its keys: the base, the world, the seed, this section
+UPSTREAM = Stage(RATINGS, rate, section="ratings", consumes=(BASE,), produces=RATINGS, rating_budget=ratings_budget)

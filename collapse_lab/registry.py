@@ -1,5 +1,8 @@
 """The registry of stages and regimes: the ONE table the orchestrator (ablate), the report and the budget
-read. A regime is a file (its update rule), a recipe YAML and one entry here (`Stage`: collapse_lab/stage.py).
+read. It only COLLECTS: each regime module declares itself (its `REGIME`: collapse_lab/stage.py `Stage`: its
+config section with the ranges of its fields, what it consumes, its group, its rating budget, its run
+function), and each recipe in recipes/recipe/ names the regime module it configures (`regime.kind`).
+Adding a regime: its module, its recipe YAML, one line in MODULES below, its test (docs/regimes.md).
 
     stage          consumes                      produces       group                 rating budget
     base           -                             base           -                     0
@@ -22,55 +25,56 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab import bok, dpo, grpo, ppo, ratings, reward_model, rloo, sft
-from collapse_lab.config import ConfigError, extend_schema
+from collapse_lab.config import RECIPES_DIR, ConfigError, register_sections
 from collapse_lab.pretrain import resolve_base
-from collapse_lab.stage import (BASE, ONLINE, POLICY, RATINGS, REWARD, REWARD_MODEL, SELECTION, Stage, online_rating_budget,
-                                ratings_budget)
+from collapse_lab.stage import BASE, POLICY, RATINGS, REWARD_MODEL, Stage
 
-
-def regimes(template: Stage, *recipes: str) -> dict[str, Stage]:
-    """One entry per recipe of a regime file's `REGIME` template (its name becomes the recipe's)."""
-    return {r: dataclasses.replace(template, name=r, recipe=r) for r in recipes}
+# The regimes: one line per module, each declaring its REGIME.
+MODULES = (
+    sft,  # FeedME (selection) and its finite-sample control
+    bok,  # best-of-k (selection, no training)
+    ppo,  # PPO with a KL penalty (online RL)
+    dpo,  # DPO and IPO (offline preference)
+    rloo,  # RLOO through TRL (online RL)
+    grpo,  # GRPO through TRL (online RL)
+)
+KINDS: dict[str, Stage] = {m.REGIME.name: m.REGIME for m in MODULES}  # the entry points' (train/<kind>.py)
 
 
 def _base(cfg: DictConfig, named: bool = False) -> Path:
     return Path(resolve_base(cfg))
 
 
+# the base's run directory hashes its own keys (collapse_lab/pretrain.py STAGE_KEYS: the corpus, not the rater)
 UPSTREAM: dict[str, Stage] = {
     BASE: Stage(BASE, _base, section="pretrain", produces=BASE, rating_budget=lambda cfg: 0),
-    RATINGS: Stage(RATINGS, ratings.rate, section="ratings", consumes=(BASE,), produces=RATINGS,
-                   rating_budget=ratings_budget),
-    REWARD_MODEL: Stage(REWARD_MODEL, reward_model.train_reward_model, section="reward_model",
-                        consumes=(BASE, RATINGS), produces=REWARD_MODEL, rating_budget=ratings_budget),
+    RATINGS: ratings.UPSTREAM,
+    REWARD_MODEL: reward_model.UPSTREAM,
 }
 
-_FEEDME = Stage("sft", sft.train_sft, section="sft", consumes=(BASE, RATINGS), group=SELECTION,
-                rating_budget=lambda cfg: ratings_budget(cfg) * cfg.sft.rounds)
-_PPO = Stage("ppo", ppo.train_ppo, section="ppo", consumes=(BASE, REWARD), group=ONLINE,
-             rating_budget=online_rating_budget("ppo"), kl_key="ppo.kl_coef", adaptive_kl_key="ppo.adaptive_kl")
 
-REGIMES: dict[str, Stage] = {
-    **regimes(_FEEDME, "sft", "sft-k16", "sft-r3"),  # FeedME, and its ladder (more samples per prompt, rounds)
-    "bok": Stage("bok", bok.make_bok, section="ratings", recipe="bok", consumes=(BASE,), produces="sampler",
-                 group=SELECTION, rating_budget=lambda cfg: 0),
-    **regimes(_PPO, "kl0", "kl0.01", "kl0.1", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01"),
-    **regimes(dpo.REGIME, "dpo0.1", "dpo0.5", "ipo0.1"),
-    **regimes(rloo.REGIME, "rloo-kl0.1"),
-    **regimes(grpo.REGIME, "grpo"),
-    # FeedME's finite-sample control: as many base samples per prompt, chosen at random (sft.select=random)
-    "sft-random": dataclasses.replace(_FEEDME, name="sft-random", recipe="sft-random", control_of="sft"),
-}
-KINDS = {"sft": _FEEDME, "ppo": _PPO, "dpo": dpo.REGIME, "rloo": rloo.REGIME, "grpo": grpo.REGIME}  # the regime files' templates, for their entry points (train/<kind>.py)
+def recipes(directory: Path = RECIPES_DIR / "recipe") -> dict[str, Stage]:
+    """One entry per recipe YAML: its regime module's declaration under the recipe's name, with the recipe's
+    `regime.control_of`. A recipe without a valid `regime.kind` is a ConfigError naming the valid kinds."""
+    out = {}
+    for path in sorted(directory.glob("*.yaml")):
+        declared = OmegaConf.load(path).get("regime") or {}
+        kind = declared.get("kind")
+        if kind not in KINDS:
+            raise ConfigError(f"{path} declares regime.kind={kind}; valid kinds: {', '.join(KINDS)}")
+        out[path.stem] = dataclasses.replace(KINDS[kind], name=path.stem, recipe=path.stem,
+                                             control_of=declared.get("control_of"))
+    return out
+
+
+REGIMES: dict[str, Stage] = recipes()
 CONTROLS = {r.control_of: name for name, r in REGIMES.items() if r.control_of}  # regime -> its control
 
-# regimes that bring their own config section: their schemas join the lab's (collapse_lab/config.py)
-extend_schema({s.section: s.schema for s in REGIMES.values() if s.schema},
-              {k: v for s in REGIMES.values() for k, v in s.ranges.items()},
-              {k: v for s in REGIMES.values() for k, v in s.choices.items()})
+# the regimes' own config sections join the lab's schema (configuration imports no regime)
+register_sections({s.section: s.schema for s in KINDS.values() if s.schema})
 
 
 def stage(name: str) -> Stage:
@@ -79,6 +83,16 @@ def stage(name: str) -> Stage:
     if found is None:
         raise ConfigError(f"unknown stage '{name}'; valid choices: {', '.join([*UPSTREAM, *KINDS, *REGIMES])}")
     return found
+
+
+def check_kind(cfg: DictConfig, name: str) -> None:
+    """An entry point of regime kind `name` (train/<name>.py) given a recipe of another kind: ConfigError
+    naming the recipe's kind and this kind's recipes (one line, exit 2, before any work)."""
+    kind = OmegaConf.select(cfg, "regime.kind", default=None)
+    if name in KINDS and kind is not None and kind != name:
+        own = [r for r, s in REGIMES.items() if s.train is KINDS[name].train]
+        raise ConfigError(f"the recipe is a {kind} recipe, not {name}: run it with train/{kind}.py, or give "
+                          f"one of {name}'s recipes: {', '.join(own)}")
 
 
 def upstream(cfg: DictConfig, name: str) -> list[str]:
@@ -101,7 +115,8 @@ def resolve(cfg: DictConfig, name: str) -> dict[str, Path]:
 
 
 def run(name: str, cfg: DictConfig, named: bool = True) -> Path:
-    """What an entry point does: resolve the upstream stages, then run the stage itself."""
+    """What an entry point does: check the recipe's kind, resolve the upstream stages, then run the stage."""
+    check_kind(cfg, name)
     resolve(cfg, name)
     return Path(stage(name).train(cfg, named=named))
 

@@ -38,20 +38,15 @@ from collapse_lab.config import ConfigError, run_dir
 from collapse_lab.models import DTYPES, distinct_pad, ensure_eos
 from collapse_lab.ratings import load_ratings, start_on_ratings
 from collapse_lab.tokenizer import encode_texts
-from collapse_lab.ratings import stage_keys as ratings_keys
-from collapse_lab.stage import Run, device, hf_args, stage_function
+from collapse_lab.stage import BASE, RATINGS, REWARD_MODEL, Run, Stage, device, hf_args, ratings_budget, stage_function
 from collapse_lab.world import make_world
 
 STAGE = "reward"
 
 
-def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
-    return ratings_keys(cfg) + ("reward_model",)
-
-
 def reward_dir(cfg: DictConfig, named: bool = True) -> Path:
     r = cfg.ratings
-    return run_dir(cfg, STAGE, stage_keys(cfg), f"{cfg.model.name}-{cfg.world.name}-rm-n{r.prompts}k{r.samples_per_prompt}"
+    return run_dir(cfg, STAGE, UPSTREAM.keys(cfg), f"{cfg.model.name}-{cfg.world.name}-rm-n{r.prompts}k{r.samples_per_prompt}"
                    f"-s{cfg.seed}", named)
 
 
@@ -213,3 +208,8 @@ class ModelReward:
 
     def reseed(self, key: str) -> None:
         pass  # deterministic
+
+
+# the stage's declaration (collapse_lab/stage.py), which the registry collects: its keys are the ratings' and this section
+UPSTREAM = Stage(REWARD_MODEL, train_reward_model, section="reward_model", consumes=(BASE, RATINGS),
+                 produces=REWARD_MODEL, rating_budget=ratings_budget)

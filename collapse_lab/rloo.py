@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from collapse_lab.config import COUNT, NONNEG, POSITIVE
+from collapse_lab.config import COUNT, NONNEG, POSITIVE, ranged
 from collapse_lab.stage import BASE, ONLINE, REWARD, Stage, online_rating_budget
 from collapse_lab.trl_online import train_online
 
@@ -32,31 +32,24 @@ STAGE = "rloo"
 class RLOOSection:
     """`rloo.*`, named as PPO's where they mean the same."""
 
-    steps: int = 100
-    rollout_batch_size: int = 64  # completions per step
-    samples_per_prompt: int = 4  # k: the leave-one-out group
-    kl_coef: float = 0.1  # β: the sequence's k1 KL in the reward
-    lr: float = 1e-4
-    temperature: float = 1.0
-    max_new_tokens: int = 8
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a completion cut off at max_new_tokens
+    steps: int = ranged(100, COUNT)
+    rollout_batch_size: int = ranged(64, COUNT)  # completions per step
+    samples_per_prompt: int = ranged(4, COUNT)  # k: the leave-one-out group
+    kl_coef: float = ranged(0.1, NONNEG)  # β: the sequence's k1 KL in the reward
+    lr: float = ranged(1e-4, POSITIVE)
+    temperature: float = ranged(1.0, POSITIVE)
+    max_new_tokens: int = ranged(8, COUNT)
+    missing_eos_penalty: float = ranged(1.0, NONNEG)  # subtracted from the score of a completion cut off at max_new_tokens
     anneal_lr: bool = True
-    max_grad_norm: float = 1.0  # 0: no clipping
+    max_grad_norm: float = ranged(1.0, NONNEG)  # 0: no clipping
 
 
 def train_rloo(cfg: DictConfig, named: bool = True) -> Path:
     from trl import RLOOConfig, RLOOTrainer  # optional heavy dependency: loaded by the stages that train
 
-    return train_online(cfg, named, STAGE, RLOOTrainer, RLOOConfig, normalize_advantages=False)
+    return train_online(cfg, named, REGIME, RLOOTrainer, RLOOConfig, normalize_advantages=False)
 
 
-def ranges(section: str) -> dict:
-    return {f"{section}.{k}": v for k, v in (("steps", COUNT), ("rollout_batch_size", COUNT), ("samples_per_prompt", COUNT),
-                                              ("kl_coef", NONNEG), ("lr", POSITIVE), ("temperature", POSITIVE),
-                                              ("max_new_tokens", COUNT), ("missing_eos_penalty", NONNEG),
-                                              ("max_grad_norm", NONNEG))}
-
-
-# the registry's template (collapse_lab/registry.py names one entry per recipe)
+# the regime's one declaration (collapse_lab/stage.py): the registry names an entry per recipe of kind rloo
 REGIME = Stage(STAGE, train_rloo, section=STAGE, schema=RLOOSection, consumes=(BASE, REWARD), group=ONLINE,
-               rating_budget=online_rating_budget(STAGE), kl_key="rloo.kl_coef", ranges=ranges(STAGE))
+               rating_budget=online_rating_budget(STAGE), kl_key="rloo.kl_coef")

@@ -23,7 +23,9 @@ A killed run is redone from the start (it takes seconds on the tiny base).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,27 +36,41 @@ from transformers import set_seed
 from collapse_lab import tracking
 from collapse_lab.bandit import next_token_probs, reward_vector
 from collapse_lab.bok import best_of_k
-from collapse_lab.config import CHOICES, ConfigError, run_dir
+from collapse_lab.config import ANY, COUNT, POSITIVE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.frontier import Curve, callbacks
 from collapse_lab.models import add_lora, load_pretrained
 from collapse_lab.ratings import episode_tokens, load_ratings, rate_samples, start_on_ratings
-from collapse_lab.ratings import stage_keys as ratings_keys
 from collapse_lab.tokenizer import encode_texts
-from collapse_lab.stage import Run, device, hf_args, save_policy, stage_function
+from collapse_lab.stage import (BASE, RATINGS, SELECTION, Run, Stage, device, hf_args, ratings_budget, save_policy,
+                                stage_function)
 from collapse_lab.world import make_world
 
 STAGE = "sft"
-SELECT = CHOICES["sft.select"]  # FeedME, and its finite-sample control
+SELECT = ("top", "random")  # FeedME, and its finite-sample control
 
 
-def stage_keys(cfg: DictConfig) -> tuple[str, ...]:
-    return ratings_keys(cfg) + ("peft", "sft", "curve")
+@dataclass
+class SFTSection:
+    """FeedME: keep the top-rated of each prompt's k rated samples, cross-entropy on them.
+
+    select=random is FeedME's finite-sample CONTROL (recipe sft-random): per prompt, as many of its k
+    samples as `top` keeps, drawn uniformly at random (seeded) regardless of score, i.e. SFT on as many
+    unselected base samples, from the same ratings (the same rating budget).
+    """
+
+    keep_top: int = ranged(1, COUNT)
+    min_score: Optional[float] = ranged(None, ANY)  # also require score >= this (e.g. 7: only 7/7 samples)
+    select: str = one_of("top", *SELECT)  # top | random (the control: scores ignored, only the count per prompt kept)
+    rounds: int = ranged(1, COUNT)  # iterated FeedME: sample from the current model, rate, keep best, again
+    epochs: int = ranged(1, POSITIVE)
+    lr: float = ranged(1e-4, POSITIVE)
+    batch_size: int = ranged(32, COUNT)
 
 
 def sft_dir(cfg: DictConfig, named: bool = True) -> Path:
     s, k = cfg.sft, cfg.ratings.samples_per_prompt
     rounds = f"-r{s.rounds}" if s.rounds > 1 else ""
-    return run_dir(cfg, STAGE, stage_keys(cfg),
+    return run_dir(cfg, STAGE, REGIME.keys(cfg),
                    f"{cfg.model.name}-{cfg.world.name}-{s.select}{s.keep_top}of{k}{rounds}-s{cfg.seed}", named)
 
 
@@ -115,7 +131,7 @@ def train_sft(cfg: DictConfig, run: Run) -> None:
     ratings_path, base = start_on_ratings(run, cfg)  # round 1's ratings (upstream, found finished): the reward model's too
     kept, final, tokenizer, fields = feedme(cfg, ratings_path, base, run.out)
     extra = {}
-    if cfg.world.name == "bandit":
+    if make_world(cfg.world).reward_table is not None:  # the bandit: FeedME against best-of-k's closed form
         extra = bandit_tv_to_best_of_k(final, base, tokenizer, cfg, kept)
         print(f"bandit: TV(FeedME, best-of-{cfg.ratings.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f} "
               f"(its kept samples' own TV, the sampling floor: {extra['bandit_tv_kept_samples_to_best_of_k']:.4f})")
@@ -197,3 +213,9 @@ def bandit_tv_to_best_of_k(model, base_path: str, tokenizer, cfg: DictConfig, ke
     empirical = np.bincount([ids[0] for ids in kept["completion_ids"]], minlength=len(pi)) / len(kept)
     return {"bandit_tv_to_best_of_k": float(0.5 * abs(pi - target).sum()),
             "bandit_tv_kept_samples_to_best_of_k": float(0.5 * abs(empirical - target).sum())}
+
+
+# the regime's one declaration (collapse_lab/stage.py): the registry names an entry per recipe of kind sft (sft,
+# sft-k16, sft-r3, and the control sft-random); its run directory's keys: the ratings', this section, LoRA, curve
+REGIME = Stage(STAGE, train_sft, section=STAGE, schema=SFTSection, consumes=(BASE, RATINGS), group=SELECTION,
+               rating_budget=lambda cfg: ratings_budget(cfg) * cfg.sft.rounds)

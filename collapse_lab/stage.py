@@ -52,7 +52,8 @@ class Stage:
 
     name: str
     train: Callable[..., Path]
-    section: Optional[str] = None  # its config section (cfg.<section>)
+    section: Optional[str] = None  # its own config section (cfg.<section>)
+    schema: Optional[type] = None  # a regime's section: the dataclass in its module (fields' ranges: config.ranged)
     recipe: Optional[str] = None  # recipes/recipe/<recipe>.yaml (regimes only)
     consumes: tuple[str, ...] = ()  # of BASE, RATINGS, REWARD_MODEL, REWARD, POLICY
     produces: str = POLICY
@@ -61,10 +62,8 @@ class Stage:
     control_of: Optional[str] = None  # a control: the regime whose collapse call also needs a drop below it
     kl_key: Optional[str] = None  # the config key holding its KL coefficient β (None: no KL to the base)
     adaptive_kl_key: Optional[str] = None
-    # a regime that brings its own config section: its dataclass, and the ranges / choices of its keys
-    schema: Optional[type] = None
-    ranges: dict[str, Any] = field(default_factory=dict)
-    choices: dict[str, tuple] = field(default_factory=dict)
+    seeded: bool = True  # False: a function of its inputs alone (best-of-k): `seed` is not in its keys
+    reads: tuple[str, ...] = ()  # config keys outside its section and its inputs' that it depends on
 
     def needs(self, cfg: DictConfig) -> tuple[str, ...]:
         """What this run consumes under `cfg`: REWARD resolves to REWARD_MODEL (and its ratings) when
@@ -77,6 +76,28 @@ class Stage:
             else:
                 out.append(x)
         return tuple(dict.fromkeys(out))
+
+    def keys(self, cfg: DictConfig) -> tuple[str, ...]:
+        """What a run of this stage depends on under `cfg` (the config keys hashed into its run directory's
+        name), derived from the declaration: the world; the base (its path or preset, and the pretraining
+        config of the lab's own base) when it consumes BASE; the seed (unless not seeded); the ratings'
+        section (RATINGS); for REWARD `reward` and, with reward=rm, the reward model's path or its ratings'
+        and training sections; its own section and `reads`; and for a policy its LoRA and curve settings."""
+        keys = ["world"]
+        for x in self.consumes:
+            if x == BASE:
+                keys += ["base_path", "model"] + ([] if cfg.base_path or cfg.model.path else ["pretrain"])
+            elif x == RATINGS:
+                keys.append("ratings")
+            elif x == REWARD_MODEL:
+                keys.append("reward_model")
+            elif x == REWARD:
+                keys.append("reward")
+                if cfg.reward == "rm":
+                    keys += ["reward_model_path"] if cfg.reward_model_path else ["ratings", "reward_model"]
+        keys += (["seed"] if self.seeded else []) + ([self.section] if self.section else []) + list(self.reads)
+        keys += ["peft", "curve"] if self.produces == POLICY else []
+        return tuple(dict.fromkeys(keys))
 
     def kl_coef(self, lab: dict) -> Optional[float]:
         return get_dotted(lab, self.kl_key) if self.kl_key else None

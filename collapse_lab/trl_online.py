@@ -26,23 +26,14 @@ from collapse_lab.frontier import Curve, callbacks
 from collapse_lab.models import load_pretrained
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.rewards import make_reward, reward_func
-from collapse_lab.stage import device, hf_args, ratings_budget, run_stage, save_policy
+from collapse_lab.stage import Stage, device, hf_args, ratings_budget, run_stage, save_policy
 from collapse_lab.world import make_world
 
 
-def stage_keys(cfg: DictConfig, section: str) -> tuple[str, ...]:
-    """What an online run depends on (its directory's hash), as PPO's."""
-    keys = ("seed", "base_path", "model", "peft", "world", "reward", section, "curve")
-    if not cfg.base_path and not cfg.model.path:
-        keys += ("pretrain",)
-    if cfg.reward == "rm":
-        keys += ("reward_model_path",) if cfg.reward_model_path else ("ratings", "reward_model")
-    return keys
-
-
-def online_dir(cfg: DictConfig, stage: str, named: bool) -> Path:
-    s = cfg[stage]
-    return run_dir(cfg, stage, stage_keys(cfg, stage), f"{cfg.model.name}-{cfg.world.name}-{stage}-kl{s.kl_coef:g}"
+def online_dir(cfg: DictConfig, regime: Stage, named: bool) -> Path:
+    """The run directory of an online regime (its declaration `regime`: the keys of its hash, as PPO's)."""
+    stage, s = regime.name, cfg[regime.section]
+    return run_dir(cfg, stage, regime.keys(cfg), f"{cfg.model.name}-{cfg.world.name}-{stage}-kl{s.kl_coef:g}"
                    f"-{cfg.reward}-s{cfg.seed}", named)
 
 
@@ -52,21 +43,15 @@ def prompt_dataset(world, n: int, seed) -> Dataset:
     return Dataset.from_dict({"prompt": [world.train_prompt(rng).text for _ in range(n)]})
 
 
-def episode_tokens(cfg: DictConfig, s: DictConfig) -> tuple[int, float]:
-    """(max new tokens, missing-EOS penalty): the bandit's episodes are one token and never 'cut off'."""
-    if cfg.world.name == "bandit":
-        return (1 if cfg.world.max_tokens == 1 else cfg.world.max_tokens + 1), 0.0
-    return s.max_new_tokens, s.missing_eos_penalty
-
-
-def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_cls, **loss_args) -> Path:
-    """Run (or find finished) an online regime whose update rule is TRL's `trainer_cls` with `loss_args`."""
-    s = cfg[stage]
+def train_online(cfg: DictConfig, named: bool, regime: Stage, trainer_cls, config_cls, **loss_args) -> Path:
+    """Run (or find finished) the online regime declared by `regime`, whose update rule is TRL's `trainer_cls`
+    with `loss_args`."""
+    stage, s = regime.name, cfg[regime.section]
     if cfg.peft.enabled:
         raise ConfigError(f"{stage}: peft.enabled is not wired to TRL's trainer here yet; use full fine-tuning")
     per_step = exact_div(s.rollout_batch_size, s.samples_per_prompt, f"{stage}.rollout_batch_size over "
                          f"{stage}.samples_per_prompt")
-    out = online_dir(cfg, stage, named)
+    out = online_dir(cfg, regime, named)
     with run_stage(cfg, out, stage, "{steps} steps") as run:
         if run.done:
             return out
@@ -77,7 +62,7 @@ def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_c
         reference, tokenizer = load_pretrained(base, cfg.model.dtype)
         curve = Curve(reference.to(device()), tokenizer, world) or None  # the base's side of the curve, once
         del reference
-        max_new_tokens, penalty = episode_tokens(cfg, s)
+        max_new_tokens, penalty = world.episode(s.max_new_tokens, s.missing_eos_penalty)
         score = reward_func(reward, world, tokenizer.eos_token_id, penalty)
         args = hf_args(config_cls, cfg, out, seed=cfg.seed, lr=s.lr, batch_size=s.rollout_batch_size,
                        max_steps=s.steps, num_generations=s.samples_per_prompt, steps_per_generation=1,
@@ -92,7 +77,7 @@ def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_c
         tracking.quiet(trainer)
         trainer.train()
         log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history) if "loss" in x]
-        extra = bandit_tv(trainer.model, base, tokenizer, cfg, s.kl_coef) if cfg.world.name == "bandit" else {}
+        extra = bandit_tv(trainer.model, base, tokenizer, cfg, s.kl_coef) if world.reward_table is not None else {}
         save_policy(out, trainer.model, tokenizer, log)
         steps = trainer.state.global_step
         tokens = int(sum(x.get("completions/mean_length", 0) for x in log) * s.rollout_batch_size)

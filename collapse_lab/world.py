@@ -171,6 +171,10 @@ def load_seed_prompts() -> list[Prompt]:
 
 
 class World:
+    # a bandit's {completion text: reward}, whose exact optima the regimes are checked against (collapse_lab/bandit.py,
+    # optimum.py); None here: this world's regimes are measured on the evaluator's answer suites (frontier.Curve)
+    reward_table = None
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.rater = GoldRater(cfg.rater)
@@ -185,6 +189,11 @@ class World:
         share = getattr(cfg, "train_seed_share", None)
         self.train_seed_share = cfg.seed_prompt_share if share is None else float(share)
         answer_prior(self.answer_prior, 0, 1)  # an unknown prior fails here, naming the valid ones
+
+    def episode(self, max_new_tokens: int, missing_eos_penalty: float = 0.0) -> tuple[int, float]:
+        """(max new tokens, missing-EOS penalty) of a regime's sampled completions in this world: its section's
+        own here (BanditWorld: the bandit's episode length, no penalty)."""
+        return max_new_tokens, missing_eos_penalty
 
     @cached_property
     def seed_prompts(self) -> list[Prompt]:
@@ -407,7 +416,13 @@ class BanditWorld:
                 raise ValueError(f"world.rewards: each entry must be [token text, reward], got {list(pair)}")
             table[pair[0]] = float(pair[1])
         self.rater = TableRater(table, float(cfg.default_reward), require_end=cfg.max_tokens > 1)
+        self.reward_table = table  # the exact checks' table (World.reward_table)
         self.the_prompt = Prompt("bandit", "bandit", cfg.prompt)
+
+    def episode(self, max_new_tokens: int, missing_eos_penalty: float = 0.0) -> tuple[int, float]:
+        """Episodes of ONE token (the sequence bandit: up to max_tokens, then EOS), never 'cut off': the
+        section's own limit and penalty do not apply (World.episode)."""
+        return (1 if self.cfg.max_tokens == 1 else self.cfg.max_tokens + 1), 0.0
 
     def prompt(self, text: str) -> Prompt:
         if text != self.the_prompt.text:

@@ -29,8 +29,8 @@ from transformers import AutoTokenizer
 
 from collapse_lab import ppo as ppo_module
 from collapse_lab.checkpoint import FAULT, read_manifest
-from collapse_lab.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, RANGES, SCHEMAS, SHARE, ConfigError, EvalConfig,
-                                 cli, compose)
+from collapse_lab.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, SCHEMAS, SHARE, ConfigError, EvalConfig, cli,
+                                 compose, ranges, schema)
 from collapse_lab.ppo import ppo_dir, train_ppo
 from collapse_lab.pretrain import pretrain
 from collapse_lab.reward_model import train_reward_model
@@ -269,17 +269,17 @@ def _numeric_keys(schema, prefix=""):
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_every_numeric_key_has_a_range(name):
-    assert sorted(_numeric_keys(SCHEMAS[name])) == sorted(RANGES[name])
+    assert sorted(_numeric_keys(schema(name))) == sorted(ranges(name))  # the regimes' sections: their fields' metadata
 
 
 OUTSIDE = {COUNT: 0, NONNEG: -1, POSITIVE: 0, SHARE: 1.5, OPEN_SHARE: 1}
 BASE_ARGS = {"lab": [], "evaluate": ["model_path=x"], "ablate": []}
 
 
-@pytest.mark.parametrize("name,key", [(n, k) for n in sorted(RANGES) for k in RANGES[n]])
+@pytest.mark.parametrize("name,key", [(n, k) for n in sorted(SCHEMAS) for k in ranges(n)])
 def test_every_bad_value_is_exit_2_with_one_line_before_any_work(name, key, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    valid = RANGES[name][key]
+    valid = ranges(name)[key]
     value = OUTSIDE.get(valid, "nan")  # ANY: every finite number
     called = []
     with pytest.raises(SystemExit) as e:
