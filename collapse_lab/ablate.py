@@ -39,6 +39,8 @@ import queue
 import re
 import resource
 import shutil
+import signal
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -53,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab import registry, report, tracking
 from collapse_lab.checkpoint import lock_run, unlock_run
-from collapse_lab.config import AblateConfig, ConfigError, EvalConfig, compose, group_options
+from collapse_lab.config import AblateConfig, ConfigError, EvalConfig, compose, group_options, read_record
 from collapse_lab.evaluator import Loaded
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.frontier import Curve
@@ -228,13 +230,18 @@ def plan(argv: list[str]) -> Plan:
         tokens = max(first.ratings.max_new_tokens, first.ppo.max_new_tokens, cfg.eval.max_new_tokens,
                      cfg.eval.story_max_new_tokens if "stories" in cfg.eval.suites else 0)
         check_base(first.model.path, make_world(first.world), tokens)
-    out = p.out
-    saved = out / "ablation.yaml"
-    if saved.exists():
-        old = OmegaConf.load(saved)
-        if old.get("digest") != p.digest:
-            raise ConfigError(f"{out} holds an ablation with a different config; choose another name=")
+    same_ablation(p)
     return p
+
+
+def same_ablation(p: Plan) -> None:
+    """ConfigError unless the ablation's directory holds no ablation.yaml yet or one of this plan's digest:
+    checked by `plan` (before any work) and again by `run` once it holds the directory's lock (an ablation
+    started at the same moment may have written its own in between)."""
+    saved = read_record(p.out / "ablation.yaml", f"repair: rm {p.out / 'ablation.yaml'} and rerun the same "
+                                                  "collapse-lab ablate command")
+    if saved is not None and saved.get("digest") != p.digest:
+        raise ConfigError(f"{p.out} holds an ablation with a different config; choose another name=")
 
 
 # ------------------------------------------------------------------------------ the pipeline
@@ -308,7 +315,7 @@ class Workers:
         if self.jobs > 1:
             threads = max(1, torch.get_num_threads() // self.jobs)
             self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(threads,))
+                                            initializer=_worker_init, initargs=(threads, os.getpid()))
             # ONE thread for all of this process's tasks (a new thread per task grew the heap: glibc gives
             # threads their own malloc arenas); a daemon: on an error it ends with the process, like a
             # killed stage (which resumes)
@@ -375,10 +382,31 @@ def _task_thread(threads: int, inbox: "queue.SimpleQueue") -> None:
         _run_into(*task)
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int) -> None:
+    _die_with(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker's threads are torch's
     torch.set_num_threads(threads)
     flush_denormals()
+
+
+def _die_with(parent: int) -> None:
+    """A worker process ends with the ablation's process, even one killed with -9 (which runs no cleanup: its
+    workers would run on under PID 1, and multiprocessing's resource_tracker with them, which exits once the
+    last process holding its pipe is gone). Linux: the kernel's parent-death signal (prctl PR_SET_PDEATHSIG);
+    everywhere: a thread that checks the parent once a second (a killed parent's children get a new one)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # died before the signal was set
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 # the tasks (module-level: a worker process unpickles them); each returns (stage lines, its run record or None)
@@ -435,6 +463,11 @@ def run(p: Plan) -> Path:
     flush_denormals()  # before anything computes (stage.flush_denormals)
     started = time.time()
     lock_run(out)  # a second identical ablation waits, then finds every stage finished
+    try:
+        same_ablation(p)  # under the lock: a different ablation that held it may have taken the directory
+    except ConfigError:
+        unlock_run(out)
+        raise
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create({"digest": p.digest, "ablate": OmegaConf.to_container(cfg, resolve=True),
                                      "lab": p.lab}), out / "ablation.yaml")

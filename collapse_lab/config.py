@@ -694,27 +694,93 @@ def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: st
 
     `named=False` for upstream stages a command runs on the way (the base of a PPO run does
     not take the PPO run's name). A directory already holding a DIFFERENT config (for `keys`)
-    is never reused: that is a ConfigError, so two configs never share a directory.
+    is never reused: that is a ConfigError, so two configs never share a directory. Checked here (early,
+    before any work) and again by the stage once it holds the directory's lock (`same_config`): a run
+    started at the same moment may write its config.yaml between the two.
     """
     name = cfg.name if named and cfg.name else f"{default_name}-{config_hash(cfg, keys)}"
     check_name(name, "run name")
-    path = Path(cfg.checkpoints_dir) / stage / name
-    saved = path / "config.yaml"
-    if saved.exists():
-        saved_cfg = OmegaConf.load(saved)
-        absent = object()  # a key the saved config lacks (an older schema), not a key set to null
-        old = stage_config(saved_cfg, tuple(k for k in keys if OmegaConf.select(saved_cfg, k, default=absent) is not absent))
-        new = stage_config(cfg, keys)
-        if OmegaConf.to_yaml(old, sort_keys=True) != OmegaConf.to_yaml(new, sort_keys=True):
-            diff = _first_difference(OmegaConf.to_container(old), OmegaConf.to_container(new))
-            raise ConfigError(f"{path} holds a run with a different config (at '{diff}'); choose another name=")
+    root = Path(cfg.checkpoints_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"checkpoints_dir={root} is a file; give a directory")
+    path = root / stage / name
+    _RUN_KEYS[path.absolute()] = keys
+    same_config(cfg, path)
     return path
 
 
+# run directory -> the config keys it depends on (run_dir records them; same_config reads them under the lock)
+_RUN_KEYS: dict[Path, tuple[str, ...]] = {}
+
+
+def same_config(cfg: DictConfig, path: Path) -> None:
+    """ConfigError unless `path` holds no config.yaml yet or one equal to `cfg` on the keys its run_dir named."""
+    keys = _RUN_KEYS.get(Path(path).absolute())
+    saved = Path(path) / "config.yaml"
+    if keys is None or not saved.exists():
+        return
+    saved_cfg = OmegaConf.create(read_record(saved, rerun_repair(path)))
+    absent = object()  # a key the saved config lacks (an older schema), not a key set to null
+    old = stage_config(saved_cfg, tuple(k for k in keys if OmegaConf.select(saved_cfg, k, default=absent) is not absent))
+    new = stage_config(cfg, keys)
+    if OmegaConf.to_yaml(old, sort_keys=True) != OmegaConf.to_yaml(new, sort_keys=True):
+        diff = _first_difference(OmegaConf.to_container(old), OmegaConf.to_container(new))
+        raise ConfigError(f"{path} holds a run with a different config (at '{diff}'); choose another name=")
+
+
 def check_name(name: str, what: str) -> None:
-    """A name that becomes ONE directory under checkpoints/ (no path separators, not '.' or '..')."""
-    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+    """A name that becomes ONE directory under checkpoints/ (no path separators, not '.' or '..', no NUL, at
+    most 255 bytes: the longest file name Linux and macOS file systems take)."""
+    if not isinstance(name, str) or "/" in name or "\\" in name or "\0" in name or name in ("", ".", ".."):
         raise ConfigError(f"bad {what} '{name}': use a plain directory name")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise ConfigError(f"bad {what} '{name[:40]}...': {len(name.encode('utf-8', 'surrogateescape'))} bytes, "
+                          "at most 255 (a file name's limit)")
+
+
+# ------------------------------------------------------------------------- bookkeeping files
+
+
+def rerun_repair(run: Path) -> str:
+    """The repair of a damaged file in a stage's run directory: the run is redone from scratch."""
+    return f"repair: rm -r {run} and rerun the command (the run is redone)"
+
+
+def read_record(path: Path, repair: str, kind: Optional[str] = None) -> Any:
+    """Every bookkeeping file the lab reads back (manifest.json, metrics.jsonl, config.yaml, runs.json,
+    ablation.yaml, stamps and eval JSON) is read through this ONE function: the parsed content (`kind`, by
+    default the suffix: json -> a dict, jsonl -> a list of dicts, yaml -> a plain dict), None when the file is
+    absent. A damaged file (cut short by a kill or a full disk, not UTF-8, not the shape the lab writes) is a
+    ConfigError naming the file and `repair`, the command that repairs it."""
+    import json
+
+    import yaml
+
+    path = Path(path)
+    kind = kind or path.suffix.lstrip(".")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e.__class__.__name__}); {repair}") from None
+    try:
+        if kind == "jsonl":
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            ok = all(isinstance(r, dict) for r in data)
+        elif kind == "json":
+            data = json.loads(text)
+            ok = isinstance(data, dict)
+        else:
+            data = yaml.safe_load(text)
+            ok = isinstance(data, dict)
+    except (ValueError, yaml.YAMLError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ConfigError(f"{path} is damaged ({reason}); {repair}") from None
+    if not ok:
+        raise ConfigError(f"{path} is damaged (not the {'rows' if kind == 'jsonl' else 'mapping'} the lab writes); "
+                          f"{repair}")
+    return data
 
 
 def check_output(path: Path, what: str, is_dir: bool = False) -> None:
