@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import importlib
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,27 +450,33 @@ class Range:
                 and (x < self.high if self.high_open else x <= self.high))
 
     def __str__(self) -> str:
+        num = lambda x: str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else f"{x:g}"  # noqa: E731 (2**32 - 1 in full)
         if self.high == math.inf:
-            return "a finite number" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return "a finite number" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {num(self.low)}"
+        return f"in {'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
 
 
 ANY, COUNT, NONNEG, POSITIVE = Range(), Range(1), Range(0), Range(0, low_open=True)
 SHARE, OPEN_SHARE = Range(0, 1), Range(0, 1, True, True)
+SEED = Range(0, 2**32 - 1)  # numpy's and torch's seeds are below 2**32
+# sampling temperatures: logits / T must stay finite (T = 1e-45 made every logit inf)
+TEMPERATURE = Range(1e-3)
+# β of the per-token KL penalty: larger ones overflow the rewards (float32) before they mean anything
+KL_COEF = Range(0, 1e4)
 RANGES = {
     "lab": {
-        "seed": NONNEG, "model.hidden_size": COUNT, "model.num_layers": COUNT, "model.num_heads": COUNT,
+        "seed": SEED, "model.hidden_size": COUNT, "model.num_layers": COUNT, "model.num_heads": COUNT,
         "model.intermediate_size": COUNT, "model.max_seq_len": COUNT, "model.vocab_size": COUNT,
         "peft.r": COUNT, "peft.alpha": POSITIVE, "peft.dropout": Range(0, 1, high_open=True),
-        "world.seed": NONNEG, "world.mix.numbers": NONNEG, "world.mix.stories": NONNEG,
+        "world.seed": SEED, "world.mix.numbers": NONNEG, "world.mix.stories": NONNEG,
         "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.train_seed_share": SHARE, "world.arithmetic_max": NONNEG,
         "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
         "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
-        "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.micro_batches": COUNT, "pretrain.lr": POSITIVE,
+        "pretrain.seed": SEED, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.micro_batches": COUNT, "pretrain.lr": POSITIVE,
         "pretrain.warmup_steps": NONNEG, "pretrain.weight_decay": NONNEG, "pretrain.save_every": COUNT,
         "pretrain.log_every": COUNT, "pretrain.tokenizer_docs": COUNT,
-        "ratings.prompts": COUNT, "ratings.samples_per_prompt": COUNT, "ratings.temperature": POSITIVE,
-        "ratings.max_new_tokens": COUNT, "ratings.seed": NONNEG,
+        "ratings.prompts": COUNT, "ratings.samples_per_prompt": COUNT, "ratings.temperature": TEMPERATURE,
+        "ratings.max_new_tokens": COUNT, "ratings.seed": SEED,
         "reward_model.epochs": POSITIVE, "reward_model.lr": POSITIVE, "reward_model.batch_size": COUNT,
         "reward_model.eval_fraction": OPEN_SHARE,
         "sft.keep_top": COUNT, "sft.min_score": ANY, "sft.rounds": COUNT, "sft.epochs": POSITIVE,
@@ -477,22 +484,22 @@ RANGES = {
         "ppo.steps": COUNT, "ppo.rollout_batch_size": COUNT, "ppo.minibatch_size": COUNT,
         "ppo.micro_batch_size": COUNT, "ppo.generation_batch_size": COUNT, "ppo.ppo_epochs": COUNT,
         "ppo.lr": POSITIVE, "ppo.value_lr": POSITIVE,
-        "ppo.kl_coef": NONNEG, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG,
+        "ppo.kl_coef": KL_COEF, "ppo.kl_target": POSITIVE, "ppo.kl_horizon": COUNT, "ppo.ent_coef": NONNEG,
         "ppo.trust_region_coef": NONNEG, "ppo.kl_blend": SHARE,
         "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.clip_range": POSITIVE, "ppo.clip_range_value": POSITIVE,
-        "ppo.vf_coef": NONNEG, "ppo.temperature": POSITIVE, "ppo.max_new_tokens": COUNT,
+        "ppo.vf_coef": NONNEG, "ppo.temperature": TEMPERATURE, "ppo.max_new_tokens": COUNT,
         "ppo.missing_eos_penalty": NONNEG, "ppo.max_grad_norm": NONNEG, "ppo.save_every": COUNT,
         "ppo.log_every": COUNT, "ppo.samples_per_prompt": COUNT, "curve.points": NONNEG, "world.max_tokens": COUNT,
     },
     "evaluate": {
-        "batch_size": COUNT, "seed": NONNEG, "sampling.n": NONNEG, "sampling.temperature": POSITIVE,
+        "batch_size": COUNT, "seed": SEED, "sampling.n": NONNEG, "sampling.temperature": TEMPERATURE,
         "sampling.max_new_tokens": COUNT,
     },
     "ablate": {
-        "seed": NONNEG, "seeds": COUNT, "jobs": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
+        "seed": SEED, "seeds": COUNT, "jobs": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
         "frontier.margin": NONNEG, "frontier.grid_points": COUNT, "frontier.gain_floor": NONNEG,
         "eval.samples": NONNEG, "eval.max_new_tokens": COUNT, "eval.story_max_new_tokens": COUNT,
-        "eval.temperature": POSITIVE, "eval.gold_samples": COUNT, "eval.seed": NONNEG,
+        "eval.temperature": TEMPERATURE, "eval.gold_samples": COUNT, "eval.seed": SEED,
     },
 }
 
@@ -576,13 +583,39 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value '{value}' for '{key}'; valid choices: {', '.join(valid)}")
 
 
-def _one_line(e: Exception) -> str:
-    """Hydra/OmegaConf errors are multi-line; keep the message and the full key."""
+def _check_lab(cfg: DictConfig) -> None:
+    """The lab config's constraints between keys and on structured values (the ranges check single numbers)."""
+    m = cfg.model
+    if m.path is None and m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} must divide model.hidden_size={m.hidden_size} "
+                          f"(each head gets hidden_size/num_heads dimensions)")
+    for pair in cfg.world.rewards:
+        ok = isinstance(pair, ListConfig) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]
+        try:
+            ok = ok and math.isfinite(float(pair[1])) and not isinstance(pair[1], (bool, str))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            shown = OmegaConf.to_container(pair) if isinstance(pair, ListConfig) else pair
+            raise ConfigError(f"world.rewards: each entry must be [token text, finite reward], got {shown!r}")
+
+
+def _one_line(e: Exception, schema: Optional[DictConfig] = None) -> str:
+    """Hydra/OmegaConf errors are multi-line; keep the message and the full key. A key the schema lacks
+    (a recipe's typo) is named, with the file it came from and the valid keys."""
+    from omegaconf.errors import ConfigKeyError
+
     cause = e
-    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
-        cause = cause.__cause__
+    while not getattr(cause, "full_key", None) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
     msg = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
     key = getattr(cause, "full_key", None)
+    if key and schema is not None and isinstance(cause, (ConfigKeyError, AttributeError)):
+        where = re.match(r"In '([^']+)'", str(e).strip())
+        try:
+            _check_key(schema, key)
+        except ConfigError as bad:
+            return f"{bad}" + (f" (in recipes/{where[1]}.yaml)" if where else "")
     return f"bad value for '{key}': {msg}" if key else msg
 
 
@@ -603,7 +636,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except Exception as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_one_line(e, schema)) from None
     finally:
         GlobalHydra.instance().clear()
     try:
@@ -615,6 +648,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(_one_line(e)) from None
     _check_choices(cfg)
     _check_ranges(cfg, config_name)
+    if config_name == "lab":
+        _check_lab(cfg)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
     return cfg

@@ -578,10 +578,29 @@ def _load_checkpoint(accelerator: Accelerator, ckpt: Path, kl_ctl: KLController,
     if pickles:
         raise ConfigError(f"{ckpt} holds {', '.join(pickles)}: a pickle the lab never writes, not loaded "
                           f"(delete {ckpt.parent} to restart the run)")
+    _restore_rng_state(ckpt, accelerator.process_index)
     accelerator.load_state(str(ckpt))
     state = json.loads((ckpt / "state.json").read_text())
     kl_ctl.load_state_dict(state["kl_ctl"])
     progress.load_state_dict(state["progress"])
+
+
+def _restore_rng_state(ckpt: Path, process: int) -> None:
+    """This process's RNG states from the checkpoint (as load_state restores them, weights_only). load_state
+    itself skips a state it cannot load (a damaged or planted random_states_<i>.pkl) without a word, and the
+    resumed run then draws other samples than the interrupted one would have: refused here, in one line."""
+    from accelerate.utils import load
+
+    f = ckpt / f"random_states_{process}.pkl"
+    try:
+        states = load(f)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+    except Exception as e:  # noqa: BLE001 (unpickling and the setters raise many types; each means the same)
+        raise ConfigError(f"{f} cannot restore the run's random state ({e.__class__.__name__}): the resumed run "
+                          f"would not be the interrupted one's; repair: rm -r {ckpt} and rerun the command "
+                          "(the run restarts)") from None
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from collapse_lab.config import COUNT, NONNEG, POSITIVE
+from collapse_lab.config import COUNT, KL_COEF, NONNEG, POSITIVE, TEMPERATURE
 from collapse_lab.stage import BASE, ONLINE, REWARD, Stage, online_rating_budget
 from collapse_lab.trl_online import train_online
 
@@ -52,7 +52,7 @@ def train_rloo(cfg: DictConfig, named: bool = True) -> Path:
 
 def ranges(section: str) -> dict:
     return {f"{section}.{k}": v for k, v in (("steps", COUNT), ("rollout_batch_size", COUNT), ("samples_per_prompt", COUNT),
-                                              ("kl_coef", NONNEG), ("lr", POSITIVE), ("temperature", POSITIVE),
+                                              ("kl_coef", KL_COEF), ("lr", POSITIVE), ("temperature", TEMPERATURE),
                                               ("max_new_tokens", COUNT), ("missing_eos_penalty", NONNEG),
                                               ("max_grad_norm", NONNEG))}
 
