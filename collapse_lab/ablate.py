@@ -55,7 +55,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab import registry, report, tracking
 from collapse_lab.checkpoint import lock_run, unlock_run
-from collapse_lab.config import AblateConfig, ConfigError, EvalConfig, compose, group_options, read_record
+from collapse_lab.config import (SEED, AblateConfig, ConfigError, EvalConfig, check_name, check_output, compose, group_options,
+                                 read_record)
 from collapse_lab.evaluator import Loaded
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.frontier import Curve
@@ -165,8 +166,7 @@ class Plan:
     @property
     def out(self) -> Path:
         name = self.cfg.name or f"{self.cfg.preset}-{self.digest}"
-        if "/" in name or name in ("", ".", ".."):
-            raise ConfigError(f"bad ablation name '{name}': use a plain directory name")
+        check_name(name, "ablation name")
         return Path(self.cfg.checkpoints_dir) / STAGE / name
 
 
@@ -213,6 +213,8 @@ def plan(argv: list[str]) -> Plan:
                           f"available recipes: {', '.join(group_options('recipe'))}")
     if cfg.seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {cfg.seeds}")
+    if cfg.seed + cfg.seeds - 1 > SEED.high:
+        raise ConfigError(f"seed + seeds - 1 = {cfg.seed + cfg.seeds - 1}: the replicate seeds must be {SEED}")
     if not 0 < cfg.collapse.confidence < 1:
         raise ConfigError(f"collapse.confidence must be in (0, 1), got {cfg.collapse.confidence}")
     for suite in cfg.eval.suites:
@@ -222,9 +224,10 @@ def plan(argv: list[str]) -> Plan:
             raise ConfigError(str(e)) from None
     if "seed" not in cfg.eval.suites:
         raise ConfigError("eval.suites must include 'seed' (the post's prompts: the collapse rule reads them)")
+    check_output(Path(cfg.checkpoints_dir), "checkpoints_dir", is_dir=True)
     p = Plan(cfg, [*preset_overrides(OmegaConf.to_container(cfg.lab, resolve=True)), *lab], lab)
-    for regime in p.regimes:  # every stage's config composes: a bad lab key fails here, not mid-run
-        p.lab_config(p.seeds[0], regime)
+    for regime in p.regimes:  # every stage's config composes and passes its checks: a bad value fails here, not mid-run
+        registry.check_plan(p.lab_config(p.seeds[-1], regime), regime)
     first = p.lab_config(p.seeds[0], p.regimes[0])
     if first.model.path:  # a user's model: a causal LM with a tokenizer that spells the answers, context enough
         tokens = max(first.ratings.max_new_tokens, first.ppo.max_new_tokens, cfg.eval.max_new_tokens,
@@ -539,7 +542,8 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
     if _read_json(out / "stamp.json") == json.loads(json.dumps(stamp)) and all(f.exists() for f in files):
         return files
     out.mkdir(parents=True, exist_ok=True)
-    common = compose("evaluate", [f"model_path={model}", f"reference_path={base}", f"sampling.temperature={e.temperature}",
+    common = compose("evaluate", [f"model_path={_override_value(str(model))}", f"reference_path={_override_value(str(base))}",
+                                  f"sampling.temperature={e.temperature}",
                                   f"seed={e.seed}", "plots=false"])  # the report draws its own
     try:
         for suite in e.suites:

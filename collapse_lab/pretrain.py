@@ -68,6 +68,14 @@ def check(cfg: DictConfig) -> None:
     if cfg.model.path is not None:
         raise ConfigError(f"model '{cfg.model.name}' is already pretrained (path={cfg.model.path}); "
                           "pretraining builds the lab's own base: use model=tiny")
+    check_batches(cfg)
+
+
+def check_batches(cfg: DictConfig) -> int:
+    """The micro-batch size per process (pretrain.batch_size over processes and micro-batches, exactly)."""
+    p = cfg.pretrain
+    per_device = exact_div(p.batch_size, world_size(), "pretrain.batch_size over processes")
+    return exact_div(per_device, p.micro_batches, "pretrain.batch_size per process over pretrain.micro_batches")
 
 
 @stage_function(STAGE, base_dir, "{steps} steps, {wall_time_s:.0f} s", check=check)
@@ -76,8 +84,7 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
     `named=False` when another stage needs it on the way (its directory then ignores that stage's `name=`)."""
     out, p = run.out, cfg.pretrain
     manifest = read_manifest(out)  # an interrupted run's (resumed), or None
-    per_device = exact_div(p.batch_size, world_size(), "pretrain.batch_size over processes")
-    micro = exact_div(per_device, p.micro_batches, "pretrain.batch_size per process over pretrain.micro_batches")
+    micro = check_batches(cfg)
     run.start(resume=True, started_at=(manifest or {}).get("started_at", _now()))
     started = run.started
 

@@ -60,6 +60,9 @@ class Stage:
     group: Optional[str] = None  # OFFLINE | ONLINE | SELECTION (regimes only)
     rating_budget: Optional[Callable[[DictConfig], int]] = None
     control_of: Optional[str] = None  # a control: the regime whose collapse call also needs a drop below it
+    # check(cfg): ConfigError when the config cannot run (batch arithmetic, constraints across keys); no work.
+    # Every stage of a plan is checked before its first one runs (registry.check_plan)
+    check: Optional[Callable[[DictConfig], None]] = None
     kl_key: Optional[str] = None  # the config key holding its KL coefficient β (None: no KL to the base)
     adaptive_kl_key: Optional[str] = None
     # a regime that brings its own config section: its dataclass, and the ranges / choices of its keys
