@@ -39,6 +39,7 @@ import queue
 import re
 import resource
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -55,7 +56,8 @@ from omegaconf import DictConfig, OmegaConf
 from collapse_lab import registry, report, tracking
 from collapse_lab.console import quiet_stage_bars, say
 from collapse_lab.checkpoint import lock_run, unlock_run
-from collapse_lab.config import AblateConfig, ConfigError, EvalConfig, compose, group_options
+from collapse_lab.config import (SEED, AblateConfig, ConfigError, EvalConfig, check_name, check_output, compose, group_options,
+                                 read_record)
 from collapse_lab.evaluator import Loaded
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.frontier import Curve
@@ -165,8 +167,7 @@ class Plan:
     @property
     def out(self) -> Path:
         name = self.cfg.name or f"{self.cfg.preset}-{self.digest}"
-        if "/" in name or name in ("", ".", ".."):
-            raise ConfigError(f"bad ablation name '{name}': use a plain directory name")
+        check_name(name, "ablation name")
         return Path(self.cfg.checkpoints_dir) / STAGE / name
 
 
@@ -213,6 +214,8 @@ def plan(argv: list[str]) -> Plan:
                           f"available recipes: {', '.join(group_options('recipe'))}")
     if cfg.seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {cfg.seeds}")
+    if cfg.seed + cfg.seeds - 1 > SEED.high:
+        raise ConfigError(f"seed + seeds - 1 = {cfg.seed + cfg.seeds - 1}: the replicate seeds must be {SEED}")
     if not 0 < cfg.collapse.confidence < 1:
         raise ConfigError(f"collapse.confidence must be in (0, 1), got {cfg.collapse.confidence}")
     for suite in cfg.eval.suites:
@@ -222,21 +225,27 @@ def plan(argv: list[str]) -> Plan:
             raise ConfigError(str(e)) from None
     if "seed" not in cfg.eval.suites:
         raise ConfigError("eval.suites must include 'seed' (the post's prompts: the collapse rule reads them)")
+    check_output(Path(cfg.checkpoints_dir), "checkpoints_dir", is_dir=True)
     p = Plan(cfg, [*preset_overrides(OmegaConf.to_container(cfg.lab, resolve=True)), *lab], lab)
-    for regime in p.regimes:  # every stage's config composes: a bad lab key fails here, not mid-run
-        p.lab_config(p.seeds[0], regime)
+    for regime in p.regimes:  # every stage's config composes and passes its checks: a bad value fails here, not mid-run
+        registry.check_plan(p.lab_config(p.seeds[-1], regime), regime)
     first = p.lab_config(p.seeds[0], p.regimes[0])
     if first.model.path:  # a user's model: a causal LM with a tokenizer that spells the answers, context enough
         tokens = max(first.ratings.max_new_tokens, first.ppo.max_new_tokens, cfg.eval.max_new_tokens,
                      cfg.eval.story_max_new_tokens if "stories" in cfg.eval.suites else 0)
         check_base(first.model.path, make_world(first.world), tokens)
-    out = p.out
-    saved = out / "ablation.yaml"
-    if saved.exists():
-        old = OmegaConf.load(saved)
-        if old.get("digest") != p.digest:
-            raise ConfigError(f"{out} holds an ablation with a different config; choose another name=")
+    same_ablation(p)
     return p
+
+
+def same_ablation(p: Plan) -> None:
+    """ConfigError unless the ablation's directory holds no ablation.yaml yet or one of this plan's digest:
+    checked by `plan` (before any work) and again by `run` once it holds the directory's lock (an ablation
+    started at the same moment may have written its own in between)."""
+    saved = read_record(p.out / "ablation.yaml", f"repair: rm {p.out / 'ablation.yaml'} and rerun the same "
+                                                  "collapse-lab ablate command")
+    if saved is not None and saved.get("digest") != p.digest:
+        raise ConfigError(f"{p.out} holds an ablation with a different config; choose another name=")
 
 
 # ------------------------------------------------------------------------------ the pipeline
@@ -343,7 +352,7 @@ class Workers:
             context = multiprocessing.get_context("spawn")
             self.events = context.Queue()  # the workers' stage lines, passed on to this process's _REPORT
             self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=context,
-                                            initializer=_worker_init, initargs=(threads, self.events))
+                                            initializer=_worker_init, initargs=(threads, os.getpid(), self.events))
             # ONE thread for all of this process's tasks (a new thread per task grew the heap: glibc gives
             # threads their own malloc arenas); a daemon: on an error it ends with the process, like a
             # killed stage (which resumes)
@@ -423,12 +432,33 @@ def _task_thread(threads: int, inbox: "queue.SimpleQueue") -> None:
         _run_into(*task)
 
 
-def _worker_init(threads: int, events) -> None:
+def _worker_init(threads: int, parent: int, events) -> None:
     global _REPORT
+    _die_with(parent)
     _REPORT = events.put  # this worker's stage lines go to the ablation's process (Workers._pass_events)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker's threads are torch's
     torch.set_num_threads(threads)
     flush_denormals()
+
+
+def _die_with(parent: int) -> None:
+    """A worker process ends with the ablation's process, even one killed with -9 (which runs no cleanup: its
+    workers would run on under PID 1, and multiprocessing's resource_tracker with them, which exits once the
+    last process holding its pipe is gone). Linux: the kernel's parent-death signal (prctl PR_SET_PDEATHSIG);
+    everywhere: a thread that checks the parent once a second (a killed parent's children get a new one)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # died before the signal was set
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 # the tasks (module-level: a worker process unpickles them); a regime's returns its run record
@@ -482,6 +512,11 @@ def run(p: Plan) -> Path:
     flush_denormals()  # before anything computes (stage.flush_denormals)
     started = time.time()
     lock_run(out)  # a second identical ablation waits, then finds every stage finished
+    try:
+        same_ablation(p)  # under the lock: a different ablation that held it may have taken the directory
+    except ConfigError:
+        unlock_run(out)
+        raise
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create({"digest": p.digest, "ablate": OmegaConf.to_container(cfg, resolve=True),
                                      "lab": p.lab}), out / "ablation.yaml")
@@ -551,7 +586,8 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
     if _read_json(out / "stamp.json") == json.loads(json.dumps(stamp)) and all(f.exists() for f in files):
         return files
     out.mkdir(parents=True, exist_ok=True)
-    common = compose("evaluate", [f"model_path={model}", f"reference_path={base}", f"sampling.temperature={e.temperature}",
+    common = compose("evaluate", [f"model_path={_override_value(str(model))}", f"reference_path={_override_value(str(base))}",
+                                  f"sampling.temperature={e.temperature}",
                                   f"seed={e.seed}", "plots=false", f"verbose={p.cfg.verbose}"])  # the report draws its own
     try:
         for suite in e.suites:

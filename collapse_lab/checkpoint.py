@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig
 
-from collapse_lab.config import REPO_ROOT, save_config
+from collapse_lab.config import REPO_ROOT, ConfigError, read_record, rerun_repair, save_config
 from collapse_lab.distributed import is_main_process
 
 PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "trl", "peft", "datasets", "hydra-core", "wandb")
@@ -51,8 +51,9 @@ def package_versions() -> dict[str, str]:
 
 
 def read_manifest(path: Path) -> Optional[dict[str, Any]]:
-    f = Path(path) / "manifest.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    """The run directory's manifest.json, None when there is none; a damaged one is a one-line ConfigError
+    naming it and its repair (config.read_record)."""
+    return read_record(Path(path) / "manifest.json", rerun_repair(path))
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -67,18 +68,47 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
         unlock_run(path)
 
 
-def already_finished(out: Path, summary: str) -> bool:
+def already_finished(out: Path, summary: str, check: Optional[Callable[[], None]] = None) -> bool:
     """True when `out` holds a finished run; then print `<out>: already finished (<summary>); nothing to do`,
     `summary` a format string over the manifest's fields, e.g. "{steps} steps, {wall_time_s:.0f} s".
 
+    `check()` runs once this process holds `out`'s lock, before the manifest is read: the stage's config
+    against the directory's config.yaml (config.same_config), which a run holding the lock until now may
+    have written. A finished run must be whole: its bookkeeping files parse and every file its manifest
+    lists is there (a ConfigError naming what is damaged or missing, and the repair, otherwise).
     Otherwise this process now holds `out`'s lock (lock_run) until its manifest says the run ended."""
     lock_run(out)
-    manifest = read_manifest(out)
-    if not manifest or manifest.get("status") != "finished":
-        return False
+    try:
+        if check is not None:
+            check()
+        manifest = read_manifest(out)
+        if not manifest or manifest.get("status") != "finished":
+            return False
+        check_whole(out, manifest)
+    except BaseException:
+        unlock_run(out)
+        raise
     unlock_run(out)
     print(f"{out}: already finished ({summary.format_map(manifest)}); nothing to do")
     return True
+
+
+def check_whole(out: Path, manifest: dict[str, Any]) -> None:
+    """A finished run directory is whole: config.yaml and metrics.jsonl parse, and the files its manifest
+    lists (`files`, written when it finished: weights, tokenizer, data) are all there."""
+    out = Path(out)
+    for name in ("config.yaml", "metrics.jsonl"):
+        read_record(out / name, rerun_repair(out))
+    missing = [f for f in manifest.get("files", []) if not (out / f).exists()]
+    if missing:
+        raise ConfigError(f"{out}: its manifest says finished but {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''} is missing; {rerun_repair(out)}")
+
+
+def run_files(out: Path) -> list[str]:
+    """The files and directories a finished run keeps (the manifest lists them; check_whole checks them)."""
+    skip = {"manifest.json", "manifest.json.tmp", "trainer", "checkpoints", ".publish", "wandb", "eval"}
+    return sorted(f.name for f in Path(out).iterdir() if f.name not in skip and not f.name.endswith(".tmp"))
 
 
 # ------------------------------------------------------------------------------ the run's lock

@@ -24,8 +24,10 @@ from collapse_lab.stage import flush_denormals
 
 
 def _run(cfg):
-    base = pretrain.pretrain(cfg)
-    evaluator.run(compose("evaluate", [f"model_path={base}", "suite=seed"]))
+    pretrain.check(cfg)  # the whole plan before any work: the base's config and directory, the evaluator's
+    evaluate = compose("evaluate", [f"model_path={ablate._override_value(str(pretrain.base_dir(cfg)))}", "suite=seed"])
+    evaluate.model_path = str(pretrain.pretrain(cfg))
+    evaluator.run(evaluate)
 
 
 def _pretrain(cfg):

@@ -16,6 +16,7 @@ import difflib
 import functools
 import hashlib
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,40 +355,46 @@ class Range:
                 and (x < self.high if self.high_open else x <= self.high))
 
     def __str__(self) -> str:
+        num = lambda x: str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else f"{x:g}"  # noqa: E731 (2**32 - 1 in full)
         if self.high == math.inf:
-            return "a finite number" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return "a finite number" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {num(self.low)}"
+        return f"in {'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
 
 
 ANY, COUNT, NONNEG, POSITIVE = Range(), Range(1), Range(0), Range(0, low_open=True)
 SHARE, OPEN_SHARE = Range(0, 1), Range(0, 1, True, True)
+SEED = Range(0, 2**32 - 1)  # numpy's and torch's seeds are below 2**32
+# sampling temperatures: logits / T must stay finite (T = 1e-45 made every logit inf)
+TEMPERATURE = Range(1e-3)
+# β of the per-token KL penalty: larger ones overflow the rewards (float32) before they mean anything
+KL_COEF = Range(0, 1e4)
 RANGES = {
     "lab": {
-        "seed": NONNEG, "model.hidden_size": COUNT, "model.num_layers": COUNT, "model.num_heads": COUNT,
+        "seed": SEED, "model.hidden_size": COUNT, "model.num_layers": COUNT, "model.num_heads": COUNT,
         "model.intermediate_size": COUNT, "model.max_seq_len": COUNT, "model.vocab_size": COUNT,
         "peft.r": COUNT, "peft.alpha": POSITIVE, "peft.dropout": Range(0, 1, high_open=True),
-        "world.seed": NONNEG, "world.mix.numbers": NONNEG, "world.mix.stories": NONNEG,
+        "world.seed": SEED, "world.mix.numbers": NONNEG, "world.mix.stories": NONNEG,
         "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.train_seed_share": SHARE, "world.arithmetic_max": NONNEG,
         "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
         "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
-        "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.micro_batches": COUNT, "pretrain.lr": POSITIVE,
+        "pretrain.seed": SEED, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.micro_batches": COUNT, "pretrain.lr": POSITIVE,
         "pretrain.warmup_steps": NONNEG, "pretrain.weight_decay": NONNEG, "pretrain.save_every": COUNT,
         "pretrain.log_every": COUNT, "pretrain.tokenizer_docs": COUNT,
-        "ratings.prompts": COUNT, "ratings.samples_per_prompt": COUNT, "ratings.temperature": POSITIVE,
-        "ratings.max_new_tokens": COUNT, "ratings.seed": NONNEG,
+        "ratings.prompts": COUNT, "ratings.samples_per_prompt": COUNT, "ratings.temperature": TEMPERATURE,
+        "ratings.max_new_tokens": COUNT, "ratings.seed": SEED,
         "reward_model.epochs": POSITIVE, "reward_model.lr": POSITIVE, "reward_model.batch_size": COUNT,
         "reward_model.eval_fraction": OPEN_SHARE,
         "curve.points": NONNEG, "world.max_tokens": COUNT,
     },
     "evaluate": {
-        "batch_size": COUNT, "seed": NONNEG, "sampling.n": NONNEG, "sampling.temperature": POSITIVE,
+        "batch_size": COUNT, "seed": SEED, "sampling.n": NONNEG, "sampling.temperature": TEMPERATURE,
         "sampling.max_new_tokens": COUNT,
     },
     "ablate": {
-        "seed": NONNEG, "seeds": COUNT, "jobs": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
+        "seed": SEED, "seeds": COUNT, "jobs": COUNT, "collapse.threshold": NONNEG, "collapse.confidence": OPEN_SHARE,
         "frontier.margin": NONNEG, "frontier.grid_points": COUNT, "frontier.gain_floor": NONNEG,
         "eval.samples": NONNEG, "eval.max_new_tokens": COUNT, "eval.story_max_new_tokens": COUNT,
-        "eval.temperature": POSITIVE, "eval.gold_samples": COUNT, "eval.seed": NONNEG,
+        "eval.temperature": TEMPERATURE, "eval.gold_samples": COUNT, "eval.seed": SEED,
     },
 }
 
@@ -509,13 +516,39 @@ def _check_choices(cfg: DictConfig, config_name: str) -> None:
             raise ConfigError(f"bad value '{value}' for '{key}'; valid choices: {', '.join(valid)}")
 
 
-def _one_line(e: Exception) -> str:
-    """Hydra/OmegaConf errors are multi-line; keep the message and the full key."""
+def _check_lab(cfg: DictConfig) -> None:
+    """The lab config's constraints between keys and on structured values (the ranges check single numbers)."""
+    m = cfg.model
+    if m.path is None and m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} must divide model.hidden_size={m.hidden_size} "
+                          f"(each head gets hidden_size/num_heads dimensions)")
+    for pair in cfg.world.rewards:
+        ok = isinstance(pair, ListConfig) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]
+        try:
+            ok = ok and math.isfinite(float(pair[1])) and not isinstance(pair[1], (bool, str))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            shown = OmegaConf.to_container(pair) if isinstance(pair, ListConfig) else pair
+            raise ConfigError(f"world.rewards: each entry must be [token text, finite reward], got {shown!r}")
+
+
+def _one_line(e: Exception, schema: Optional[DictConfig] = None) -> str:
+    """Hydra/OmegaConf errors are multi-line; keep the message and the full key. A key the schema lacks
+    (a recipe's typo) is named, with the file it came from and the valid keys."""
+    from omegaconf.errors import ConfigKeyError
+
     cause = e
-    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
-        cause = cause.__cause__
+    while not getattr(cause, "full_key", None) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
     msg = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
     key = getattr(cause, "full_key", None)
+    if key and schema is not None and isinstance(cause, (ConfigKeyError, AttributeError)):
+        where = re.match(r"In '([^']+)'", str(e).strip())
+        try:
+            _check_key(schema, key)
+        except ConfigError as bad:
+            return f"{bad}" + (f" (in recipes/{where[1]}.yaml)" if where else "")
     return f"bad value for '{key}': {msg}" if key else msg
 
 
@@ -536,7 +569,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except Exception as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_one_line(e, schema)) from None
     finally:
         GlobalHydra.instance().clear()
     try:
@@ -548,6 +581,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(_one_line(e)) from None
     _check_choices(cfg, config_name)
     _check_ranges(cfg, config_name)
+    if config_name == "lab":
+        _check_lab(cfg)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
     return cfg
@@ -627,27 +662,93 @@ def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: st
 
     `named=False` for upstream stages a command runs on the way (the base of a PPO run does
     not take the PPO run's name). A directory already holding a DIFFERENT config (for `keys`)
-    is never reused: that is a ConfigError, so two configs never share a directory.
+    is never reused: that is a ConfigError, so two configs never share a directory. Checked here (early,
+    before any work) and again by the stage once it holds the directory's lock (`same_config`): a run
+    started at the same moment may write its config.yaml between the two.
     """
     name = cfg.name if named and cfg.name else f"{default_name}-{config_hash(cfg, keys)}"
     check_name(name, "run name")
-    path = Path(cfg.checkpoints_dir) / stage / name
-    saved = path / "config.yaml"
-    if saved.exists():
-        saved_cfg = OmegaConf.load(saved)
-        absent = object()  # a key the saved config lacks (an older schema), not a key set to null
-        old = stage_config(saved_cfg, tuple(k for k in keys if OmegaConf.select(saved_cfg, k, default=absent) is not absent))
-        new = stage_config(cfg, keys)
-        if OmegaConf.to_yaml(old, sort_keys=True) != OmegaConf.to_yaml(new, sort_keys=True):
-            diff = _first_difference(OmegaConf.to_container(old), OmegaConf.to_container(new))
-            raise ConfigError(f"{path} holds a run with a different config (at '{diff}'); choose another name=")
+    root = Path(cfg.checkpoints_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"checkpoints_dir={root} is a file; give a directory")
+    path = root / stage / name
+    _RUN_KEYS[path.absolute()] = keys
+    same_config(cfg, path)
     return path
 
 
+# run directory -> the config keys it depends on (run_dir records them; same_config reads them under the lock)
+_RUN_KEYS: dict[Path, tuple[str, ...]] = {}
+
+
+def same_config(cfg: DictConfig, path: Path) -> None:
+    """ConfigError unless `path` holds no config.yaml yet or one equal to `cfg` on the keys its run_dir named."""
+    keys = _RUN_KEYS.get(Path(path).absolute())
+    saved = Path(path) / "config.yaml"
+    if keys is None or not saved.exists():
+        return
+    saved_cfg = OmegaConf.create(read_record(saved, rerun_repair(path)))
+    absent = object()  # a key the saved config lacks (an older schema), not a key set to null
+    old = stage_config(saved_cfg, tuple(k for k in keys if OmegaConf.select(saved_cfg, k, default=absent) is not absent))
+    new = stage_config(cfg, keys)
+    if OmegaConf.to_yaml(old, sort_keys=True) != OmegaConf.to_yaml(new, sort_keys=True):
+        diff = _first_difference(OmegaConf.to_container(old), OmegaConf.to_container(new))
+        raise ConfigError(f"{path} holds a run with a different config (at '{diff}'); choose another name=")
+
+
 def check_name(name: str, what: str) -> None:
-    """A name that becomes ONE directory under checkpoints/ (no path separators, not '.' or '..')."""
-    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+    """A name that becomes ONE directory under checkpoints/ (no path separators, not '.' or '..', no NUL, at
+    most 255 bytes: the longest file name Linux and macOS file systems take)."""
+    if not isinstance(name, str) or "/" in name or "\\" in name or "\0" in name or name in ("", ".", ".."):
         raise ConfigError(f"bad {what} '{name}': use a plain directory name")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise ConfigError(f"bad {what} '{name[:40]}...': {len(name.encode('utf-8', 'surrogateescape'))} bytes, "
+                          "at most 255 (a file name's limit)")
+
+
+# ------------------------------------------------------------------------- bookkeeping files
+
+
+def rerun_repair(run: Path) -> str:
+    """The repair of a damaged file in a stage's run directory: the run is redone from scratch."""
+    return f"repair: rm -r {run} and rerun the command (the run is redone)"
+
+
+def read_record(path: Path, repair: str, kind: Optional[str] = None) -> Any:
+    """Every bookkeeping file the lab reads back (manifest.json, metrics.jsonl, config.yaml, runs.json,
+    ablation.yaml, stamps and eval JSON) is read through this ONE function: the parsed content (`kind`, by
+    default the suffix: json -> a dict, jsonl -> a list of dicts, yaml -> a plain dict), None when the file is
+    absent. A damaged file (cut short by a kill or a full disk, not UTF-8, not the shape the lab writes) is a
+    ConfigError naming the file and `repair`, the command that repairs it."""
+    import json
+
+    import yaml
+
+    path = Path(path)
+    kind = kind or path.suffix.lstrip(".")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e.__class__.__name__}); {repair}") from None
+    try:
+        if kind == "jsonl":
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            ok = all(isinstance(r, dict) for r in data)
+        elif kind == "json":
+            data = json.loads(text)
+            ok = isinstance(data, dict)
+        else:
+            data = yaml.safe_load(text)
+            ok = isinstance(data, dict)
+    except (ValueError, yaml.YAMLError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ConfigError(f"{path} is damaged ({reason}); {repair}") from None
+    if not ok:
+        raise ConfigError(f"{path} is damaged (not the {'rows' if kind == 'jsonl' else 'mapping'} the lab writes); "
+                          f"{repair}")
+    return data
 
 
 def check_output(path: Path, what: str, is_dir: bool = False) -> None:

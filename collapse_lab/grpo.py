@@ -24,9 +24,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from collapse_lab.config import COUNT, NONNEG, POSITIVE, one_of, ranged
+from collapse_lab.config import COUNT, KL_COEF, NONNEG, POSITIVE, TEMPERATURE, one_of, ranged
 from collapse_lab.stage import BASE, ONLINE, REWARD, Stage, online_rating_budget
-from collapse_lab.trl_online import train_online
+from collapse_lab.trl_online import check_online, train_online
 
 STAGE = "grpo"
 
@@ -38,11 +38,11 @@ class GRPOSection:
     steps: int = ranged(100, COUNT)
     rollout_batch_size: int = ranged(64, COUNT)  # completions per step
     samples_per_prompt: int = ranged(4, COUNT)  # G: the group
-    kl_coef: float = ranged(0.1, NONNEG)  # β: the k3 KL in the loss (TRL's beta; TRL's own default is 0)
+    kl_coef: float = ranged(0.1, KL_COEF)  # β: the k3 KL in the loss (TRL's beta; TRL's own default is 0)
     scale_rewards: str = one_of("group", "group", "batch", "none")  # group (Shao et al.) | batch | none (Dr. GRPO)
     loss_type: str = one_of("grpo", "grpo", "dapo", "dr_grpo")  # grpo (per-sequence token mean, Shao et al.) | dapo | dr_grpo (TRL's)
     lr: float = ranged(1e-4, POSITIVE)
-    temperature: float = ranged(1.0, POSITIVE)
+    temperature: float = ranged(1.0, TEMPERATURE)
     max_new_tokens: int = ranged(8, COUNT)
     missing_eos_penalty: float = ranged(1.0, NONNEG)
     anneal_lr: bool = True
@@ -59,4 +59,4 @@ def train_grpo(cfg: DictConfig, named: bool = True) -> Path:
 
 # the regime's one declaration (collapse_lab/stage.py): the registry names an entry per recipe of kind grpo
 REGIME = Stage(STAGE, train_grpo, section=STAGE, schema=GRPOSection, consumes=(BASE, REWARD), group=ONLINE,
-               rating_budget=online_rating_budget(STAGE), kl_key="grpo.kl_coef")
+               rating_budget=online_rating_budget(STAGE), kl_key="grpo.kl_coef", check=check_online(STAGE))

@@ -54,8 +54,8 @@ from collapse_lab import tracking
 from collapse_lab.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.checkpoint import publish, read_manifest, write_manifest
 from collapse_lab.console import progress_bars
-from collapse_lab.config import COUNT, NONNEG, POSITIVE, SHARE, ConfigError, one_of, ranged, run_dir
-from collapse_lab.distributed import exact_div
+from collapse_lab.config import COUNT, KL_COEF, NONNEG, POSITIVE, SHARE, TEMPERATURE, ConfigError, one_of, ranged, run_dir
+from collapse_lab.distributed import exact_div, world_size
 from collapse_lab.models import DTYPES, add_lora, load_pretrained, mixed_precision
 from collapse_lab.evaluator import answer_distribution
 from collapse_lab.frontier import Curve, schedule
@@ -97,7 +97,7 @@ class PPOSection:
     # the value model's or head's (None: lr). Adam's step is ~lr whatever vf_coef, and a fresh
     # scalar head at 5e-5 needs ~100 steps to reach returns of ~6: hence its own, larger rate
     value_lr: Optional[float] = ranged(1e-3, POSITIVE)
-    kl_coef: float = ranged(0.1, NONNEG)  # beta: per-token -beta * (log pi - log pi_base) in the reward
+    kl_coef: float = ranged(0.1, KL_COEF)  # beta: per-token -beta * (log pi - log pi_base) in the reward
     adaptive_kl: bool = False
     kl_target: float = ranged(6.0, POSITIVE)
     # samples over which β may move by a factor ~e^0.2. None: a tenth of the run's samples
@@ -146,7 +146,7 @@ class PPOSection:
     # (benchmarks/bench_ppo.py).
     value_model: str = one_of("head", "separate", "shared", "head")
     whiten_advantages: bool = True
-    temperature: float = ranged(1.0, POSITIVE)
+    temperature: float = ranged(1.0, TEMPERATURE)
     max_new_tokens: int = ranged(8, COUNT)
     missing_eos_penalty: float = ranged(1.0, NONNEG)  # subtracted from the score of a completion cut off at max_new_tokens
     anneal_lr: bool = True  # linear decay to 0 over the run (CleanRL's default)
@@ -828,10 +828,29 @@ def _load_checkpoint(accelerator: Accelerator, ckpt: Path, kl_ctl: KLController,
     if pickles:
         raise ConfigError(f"{ckpt} holds {', '.join(pickles)}: a pickle the lab never writes, not loaded "
                           f"(delete {ckpt.parent} to restart the run)")
+    _restore_rng_state(ckpt, accelerator.process_index)
     accelerator.load_state(str(ckpt))
     state = json.loads((ckpt / "state.json").read_text())
     kl_ctl.load_state_dict(state["kl_ctl"])
     progress.load_state_dict(state["progress"])
+
+
+def _restore_rng_state(ckpt: Path, process: int) -> None:
+    """This process's RNG states from the checkpoint (as load_state restores them, weights_only). load_state
+    itself skips a state it cannot load (a damaged or planted random_states_<i>.pkl) without a word, and the
+    resumed run then draws other samples than the interrupted one would have: refused here, in one line."""
+    from accelerate.utils import load
+
+    f = ckpt / f"random_states_{process}.pkl"
+    try:
+        states = load(f)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+    except Exception as e:  # noqa: BLE001 (unpickling and the setters raise many types; each means the same)
+        raise ConfigError(f"{f} cannot restore the run's random state ({e.__class__.__name__}): the resumed run "
+                          f"would not be the interrupted one's; repair: rm -r {ckpt} and rerun the command "
+                          "(the run restarts)") from None
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -861,4 +880,5 @@ def _fail(out: Path, accelerator: Accelerator, message: str):
 # kl0.1, klauto, ent0.01, ...); its run directory's keys: the base, the world, the seed, the reward, this section,
 # LoRA and curve
 REGIME = Stage(STAGE, train_ppo, section=STAGE, schema=PPOSection, consumes=(BASE, REWARD), group=ONLINE,
-               rating_budget=online_rating_budget(STAGE), kl_key="ppo.kl_coef", adaptive_kl_key="ppo.adaptive_kl")
+               rating_budget=online_rating_budget(STAGE), kl_key="ppo.kl_coef", adaptive_kl_key="ppo.adaptive_kl",
+               check=lambda cfg: batch_sizes(cfg.ppo, world_size()))  # its batch arithmetic divides exactly

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +30,7 @@ from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTra
                           TrainerCallback, TrainingArguments, set_seed)
 
 from collapse_lab.checkpoint import publish, read_manifest, write_manifest
-from collapse_lab.config import CORPUS_KEYS, ConfigError, run_dir
+from collapse_lab.config import CORPUS_KEYS, ConfigError, read_record, run_dir
 from collapse_lab.distributed import exact_div, process_state, world_size
 from collapse_lab.models import build_base_model, check_base
 from collapse_lab.stage import Run, hf_args, stage_function
@@ -67,6 +68,14 @@ def check(cfg: DictConfig) -> None:
     if cfg.model.path is not None:
         raise ConfigError(f"model '{cfg.model.name}' is already pretrained (path={cfg.model.path}); "
                           "pretraining builds the lab's own base: use model=tiny")
+    check_batches(cfg)
+
+
+def check_batches(cfg: DictConfig) -> int:
+    """The micro-batch size per process (pretrain.batch_size over processes and micro-batches, exactly)."""
+    p = cfg.pretrain
+    per_device = exact_div(p.batch_size, world_size(), "pretrain.batch_size over processes")
+    return exact_div(per_device, p.micro_batches, "pretrain.batch_size per process over pretrain.micro_batches")
 
 
 @stage_function(STAGE, base_dir, "{steps} steps, {wall_time_s:.0f} s", check=check)
@@ -75,8 +84,7 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
     `named=False` when another stage needs it on the way (its directory then ignores that stage's `name=`)."""
     out, p = run.out, cfg.pretrain
     manifest = read_manifest(out)  # an interrupted run's (resumed), or None
-    per_device = exact_div(p.batch_size, world_size(), "pretrain.batch_size over processes")
-    micro = exact_div(per_device, p.micro_batches, "pretrain.batch_size per process over pretrain.micro_batches")
+    micro = check_batches(cfg)
     run.start(resume=True, started_at=(manifest or {}).get("started_at", _now()))
     started = run.started
 
@@ -111,6 +119,7 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
     tracking.quiet(trainer)
     last = last_complete_checkpoint(Path(args.output_dir))
     if last:
+        trainer.log_carry = read_log_carry(last, args.process_index)
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
 
@@ -167,11 +176,48 @@ class SortedBatches(Sampler):
 
 
 class SortedBatchTrainer(Trainer):
+    """Trainer with SortedBatches, and a logging interval that survives a resume. A logged loss is the mean over
+    the steps since the last log; a save between two logs (save_every not a multiple of log_every) keeps the
+    interval's loss sum so far and its first step (log_carry_<process>.json, written before trainer_state.json,
+    which marks the checkpoint complete), and the resumed run starts its interval from them: its rows are
+    an uninterrupted run's, bit for bit (x + y == y + x in floating point: the sums add in the same order)."""
+
+    log_carry: Optional[dict] = None  # set before train(resume_from_checkpoint=...): read_log_carry(checkpoint)
+
     def _get_train_sampler(self, train_dataset=None) -> Sampler:
         data = train_dataset if train_dataset is not None else self.train_dataset
         a = self.args
         batch = a.train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
         return SortedBatches([len(x) for x in data["input_ids"]], batch, a.data_seed)
+
+    def training_step(self, *args, **kwargs):
+        if self.log_carry is not None:  # the first micro-batch after a resume: before its loss is added
+            carry, self.log_carry = self.log_carry, None
+            self._tr_loss += torch.tensor(carry["loss_sum"], dtype=self._tr_loss.dtype, device=self._tr_loss.device)
+            self._globalstep_last_logged = int(carry["last_logged"])
+        return super().training_step(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        carry = {"loss_sum": self._tr_loss.item(), "last_logged": self._globalstep_last_logged}
+        (folder / f"log_carry_{self.args.process_index}.json").write_text(json.dumps(carry) + "\n")
+        super()._save_checkpoint(model, trial)
+
+
+def read_log_carry(checkpoint: str, process: int) -> dict:
+    """A resumable checkpoint's logging interval so far (SortedBatchTrainer); one line when it is damaged."""
+    path = Path(checkpoint) / f"log_carry_{process}.json"
+    carry = read_record(path, f"repair: rm -r {Path(checkpoint)} and rerun the command (it resumes from the "
+                              "previous checkpoint or restarts)")
+    if carry is None:  # a checkpoint saved by an older lab: the resumed run's first logged loss averages fewer steps
+        print(f"warning: {path} is missing: the first loss logged after the resume averages only the steps since "
+              "it", file=sys.stderr)
+        return None
+    if not isinstance(carry.get("loss_sum"), (int, float)) or not isinstance(carry.get("last_logged"), int):
+        raise ConfigError(f"{path} is damaged (not the loss sum and step the lab writes); repair: "
+                          f"rm -r {Path(checkpoint)} and rerun the command")
+    return carry
 
 
 class ManifestCallback(TrainerCallback):

@@ -140,4 +140,5 @@ def start_on_ratings(run, cfg: DictConfig) -> tuple[Path, str]:
 
 
 # the stage's declaration (collapse_lab/stage.py), which the registry collects; its keys: the base, the world, the seed, this section
-UPSTREAM = Stage(RATINGS, rate, section="ratings", consumes=(BASE,), produces=RATINGS, rating_budget=ratings_budget)
+UPSTREAM = Stage(RATINGS, rate, section="ratings", consumes=(BASE,), produces=RATINGS, rating_budget=ratings_budget,
+                 check=check)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from collapse_lab import bok, dpo, grpo, ppo, ratings, reward_model, rloo, sft
+from collapse_lab import bok, dpo, grpo, ppo, pretrain, ratings, reward_model, rloo, sft
 from collapse_lab.config import RECIPES_DIR, ConfigError, register_sections
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.stage import BASE, POLICY, RATINGS, REWARD_MODEL, Stage
@@ -48,9 +48,14 @@ def _base(cfg: DictConfig, named: bool = False) -> Path:
     return Path(resolve_base(cfg))
 
 
+def _check_base(cfg: DictConfig) -> None:
+    if not cfg.base_path and not cfg.model.path:  # the lab's own base, pretrained here
+        pretrain.check_batches(cfg)
+
+
 # the base's run directory hashes its own keys (collapse_lab/pretrain.py STAGE_KEYS: the corpus, not the rater)
 UPSTREAM: dict[str, Stage] = {
-    BASE: Stage(BASE, _base, section="pretrain", produces=BASE, rating_budget=lambda cfg: 0),
+    BASE: Stage(BASE, _base, section="pretrain", produces=BASE, rating_budget=lambda cfg: 0, check=_check_base),
     RATINGS: ratings.UPSTREAM,
     REWARD_MODEL: reward_model.UPSTREAM,
 }
@@ -114,9 +119,20 @@ def resolve(cfg: DictConfig, name: str) -> dict[str, Path]:
     return {x: Path(UPSTREAM[x].train(cfg, named=False)) for x in upstream(cfg, name)}
 
 
+def check_plan(cfg: DictConfig, name: str) -> None:
+    """Every check of the stages `name` runs under `cfg` (its upstream ones, then itself): a ConfigError (one
+    line) before the first stage does any work."""
+    for x in [*upstream(cfg, name), name]:
+        s = stage(x)
+        if s.check is not None:
+            s.check(cfg)
+
+
 def run(name: str, cfg: DictConfig, named: bool = True) -> Path:
-    """What an entry point does: check the recipe's kind, resolve the upstream stages, then run the stage."""
+    """What an entry point does: check the recipe's kind and the whole plan, resolve the upstream stages, then
+    run the stage itself."""
     check_kind(cfg, name)
+    check_plan(cfg, name)
     resolve(cfg, name)
     return Path(stage(name).train(cfg, named=named))
 

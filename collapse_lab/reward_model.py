@@ -212,4 +212,4 @@ class ModelReward:
 
 # the stage's declaration (collapse_lab/stage.py), which the registry collects: its keys are the ratings' and this section
 UPSTREAM = Stage(REWARD_MODEL, train_reward_model, section="reward_model", consumes=(BASE, RATINGS),
-                 produces=REWARD_MODEL, rating_budget=ratings_budget)
+                 produces=REWARD_MODEL, rating_budget=ratings_budget, check=check)

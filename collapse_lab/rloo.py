@@ -21,9 +21,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from collapse_lab.config import COUNT, NONNEG, POSITIVE, ranged
+from collapse_lab.config import COUNT, KL_COEF, NONNEG, POSITIVE, TEMPERATURE, ranged
 from collapse_lab.stage import BASE, ONLINE, REWARD, Stage, online_rating_budget
-from collapse_lab.trl_online import train_online
+from collapse_lab.trl_online import check_online, train_online
 
 STAGE = "rloo"
 
@@ -35,9 +35,9 @@ class RLOOSection:
     steps: int = ranged(100, COUNT)
     rollout_batch_size: int = ranged(64, COUNT)  # completions per step
     samples_per_prompt: int = ranged(4, COUNT)  # k: the leave-one-out group
-    kl_coef: float = ranged(0.1, NONNEG)  # β: the sequence's k1 KL in the reward
+    kl_coef: float = ranged(0.1, KL_COEF)  # β: the sequence's k1 KL in the reward
     lr: float = ranged(1e-4, POSITIVE)
-    temperature: float = ranged(1.0, POSITIVE)
+    temperature: float = ranged(1.0, TEMPERATURE)
     max_new_tokens: int = ranged(8, COUNT)
     missing_eos_penalty: float = ranged(1.0, NONNEG)  # subtracted from the score of a completion cut off at max_new_tokens
     anneal_lr: bool = True
@@ -52,4 +52,4 @@ def train_rloo(cfg: DictConfig, named: bool = True) -> Path:
 
 # the regime's one declaration (collapse_lab/stage.py): the registry names an entry per recipe of kind rloo
 REGIME = Stage(STAGE, train_rloo, section=STAGE, schema=RLOOSection, consumes=(BASE, REWARD), group=ONLINE,
-               rating_budget=online_rating_budget(STAGE), kl_key="rloo.kl_coef")
+               rating_budget=online_rating_budget(STAGE), kl_key="rloo.kl_coef", check=check_online(STAGE))

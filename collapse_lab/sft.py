@@ -43,7 +43,7 @@ from collapse_lab.ratings import episode_tokens, load_ratings, rate_samples, sta
 from collapse_lab.tokenizer import encode_texts
 from collapse_lab.stage import (BASE, RATINGS, SELECTION, Run, Stage, device, hf_args, ratings_budget, save_policy,
                                 stage_function)
-from collapse_lab.world import make_world
+from collapse_lab.world import SCORE_MAX, TableRater, make_world
 
 STAGE = "sft"
 SELECT = ("top", "random")  # FeedME, and its finite-sample control
@@ -84,6 +84,18 @@ def check(cfg: DictConfig) -> None:
     if s.keep_top > cfg.ratings.samples_per_prompt:
         raise ConfigError(f"sft.keep_top={s.keep_top} exceeds the k={cfg.ratings.samples_per_prompt} samples per prompt "
                           "(ratings.samples_per_prompt)")
+    if s.min_score is not None:
+        top = highest_score(make_world(cfg.world).rater)
+        if s.min_score > top:
+            raise ConfigError(f"sft.min_score={s.min_score:g} is above the rater's highest score {top:g} "
+                              f"(world={cfg.world.name}): no sample could be kept; lower it")
+
+
+def highest_score(rater) -> float:
+    """The most a rating can be: the gold rater's scale top (world.SCORE_MAX), a table's largest entry."""
+    if isinstance(rater, TableRater):
+        return max([rater.default, *rater.table.values()])
+    return float(getattr(rater, "max_score", SCORE_MAX))
 
 
 def select_top(ratings: Dataset, keep_top: int = 1, min_score=None) -> Dataset:
@@ -218,4 +230,4 @@ def bandit_tv_to_best_of_k(model, base_path: str, tokenizer, cfg: DictConfig, ke
 # the regime's one declaration (collapse_lab/stage.py): the registry names an entry per recipe of kind sft (sft,
 # sft-k16, sft-r3, and the control sft-random); its run directory's keys: the ratings', this section, LoRA, curve
 REGIME = Stage(STAGE, train_sft, section=STAGE, schema=SFTSection, consumes=(BASE, RATINGS), group=SELECTION,
-               rating_budget=lambda cfg: ratings_budget(cfg) * cfg.sft.rounds)
+               rating_budget=lambda cfg: ratings_budget(cfg) * cfg.sft.rounds, check=check)

@@ -31,7 +31,8 @@ from collapse_lab import tracking
 from collapse_lab.console import progress_bars
 from collapse_lab.models import default_device, trainer_precision
 from collapse_lab.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
-                                     start_run, write_manifest)
+                                     run_files, start_run, write_manifest)
+from collapse_lab.config import ConfigError, same_config
 from collapse_lab.distributed import is_main_process
 
 # What a stage may consume and produce (the orchestrator resolves them in this order).
@@ -60,6 +61,9 @@ class Stage:
     group: Optional[str] = None  # OFFLINE | ONLINE | SELECTION (regimes only)
     rating_budget: Optional[Callable[[DictConfig], int]] = None
     control_of: Optional[str] = None  # a control: the regime whose collapse call also needs a drop below it
+    # check(cfg): ConfigError when the config cannot run (batch arithmetic, constraints across keys); no work.
+    # Every stage of a plan is checked before its first one runs (registry.check_plan)
+    check: Optional[Callable[[DictConfig], None]] = None
     kl_key: Optional[str] = None  # the config key holding its KL coefficient β (None: no KL to the base)
     adaptive_kl_key: Optional[str] = None
     seeded: bool = True  # False: a function of its inputs alone (best-of-k): `seed` is not in its keys
@@ -156,7 +160,7 @@ class Run:
         if is_main_process():
             wall = self.previous.get("wall_time_s", 0.0) + time.time() - self.started
             write_manifest(self.out, {**(read_manifest(self.out) or {}), "status": "finished", "wall_time_s": wall,
-                                      **fields, "git_commit": git_commit(), "versions": package_versions()})
+                                      "files": run_files(self.out), **fields, "git_commit": git_commit(), "versions": package_versions()})
         self.finished = True
 
 
@@ -167,9 +171,13 @@ def run_stage(cfg: DictConfig, out: Path, stage: str, summary: str, track: bool 
     the manifest at "running": the next run resumes or redoes the stage."""
     flush_denormals()
     run = Run(cfg, out, stage, track)
-    run.done = already_finished(out, summary)
+    run.done = already_finished(out, summary, check=lambda: same_config(cfg, out))  # compared under the lock
     try:
         yield run
+    except ConfigError as e:  # bad input found once the run had started: the run ended, it is not "running"
+        if is_main_process() and (run.out / "manifest.json").exists():
+            write_manifest(run.out, {**(read_manifest(run.out) or {}), "status": "failed", "error": str(e)})
+        raise
     finally:
         if run.track and not run.done:
             tracking.finish()

@@ -26,6 +26,8 @@ import yaml
 SUITES_DIR = Path(__file__).resolve().parents[1] / "eval" / "suites"
 DIGITS = "0123456789"
 PROMPT_KEYS = {"id", "text", "answers", "continue_chars", "correct", "categories"}
+# the most answers one prompt may have: the evaluator teacher-forces every answer of every prompt
+MAX_ANSWERS = 10_000
 
 
 class SuiteError(ValueError):
@@ -141,6 +143,8 @@ def _parse_answers(where: str, spec: Any) -> tuple[list[str], Optional[str]]:
             raise SuiteError(f"{where}: answers.values: every answer must be a non-empty string")
         if len(set(values)) != len(values):
             raise SuiteError(f"{where}: answers.values: duplicate answers")
+        if len(values) > MAX_ANSWERS:
+            raise SuiteError(f"{where}: answers.values: {len(values)} answers; at most {MAX_ANSWERS}")
         return list(values), None
     if set(spec) - {"low", "high", "format"} or not {"low", "high"} <= set(spec):
         raise SuiteError(f"{where}: answers: expected keys low, high[, format] or values; got {sorted(spec)}")
@@ -149,6 +153,8 @@ def _parse_answers(where: str, spec: Any) -> tuple[list[str], Optional[str]]:
         raise SuiteError(f"{where}: answers.low/high must be integers")
     if low > high:
         raise SuiteError(f"{where}: answers: empty answer set (low {low} > high {high})")
+    if high - low + 1 > MAX_ANSWERS:
+        raise SuiteError(f"{where}: answers: {high - low + 1} answers (low {low}, high {high}); at most {MAX_ANSWERS}")
     if not isinstance(fmt, str) or "{n}" not in fmt:
         raise SuiteError(f"{where}: answers.format must be a string containing '{{n}}'")
     return [fmt.replace("{n}", str(n)) for n in range(low, high + 1)], DIGITS

@@ -37,6 +37,16 @@ def online_dir(cfg: DictConfig, regime: Stage, named: bool) -> Path:
                    f"-{cfg.reward}-s{cfg.seed}", named)
 
 
+def check_online(section: str):
+    """An online TRL regime's batch arithmetic and options, before any work (registry.check_plan)."""
+    def check(cfg: DictConfig) -> None:
+        s = cfg[section]
+        if cfg.peft.enabled:
+            raise ConfigError(f"{section}: peft.enabled is not wired to TRL's trainer here yet; use full fine-tuning")
+        exact_div(s.rollout_batch_size, s.samples_per_prompt, f"{section}.rollout_batch_size over {section}.samples_per_prompt")
+    return check
+
+
 def prompt_dataset(world, n: int, seed) -> Dataset:
     """n prompt draws from the regimes' training distribution (world.train_prompt), seeded."""
     rng = random.Random(f"online-prompts/{seed}")
