@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from collapse_lab import tracking
 from collapse_lab.bandit import next_token_probs, optimum, reward_vector, total_variation
-from collapse_lab.config import ConfigError, run_dir
+from collapse_lab.config import run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.frontier import Curve, callbacks
 from collapse_lab.models import load_pretrained
@@ -62,8 +62,6 @@ def episode_tokens(cfg: DictConfig, s: DictConfig) -> tuple[int, float]:
 def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_cls, **loss_args) -> Path:
     """Run (or find finished) an online regime whose update rule is TRL's `trainer_cls` with `loss_args`."""
     s = cfg[stage]
-    if cfg.peft.enabled:
-        raise ConfigError(f"{stage}: peft.enabled is not wired to TRL's trainer here yet; use full fine-tuning")
     per_step = exact_div(s.rollout_batch_size, s.samples_per_prompt, f"{stage}.rollout_batch_size over "
                          f"{stage}.samples_per_prompt")
     out = online_dir(cfg, stage, named)
@@ -85,7 +83,13 @@ def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_c
                        num_iterations=1, lr_scheduler_type="linear" if s.anneal_lr else "constant", warmup_steps=0,
                        logging_steps=1, disable_dropout=True, max_grad_norm=s.max_grad_norm,
                        model_init_kwargs={"dtype": cfg.model.dtype}, **loss_args)
-        trainer = trainer_cls(model=base, reward_funcs=score, args=args, processing_class=tokenizer,
+        from peft import LoraConfig
+
+        # LoRA (peft.enabled): TRL wraps the base in the adapter; its reference is the base with the adapter off
+        lora = None if not cfg.peft.enabled else LoraConfig(
+            r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+            target_modules=cfg.peft.target_modules, task_type="CAUSAL_LM")
+        trainer = trainer_cls(model=base, reward_funcs=score, args=args, processing_class=tokenizer, peft_config=lora,
                               train_dataset=prompt_dataset(world, s.steps * per_step, cfg.seed),
                               callbacks=callbacks(curve, cfg.curve.points, lambda: ratings_budget(cfg) if cfg.reward == "rm"
                                                   else trainer.state.global_step * s.rollout_batch_size))
@@ -93,7 +97,8 @@ def train_online(cfg: DictConfig, named: bool, stage: str, trainer_cls, config_c
         trainer.train()
         log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history) if "loss" in x]
         extra = bandit_tv(trainer.model, base, tokenizer, cfg, s.kl_coef) if cfg.world.name == "bandit" else {}
-        save_policy(out, trainer.model, tokenizer, log)
+        policy = trainer.model.merge_and_unload() if cfg.peft.enabled else trainer.model  # plain HF weights
+        save_policy(out, policy, tokenizer, log)
         steps = trainer.state.global_step
         tokens = int(sum(x.get("completions/mean_length", 0) for x in log) * s.rollout_batch_size)
         run.finish(samples_scored=getattr(reward, "samples_scored", None) or steps * s.rollout_batch_size,
