@@ -196,6 +196,9 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def plan(argv: list[str]) -> Plan:
     """Parse and validate everything before any work: ConfigError (one line) on bad input."""
     ablate, lab = split_overrides(argv)
+    model = next((a.split("=", 1)[1] for a in lab if a.split("=", 1)[0] == "model"), None)
+    if model in group_options("preset") and not any(a.split("=", 1)[0] == "preset" for a in ablate):
+        ablate.insert(0, f"preset={model}")  # a model with a preset of its own size (recipes/preset/<model>.yaml)
     for arg in ablate:
         if arg.lstrip("+~").startswith("lab.") or arg.lstrip("+~").startswith("lab="):
             raise ConfigError(f"'{arg}': give lab overrides as plain key=value (model=..., ppo.steps=...)")

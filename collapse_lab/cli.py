@@ -8,6 +8,8 @@
     pretrain   train/pretrain.py
     evaluate   eval/evaluate.py
     report     collapse-lab report <ablation dir>: regenerate the report from stored results
+    observe    the seed post's measurement on several models side by side (real pretrained ones
+               included: collapse_lab/observe.py, docs/models.md)
     sweep      collapse-lab sweep recipes/sweeps/<file>.yaml: a W&B sweep's grid, run locally
 """
 
@@ -64,9 +66,15 @@ def _sweep(argv: list[str]):
     return sweep.main(argv)
 
 
+def _observe(argv: list[str]):
+    from collapse_lab import observe
+
+    return observe.main(argv)
+
+
 COMMANDS = {"run": ("lab", _run), "pretrain": ("lab", _pretrain), "evaluate": ("evaluate", _evaluate)}
 # Commands that parse their own arguments (ConfigError -> one line, exit 2, as for the others).
-OWN_ARGS = {"ablate": _ablate, "report": _report, "sweep": _sweep}
+OWN_ARGS = {"ablate": _ablate, "report": _report, "sweep": _sweep, "observe": _observe}
 
 
 def main(argv: list[str] | None = None) -> None:

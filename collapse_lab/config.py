@@ -333,7 +333,7 @@ CHOICES = {
     "world.answer_prior": ("uniform", "human"),  # collapse_lab/world.py ANSWER_PRIORS
     "model.dtype": ("float32", "bfloat16", "float16"),
     "precision": ("auto", "no", "bf16", "fp16"),
-    "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral"),  # from-scratch bases: any of these
+    "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral", "gemma3_text"),  # from-scratch bases: any of these
     "dtype": ("float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda", "mps"),
 }

@@ -38,6 +38,7 @@ from collapse_lab.checkpoint import package_versions, read_manifest
 from collapse_lab.config import ConfigError, check_output
 from collapse_lab.optimum import optimum_tv, prompt_optimum, run_objective
 from collapse_lab.models import load_pretrained
+from collapse_lab.real_models import resolve as resolve_real
 from collapse_lab.suites import Prompt, Suite, SuiteError, load_suite
 from collapse_lab.tokenizer import answer_token_ids, decode_continuations, encode_texts
 from collapse_lab.world import make_world
@@ -109,7 +110,7 @@ def _prompt_forward(model, tokenizer, prompt_text: str):
     """The prompt (with the tokenizer's special tokens) through the model once: (output with KV cache, (V,) log p(·|x))."""
     model.eval()
     prompt = torch.tensor(encode_texts(tokenizer, [prompt_text]), device=model.device)  # (1, P)
-    out = model(prompt, use_cache=True)
+    out = model(prompt, use_cache=True, logits_to_keep=1)  # the LM head at the last position only (V up to 262k)
     return out, out.logits[0, -1].float().log_softmax(-1)
 
 
@@ -529,6 +530,8 @@ def run(cfg: DictConfig, loaded: Optional[Loaded] = None) -> dict:
     if s.n < 0 or s.temperature <= 0 or s.max_new_tokens < 1 or cfg.batch_size < 1:
         raise ConfigError(f"need sampling.n >= 0, sampling.temperature > 0, sampling.max_new_tokens >= 1, "
                           f"batch_size >= 1; got {s.n}, {s.temperature}, {s.max_new_tokens}, {cfg.batch_size}")
+    # real:<name> / a .gguf file: its dequantised directory (collapse_lab/real_models.py), made once
+    cfg.model_path, cfg.reference_path = resolve_real(cfg.model_path), resolve_real(cfg.reference_path)
     out = Path(cfg.out) if cfg.out else default_out(cfg.model_path, suite.name)
     check_output(out, "out")
     for path in (cfg.model_path, cfg.reference_path):

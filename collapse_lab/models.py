@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from collapse_lab.config import ConfigError
 from collapse_lab.distributed import process_state
+from collapse_lab.real_models import resolve as resolve_real
 from collapse_lab.suites import load_suite
 from collapse_lab.tokenizer import answer_token_ids, decode_continuations, encode_texts
 
@@ -78,6 +79,7 @@ def load_pretrained(path: str, dtype: str = "float32", peft=None):
     """
     from safetensors import SafetensorError
 
+    path = resolve_real(path)  # real:<name> / a .gguf file: its dequantised directory (collapse_lab/real_models.py)
     check_path(path)
     check_causal_lm(path)
     try:
@@ -208,6 +210,7 @@ def check_base(path: str, world, new_tokens: int) -> None:
 
     Spelling: each answer (" 0" .. " 100", the arithmetic sums) encodes without the unknown token and
     decodes back to itself after a prompt; each prompt encodes without the unknown token."""
+    path = resolve_real(path)
     key = (path, getattr(world.cfg, "name", None), new_tokens)
     if key in _CHECKED:
         return

@@ -33,6 +33,7 @@ from collapse_lab.checkpoint import publish, read_manifest, write_manifest
 from collapse_lab.config import CORPUS_KEYS, ConfigError, read_record, run_dir
 from collapse_lab.distributed import exact_div, process_state, world_size
 from collapse_lab.models import build_base_model, check_base
+from collapse_lab.real_models import resolve as resolve_real
 from collapse_lab.stage import Run, hf_args, stage_function
 from collapse_lab.tokenizer import train_tokenizer
 from collapse_lab.world import World, make_world
@@ -59,6 +60,7 @@ def resolve_base(cfg: DictConfig) -> str:
     path = cfg.base_path or cfg.model.path
     if path is None:
         return str(pretrain(cfg, named=False))
+    path = resolve_real(path, Path(cfg.checkpoints_dir) / "real")  # real:<name> / .gguf: its dequantised directory
     # a user's model: checked before the stage writes anything (one line naming what it lacks)
     check_base(path, make_world(cfg.world), max(cfg.ratings.max_new_tokens, cfg.ppo.max_new_tokens))
     return path

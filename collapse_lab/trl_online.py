@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from collapse_lab import tracking
 from collapse_lab.bandit import next_token_probs, optimum, reward_vector, total_variation
-from collapse_lab.config import ConfigError, run_dir
+from collapse_lab.config import run_dir
 from collapse_lab.distributed import exact_div
 from collapse_lab.frontier import Curve, callbacks
 from collapse_lab.models import load_pretrained
@@ -41,8 +41,6 @@ def check_online(section: str):
     """An online TRL regime's batch arithmetic and options, before any work (registry.check_plan)."""
     def check(cfg: DictConfig) -> None:
         s = cfg[section]
-        if cfg.peft.enabled:
-            raise ConfigError(f"{section}: peft.enabled is not wired to TRL's trainer here yet; use full fine-tuning")
         exact_div(s.rollout_batch_size, s.samples_per_prompt, f"{section}.rollout_batch_size over {section}.samples_per_prompt")
     return check
 
@@ -57,8 +55,6 @@ def train_online(cfg: DictConfig, named: bool, regime: Stage, trainer_cls, confi
     """Run (or find finished) the online regime declared by `regime`, whose update rule is TRL's `trainer_cls`
     with `loss_args`."""
     stage, s = regime.name, cfg[regime.section]
-    if cfg.peft.enabled:
-        raise ConfigError(f"{stage}: peft.enabled is not wired to TRL's trainer here yet; use full fine-tuning")
     per_step = exact_div(s.rollout_batch_size, s.samples_per_prompt, f"{stage}.rollout_batch_size over "
                          f"{stage}.samples_per_prompt")
     out = online_dir(cfg, regime, named)
@@ -80,7 +76,13 @@ def train_online(cfg: DictConfig, named: bool, regime: Stage, trainer_cls, confi
                        num_iterations=1, lr_scheduler_type="linear" if s.anneal_lr else "constant", warmup_steps=0,
                        logging_steps=1, disable_dropout=True, max_grad_norm=s.max_grad_norm,
                        model_init_kwargs={"dtype": cfg.model.dtype}, **loss_args)
-        trainer = trainer_cls(model=base, reward_funcs=score, args=args, processing_class=tokenizer,
+        from peft import LoraConfig
+
+        # LoRA (peft.enabled): TRL wraps the base in the adapter; its reference is the base with the adapter off
+        lora = None if not cfg.peft.enabled else LoraConfig(
+            r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+            target_modules=cfg.peft.target_modules, task_type="CAUSAL_LM")
+        trainer = trainer_cls(model=base, reward_funcs=score, args=args, processing_class=tokenizer, peft_config=lora,
                               train_dataset=prompt_dataset(world, s.steps * per_step, cfg.seed),
                               callbacks=callbacks(curve, cfg.curve.points, lambda: ratings_budget(cfg) if cfg.reward == "rm"
                                                   else trainer.state.global_step * s.rollout_batch_size))
@@ -88,7 +90,8 @@ def train_online(cfg: DictConfig, named: bool, regime: Stage, trainer_cls, confi
         trainer.train()
         log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history) if "loss" in x]
         extra = bandit_tv(trainer.model, base, tokenizer, cfg, s.kl_coef) if world.reward_table is not None else {}
-        save_policy(out, trainer.model, tokenizer, log)
+        policy = trainer.model.merge_and_unload() if cfg.peft.enabled else trainer.model  # plain HF weights
+        save_policy(out, policy, tokenizer, log)
         steps = trainer.state.global_step
         tokens = int(sum(x.get("completions/mean_length", 0) for x in log) * s.rollout_batch_size)
         run.finish(samples_scored=getattr(reward, "samples_scored", None) or steps * s.rollout_batch_size,
