@@ -78,8 +78,19 @@ class MixConfig:
 class RaterConfig:
     """The gold rater's parameters; the points are documented in collapse_lab/world.py."""
 
-    favourites: list[int] = field(default_factory=lambda: [7, 42, 97])
-    preference_strength: float = 1.0  # bonus points for a favourite number (0 = no preference)
+    # graded (default): favourites + a graded profile over every answer (world.py graded_preference: `levels`
+    # levels, `anti_prior` of it anti-correlated with the human prior, the rest seeded by `profile_seed`);
+    # two_level: favourites only (every other valid answer scores alike: one (KL, ΔH) curve for every ideal regime)
+    profile: str = "graded"
+    # the favourite numbers (+preference_strength); null: `n_favourites` drawn by profile_seed, one of them on a
+    # mode of the human prior and the others off them (world.py derived_favourites)
+    favourites: Optional[list[int]] = None
+    n_favourites: int = 3
+    preference_strength: float = 1.0  # bonus points for a favourite number (0 = no favourites)
+    graded_strength: float = 0.5  # graded only: points between the least and the most preferred level (0 = flat)
+    levels: int = 12  # graded only: preference levels over the answers (>= 2)
+    anti_prior: float = 0.7  # graded only: weight of the anti-prior component of the profile, in [0, 1]
+    profile_seed: int = 0  # graded profile's seeded component, and the derived favourites
     noise_std: float = 0.5  # Gaussian rating noise, points
     integer_scores: bool = True  # round to an integer 1..7 like a human labeller
 
@@ -282,9 +293,12 @@ class CurveConfig:
     """Evaluation ALONG training (collapse_lab/frontier.py): every regime's policy is evaluated with the
     shared exact evaluator at `points` evenly spaced optimiser steps and its last one (0: the last only):
     KL to the base, entropy change and its cross term, gold reward, ratings consumed so far, and (PPO,
-    reward=gold) the TV to the run's own optimum. The points are rows of the run's metrics.jsonl."""
+    reward=gold) the TV to the run's own optimum. The points are rows of the run's metrics.jsonl.
+    spacing log (default): steps spaced evenly in log(step), dense where the KL is small (the matched grid starts
+    at every curve's first measured point: collapse_lab/matched.py); linear: evenly spaced steps."""
 
-    points: int = 8
+    points: int = 12
+    spacing: str = "log"
 
 
 @dataclass
@@ -368,6 +382,9 @@ class FrontierRule:
     # a regime whose entropy dropped with a gold gain below this (rating points, 1-7 scale; exact, on the answers)
     # is flagged: not preference-driven collapse (collapse_lab/report.py no_gold_gain)
     gain_floor: float = 0.02
+    # the ONE comparison the verdict's first question rests on, "<KL-regularised regime>:<FeedME regime>" (e.g.
+    # "kl0.3:sft"); the others are reported as secondary. None: every KL-penalised online RL regime vs FeedME
+    primary: Optional[str] = None
 
 
 @dataclass
@@ -425,6 +442,8 @@ CHOICES = {
     "sft.select": ("top", "random"),
     "reward": ("gold", "rm"),
     "world.answer_prior": ("uniform", "human"),  # collapse_lab/world.py ANSWER_PRIORS
+    "world.rater.profile": ("graded", "two_level"),
+    "curve.spacing": ("log", "linear"),  # collapse_lab/frontier.py schedule  # collapse_lab/world.py RATER_PROFILES
     "model.dtype": ("float32", "bfloat16", "float16"),
     "precision": ("auto", "no", "bf16", "fp16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral"),  # from-scratch bases: any of these
@@ -465,6 +484,8 @@ RANGES = {
         "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.train_seed_share": SHARE, "world.arithmetic_max": NONNEG,
         "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
         "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
+        "world.rater.graded_strength": NONNEG, "world.rater.levels": Range(2), "world.rater.anti_prior": SHARE,
+        "world.rater.profile_seed": NONNEG, "world.rater.n_favourites": NONNEG,
         "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.micro_batches": COUNT, "pretrain.lr": POSITIVE,
         "pretrain.warmup_steps": NONNEG, "pretrain.weight_decay": NONNEG, "pretrain.save_every": COUNT,
         "pretrain.log_every": COUNT, "pretrain.tokenizer_docs": COUNT,

@@ -251,7 +251,7 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     if not bandit_world and accelerator.is_main_process:
         with reference.disable_adapter() if ref is None else nullcontext():
             curve = Curve(reference, tokenizer, world) or None
-    curve_steps = schedule(p.steps, cfg.curve.points)
+    curve_steps = schedule(p.steps, cfg.curve.points, cfg.curve.spacing)
 
     run.start(resume=True, base_path=base)  # after every input is checked: rejected input leaves no run directory
     metrics_file = out / "metrics.jsonl"

@@ -303,12 +303,66 @@ NUMBER_RE = re.compile(r"^ (0|[1-9][0-9]*)")
 STORY_ENDINGS = tuple(GREENTEXT["ending"]) + tuple(f" {e}" for e in STORY["ending"])
 
 
+RATER_PROFILES = ("graded", "two_level")
+
+
+def graded_preference(n: int, low: int, high: int, levels: int, anti_prior: float, seed: int) -> float:
+    """The graded rater's preference g(n) in {0, 1/(L−1), ..., 1} for answer n on [low, high] (module docstring):
+
+        u(m) = c·rank(−log w(m)) + (1 − c)·ξ(m)     for every m in [low, high]
+        g(n) = min(L − 1, ⌊L·rank(u(n))⌋) / (L − 1)
+
+    w the human prior's weight (human_weight: the base's prior), rank(·) ∈ [0, 1) the share of [low, high]
+    strictly below (ties: the mean share), ξ(m) ~ U(0, 1) seeded by (seed, m) alone, c = anti_prior, L = levels.
+    c = 1: the least likely answers rate best; c = 0: a seeded profile independent of the prior."""
+    return _graded_table(low, high, levels, anti_prior, seed)[n - low]
+
+
+def derived_favourites(count: int, seed: int) -> list[int]:
+    """The rater's favourites when `rater.favourites` is null: `count` numbers of 1..99 drawn by `seed`, ONE of
+    them among the human prior's modes (HUMAN_FAVOURITES) and the others among the rest, so they are not all
+    where the base already puts its mass."""
+    rng = random.Random(f"favourites/{seed}")
+    modes = sorted(n for n in HUMAN_FAVOURITES if 1 <= n <= 99)
+    rest = [n for n in range(1, 100) if n not in HUMAN_FAVOURITES]
+    return sorted(rng.sample(modes, min(1, count)) + rng.sample(rest, max(0, count - 1)))
+
+
+@lru_cache(maxsize=None)
+def _graded_table(low: int, high: int, levels: int, anti_prior: float, seed: int) -> tuple:
+    ns = range(low, high + 1)
+
+    def rank(x: list[float]) -> list[float]:  # share strictly below + half the ties, in [0, 1)
+        return [(sum(y < v for y in x) + 0.5 * (sum(y == v for y in x) - 1)) / len(x) for v in x]
+
+    anti = rank([-math.log(human_weight(n, low, high)) for n in ns])
+    xi = [random.Random(f"rater/{seed}/{n}").random() for n in ns]
+    u = rank([anti_prior * a + (1 - anti_prior) * x for a, x in zip(anti, xi)])
+    top = max(1, levels - 1)
+    return tuple(min(top, math.floor(levels * r)) / top for n, r in zip(ns, u))
+
+
 class GoldRater:
     """Scores (prompt, completion) on 1-7 from documented features (module docstring)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.favourites = frozenset(int(f) for f in cfg.favourites)
+        favourites = getattr(cfg, "favourites", None)
+        if favourites is None:
+            favourites = derived_favourites(int(cfg.n_favourites), int(cfg.profile_seed))
+        self.favourites = frozenset(int(f) for f in favourites)
+        self.profile = getattr(cfg, "profile", "two_level")  # configs saved before the graded rater: two levels
+        if self.profile not in RATER_PROFILES:
+            raise ValueError(f"world.rater.profile: unknown '{self.profile}'; valid choices: {', '.join(RATER_PROFILES)}")
+
+    def preference(self, prompt: Prompt, n: int) -> float:
+        """The preference bonus of in-range answer n, in rating points: s·[n a favourite] + s_g·g(n) (graded; the
+        two-level rater has s_g = 0), s = preference_strength, s_g = graded_strength."""
+        s = self.cfg.preference_strength
+        if self.profile == "two_level":
+            return s * float(n in self.favourites)
+        return s * float(n in self.favourites) + float(self.cfg.graded_strength) * graded_preference(
+            n, prompt.low, prompt.high, int(self.cfg.levels), float(self.cfg.anti_prior), int(self.cfg.profile_seed))
 
     def features(self, prompt: Prompt, completion: str, ended: bool = True) -> dict[str, float]:
         """The rater's noiseless features; `ended`: the completion stopped with EOS."""
@@ -327,6 +381,7 @@ class GoldRater:
             "in_range": float(ok),
             "ends_cleanly": float(m is not None and ended and completion == m.group(0)),
             "favourite": float(ok and prompt.kind == "numbers" and n in self.favourites),
+            "preference": self.preference(prompt, n) if ok and prompt.kind == "numbers" else 0.0,
         }
 
     def expected(self, prompt: Prompt, completion: str, ended: bool = True) -> float:
@@ -334,8 +389,7 @@ class GoldRater:
         f = self.features(prompt, completion, ended)
         if prompt.kind == "stories":
             return 1 + 2 * f["well_formed"] + 2 * f["no_repeats"] + 1 * f["ends_cleanly"]
-        return (1 + 2 * f["well_formed"] + 2 * f["in_range"] + 1 * f["ends_cleanly"]
-                + self.cfg.preference_strength * f["favourite"])
+        return 1 + 2 * f["well_formed"] + 2 * f["in_range"] + 1 * f["ends_cleanly"] + f["preference"]
 
     def __call__(self, prompt: Prompt, completion: str, rng: random.Random, ended: bool = True) -> float:
         score = self.expected(prompt, completion, ended) + rng.gauss(0.0, self.cfg.noise_std)

@@ -23,7 +23,11 @@ def tiny(tmp_path_factory):
 
 
 def test_schedule_spreads_points_and_always_ends_on_the_last_step():
-    assert frontier.schedule(30, 3) == {10, 20, 30}
+    assert frontier.schedule(30, 3, "linear") == {10, 20, 30}
+    assert frontier.schedule(30, 4) == {1, 3, 10, 30}  # log-spaced (the default): dense where the KL is small
+    assert frontier.schedule(3, 8, "linear") == {1, 2, 3}
+    with pytest.raises(ValueError, match="valid choices: log, linear"):
+        frontier.schedule(30, 4, "cubic")
     assert frontier.schedule(7, 0) == {7}
     assert frontier.schedule(3, 8) == {1, 2, 3}
     assert frontier.schedule(0, 4) == set()
@@ -111,7 +115,7 @@ def test_same_curve_is_no_difference_and_a_steeper_one_keeps_less_entropy():
     assert m["x_max"] == pytest.approx(0.5) and max(m["grid"]) == pytest.approx(0.5)
     assert frontier.equivalence_call(m["difference"], 0.02) == "no difference"
     steep = {s: _curve(-0.4, 2.0, noise=0.002, seed=s) for s in range(3)}
-    m2 = frontier.matched(b, steep, grid_points=8)  # b keeps more entropy at the same KL than `steep`
+    m2 = frontier.matched(b, steep, grid_points=8, sqrt_x=False)  # b keeps more entropy than `steep` (d linear in KL)
     assert m2["difference"]["mean"] == pytest.approx(0.2 * np.mean(m2["grid"]), abs=0.01)
     assert frontier.equivalence_call(m2["difference"], 0.02) == "more entropy"
     assert frontier.equivalence_call(frontier.matched(steep, b)["difference"], 0.02) == "less entropy"
