@@ -385,6 +385,9 @@ class FrontierRule:
     # the ONE comparison the verdict's first question rests on, "<KL-regularised regime>:<FeedME regime>" (e.g.
     # "kl0.3:sft"); the others are reported as secondary. None: every KL-penalised online RL regime vs FeedME
     primary: Optional[str] = None
+    # true: the call on D uses its interval with seeds AND prompts as crossed random effects (matched.crossed: each
+    # prompt matched at its own KL), for designs with many held-out prompts (preset=powered); false: across seeds
+    random_prompts: bool = False
 
 
 @dataclass

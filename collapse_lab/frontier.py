@@ -90,8 +90,11 @@ class Curve:
     """The base's exact answer distributions and the rater's mean scores on the seed prompts the world
     knows, computed once; `point(model, ...)` is one along-training evaluation (module docstring)."""
 
-    def __init__(self, reference, tokenizer, world, suite: str = "seed"):
+    def __init__(self, reference, tokenizer, world, suite: Optional[str] = None):
+        """suite: the prompts the curves are measured on; None: the world's `curve_suite` (seed by default;
+        `heldout`: the world's held-out number prompts, never drawn by fine-tuning)."""
         self.tokenizer, self.world = tokenizer, world
+        suite = suite or getattr(getattr(world, "cfg", None), "curve_suite", None) or "seed"
         known = getattr(world, "by_text", {})
         self.prompts = [p for p in load_suite(suite).prompts if p.answers is not None and p.text in known]
         self.base = [answer_distribution(reference, tokenizer, p.text, p.answers, p.continue_chars) for p in self.prompts]
@@ -111,6 +114,9 @@ class Curve:
         model.train(was_training)
         rows = [self.row(d, b, s) for d, b, s in zip(dists, self.base, self.scores)]
         out = {k: float(np.mean([r[k] for r in rows])) for k in KEYS}
+        for p, r in zip(self.prompts, rows):  # per prompt too: prompts as a random effect (matched.crossed)
+            out[f"frontier/kl/{p.id}"] = r["frontier/kl"]
+            out[f"frontier/delta_norm_entropy/{p.id}"] = r["frontier/delta_norm_entropy"]
         out["frontier/gold_gain"] = out["frontier/gold"] - float(np.mean(self.base_gold))
         if samples_scored is not None:
             out["budget/samples_scored"] = samples_scored

@@ -23,11 +23,11 @@ import numpy as np
 from collapse_lab.metrics import interval
 
 
-def curve_points(rows: list[dict], x: str = "frontier/kl") -> list[tuple[float, float]]:
+def curve_points(rows: list[dict], x: str = "frontier/kl", d: str = "frontier/delta_norm_entropy") -> list[tuple[float, float]]:
     """(x, d) of every along-training row that has both (x = frontier/kl or frontier/gold_gain,
-    d = frontier/delta_norm_entropy): MEASURED points only, the base's (0, 0) not among them."""
-    return [(float(r[x]), float(r["frontier/delta_norm_entropy"])) for r in rows
-            if r.get(x) is not None and r.get("frontier/delta_norm_entropy") is not None]
+    d = frontier/delta_norm_entropy; per prompt: their /<prompt id> keys): MEASURED points only, the base's
+    (0, 0) not among them."""
+    return [(float(r[x]), float(r[d])) for r in rows if r.get(x) is not None and r.get(d) is not None]
 
 
 def _scale(sqrt_x: bool):
@@ -105,3 +105,64 @@ def artefact_difference(a: dict[int, list[tuple[float, float]]], b: dict[int, li
     on = lambda c: {s: [(x, float(reference(x))) for x, _ in pts] for s, pts in c.items()}  # noqa: E731
     m = matched(on(a), on(b), grid_points, sqrt_x=sqrt_x)
     return None if m is None else m["difference"]["mean"]
+
+
+# ------------------------------------------------------------------- prompts as a random effect
+
+
+def crossed_interval(d, confidence: float = 0.95) -> dict:
+    """The grand mean of an (S seeds × P prompts) table of differences D_sp and its interval, with seeds AND prompts
+    as crossed random effects: D_sp = μ + a_s + b_p + e_sp, so a replication with other seeds and other prompts of
+    the same kind would vary by
+
+        Var(D̄) = σ_a²/S + σ_b²/P + σ_e²/(SP) = (MS_S + MS_P − MS_E)/(SP)
+
+    (two-way ANOVA mean squares: MS_S = P·Σ_s(D̄_s − D̄)²/(S−1), MS_P = S·Σ_p(D̄_p − D̄)²/(P−1), MS_E the
+    residual's over (S−1)(P−1)), floored at MS_E/(SP), with Satterthwaite's degrees of freedom. With one prompt it
+    is the across-seed t-interval. {mean, lo, hi, n (seeds), prompts, df}."""
+    from scipy import stats
+
+    d = np.asarray(d, dtype=np.float64)
+    S, P = d.shape
+    mean = float(d.mean())
+    if S < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": S, "prompts": P, "df": None}
+    if P == 1:
+        iv = interval(list(d[:, 0]), confidence)
+        return {**iv, "prompts": 1, "df": S - 1}
+    rs, cs = d.mean(1), d.mean(0)
+    ms_s = P * ((rs - mean) ** 2).sum() / (S - 1)
+    ms_p = S * ((cs - mean) ** 2).sum() / (P - 1)
+    resid = d - rs[:, None] - cs[None, :] + mean
+    ms_e = (resid ** 2).sum() / ((S - 1) * (P - 1))
+    num = max(ms_s + ms_p - ms_e, ms_e)
+    den = ms_s ** 2 / (S - 1) + ms_p ** 2 / (P - 1) + ms_e ** 2 / ((S - 1) * (P - 1))
+    df = max(1.0, num ** 2 / den) if den > 0 else float(S - 1)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df) * math.sqrt(num / (S * P)))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": S, "prompts": P, "df": float(df)}
+
+
+def crossed(a_rows: dict[int, list[dict]], b_rows: dict[int, list[dict]], grid_points: int = 8,
+            confidence: float = 0.95) -> Optional[dict]:
+    """A vs B at matched KL PER PROMPT (each prompt's own KL and d: the rows' frontier/kl/<id> and
+    frontier/delta_norm_entropy/<id>), then crossed_interval over the seeds × prompts table. A prompt on which the
+    curves share no range is left out (listed). None without per-prompt rows or a common seed."""
+    seeds = sorted(set(a_rows) & set(b_rows))
+    ids = sorted({k.split("/", 2)[2] for rows in list(a_rows.values()) + list(b_rows.values()) for r in rows
+                  for k in r if k.startswith("frontier/kl/")})
+    if not seeds or not ids:
+        return None
+    table, used, dropped = [], [], []
+    for pid in ids:
+        pts = [{s: curve_points(c[s], f"frontier/kl/{pid}", f"frontier/delta_norm_entropy/{pid}") for s in seeds}
+               for c in (a_rows, b_rows)]
+        m = matched(*pts, grid_points, confidence)
+        if m is None or m["seeds"] != seeds:
+            dropped.append(pid)
+            continue
+        table.append([m["per_seed"][s] for s in seeds])
+        used.append(pid)
+    if not used:
+        return None
+    return {"difference": crossed_interval(np.array(table).T, confidence), "prompts": used, "dropped": dropped,
+            "seeds": seeds}

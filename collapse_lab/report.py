@@ -423,6 +423,7 @@ def curve_rows(run_dir: Path) -> list[dict]:
 
 
 CURVE_KEYS = ("step", "budget/samples_scored") + frontier.KEYS + ("frontier/gold_gain",)
+PER_PROMPT = ("frontier/kl/", "frontier/delta_norm_entropy/")  # each prompt's own point (matched.crossed)
 
 
 def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict, confidence: float) -> dict:
@@ -434,7 +435,8 @@ def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict,
     curves = {}
     for name, runs in by_regime.items():
         per_seed = {x["seed"]: curve_rows(ablation / "runs" / name / f"s{x['seed']}") for x in runs}
-        per_seed = {s: [{k: row.get(k) for k in CURVE_KEYS} for row in rows] for s, rows in per_seed.items() if rows}
+        per_seed = {s: [{k: v for k, v in row.items() if k in CURVE_KEYS or k.startswith(PER_PROMPT)} for row in rows]
+                    for s, rows in per_seed.items() if rows}
         if per_seed:
             curves[name] = per_seed
     kl = [n for n in curves if regimes[n]["group"] in (ONLINE, OFFLINE)
@@ -446,13 +448,17 @@ def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict,
             for x in ("frontier/kl", "frontier/gold_gain"):
                 points = [{s: frontier.curve_points(rows, x) for s, rows in curves[r].items()} for r in (n, f)]
                 m = frontier.matched(*points, grid_points, confidence, sqrt_x=x == "frontier/kl")
-                comparisons.append({"regime": n, "group": regimes[n]["group"], "feedme": f, "x": x.split("/")[1],
-                                    **(m or {"difference": interval([]), "x_min": None, "x_max": None, "seeds": [],
-                                             "grid": []}),
-                                    "call": "no common range" if m is None else
-                                    frontier.equivalence_call(m["difference"], margin)})
+                cross = matched_lib.crossed(curves[n], curves[f], grid_points, confidence) if x == "frontier/kl" else None
+                row = {"regime": n, "group": regimes[n]["group"], "feedme": f, "x": x.split("/")[1],
+                       **(m or {"difference": interval([]), "x_min": None, "x_max": None, "seeds": [], "grid": []}),
+                       "crossed": cross, "call": "no common range" if m is None else
+                       frontier.equivalence_call(m["difference"], margin)}
+                if cross and rule.get("random_prompts"):  # the call on the seeds x prompts interval
+                    row["pooled_difference"], row["difference"] = row["difference"], cross["difference"]
+                    row["call"] = frontier.equivalence_call(cross["difference"], margin)
+                comparisons.append(row)
     return {"margin": margin, "grid_points": grid_points, "curves": curves, "comparisons": comparisons,
-            "primary": rule.get("primary"),
+            "primary": rule.get("primary"), "random_prompts": bool(rule.get("random_prompts")),
             "references": _json(ablation / "evals" / "base" / "reference_curves.json", missing=True) or {}}
 
 
@@ -709,6 +715,16 @@ def frontier_markdown(report: dict) -> list[str]:
         md.append(_row([c["regime"], c["feedme"], c["x"], "-" if c["x_max"] is None else
                         f"[{c.get('x_min') or 0:.3f}, {c['x_max']:.3f}]",
                         str(len(c["seeds"])), _fmt(c["difference"], "+.4f"), c["call"]]))
+    crossed_rows = [c for c in fr["comparisons"] if c.get("crossed")]
+    if crossed_rows:
+        md += ["", "With the seed prompts as a random effect too (each prompt matched at its own KL; D's interval "
+               "from the seeds × prompts table, matched.crossed_interval)" + (": THE CALL ABOVE USES IT" if
+                                                                             fr.get("random_prompts") else "") + ":", "",
+               _row(["KL-regularised", "FeedME", "prompts", "D [interval, seeds and prompts random]"]), _row(["---"] * 4)]
+        for c in crossed_rows:
+            x = c["crossed"]
+            md.append(_row([c["regime"], c["feedme"], f"{len(x['prompts'])}" + (f" ({len(x['dropped'])} without a "
+                            "common range)" if x["dropped"] else ""), _fmt(x["difference"], "+.4f")]))
     md += ["", power_statement(fr)]
     md += ["", "End of each curve (mean over seeds; cross term Σ(π − π0)·log π0, nats):", "",
            _row(["regime", "points per seed", "KL (nats)", "Δ(H/log|A|)", "cross term", "gold gain", "ratings"]),

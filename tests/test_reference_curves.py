@@ -166,3 +166,26 @@ def test_predicted_call_and_interval_bounds():
     assert rc.predicted_call(None, 0.02).startswith("no prediction")
     iv = metrics.interval([0.99, 1.0, 0.7], 0.95, bounds=(0.0, 1.0))
     assert iv["hi"] == 1.0 and iv["clipped"] and iv["lo"] >= 0.0
+
+
+def test_crossed_interval_reduces_to_the_seed_interval_and_widens_with_prompt_spread():
+    rng = np.random.default_rng(1)
+    seeds = rng.normal(0.0, 0.01, 6)
+    flat = np.repeat(seeds[:, None], 4, axis=1)  # no prompt effect, no residual
+    iv, ref = matched.crossed_interval(flat), metrics.interval(list(seeds))
+    assert iv["mean"] == pytest.approx(ref["mean"]) and iv["hi"] - iv["lo"] == pytest.approx(ref["hi"] - ref["lo"], rel=1e-9)
+    spread = flat + rng.normal(0.0, 0.05, 4)[None, :]  # prompts that disagree: a wider interval
+    wide = matched.crossed_interval(spread)
+    assert wide["hi"] - wide["lo"] > 3 * (iv["hi"] - iv["lo"])
+
+
+def test_crossed_matches_each_prompt_at_its_own_kl():
+    def rows(slopes, kls):
+        return [{**{f"frontier/kl/p{i}": k for i in range(len(slopes))},
+                 **{f"frontier/delta_norm_entropy/p{i}": s * math.sqrt(k) for i, s in enumerate(slopes)}} for k in kls]
+    a = {s: rows([-0.1, -0.2], np.geomspace(0.01, 2.0, 10)) for s in range(3)}
+    b = {s: rows([-0.1 - 0.01 * s, -0.2], np.geomspace(0.02, 1.0, 8)) for s in range(3)}
+    c = matched.crossed(a, b, grid_points=6)
+    assert c["prompts"] == ["p0", "p1"] and c["difference"]["mean"] > 0  # b loses a little more on p0
+    assert c["difference"]["mean"] == pytest.approx(np.mean([0.01 * s for s in range(3)]) / 2 * np.mean(
+        np.sqrt(matched.grid_between(0.02, 1.0, 6, True))), rel=1e-6)
