@@ -121,6 +121,14 @@ class WorldConfig:
     # with the templates' ranges in the mix, the shared network first learns their pull to ' 7' and PPO
     # spends its run undoing it on the seed prompts (README: PPO)
     train_seed_share: Optional[float] = 1.0
+    # true: the pretraining corpus also holds HELDOUT_TEMPLATES (15 number prompts, eval/suites/heldout.yaml) that
+    # no fine-tuning stage draws: held-out prompts for the powered design (a corpus key: another base)
+    heldout_templates: bool = False
+    # fine-tuning draws only template prompts whose range has at least this many answers (0: all; 100: only 0-100
+    # and 1-100, the null world's balanced validity selection)
+    train_min_range: int = 0
+    # the suite the along-training curves and the closed forms are measured on (seed; heldout with heldout_templates)
+    curve_suite: str = "seed"
     # world=bandit only: ONE prompt, episodes of ONE token, reward r(t) from a table of
     # [token text, reward] pairs (each text must be one token); every other token gets
     # default_reward. The rater of the bandit world scores by the same table, noiselessly.
@@ -136,7 +144,7 @@ class WorldConfig:
 # World keys that shape the pretraining corpus: the base depends on these and nothing else
 # (the rater, the bandit table, the training families and heldout_eval_prompts are for the regimes).
 CORPUS_KEYS = ("world.seed", "world.mix", "world.seed_prompt_share", "world.arithmetic_max",
-               "world.arithmetic_error_rate", "world.bad_story_rate", "world.answer_prior")
+               "world.arithmetic_error_rate", "world.bad_story_rate", "world.answer_prior", "world.heldout_templates")
 
 
 @dataclass
@@ -488,7 +496,7 @@ RANGES = {
         "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
         "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
         "world.rater.graded_strength": NONNEG, "world.rater.levels": Range(2), "world.rater.anti_prior": SHARE,
-        "world.rater.profile_seed": NONNEG, "world.rater.n_favourites": NONNEG,
+        "world.rater.profile_seed": NONNEG, "world.rater.n_favourites": NONNEG, "world.train_min_range": NONNEG,
         "pretrain.seed": NONNEG, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.micro_batches": COUNT, "pretrain.lr": POSITIVE,
         "pretrain.warmup_steps": NONNEG, "pretrain.weight_decay": NONNEG, "pretrain.save_every": COUNT,
         "pretrain.log_every": COUNT, "pretrain.tokenizer_docs": COUNT,

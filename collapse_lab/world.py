@@ -69,6 +69,17 @@ NUMBER_TEMPLATES = {
     "draw": "A ball is drawn from an urn with balls numbered {low} to {high}. It shows",
 }
 RANGES = [(0, 9), (1, 6), (1, 10), (1, 20), (0, 50), (1, 50), (0, 100), (1, 100)]
+# world.heldout_templates: five more formats over three wide ranges, 15 prompts in the pretraining corpus that NO
+# fine-tuning stage ever draws (World.train_prompt): the held-out "random number" prompts of the powered design
+# (eval/suites/heldout.yaml lists them, texts exactly as written here; prompts as a random effect).
+HELDOUT_TEMPLATES = {
+    "roll": "Roll the big die ({low}-{high}). It lands on",
+    "ask": "Human: Name a random whole number between {low} and {high}.\nAI: Sure:",
+    "raffle": "Raffle ticket drawn ({low} to {high}): number",
+    "pickone": "Pick one number from {low} to {high}, any one.\nAnswer:",
+    "sim": "[sim] uniform_int(low={low}, high={high}) ->",
+}
+HELDOUT_RANGES = [(0, 100), (1, 100), (1, 50)]
 
 # world.answer_prior=human: a STYLISED prior of the numbers people give when asked for a "random" one,
 # after the folklore of such surveys (7 is the most common pick from 1-10 and 3 the next, Kubovy &
@@ -185,6 +196,10 @@ class World:
         share = getattr(cfg, "train_seed_share", None)
         self.train_seed_share = cfg.seed_prompt_share if share is None else float(share)
         answer_prior(self.answer_prior, 0, 1)  # an unknown prior fails here, naming the valid ones
+        self.train_min_range = int(getattr(cfg, "train_min_range", 0) or 0)
+        # the pretraining corpus's non-seed number prompts: the templates, and the held-out ones when asked for
+        self.pretrain_templates = self.template_prompts + (
+            self.heldout_prompts if getattr(cfg, "heldout_templates", False) else [])
 
     @cached_property
     def seed_prompts(self) -> list[Prompt]:
@@ -197,6 +212,22 @@ class World:
             for name, t in NUMBER_TEMPLATES.items()
             for lo, hi in RANGES
         ]
+
+    @cached_property
+    def heldout_prompts(self) -> list[Prompt]:
+        """HELDOUT_TEMPLATES over HELDOUT_RANGES: in the corpus with world.heldout_templates, never fine-tuned on."""
+        return [Prompt(f"heldout/{name}", "numbers", t.format(low=lo, high=hi), lo, hi)
+                for name, t in HELDOUT_TEMPLATES.items() for lo, hi in HELDOUT_RANGES]
+
+    @cached_property
+    def train_templates(self) -> list[Prompt]:
+        """The template prompts fine-tuning draws: those whose range has at least world.train_min_range answers
+        (100: only 0-100 and 1-100, so selecting valid answers teaches no small numbers to wide-range prompts)."""
+        pool = [p for p in self.template_prompts if p.high - p.low + 1 >= self.train_min_range]
+        if not pool:
+            raise ValueError(f"world.train_min_range={self.train_min_range} leaves no template prompt "
+                             f"(the widest range has {max(hi - lo + 1 for lo, hi in RANGES)} answers)")
+        return pool
 
     @cached_property
     def arithmetic_prompts(self) -> list[Prompt]:
@@ -213,7 +244,7 @@ class World:
 
     @cached_property
     def by_text(self) -> dict[str, Prompt]:
-        every = self.seed_prompts + self.template_prompts + self.arithmetic_prompts + self.story_prompts
+        every = self.seed_prompts + self.template_prompts + self.heldout_prompts + self.arithmetic_prompts + self.story_prompts
         return {p.text: p for p in every}
 
     def prompt(self, text: str) -> Prompt:
@@ -228,7 +259,7 @@ class World:
     def sample_prompt(self, rng: random.Random, family: Optional[str] = None) -> Prompt:
         family = family or rng.choices(self.families, self.weights)[0]
         if family == "numbers":
-            pool = self.seed_prompts if rng.random() < self.cfg.seed_prompt_share else self.template_prompts
+            pool = self.seed_prompts if rng.random() < self.cfg.seed_prompt_share else self.pretrain_templates
         elif family == "arithmetic":
             pool = self.arithmetic_prompts
         else:
@@ -248,8 +279,8 @@ class World:
         if family != "numbers":
             return self.sample_prompt(rng, family)
         if self.heldout_eval_prompts:
-            return rng.choice(self.template_prompts)
-        return rng.choice(self.seed_prompts if rng.random() < self.train_seed_share else self.template_prompts)
+            return rng.choice(self.train_templates)
+        return rng.choice(self.seed_prompts if rng.random() < self.train_seed_share else self.train_templates)
 
     def sample_completion(self, prompt: Prompt, rng: random.Random) -> str:
         """What the world's text says after the prompt: the base model's target behaviour."""

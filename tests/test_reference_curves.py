@@ -189,3 +189,25 @@ def test_crossed_matches_each_prompt_at_its_own_kl():
     assert c["prompts"] == ["p0", "p1"] and c["difference"]["mean"] > 0  # b loses a little more on p0
     assert c["difference"]["mean"] == pytest.approx(np.mean([0.01 * s for s in range(3)]) / 2 * np.mean(
         np.sqrt(matched.grid_between(0.02, 1.0, 6, True))), rel=1e-6)
+
+
+def test_heldout_suite_is_the_worlds_heldout_prompts_and_never_fine_tuned_on():
+    import random
+
+    from collapse_lab.config import compose
+    from collapse_lab.suites import load_suite
+    from collapse_lab.world import World
+
+    cfg = compose("lab", ["world.heldout_templates=true", "world.heldout_eval_prompts=true"]).world
+    world = World(cfg)
+    suite = load_suite("heldout")
+    assert len(suite.prompts) >= 15 and {p.text for p in suite.prompts} == {p.text for p in world.heldout_prompts}
+    for p in suite.prompts:  # the rater knows each prompt's range
+        assert world.prompt(p.text).low in (0, 1) and len(p.answers) == world.prompt(p.text).high - world.prompt(p.text).low + 1
+    rng = random.Random(0)
+    drawn = {world.train_prompt(rng).text for _ in range(3000)}
+    assert not drawn & {p.text for p in world.heldout_prompts}
+    corpus = set(world.corpus(4000, seed=0))
+    assert any(t.startswith(p.text) for p in world.heldout_prompts for t in corpus)  # pretraining sees them
+    wide = World(compose("lab", ["world.train_min_range=100", "world.heldout_eval_prompts=true"]).world)
+    assert {(p.low, p.high) for p in (wide.train_prompt(rng) for _ in range(500))} == {(0, 100), (1, 100)}
