@@ -26,7 +26,7 @@ def primary_comparison(report: dict) -> Optional[dict]:
     if primary:
         comps = [c for c in comps if f"{c['regime']}:{c['feedme']}" == primary]
     else:
-        comps = [c for c in comps if c.get("group") == "online"] or comps
+        comps = [c for c in comps if c.get("group") == "online RL"] or comps
     return comps[0] if comps else None
 
 

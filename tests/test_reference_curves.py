@@ -211,3 +211,53 @@ def test_heldout_suite_is_the_worlds_heldout_prompts_and_never_fine_tuned_on():
     assert any(t.startswith(p.text) for p in world.heldout_prompts for t in corpus)  # pretraining sees them
     wide = World(compose("lab", ["world.train_min_range=100", "world.heldout_eval_prompts=true"]).world)
     assert {(p.low, p.high) for p in (wide.train_prompt(rng) for _ in range(500))} == {(0, 100), (1, 100)}
+
+
+def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_form(tmp_path):
+    """A synthetic ablation whose measured curves lie ON the closed forms (PPO on π*_β, FeedME on its expected
+    selection): the report's predicted D is the measured one, the calls agree, the artefact is ≤ 0.002, and each
+    regime's end point has TV ≈ 0 to its own closed form."""
+    import json
+
+    from collapse_lab import report
+
+    forms, _ = _forms(RaterConfig())
+    base = {"rater": {"noise_std": 0.5, "integer_scores": True}, "prompts": [
+        {"id": f.id, "eos_probs": f.p0[:f.n_answers].tolist(), "other_end_probs": f.p0[f.n_answers:-1].tolist(),
+         "mu_clean": f.mu[:f.n_answers].tolist(), "mu_other": f.mu[f.n_answers:-1].tolist(),
+         "mean_clean": f.mean[:f.n_answers].tolist(), "mean_other": f.mean[f.n_answers:-1].tolist()} for f in forms]}
+    (tmp_path / "evals" / "base").mkdir(parents=True)
+    (tmp_path / "evals" / "base" / "reference_curves.json").write_text(json.dumps({"base": base}))
+
+    def row(policy):
+        x = rc.point(forms, policy)
+        return {"frontier/kl": x["kl"], "frontier/delta_norm_entropy": x["d"], "frontier/gold_gain": x["gold_gain"]}
+
+    ppo_end = lambda f: rc.optimum(f.p0, f.mean, 0.3)  # noqa: E731
+    curves = {"kl0.3": [row(lambda f, b=b: rc.optimum(f.p0, f.mean, b)) for b in np.geomspace(30, 0.3, 12)],
+              "sft": [row(lambda f, k=k: rc.noisy_best_of_k(f.p0, f.level_probs, k)) for k in np.geomspace(1.05, 4, 8)]
+              + [row(lambda f, r=r: rc.feedme_selection(f.p0, f.level_probs, 4, r)) for r in (2, 3)]}
+    ends = {"kl0.3": ppo_end, "sft": lambda f: rc.feedme_selection(f.p0, f.level_probs, 4, 3)}
+    lab = {"ratings": {"samples_per_prompt": 4}, "sft": {"rounds": 3, "keep_top": 1, "select": "top"}, "reward": "gold"}
+    by_regime, regimes = {}, {"kl0.3": {"group": "online RL", "kl_coef": 0.3, "ent_coef": 0.0, "adaptive_kl": False},
+                              "sft": {"group": "selection", "kl_coef": None, "adaptive_kl": None}}
+    for name, rows in curves.items():
+        by_regime[name] = []
+        for s in range(3):
+            d = tmp_path / "runs" / name / f"s{s}"
+            d.mkdir(parents=True)
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            by_regime[name].append({"seed": s, "lab": lab, "answers": {
+                f.id: {"probs": f.answers(ends[name](f)).tolist()} for f in forms}})
+    fr = report.frontier_section(tmp_path, by_regime, regimes, {"margin": 0.02, "grid_points": 8}, 0.95)
+    cf = report.closed_forms_section(tmp_path, by_regime, regimes, fr)
+    kl = next(p for p in cf["predictions"] if p["x"] == "kl")
+    measured = next(c for c in fr["comparisons"] if c["x"] == "kl")
+    assert kl["predicted_difference"] == pytest.approx(measured["difference"]["mean"], abs=0.002)
+    assert abs(kl["artefact_difference"]) <= 0.002 and kl["agrees"] and kl["reading"] == "agrees"
+    assert cf["tracking"]["kl0.3"]["tv"] < 1e-9 and cf["tracking"]["sft"]["tv"] < 1e-9
+    assert cf["tracking"]["kl0.3"]["tracks"] and cf["tracking"]["sft"]["tracks"]
+    sep = {(s["a"], s["b"]): s["value"] for s in cf["separations"]}
+    assert sep[("best_of_k", "optimum_beta")] >= 0.04
+    md = "\n".join(report.closed_forms_markdown({"closed_forms": cf}))
+    assert "What the closed forms predict" in md and "artefact" in md

@@ -6,7 +6,7 @@ from collapse_lab import replication
 
 
 def _report(tmp_path, name, mean, lo, hi, call, seed=None, collapsed=()):
-    comp = {"regime": "kl0.15", "feedme": "sft-r8", "x": "kl", "group": "online", "call": call, "x_min": 0.01,
+    comp = {"regime": "kl0.15", "feedme": "sft-r8", "x": "kl", "group": "online RL", "call": call, "x_min": 0.01,
             "x_max": 2.1, "seeds": list(range(10)), "difference": {"mean": mean, "lo": lo, "hi": hi},
             "crossed": {"prompts": [f"p{i}" for i in range(15)]}}
     rep = {"ablation": name, "config": {"lab": [f"pretrain.seed={seed}"] if seed is not None else []},
