@@ -548,6 +548,20 @@ def matched_answer(report: dict) -> str:
     return "UNDECIDED: " + "; ".join(f"{c['regime']} vs {c['feedme']}: {c['call']}" for c in comps)
 
 
+def predicted_sentence(report: dict) -> str:
+    """The closed forms' call beside the measured one for the KL pairs the first question rests on, with the power."""
+    fr, cf = report.get("frontier") or {}, report.get("closed_forms") or {}
+    if not cf.get("predictions"):
+        return ""
+    primary = fr.get("primary")
+    preds = [p for p in cf["predictions"] if p["x"] == "kl" and (not primary or f"{p['regime']}:{p['feedme']}" == primary)]
+    parts = [f"{p['regime']} vs {p['feedme']}: closed forms predict '{p['predicted_call']}' (D "
+             f"{_cell(p['predicted_difference'], '+.4f')}), measured '{p['measured_call']}' ({p['reading']}; interpolation "
+             f"artefact {_cell(p.get('artefact_difference'), '+.5f')})" for p in preds]
+    return (" " + "; ".join(parts) + ". " + power_statement({**fr, "comparisons": [
+        c for c in fr.get("comparisons", []) if not primary or f"{c['regime']}:{c['feedme']}" == primary]})) if parts else ""
+
+
 def verdict(report: dict) -> dict:
     """The paragraph answering the post's question, computed from the table."""
     regimes = report["regimes"]
@@ -614,7 +628,7 @@ def verdict(report: dict) -> dict:
                      f"for, carried over): {', '.join(flagged)}.")
     first = matched_answer(report) if report.get("frontier") else "NOT TESTED: no frontier section"
     lines.insert(0, f"First, at MATCHED distance: at the same KL to the base, does KL-penalised online RL (PPO, "
-                    f"RLOO, GRPO) keep more answer entropy than FeedME? {first}.")
+                    f"RLOO, GRPO) keep more answer entropy than FeedME? {first}." + predicted_sentence(report))
     return {"collapsed": collapsed, "inconclusive": unclear, "not_collapsed": fine, "answer": first,
             "endpoint_answer": answer, "no_gold_gain": flagged, "text": " ".join(lines)}
 
