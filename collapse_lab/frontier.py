@@ -25,10 +25,12 @@ Reference curves (`reference_curves`), exact functions of the base: best-of-k on
 score (collapse_lab/bok.py's closed form) for a ladder of k, and π*_β ∝ π0·e^{R/β}, the optimum of
 KL-regularised reward maximisation, for a ladder of β.
 
-The comparison at matched distance (`matched`): per seed, each curve's d = Δ(H/log|A|) is linearly
-interpolated as a function of x (KL, or the gold gain E_q[R] − E_q0[R]) on a common grid inside the
-x-range every seed of BOTH regimes reaches; D_s = mean over the grid of d_A − d_B; the call is on the
-t-interval of D_s across seeds (`equivalence_call`).
+The comparison at matched distance (`matched`, collapse_lab/matched.py, torch-free): per seed, each curve's
+d = Δ(H/log|A|) is interpolated (linearly in √KL) on a grid inside [x_lo, x_hi], where EVERY seed of both regimes
+has measured points on both sides (never a chord from the base's (0, 0)); D_s = mean over the grid of d_A − d_B;
+the call is on the t-interval of D_s across seeds (`equivalence_call`), or with prompts as a crossed random effect
+too (`matched.crossed`). The closed-form families (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}) are
+traced from `Curve.base_forms()` by collapse_lab/reference_curves.py (numpy only).
 """
 
 from __future__ import annotations

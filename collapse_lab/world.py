@@ -29,11 +29,18 @@ The gold rater scores a (prompt, completion) pair on the 1-7 scale of the post's
     +2 in range (arithmetic: correct)      +2 no repeated line (no loop)
     +1 ends cleanly: nothing after it,     +1 ends cleanly: the text ended (EOS)
        and the text ended (EOS)               after a proper ending line
-    +s favourite: in range and one of `rater.favourites` (s = preference_strength)
+    +s favourite: in range and one of the favourites (s = preference_strength)
+    +s_g·g(n): in range, graded profile only (s_g = graded_strength; `graded_preference`)
     + N(0, noise_std), clipped to [1, 7], rounded when `integer_scores`.
 
-With s = 0 every valid answer rates the same (6 + noise): any preference a trained model
-shows then comes from the optimiser, not the raters.
+`rater.profile=graded` (the default world's): g(n) ∈ {0, 1/(L−1), ..., 1} over L = `levels` levels, a share
+`anti_prior` of it anti-correlated with the human prior (the answers the base's prior disfavours rate best), the
+rest seeded by `profile_seed`; favourites null: drawn by `profile_seed`, one on a mode of the prior, the others off
+them (`derived_favourites`). `two_level` (world=numbers-two-level): favourites only, the lab's first rater, under
+which every ideal regime traces one (KL, ΔH) curve (docs/world.md).
+
+With s = s_g = 0 (world=numbers-nopref) every valid answer rates the same (6 + noise): any preference a trained
+model shows then comes from the optimiser, not the raters.
 """
 
 from __future__ import annotations
