@@ -128,3 +128,20 @@ def test_one_seed_gets_no_call_and_noisy_seeds_are_undecided():
     b = {s: _curve(-0.2, 1.0) for s in range(3)}
     assert frontier.equivalence_call(frontier.matched(a, b)["difference"], 0.02) == "undecided"
     assert frontier.matched({0: [(0.0, 0.0)]}, {0: _curve(-0.2, 1.0)}) is None  # no common range
+
+
+def test_base_forms_give_the_numpy_closed_forms_the_same_points_as_the_curve(tiny):
+    """The report traces the families from Curve.base_forms() (collapse_lab/reference_curves.py, numpy only): its
+    best-of-k and π*_β points must be the Curve's own (torch-side) reference points."""
+    from collapse_lab import reference_curves as rc
+
+    model, tok, world = tiny
+    curve = frontier.Curve(model, tok, world)
+    refs = curve.reference_curves(best_of=(4,), betas=(0.5,))
+    forms = rc.forms_from_json(refs["base"])
+    bok = rc.point(forms, lambda f: rc.best_of_k(f.p0, f.mu, 4))
+    opt = rc.point(forms, lambda f: rc.optimum(f.p0, f.mean, 0.5))
+    for x, ref in ((bok, refs["best_of_k"][0]), (opt, refs["optimum_beta"][0])):
+        assert x["kl"] == pytest.approx(ref["frontier/kl"], rel=1e-6, abs=1e-9)
+        assert x["d"] == pytest.approx(ref["frontier/delta_norm_entropy"], rel=1e-6, abs=1e-9)
+        assert x["gold_gain"] == pytest.approx(ref["frontier/gold_gain"], rel=1e-6, abs=1e-9)
