@@ -57,7 +57,7 @@ REGIMES: dict[str, Stage] = {
     **regimes(_FEEDME, "sft", "sft-k16", "sft-r3"),  # FeedME, and its ladder (more samples per prompt, rounds)
     "bok": Stage("bok", bok.make_bok, section="ratings", recipe="bok", consumes=(BASE,), produces="sampler",
                  group=SELECTION, rating_budget=lambda cfg: 0),
-    **regimes(_PPO, "kl0", "kl0.01", "kl0.1", "kl0.15", "kl0.3", "kl1", "kl2", "klauto", "ent0.01", "kl0.1-ent0.01"),
+    **regimes(_PPO, "kl0", "kl0.01", "kl0.1", "kl0.15", "kl0.3", "kl1", "klauto", "ent0.01", "kl0.1-ent0.01"),
     **regimes(dpo.REGIME, "dpo0.1", "dpo0.5", "ipo0.1"),
     **regimes(rloo.REGIME, "rloo-kl0.1"),
     **regimes(grpo.REGIME, "grpo"),
