@@ -62,6 +62,7 @@ from collapse_lab.evaluator import Loaded
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.frontier import Curve
 from collapse_lab.models import check_base
+from collapse_lab.optimum import reward_model_answer_scores
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.registry import CONTROLS, REGIMES, UPSTREAM
 from collapse_lab.stage import BASE, ONLINE, device, flush_denormals
@@ -478,6 +479,9 @@ def _upstream_task(p: Plan, seed: int, needs: list[str], out: Path) -> None:
     for x in needs:
         path = _timed(f"{x.replace('_', ' ')} s{seed}", lambda: _done(load_stage(x)(lab, named=False)))
         _copy_run(path, out / "runs" / x / f"s{seed}")
+        if x == "reward_model":  # its scores on the seed answers: the exact π* of reward=rm regimes (report)
+            _write_json(out / "runs" / x / f"s{seed}" / "answer_scores.json",
+                        reward_model_answer_scores(str(path), make_world(lab.world)))
 
 
 def _regime_task(p: Plan, seed: int, name: str, base: Path, out: Path) -> dict:

@@ -79,8 +79,19 @@ class MixConfig:
 class RaterConfig:
     """The gold rater's parameters; the points are documented in collapse_lab/world.py."""
 
-    favourites: list[int] = field(default_factory=lambda: [7, 42, 97])
-    preference_strength: float = 1.0  # bonus points for a favourite number (0 = no preference)
+    # graded (default): favourites + a graded profile over every answer (world.py graded_preference: `levels`
+    # levels, `anti_prior` of it anti-correlated with the human prior, the rest seeded by `profile_seed`);
+    # two_level: favourites only (every other valid answer scores alike: one (KL, ΔH) curve for every ideal regime)
+    profile: str = "graded"
+    # the favourite numbers (+preference_strength); null: `n_favourites` drawn by profile_seed, one of them on a
+    # mode of the human prior and the others off them (world.py derived_favourites)
+    favourites: Optional[list[int]] = None
+    n_favourites: int = 3
+    preference_strength: float = 1.0  # bonus points for a favourite number (0 = no favourites)
+    graded_strength: float = 0.5  # graded only: points between the least and the most preferred level (0 = flat)
+    levels: int = 12  # graded only: preference levels over the answers (>= 2)
+    anti_prior: float = 0.7  # graded only: weight of the anti-prior component of the profile, in [0, 1]
+    profile_seed: int = 0  # graded profile's seeded component, and the derived favourites
     noise_std: float = 0.5  # Gaussian rating noise, points
     integer_scores: bool = True  # round to an integer 1..7 like a human labeller
 
@@ -111,6 +122,14 @@ class WorldConfig:
     # with the templates' ranges in the mix, the shared network first learns their pull to ' 7' and PPO
     # spends its run undoing it on the seed prompts (README: PPO)
     train_seed_share: Optional[float] = 1.0
+    # true: the pretraining corpus also holds HELDOUT_TEMPLATES (15 number prompts, eval/suites/heldout.yaml) that
+    # no fine-tuning stage draws: held-out prompts for the powered design (a corpus key: another base)
+    heldout_templates: bool = False
+    # fine-tuning draws only template prompts whose range has at least this many answers (0: all; 100: only 0-100
+    # and 1-100, the null world's balanced validity selection)
+    train_min_range: int = 0
+    # the suite the along-training curves and the closed forms are measured on (seed; heldout with heldout_templates)
+    curve_suite: str = "seed"
     # world=bandit only: ONE prompt, episodes of ONE token, reward r(t) from a table of
     # [token text, reward] pairs (each text must be one token); every other token gets
     # default_reward. The rater of the bandit world scores by the same table, noiselessly.
@@ -126,7 +145,7 @@ class WorldConfig:
 # World keys that shape the pretraining corpus: the base depends on these and nothing else
 # (the rater, the bandit table, the training families and heldout_eval_prompts are for the regimes).
 CORPUS_KEYS = ("world.seed", "world.mix", "world.seed_prompt_share", "world.arithmetic_max",
-               "world.arithmetic_error_rate", "world.bad_story_rate", "world.answer_prior")
+               "world.arithmetic_error_rate", "world.bad_story_rate", "world.answer_prior", "world.heldout_templates")
 
 
 @dataclass
@@ -181,9 +200,12 @@ class CurveConfig:
     """Evaluation ALONG training (collapse_lab/frontier.py): every regime's policy is evaluated with the
     shared exact evaluator at `points` evenly spaced optimiser steps and its last one (0: the last only):
     KL to the base, entropy change and its cross term, gold reward, ratings consumed so far, and (PPO,
-    reward=gold) the TV to the run's own optimum. The points are rows of the run's metrics.jsonl."""
+    reward=gold) the TV to the run's own optimum. The points are rows of the run's metrics.jsonl.
+    spacing log (default): steps spaced evenly in log(step), dense where the KL is small (the matched grid starts
+    at every curve's first measured point: collapse_lab/matched.py); linear: evenly spaced steps."""
 
-    points: int = 8
+    points: int = 12
+    spacing: str = "log"
 
 
 @dataclass
@@ -277,6 +299,12 @@ class FrontierRule:
     # a regime whose entropy dropped with a gold gain below this (rating points, 1-7 scale; exact, on the answers)
     # is flagged: not preference-driven collapse (collapse_lab/report.py no_gold_gain)
     gain_floor: float = 0.02
+    # the ONE comparison the verdict's first question rests on, "<KL-regularised regime>:<FeedME regime>" (e.g.
+    # "kl0.3:sft"); the others are reported as secondary. None: every KL-penalised online RL regime vs FeedME
+    primary: Optional[str] = None
+    # true: the call on D uses its interval with seeds AND prompts as crossed random effects (matched.crossed: each
+    # prompt matched at its own KL), for designs with many held-out prompts (preset=powered); false: across seeds
+    random_prompts: bool = False
 
 
 @dataclass
@@ -331,6 +359,8 @@ CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "reward": ("gold", "rm"),
     "world.answer_prior": ("uniform", "human"),  # collapse_lab/world.py ANSWER_PRIORS
+    "world.rater.profile": ("graded", "two_level"),
+    "curve.spacing": ("log", "linear"),  # collapse_lab/frontier.py schedule  # collapse_lab/world.py RATER_PROFILES
     "model.dtype": ("float32", "bfloat16", "float16"),
     "precision": ("auto", "no", "bf16", "fp16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral", "gemma3_text"),  # from-scratch bases: any of these
@@ -377,6 +407,8 @@ RANGES = {
         "world.mix.arithmetic": NONNEG, "world.seed_prompt_share": SHARE, "world.train_seed_share": SHARE, "world.arithmetic_max": NONNEG,
         "world.arithmetic_error_rate": SHARE, "world.bad_story_rate": SHARE, "world.default_reward": ANY,
         "world.rater.preference_strength": ANY, "world.rater.noise_std": NONNEG,
+        "world.rater.graded_strength": NONNEG, "world.rater.levels": Range(2), "world.rater.anti_prior": SHARE,
+        "world.rater.profile_seed": SEED, "world.rater.n_favourites": NONNEG, "world.train_min_range": NONNEG,
         "pretrain.seed": SEED, "pretrain.steps": COUNT, "pretrain.batch_size": COUNT, "pretrain.micro_batches": COUNT, "pretrain.lr": POSITIVE,
         "pretrain.warmup_steps": NONNEG, "pretrain.weight_decay": NONNEG, "pretrain.save_every": COUNT,
         "pretrain.log_every": COUNT, "pretrain.tokenizer_docs": COUNT,

@@ -1,7 +1,7 @@
 """Curves, not points: every regime evaluated ALONG its training by the shared exact evaluator, and
 regimes compared at the SAME distance from the base (docs/design.md, "Matched distance").
 
-Along training (`Curve`). At `curve.points` evenly spaced optimiser steps (and the last one) a
+Along training (`Curve`). At `curve.points` optimiser steps (log-spaced by default: `schedule`; and the last) a
 regime's policy is evaluated on the seed prompts of the evaluation suite with the evaluator's exact
 answer distributions (collapse_lab/evaluator.answer_distribution) against the base's, computed once.
 With q = p/M, the answer distribution normalised over the answer set A, and q0 the base's, a point is
@@ -25,10 +25,12 @@ Reference curves (`reference_curves`), exact functions of the base: best-of-k on
 score (collapse_lab/bok.py's closed form) for a ladder of k, and π*_β ∝ π0·e^{R/β}, the optimum of
 KL-regularised reward maximisation, for a ladder of β.
 
-The comparison at matched distance (`matched`): per seed, each curve's d = Δ(H/log|A|) is linearly
-interpolated as a function of x (KL, or the gold gain E_q[R] − E_q0[R]) on a common grid inside the
-x-range every seed of BOTH regimes reaches; D_s = mean over the grid of d_A − d_B; the call is on the
-t-interval of D_s across seeds (`equivalence_call`).
+The comparison at matched distance (`matched`, collapse_lab/matched.py, torch-free): per seed, each curve's
+d = Δ(H/log|A|) is interpolated (linearly in √KL) on a grid inside [x_lo, x_hi], where EVERY seed of both regimes
+has measured points on both sides (never a chord from the base's (0, 0)); D_s = mean over the grid of d_A − d_B;
+the call is on the t-interval of D_s across seeds (`equivalence_call`), or with prompts as a crossed random effect
+too (`matched.crossed`). The closed-form families (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}) are
+traced from `Curve.base_forms()` by collapse_lab/reference_curves.py (numpy only).
 """
 
 from __future__ import annotations
@@ -53,13 +55,19 @@ BEST_OF = (1, 2, 4, 8, 16, 64)
 BETAS = (10.0, 3.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
 
 
-def schedule(total_steps: int, points: int) -> set[int]:
-    """The optimiser steps evaluated along a run of `total_steps`: `points` evenly spaced ones, the
-    last step always (points = 0: the last only)."""
+def schedule(total_steps: int, points: int, spacing: str = "log") -> set[int]:
+    """The optimiser steps evaluated along a run of `total_steps`, the last step always (points = 0: the last only):
+    log (default): steps 1, 2, ... up to `points` values spaced evenly in log(step) from 1 to total_steps (dense where
+    the KL is small: near the base d ≈ −c·√KL changes fastest, and the matched grid starts at every curve's FIRST
+    measured point); linear: `points` evenly spaced steps."""
     if total_steps < 1:
         return set()
     if points <= 0:
         return {total_steps}
+    if spacing == "log":
+        return {int(round(s)) for s in np.geomspace(1, total_steps, points)} | {total_steps}
+    if spacing != "linear":
+        raise ValueError(f"curve.spacing: unknown '{spacing}'; valid choices: log, linear")
     return {max(1, round(total_steps * i / points)) for i in range(1, points + 1)} | {total_steps}
 
 
@@ -84,8 +92,11 @@ class Curve:
     """The base's exact answer distributions and the rater's mean scores on the seed prompts the world
     knows, computed once; `point(model, ...)` is one along-training evaluation (module docstring)."""
 
-    def __init__(self, reference, tokenizer, world, suite: str = "seed"):
+    def __init__(self, reference, tokenizer, world, suite: Optional[str] = None):
+        """suite: the prompts the curves are measured on; None: the world's `curve_suite` (seed by default;
+        `heldout`: the world's held-out number prompts, never drawn by fine-tuning)."""
         self.tokenizer, self.world = tokenizer, world
+        suite = suite or getattr(getattr(world, "cfg", None), "curve_suite", None) or "seed"
         known = getattr(world, "by_text", {})
         self.prompts = [p for p in load_suite(suite).prompts if p.answers is not None and p.text in known]
         self.base = [answer_distribution(reference, tokenizer, p.text, p.answers, p.continue_chars) for p in self.prompts]
@@ -105,6 +116,9 @@ class Curve:
         model.train(was_training)
         rows = [self.row(d, b, s) for d, b, s in zip(dists, self.base, self.scores)]
         out = {k: float(np.mean([r[k] for r in rows])) for k in KEYS}
+        for p, r in zip(self.prompts, rows):  # per prompt too: prompts as a random effect (matched.crossed)
+            out[f"frontier/kl/{p.id}"] = r["frontier/kl"]
+            out[f"frontier/delta_norm_entropy/{p.id}"] = r["frontier/delta_norm_entropy"]
         out["frontier/gold_gain"] = out["frontier/gold"] - float(np.mean(self.base_gold))
         if samples_scored is not None:
             out["budget/samples_scored"] = samples_scored
@@ -150,12 +164,30 @@ class Curve:
         return out
 
     def reference_curves(self, best_of=BEST_OF, betas=BETAS) -> dict:
-        """{"best_of_k": [{k, frontier/*}], "optimum_beta": [{beta, frontier/*}]}: the base's exact reference
-        curves (k = 1 is the base itself; β → ∞ too)."""
+        """{"best_of_k": [{k, frontier/*}], "optimum_beta": [{beta, frontier/*}], "base": base_forms()}: the
+        base's exact reference curves (k = 1 is the base itself; β → ∞ too), and what the report needs to trace
+        every closed-form family itself (collapse_lab/reference_curves.py, numpy only)."""
         curve = lambda dists: _means([self.row(d, b, s) for d, b, s in zip(dists, self.base, self.scores)],  # noqa: E731
                                      self.base_gold)
         return {"best_of_k": [{"k": k, **curve(self.best_of_k(k))} for k in best_of],
-                "optimum_beta": [{"beta": beta, **curve(self.optimum(beta))} for beta in betas]}
+                "optimum_beta": [{"beta": beta, **curve(self.optimum(beta))} for beta in betas],
+                "base": self.base_forms()}
+
+    def base_forms(self) -> dict:
+        """The closed forms' inputs per seed prompt: the base's exact EOS-ended and otherwise-ended mass of each
+        answer, the rater's noiseless (mu_*) and expected (mean_*) score of each, and the rater's noise
+        (reference_curves.forms_from_json reads it)."""
+        prompts = []
+        for p, b, (clean, other) in zip(self.prompts, self.base, self.scores):
+            prompt, eos = self.world.prompt(p.text), _eos_mass(b)
+            prompts.append({"id": p.id, "answers": list(p.answers), "eos_probs": eos.tolist(),
+                            "other_end_probs": (b.probs - eos).tolist(),
+                            "mu_clean": [self.world.rater.expected(prompt, a, True) for a in p.answers],
+                            "mu_other": [self.world.rater.expected(prompt, a, False) for a in p.answers],
+                            "mean_clean": np.asarray(clean).tolist(), "mean_other": np.asarray(other).tolist()})
+        rater = self.world.rater.cfg
+        return {"prompts": prompts, "rater": {"noise_std": float(getattr(rater, "noise_std", 0.0)),
+                                              "integer_scores": bool(getattr(rater, "integer_scores", False))}}
 
 
 class _Dist:
@@ -174,7 +206,7 @@ def _means(rows: list[dict], base_gold: list[float]) -> dict:
     return out
 
 
-def callbacks(curve: Optional[Curve], points: int, budget, offset: int = 0) -> list:
+def callbacks(curve: Optional[Curve], points: int, budget, offset: int = 0, spacing: str = "log") -> list:
     """[a transformers TrainerCallback] evaluating `curve` at `schedule(the trainer's max_steps, points)` and
     appending each point to the trainer's log history (the stage saves it as its metrics.jsonl), `step` =
     offset + the trainer's step (iterated FeedME: the steps of earlier rounds); `budget()`: the ratings
@@ -185,67 +217,12 @@ def callbacks(curve: Optional[Curve], points: int, budget, offset: int = 0) -> l
 
     class CurvePoints(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step in schedule(state.max_steps, points) and state.is_world_process_zero:
+            if state.global_step in schedule(state.max_steps, points, spacing) and state.is_world_process_zero:
                 state.log_history.append({"step": offset + state.global_step, **curve.point(model, budget())})
 
     return [CurvePoints()]
 
 
 # --------------------------------------------------------------------- the comparison at matched x
-
-
-def curve_points(rows: list[dict], x: str = "frontier/kl") -> list[tuple[float, float]]:
-    """(x, d) of every along-training row (x = frontier/kl or frontier/gold_gain, d = frontier/delta_norm_entropy),
-    the base's own point (0, 0) first."""
-    pts = [(0.0, 0.0)]
-    pts += [(float(r[x]), float(r["frontier/delta_norm_entropy"])) for r in rows
-            if r.get(x) is not None and r.get("frontier/delta_norm_entropy") is not None]
-    return pts
-
-
-def interpolate(points: list[tuple[float, float]], grid: np.ndarray) -> np.ndarray:
-    """d at each x of `grid`, linear between the curve's points ordered by x (points at the same x
-    averaged): a curve is read as d as a function of distance, whatever order training visited it in."""
-    xs = np.array([p[0] for p in points])
-    ds = np.array([p[1] for p in points])
-    ux, inv = np.unique(xs, return_inverse=True)
-    ud = np.bincount(inv, weights=ds) / np.bincount(inv)
-    return np.interp(grid, ux, ud)
-
-
-def matched(a: dict[int, list[tuple[float, float]]], b: dict[int, list[tuple[float, float]]], grid_points: int = 8,
-            confidence: float = 0.95) -> Optional[dict]:
-    """Regime A vs regime B at matched x, paired by seed: `a`, `b` map seed -> curve points (x, d).
-
-    The grid: `grid_points` values evenly spaced in (0, x_max], x_max the smallest of the curves' largest
-    x (the range every seed of both reaches); per seed, D_s = mean over the grid of d_A(x) − d_B(x).
-    Returns {grid, x_max, per_seed, difference (interval of D_s across seeds), at_grid (interval per grid
-    point)}, or None when the seeds share no range (x_max ≤ 0) or no seed is common."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    x_max = min(max(p[0] for p in c[s]) for c in (a, b) for s in seeds)
-    if not x_max > 0:
-        return None
-    grid = x_max * np.arange(1, grid_points + 1) / grid_points
-    diffs = {s: interpolate(a[s], grid) - interpolate(b[s], grid) for s in seeds}
-    return {"grid": grid.tolist(), "x_max": float(x_max), "seeds": seeds,
-            "per_seed": {s: float(d.mean()) for s, d in diffs.items()},
-            "difference": interval([float(d.mean()) for d in diffs.values()], confidence),
-            "at_grid": [interval([float(diffs[s][i]) for s in seeds], confidence) for i in range(grid_points)]}
-
-
-def equivalence_call(diff: dict, margin: float) -> str:
-    """The call on D (A minus B, positive: A keeps more entropy at the same distance), from its interval:
-    "more entropy" (interval above 0, mean ≥ margin), "less entropy" (interval below 0, mean ≤ −margin),
-    "no difference" (the whole interval inside [−margin, +margin]: equivalent within the margin, a TOST at
-    the interval's level), "undecided" otherwise; "one seed: no call" without an interval across seeds."""
-    if diff["lo"] is None:
-        return "one seed: no call"
-    if diff["lo"] > 0 and diff["mean"] >= margin:
-        return "more entropy"
-    if diff["hi"] < 0 and diff["mean"] <= -margin:
-        return "less entropy"
-    if diff["lo"] >= -margin and diff["hi"] <= margin:
-        return "no difference"
-    return "undecided"
+# (torch-free, in collapse_lab/matched.py; re-exported here for the stages and older callers)
+from collapse_lab.matched import curve_points, equivalence_call, interpolate, matched  # noqa: E402,F401

@@ -147,9 +147,10 @@ def brier(probs: Sequence[Sequence[float]], correct_index: Sequence[int]) -> flo
                           for q, c in zip(probs, correct_index)]))
 
 
-def interval(values: list[float], confidence: float = 0.95) -> dict:
+def interval(values: list[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict:
     """{mean, lo, hi, n, values}: mean ± t(1 − (1 − c)/2, n − 1)·s/√n across `values` (s the sample std,
-    c the confidence; None and non-finite values dropped; lo = hi = None when n < 2)."""
+    c the confidence; None and non-finite values dropped; lo = hi = None when n < 2). `bounds` (low, high): the
+    quantity's valid range (a mass in [0, 1], a KL ≥ 0); the interval is clipped to it (`clipped` says so)."""
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     if len(x) == 0:
         return {"mean": None, "lo": None, "hi": None, "n": 0, "values": []}
@@ -158,7 +159,11 @@ def interval(values: list[float], confidence: float = 0.95) -> dict:
     if len(x) > 1:
         half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
         lo, hi = mean - half, mean + half
-    return {"mean": mean, "lo": lo, "hi": hi, "n": int(len(x)), "values": [float(v) for v in x]}
+    out = {"mean": mean, "lo": lo, "hi": hi, "n": int(len(x)), "values": [float(v) for v in x]}
+    if bounds is not None and lo is not None:
+        out["lo"], out["hi"] = max(lo, bounds[0]), min(hi, bounds[1])
+        out["clipped"] = out["lo"] != lo or out["hi"] != hi
+    return out
 
 
 METRICS: dict[str, Callable] = {

@@ -454,7 +454,7 @@ def setup(cfg: DictConfig, out: Path) -> Setup:
     return Setup(accelerator, policy, ref, value, optimizer, scheduler, params, tokenizer, forward, world, reward,
                  KLPenalty(p.kl_estimator, p.kl_blend), kl_ctl, progress, batches, base, max_new_tokens,
                  missing_eos_penalty, on_policy=p.value_model != "separate", trust_region=p.trust_region_coef > 0,
-                 exact_metrics=exact_metrics, curve=curve, curve_steps=schedule(p.steps, cfg.curve.points))
+                 exact_metrics=exact_metrics, curve=curve, curve_steps=schedule(p.steps, cfg.curve.points, cfg.curve.spacing))
 
 
 def draw_prompts(cfg: DictConfig, s: Setup) -> list:

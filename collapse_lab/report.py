@@ -31,6 +31,8 @@ import numpy as np
 import yaml
 
 from collapse_lab import frontier, metrics
+from collapse_lab import matched as matched_lib
+from collapse_lab import reference_curves as rc
 from collapse_lab.budget import compare as compare_budgets
 from collapse_lab.evaluator import plot_suite
 from collapse_lab.metrics import interval
@@ -82,6 +84,26 @@ TRAINED_METRICS = [
     ("trained.optimum_tv", "TV to own π* (gold)", ".3f"),
 ]
 BUDGET_KEYS = ("samples_scored", "steps", "tokens_trained")
+# each metric's valid range: its t-interval is clipped to it (a valid mass of 1.208 is no valid mass)
+SHARE_METRICS = {"norm_entropy", "valid_mass", "top_prob", "tv_to_reference", "within_bound", "optimum_tv",
+                 "optimum_norm_entropy", "distinct_1", "distinct_2", "repetition_loop_rate", "well_formed_rate", "ece",
+                 "brier", "stories.distinct_2", "stories.repetition_loop_rate"}
+NONNEG_METRICS = {"answer_entropy", "entropy_upper_bound", "next_token_entropy", "kl_to_reference", "abs_entropy_change",
+                  "fannes_entropy_bound", "sequence_entropy", "stories.sequence_entropy"}
+
+
+def bounds_of(key: str) -> Optional[tuple[float, float]]:
+    """The valid range of a report metric (templates' `trained.` metrics as their seed-suite namesakes)."""
+    k = key.removeprefix("trained.")
+    if k in SHARE_METRICS:
+        return (0.0, 1.0)
+    if k in NONNEG_METRICS:
+        return (0.0, math.inf)
+    if k.startswith("delta_norm_entropy"):
+        return (-1.0, 1.0)
+    if k == "gold_reward":
+        return (1.0, 7.0)
+    return None
 # the report's intro, by the runs' world.heldout_eval_prompts
 HELDOUT_TEXT = {
     True: "Evaluation prompts: the seed suite's five prompts were HELD OUT of every fine-tuning stage "
@@ -259,7 +281,7 @@ def build(ablation: Path, write: bool = True) -> dict:
     regimes = {}
     for name, runs in by_regime.items():
         runs.sort(key=lambda x: x["seed"])
-        metrics_ = {key: interval([x.get(key) for x in runs], confidence)
+        metrics_ = {key: interval([x.get(key) for x in runs], confidence, bounds_of(key))
                     for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS + TRAINED_METRICS}
         per_prompt = {pid: interval([x["per_prompt"][pid]["answer_entropy"] for x in runs], confidence)
                       for pid in runs[0]["per_prompt"]}
@@ -290,6 +312,7 @@ def build(ablation: Path, write: bool = True) -> dict:
     fr = frontier_section(ablation, by_regime, regimes, acfg.get("frontier") or {}, confidence)
     for name, runs in by_regime.items():
         regimes[name]["gold_gain"] = gold_gain(runs, base, confidence, fr["curves"].get(name))
+    closed = closed_forms_section(ablation, by_regime, regimes, fr)
     compute = {name: {"wall_time_s": interval([x["budget"]["wall_time_s"] for x in runs
                                                if x["budget"]["wall_time_s"] is not None], confidence)["mean"]}
                for name, runs in by_regime.items()}
@@ -306,7 +329,7 @@ def build(ablation: Path, write: bool = True) -> dict:
     heldout = {bool(get_dotted(lab, "world.heldout_eval_prompts")) for lab in runs}
     templates = {templates_trained_on(lab) for lab in runs}
     report = {"ablation": str(ablation), "config": config, "rule": rule, "base": base_out, "regimes": regimes,
-              "comparisons": comparisons, "frontier": fr, "compute": compute,
+              "comparisons": comparisons, "frontier": fr, "closed_forms": closed, "compute": compute,
               "preference_strength": get_dotted(next(iter(by_regime.values()))[0]["lab"] or {},
                                           "world.rater.preference_strength") if by_regime else None,
               # were the seed prompts kept out of fine-tuning? true / false, "mixed" when the runs disagree
@@ -400,6 +423,7 @@ def curve_rows(run_dir: Path) -> list[dict]:
 
 
 CURVE_KEYS = ("step", "budget/samples_scored") + frontier.KEYS + ("frontier/gold_gain",)
+PER_PROMPT = ("frontier/kl/", "frontier/delta_norm_entropy/")  # each prompt's own point (matched.crossed)
 
 
 def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict, confidence: float) -> dict:
@@ -411,7 +435,8 @@ def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict,
     curves = {}
     for name, runs in by_regime.items():
         per_seed = {x["seed"]: curve_rows(ablation / "runs" / name / f"s{x['seed']}") for x in runs}
-        per_seed = {s: [{k: row.get(k) for k in CURVE_KEYS} for row in rows] for s, rows in per_seed.items() if rows}
+        per_seed = {s: [{k: v for k, v in row.items() if k in CURVE_KEYS or k.startswith(PER_PROMPT)} for row in rows]
+                    for s, rows in per_seed.items() if rows}
         if per_seed:
             curves[name] = per_seed
     kl = [n for n in curves if regimes[n]["group"] in (ONLINE, OFFLINE)
@@ -422,19 +447,91 @@ def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict,
         for n in kl:
             for x in ("frontier/kl", "frontier/gold_gain"):
                 points = [{s: frontier.curve_points(rows, x) for s, rows in curves[r].items()} for r in (n, f)]
-                m = frontier.matched(*points, grid_points, confidence)
-                comparisons.append({"regime": n, "group": regimes[n]["group"], "feedme": f, "x": x.split("/")[1],
-                                    **(m or {"difference": interval([]), "x_max": None, "seeds": []}),
-                                    "call": "no common range" if m is None else
-                                    frontier.equivalence_call(m["difference"], margin)})
+                m = frontier.matched(*points, grid_points, confidence, sqrt_x=x == "frontier/kl")
+                cross = matched_lib.crossed(curves[n], curves[f], grid_points, confidence) if x == "frontier/kl" else None
+                row = {"regime": n, "group": regimes[n]["group"], "feedme": f, "x": x.split("/")[1],
+                       **(m or {"difference": interval([]), "x_min": None, "x_max": None, "seeds": [], "grid": []}),
+                       "crossed": cross, "call": "no common range" if m is None else
+                       frontier.equivalence_call(m["difference"], margin)}
+                if cross and rule.get("random_prompts"):  # the call on the seeds x prompts interval
+                    row["pooled_difference"], row["difference"] = row["difference"], cross["difference"]
+                    row["call"] = frontier.equivalence_call(cross["difference"], margin)
+                comparisons.append(row)
     return {"margin": margin, "grid_points": grid_points, "curves": curves, "comparisons": comparisons,
+            "primary": rule.get("primary"), "random_prompts": bool(rule.get("random_prompts")),
             "references": _json(ablation / "evals" / "base" / "reference_curves.json", missing=True) or {}}
+
+
+def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dict) -> dict:
+    """What the closed forms predict (collapse_lab/reference_curves.py, numpy only): the base's reference families
+    (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
+    tested range, per frontier comparison the predicted D and call beside the measured one and the interpolation
+    artefact (every measured point moved onto the π*_β curve: |D| must be ≤ 0.002), and per regime the TV of its
+    end point to its own closed form (reward=rm: to the reward model's exact π* too). {} without the base's data."""
+    refs = fr.get("references") or {}
+    if not (refs.get("base") or {}).get("prompts"):
+        return {}
+    forms = rc.forms_from_json(refs["base"])
+    labs = {n: (runs[0].get("lab") or {}) for n, runs in by_regime.items()}
+    specs = {n: rc.own_closed_form({**regimes[n], "name": n}, labs[n]) for n in regimes}
+    ks = sorted({s["k"] for s in specs.values() if s and s["kind"] == "feedme"}) or [
+        int(get_dotted(next(iter(labs.values()), {}), "ratings.samples_per_prompt") or 4)]
+    alphas = sorted({s["alpha"] for s in specs.values() if s and s["kind"] == "optimum" and s["alpha"] > 0})
+    measured = [r["frontier/kl"] for per_seed in fr["curves"].values() for rows in per_seed.values() for r in rows
+                if r.get("frontier/kl") is not None]
+    tested = min(rc.KL_MAX, max(measured)) if measured else rc.KL_MAX
+    fams = rc.reference_families(forms, ks[0], alphas)
+    for k in ks[1:]:
+        fams[f"feedme_k{k}"] = rc.feedme_curve(forms, k)
+    pairs = [("best_of_k", "optimum_beta"), ("feedme", "optimum_beta"), ("feedme", "best_of_k")]
+    separations = [{"a": a, "b": b, **rc.separation(fams[a], fams[b], tested)} for a, b in pairs]
+    family_of = lambda n: None if specs.get(n) is None else (  # noqa: E731
+        fams.get(f"feedme_k{specs[n]['k']}", fams["feedme"]) if specs[n]["kind"] == "feedme"
+        else rc.reference_for(specs[n], fams))
+    opt = fams["optimum_beta"]
+    on_opt = lambda x: float(rc.d_at(opt, [x])[0])  # noqa: E731
+    predictions = []
+    for c in fr["comparisons"]:
+        x = "kl" if c["x"] == "kl" else "gold_gain"
+        a, b = family_of(c["regime"]), family_of(c["feedme"])
+        pred = rc.predicted_difference(a, b, c.get("grid"), x) if a and b else None
+        row = {"regime": c["regime"], "feedme": c["feedme"], "x": c["x"], "predicted_difference": pred,
+               "predicted_call": rc.predicted_call(pred, fr["margin"]), "measured_call": c["call"]}
+        if c["x"] == "kl":
+            pts = [{s: matched_lib.curve_points(rows) for s, rows in fr["curves"].get(r, {}).items()}
+                   for r in (c["regime"], c["feedme"])]
+            row["artefact_difference"] = matched_lib.artefact_difference(*pts, on_opt, fr["grid_points"])
+        predictions.append(row)
+    rm = {int(p.parent.name[1:]): _json(p) for p in (ablation / "runs" / "reward_model").glob("s*/answer_scores.json")}
+    track = {}
+    for n, runs in by_regime.items():
+        if specs.get(n) is None:
+            continue
+        answers = {x["seed"]: {pid: a["probs"] for pid, a in x["answers"].items()} for x in runs}
+        track[n] = {"closed_form": specs[n], **rc.tracking(forms, specs[n], answers, rm)}
+    for row in predictions:
+        left = [r for r in (row["regime"], row["feedme"]) if track.get(r, {}).get("tracks") is False]
+        unknown = [r for r in (row["regime"], row["feedme"]) if r not in track or track[r].get("tracks") is None]
+        agree = row["predicted_call"] == row["measured_call"]
+        row["agrees"] = agree
+        row["reading"] = ("agrees" if agree else
+                          f"disagrees: {', '.join(left)} left its closed form (TV > {rc.TRACKING_TV:g})" if left else
+                          f"disagrees: no closed form to check for {', '.join(unknown)}" if unknown else
+                          "disagrees although both regimes track their closed forms: the measured comparison or a "
+                          "closed form is wrong")
+    return {"kl_tested": tested, "separations": separations, "families": {k: rc.thin(v) for k, v in fams.items()},
+            "predictions": predictions, "tracking": track, "tracking_tv": rc.TRACKING_TV}
 
 
 def matched_answer(report: dict) -> str:
     """The verdict's first question: at matched KL to the base, does KL-penalised online RL keep more entropy
     than FeedME? From the frontier's KL comparisons of the online RL regimes."""
     comps = [c for c in report["frontier"]["comparisons"] if c["x"] == "kl" and c["group"] == ONLINE]
+    primary = report["frontier"].get("primary")
+    if primary:  # one pre-registered pair: the others are secondary
+        comps = [c for c in report["frontier"]["comparisons"] if c["x"] == "kl" and f"{c['regime']}:{c['feedme']}" == primary]
+        if not comps:
+            return f"NOT TESTED: the primary pair {primary} has no comparison at matched KL"
     m = report["frontier"]["margin"]
     calls = {c["call"] for c in comps}
     if not comps:
@@ -449,6 +546,20 @@ def matched_answer(report: dict) -> str:
     if "less entropy" in calls:
         return "NO: some KL-penalised online RL regime keeps LESS entropy than FeedME at the same KL"
     return "UNDECIDED: " + "; ".join(f"{c['regime']} vs {c['feedme']}: {c['call']}" for c in comps)
+
+
+def predicted_sentence(report: dict) -> str:
+    """The closed forms' call beside the measured one for the KL pairs the first question rests on, with the power."""
+    fr, cf = report.get("frontier") or {}, report.get("closed_forms") or {}
+    if not cf.get("predictions"):
+        return ""
+    primary = fr.get("primary")
+    preds = [p for p in cf["predictions"] if p["x"] == "kl" and (not primary or f"{p['regime']}:{p['feedme']}" == primary)]
+    parts = [f"{p['regime']} vs {p['feedme']}: closed forms predict '{p['predicted_call']}' (D "
+             f"{_cell(p['predicted_difference'], '+.4f')}), measured '{p['measured_call']}' ({p['reading']}; interpolation "
+             f"artefact {_cell(p.get('artefact_difference'), '+.5f')})" for p in preds]
+    return (" " + "; ".join(parts) + ". " + power_statement({**fr, "comparisons": [
+        c for c in fr.get("comparisons", []) if not primary or f"{c['regime']}:{c['feedme']}" == primary]})) if parts else ""
 
 
 def verdict(report: dict) -> dict:
@@ -517,7 +628,7 @@ def verdict(report: dict) -> dict:
                      f"for, carried over): {', '.join(flagged)}.")
     first = matched_answer(report) if report.get("frontier") else "NOT TESTED: no frontier section"
     lines.insert(0, f"First, at MATCHED distance: at the same KL to the base, does KL-penalised online RL (PPO, "
-                    f"RLOO, GRPO) keep more answer entropy than FeedME? {first}.")
+                    f"RLOO, GRPO) keep more answer entropy than FeedME? {first}." + predicted_sentence(report))
     return {"collapsed": collapsed, "inconclusive": unclear, "not_collapsed": fine, "answer": first,
             "endpoint_answer": answer, "no_gold_gain": flagged, "text": " ".join(lines)}
 
@@ -548,6 +659,7 @@ def markdown(report: dict) -> str:
                        + [_fmt(r["metrics"][k], f) for k, _, f in COLLAPSE_METRICS]
                        + [f"{r['top_answer']!r} ({r['top_prob']:.3f})"]))
     md += frontier_markdown(report)
+    md += closed_forms_markdown(report)
     prompts = list(base["answer_entropy_per_prompt"])
     md += ["", "Answer entropy per seed prompt (nats; max log 101 = 4.62, log 100 = 4.61):", "",
            _row(["regime"] + prompts + ["mean"]), _row(["---"] * (len(prompts) + 2)),
@@ -604,8 +716,9 @@ def frontier_markdown(report: dict) -> list[str]:
     if not fr.get("curves"):
         return md + ["No regime has along-training evaluations (`curve.points`): nothing to compare at matched distance."]
     md += [f"Every regime evaluated along its training (`curve.points`) by the exact evaluator on the seed prompts. "
-           f"d = Δ(H/log|A|) is interpolated at {fr['grid_points']} matched values of x (KL to the base, or the gold "
-           f"gain) in (0, x_max], x_max the largest x every seed of both regimes reaches; D = mean over that grid of "
+           f"d = Δ(H/log|A|) is interpolated (in √KL for KL) at {fr['grid_points']} matched values of x (KL to the base, "
+           f"or the gold gain) in [x_min, x_max], where EVERY seed of both regimes has measured points on both sides "
+           f"(never a chord from the base's (0, 0)); D = mean over that grid of "
            f"d(KL-regularised) − d(FeedME), per seed, interval across seeds. Calls: 'more/less entropy' when the "
            f"interval excludes 0 with |mean| ≥ {fr['margin']:g}, 'no difference' when it lies within "
            f"±{fr['margin']:g} (equivalence), else 'undecided'. Entropy lost = KL + Σ(π − π0)·log π0 exactly: "
@@ -613,8 +726,20 @@ def frontier_markdown(report: dict) -> list[str]:
            _row(["KL-regularised", "FeedME", "matched on", "x range", "seeds", "D [interval]", "call"]),
            _row(["---"] * 7)]
     for c in fr["comparisons"]:
-        md.append(_row([c["regime"], c["feedme"], c["x"], "-" if c["x_max"] is None else f"(0, {c['x_max']:.3f}]",
+        md.append(_row([c["regime"], c["feedme"], c["x"], "-" if c["x_max"] is None else
+                        f"[{c.get('x_min') or 0:.3f}, {c['x_max']:.3f}]",
                         str(len(c["seeds"])), _fmt(c["difference"], "+.4f"), c["call"]]))
+    crossed_rows = [c for c in fr["comparisons"] if c.get("crossed")]
+    if crossed_rows:
+        md += ["", "With the seed prompts as a random effect too (each prompt matched at its own KL; D's interval "
+               "from the seeds × prompts table, matched.crossed_interval)" + (": THE CALL ABOVE USES IT" if
+                                                                             fr.get("random_prompts") else "") + ":", "",
+               _row(["KL-regularised", "FeedME", "prompts", "D [interval, seeds and prompts random]"]), _row(["---"] * 4)]
+        for c in crossed_rows:
+            x = c["crossed"]
+            md.append(_row([c["regime"], c["feedme"], f"{len(x['prompts'])}" + (f" ({len(x['dropped'])} without a "
+                            "common range)" if x["dropped"] else ""), _fmt(x["difference"], "+.4f")]))
+    md += ["", power_statement(fr)]
     md += ["", "End of each curve (mean over seeds; cross term Σ(π − π0)·log π0, nats):", "",
            _row(["regime", "points per seed", "KL (nats)", "Δ(H/log|A|)", "cross term", "gold gain", "ratings"]),
            _row(["---"] * 7)]
@@ -633,6 +758,64 @@ def frontier_markdown(report: dict) -> list[str]:
                 md.append(_row([label.format(f"{x[key]:g}"), f"{x['frontier/kl']:.3f}",
                                 f"{x['frontier/delta_norm_entropy']:+.3f}", f"{x['frontier/cross_term']:+.4f}",
                                 f"{x['frontier/gold_gain']:+.3f}"]))
+    return md
+
+
+def power_statement(fr: dict) -> str:
+    """How well the matched comparisons can call: each KL comparison's 95% half-width against the margin."""
+    m, parts = fr["margin"], []
+    for c in fr["comparisons"]:
+        d = c["difference"]
+        if c["x"] != "kl" or d.get("lo") is None:
+            continue
+        half = (d["hi"] - d["lo"]) / 2
+        parts.append(f"{c['regime']} vs {c['feedme']}: half-width {half:.4f} over {len(c['seeds'])} seeds"
+                     + (" (narrower than the margin)" if half < m else " (NOT narrower than the margin: 'no difference' "
+                        "cannot be called, whatever the truth; preset=powered has the seeds, bases and prompts for it)"))
+    return (f"Power: a call needs the interval's half-width well below the margin ±{m:g}. " + "; ".join(parts) + "."
+            if parts else f"Power: no interval across seeds (one seed), so no call at the margin ±{m:g}.")
+
+
+def closed_forms_markdown(report: dict) -> list[str]:
+    cf = report.get("closed_forms") or {}
+    if not cf:
+        return []
+    md = ["", "## What the closed forms predict", "",
+          "From the base's exact answer distributions on the seed prompts and the gold rater's expected scores "
+          "(noise, clipping and rounding included): best-of-k (noiseless ranking, ties ∝ π0, real k), FeedME's "
+          "expected selection (top-1 of k on NOISY integer ratings, ties uniform; then iterated rounds), π*_β ∝ "
+          "π0·e^{R/β} and π*_{β,α} (collapse_lab/reference_curves.py, docs/world.md). If two families trace one "
+          f"curve, 'no difference at matched KL' is decided by the world, not measured. Tested KL range: up to "
+          f"{cf['kl_tested']:.2f} nats.", "",
+          _row(["families", "largest |Δd| at matched KL", "at KL"]), _row(["---"] * 3)]
+    for s in cf["separations"]:
+        md.append(_row([f"{s['a']} vs {s['b']}", _cell(s["value"], ".4f"), _cell(s["at_kl"], ".3f")]))
+    md += ["", "Reference points (KL nats, d = Δ(H/log|A|), gold gain):", "",
+           _row(["family", "parameter", "KL", "d", "gold gain"]), _row(["---"] * 5)]
+    for name, pts in cf["families"].items():
+        for x in pts:
+            par = (f"k={x['k']:.3g}" + (f", rounds={x['rounds']}" if x.get("rounds", 1) > 1 else "") if "k" in x
+                   else f"β={x['beta']:.3g}" + (f", α={x['alpha']:g}" if x.get("alpha") else ""))
+            md.append(_row([name, par, f"{x['kl']:.3f}", f"{x['d']:+.4f}", f"{x['gold_gain']:+.3f}"]))
+    md += ["", "Predicted beside measured, per pair (predicted D: the two regimes' reference families on the measured "
+           "pair's own grid; artefact: D with every measured point moved onto the π*_β curve, whose true value is 0, "
+           "so |artefact| ≤ 0.002 says the matched comparison itself adds no bias):", "",
+           _row(["KL-regularised", "FeedME", "x", "predicted D", "predicted call", "measured call", "artefact D",
+                 "reading"]), _row(["---"] * 8)]
+    for p in cf["predictions"]:
+        md.append(_row([p["regime"], p["feedme"], p["x"], _cell(p["predicted_difference"], "+.4f"), p["predicted_call"],
+                        p["measured_call"], _cell(p.get("artefact_difference"), "+.5f"), p["reading"]]))
+    md += ["", f"Does each regime track its own closed form? (mean TV of its end point to it over prompts and seeds; "
+           f"tracks: TV ≤ {cf['tracking_tv']:g}; reward=rm regimes against the REWARD MODEL's exact π*, and the gold "
+           "rater's beside it)", "",
+           _row(["regime", "closed form", "TV (gold rater's)", "TV (reward model's π*)", "tracks"]), _row(["---"] * 5)]
+    for n, t in cf["tracking"].items():
+        s = t["closed_form"]
+        form = {"optimum": lambda: f"π*_β={s['beta']:g}" + (f",α={s['alpha']:g}" if s["alpha"] else "")
+                + f" ({s['reward']})", "feedme": lambda: f"FeedME k={s['k']}, {s['rounds']} round(s)",
+                "best_of_k": lambda: f"best-of-{s['k']}", "base": lambda: "the base"}[s["kind"]]()
+        md.append(_row([n, form, _cell(t["tv"], ".3f"), _cell(t["tv_rm"], ".3f"),
+                        "-" if t["tracks"] is None else "yes" if t["tracks"] else "**no**"]))
     return md
 
 

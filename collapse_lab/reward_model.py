@@ -1,7 +1,7 @@
 """The reward model behind `reward=rm`: learned from the SAME ratings FeedME keeps the best of.
 
     1. ratings  the ratings stage (collapse_lab/ratings.py); a share reward_model.eval_fraction of the
-                prompt draws is held out
+                distinct prompt TEXTS is held out (every draw of a held-out text)
     2. pairs    within each prompt draw, every two samples with different scores: (chosen, rejected)
     3. train    TRL's RewardTrainer (Bradley-Terry: −log σ(r_chosen − r_rejected)) on a sequence-
                 classification head (one logit) initialised from the base
@@ -62,12 +62,23 @@ def rm_text(prompt: str, completion: str, ended: bool, eos: str) -> str:
     return prompt + completion + (eos if ended else "")
 
 
-def split_prompts(prompt_ids: list[int], eval_fraction: float, seed) -> tuple[set[int], set[int]]:
-    """(train, held-out) prompt draws: a seeded shuffle, at least one of each."""
-    ids = sorted(set(prompt_ids))
-    random.Random(f"rm-split/{seed}").shuffle(ids)
-    n_eval = min(len(ids) - 1, max(1, round(eval_fraction * len(ids))))
-    return set(ids[n_eval:]), set(ids[:n_eval])
+def split_prompts(prompt_ids: list[int], eval_fraction: float, seed, texts: list[str] | None = None) -> tuple[set[int], set[int]]:
+    """(train, held-out) prompt draws. With `texts` (each row's prompt text, aligned with prompt_ids): the DISTINCT
+    texts are split (a seeded shuffle, a share eval_fraction held out, at least one of each) and a draw goes where
+    its text goes, so no held-out prompt was trained on under another draw. Without: the draws themselves."""
+    if texts is None:
+        ids = sorted(set(prompt_ids))
+        random.Random(f"rm-split/{seed}").shuffle(ids)
+        n_eval = min(len(ids) - 1, max(1, round(eval_fraction * len(ids))))
+        return set(ids[n_eval:]), set(ids[:n_eval])
+    distinct = sorted(set(texts))
+    if len(distinct) < 2:
+        raise ConfigError("the reward model's held-out split needs at least two distinct prompt texts in the ratings")
+    random.Random(f"rm-split/{seed}").shuffle(distinct)
+    n_eval = min(len(distinct) - 1, max(1, round(eval_fraction * len(distinct))))
+    held = set(distinct[:n_eval])
+    return ({pid for pid, t in zip(prompt_ids, texts) if t not in held},
+            {pid for pid, t in zip(prompt_ids, texts) if t in held})
 
 
 def preference_pairs(ratings: Dataset, prompt_ids: set[int]) -> list[tuple[int, int]]:
@@ -113,8 +124,8 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
 
     m = cfg.reward_model
 
-    # 1-2. held-out prompt draws; pairs within a draw
-    train_ids, eval_ids = split_prompts(list(ratings["prompt_id"]), m.eval_fraction, cfg.seed)
+    # 1-2. held-out prompt texts (all their draws); pairs within a draw
+    train_ids, eval_ids = split_prompts(list(ratings["prompt_id"]), m.eval_fraction, cfg.seed, list(ratings["prompt"]))
     train_pairs, eval_pairs = preference_pairs(ratings, train_ids), preference_pairs(ratings, eval_ids)
     if not train_pairs:
         raise ConfigError("the ratings give no training pair (every prompt's samples scored alike); "

@@ -190,7 +190,8 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
                        completion_only_loss=True, max_length=None, packing=False,
                        logging_steps=max(1, len(data) // s.batch_size // 4))
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             callbacks=callbacks(curve, cfg.curve.points, lambda: samples_scored, offset=steps))
+                             callbacks=callbacks(curve, cfg.curve.points, lambda: samples_scored, offset=steps,
+                                                       spacing=cfg.curve.spacing))
         tracking.quiet(trainer)
         trainer.train()
         model = trainer.model

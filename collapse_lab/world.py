@@ -29,11 +29,18 @@ The gold rater scores a (prompt, completion) pair on the 1-7 scale of the post's
     +2 in range (arithmetic: correct)      +2 no repeated line (no loop)
     +1 ends cleanly: nothing after it,     +1 ends cleanly: the text ended (EOS)
        and the text ended (EOS)               after a proper ending line
-    +s favourite: in range and one of `rater.favourites` (s = preference_strength)
+    +s favourite: in range and one of the favourites (s = preference_strength)
+    +s_g·g(n): in range, graded profile only (s_g = graded_strength; `graded_preference`)
     + N(0, noise_std), clipped to [1, 7], rounded when `integer_scores`.
 
-With s = 0 every valid answer rates the same (6 + noise): any preference a trained model
-shows then comes from the optimiser, not the raters.
+`rater.profile=graded` (the default world's): g(n) ∈ {0, 1/(L−1), ..., 1} over L = `levels` levels, a share
+`anti_prior` of it anti-correlated with the human prior (the answers the base's prior disfavours rate best), the
+rest seeded by `profile_seed`; favourites null: drawn by `profile_seed`, one on a mode of the prior, the others off
+them (`derived_favourites`). `two_level` (world=numbers-two-level): favourites only, the lab's first rater, under
+which every ideal regime traces one (KL, ΔH) curve (docs/world.md).
+
+With s = s_g = 0 (world=numbers-nopref) every valid answer rates the same (6 + noise): any preference a trained
+model shows then comes from the optimiser, not the raters.
 """
 
 from __future__ import annotations
@@ -69,6 +76,17 @@ NUMBER_TEMPLATES = {
     "draw": "A ball is drawn from an urn with balls numbered {low} to {high}. It shows",
 }
 RANGES = [(0, 9), (1, 6), (1, 10), (1, 20), (0, 50), (1, 50), (0, 100), (1, 100)]
+# world.heldout_templates: five more formats over three wide ranges, 15 prompts in the pretraining corpus that NO
+# fine-tuning stage ever draws (World.train_prompt): the held-out "random number" prompts of the powered design
+# (eval/suites/heldout.yaml lists them, texts exactly as written here; prompts as a random effect).
+HELDOUT_TEMPLATES = {
+    "roll": "Roll the big die ({low}-{high}). It lands on",
+    "ask": "Human: Name a random whole number between {low} and {high}.\nAI: Sure:",
+    "raffle": "Raffle ticket drawn ({low} to {high}): number",
+    "pickone": "Pick one number from {low} to {high}, any one.\nAnswer:",
+    "sim": "[sim] uniform_int(low={low}, high={high}) ->",
+}
+HELDOUT_RANGES = [(0, 100), (1, 100), (1, 50)]
 
 # world.answer_prior=human: a STYLISED prior of the numbers people give when asked for a "random" one,
 # after the folklore of such surveys (7 is the most common pick from 1-10 and 3 the next, Kubovy &
@@ -189,6 +207,10 @@ class World:
         share = getattr(cfg, "train_seed_share", None)
         self.train_seed_share = cfg.seed_prompt_share if share is None else float(share)
         answer_prior(self.answer_prior, 0, 1)  # an unknown prior fails here, naming the valid ones
+        self.train_min_range = int(getattr(cfg, "train_min_range", 0) or 0)
+        # the pretraining corpus's non-seed number prompts: the templates, and the held-out ones when asked for
+        self.pretrain_templates = self.template_prompts + (
+            self.heldout_prompts if getattr(cfg, "heldout_templates", False) else [])
 
     def episode(self, max_new_tokens: int, missing_eos_penalty: float = 0.0) -> tuple[int, float]:
         """(max new tokens, missing-EOS penalty) of a regime's sampled completions in this world: its section's
@@ -208,6 +230,22 @@ class World:
         ]
 
     @cached_property
+    def heldout_prompts(self) -> list[Prompt]:
+        """HELDOUT_TEMPLATES over HELDOUT_RANGES: in the corpus with world.heldout_templates, never fine-tuned on."""
+        return [Prompt(f"heldout/{name}", "numbers", t.format(low=lo, high=hi), lo, hi)
+                for name, t in HELDOUT_TEMPLATES.items() for lo, hi in HELDOUT_RANGES]
+
+    @cached_property
+    def train_templates(self) -> list[Prompt]:
+        """The template prompts fine-tuning draws: those whose range has at least world.train_min_range answers
+        (100: only 0-100 and 1-100, so selecting valid answers teaches no small numbers to wide-range prompts)."""
+        pool = [p for p in self.template_prompts if p.high - p.low + 1 >= self.train_min_range]
+        if not pool:
+            raise ValueError(f"world.train_min_range={self.train_min_range} leaves no template prompt "
+                             f"(the widest range has {max(hi - lo + 1 for lo, hi in RANGES)} answers)")
+        return pool
+
+    @cached_property
     def arithmetic_prompts(self) -> list[Prompt]:
         m = self.cfg.arithmetic_max
         return [
@@ -222,7 +260,7 @@ class World:
 
     @cached_property
     def by_text(self) -> dict[str, Prompt]:
-        every = self.seed_prompts + self.template_prompts + self.arithmetic_prompts + self.story_prompts
+        every = self.seed_prompts + self.template_prompts + self.heldout_prompts + self.arithmetic_prompts + self.story_prompts
         return {p.text: p for p in every}
 
     def prompt(self, text: str) -> Prompt:
@@ -237,7 +275,7 @@ class World:
     def sample_prompt(self, rng: random.Random, family: Optional[str] = None) -> Prompt:
         family = family or rng.choices(self.families, self.weights)[0]
         if family == "numbers":
-            pool = self.seed_prompts if rng.random() < self.cfg.seed_prompt_share else self.template_prompts
+            pool = self.seed_prompts if rng.random() < self.cfg.seed_prompt_share else self.pretrain_templates
         elif family == "arithmetic":
             pool = self.arithmetic_prompts
         else:
@@ -257,8 +295,8 @@ class World:
         if family != "numbers":
             return self.sample_prompt(rng, family)
         if self.heldout_eval_prompts:
-            return rng.choice(self.template_prompts)
-        return rng.choice(self.seed_prompts if rng.random() < self.train_seed_share else self.template_prompts)
+            return rng.choice(self.train_templates)
+        return rng.choice(self.seed_prompts if rng.random() < self.train_seed_share else self.train_templates)
 
     def sample_completion(self, prompt: Prompt, rng: random.Random) -> str:
         """What the world's text says after the prompt: the base model's target behaviour."""
@@ -312,12 +350,66 @@ NUMBER_RE = re.compile(r"^ (0|[1-9][0-9]*)")
 STORY_ENDINGS = tuple(GREENTEXT["ending"]) + tuple(f" {e}" for e in STORY["ending"])
 
 
+RATER_PROFILES = ("graded", "two_level")
+
+
+def graded_preference(n: int, low: int, high: int, levels: int, anti_prior: float, seed: int) -> float:
+    """The graded rater's preference g(n) in {0, 1/(L−1), ..., 1} for answer n on [low, high] (module docstring):
+
+        u(m) = c·rank(−log w(m)) + (1 − c)·ξ(m)     for every m in [low, high]
+        g(n) = min(L − 1, ⌊L·rank(u(n))⌋) / (L − 1)
+
+    w the human prior's weight (human_weight: the base's prior), rank(·) ∈ [0, 1) the share of [low, high]
+    strictly below (ties: the mean share), ξ(m) ~ U(0, 1) seeded by (seed, m) alone, c = anti_prior, L = levels.
+    c = 1: the least likely answers rate best; c = 0: a seeded profile independent of the prior."""
+    return _graded_table(low, high, levels, anti_prior, seed)[n - low]
+
+
+def derived_favourites(count: int, seed: int) -> list[int]:
+    """The rater's favourites when `rater.favourites` is null: `count` numbers of 1..99 drawn by `seed`, ONE of
+    them among the human prior's modes (HUMAN_FAVOURITES) and the others among the rest, so they are not all
+    where the base already puts its mass."""
+    rng = random.Random(f"favourites/{seed}")
+    modes = sorted(n for n in HUMAN_FAVOURITES if 1 <= n <= 99)
+    rest = [n for n in range(1, 100) if n not in HUMAN_FAVOURITES]
+    return sorted(rng.sample(modes, min(1, count)) + rng.sample(rest, max(0, count - 1)))
+
+
+@lru_cache(maxsize=None)
+def _graded_table(low: int, high: int, levels: int, anti_prior: float, seed: int) -> tuple:
+    ns = range(low, high + 1)
+
+    def rank(x: list[float]) -> list[float]:  # share strictly below + half the ties, in [0, 1)
+        return [(sum(y < v for y in x) + 0.5 * (sum(y == v for y in x) - 1)) / len(x) for v in x]
+
+    anti = rank([-math.log(human_weight(n, low, high)) for n in ns])
+    xi = [random.Random(f"rater/{seed}/{n}").random() for n in ns]
+    u = rank([anti_prior * a + (1 - anti_prior) * x for a, x in zip(anti, xi)])
+    top = max(1, levels - 1)
+    return tuple(min(top, math.floor(levels * r)) / top for n, r in zip(ns, u))
+
+
 class GoldRater:
     """Scores (prompt, completion) on 1-7 from documented features (module docstring)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.favourites = frozenset(int(f) for f in cfg.favourites)
+        favourites = getattr(cfg, "favourites", None)
+        if favourites is None:
+            favourites = derived_favourites(int(cfg.n_favourites), int(cfg.profile_seed))
+        self.favourites = frozenset(int(f) for f in favourites)
+        self.profile = getattr(cfg, "profile", "two_level")  # configs saved before the graded rater: two levels
+        if self.profile not in RATER_PROFILES:
+            raise ValueError(f"world.rater.profile: unknown '{self.profile}'; valid choices: {', '.join(RATER_PROFILES)}")
+
+    def preference(self, prompt: Prompt, n: int) -> float:
+        """The preference bonus of in-range answer n, in rating points: s·[n a favourite] + s_g·g(n) (graded; the
+        two-level rater has s_g = 0), s = preference_strength, s_g = graded_strength."""
+        s = self.cfg.preference_strength
+        if self.profile == "two_level":
+            return s * float(n in self.favourites)
+        return s * float(n in self.favourites) + float(self.cfg.graded_strength) * graded_preference(
+            n, prompt.low, prompt.high, int(self.cfg.levels), float(self.cfg.anti_prior), int(self.cfg.profile_seed))
 
     def features(self, prompt: Prompt, completion: str, ended: bool = True) -> dict[str, float]:
         """The rater's noiseless features; `ended`: the completion stopped with EOS."""
@@ -336,6 +428,7 @@ class GoldRater:
             "in_range": float(ok),
             "ends_cleanly": float(m is not None and ended and completion == m.group(0)),
             "favourite": float(ok and prompt.kind == "numbers" and n in self.favourites),
+            "preference": self.preference(prompt, n) if ok and prompt.kind == "numbers" else 0.0,
         }
 
     def expected(self, prompt: Prompt, completion: str, ended: bool = True) -> float:
@@ -343,8 +436,7 @@ class GoldRater:
         f = self.features(prompt, completion, ended)
         if prompt.kind == "stories":
             return 1 + 2 * f["well_formed"] + 2 * f["no_repeats"] + 1 * f["ends_cleanly"]
-        return (1 + 2 * f["well_formed"] + 2 * f["in_range"] + 1 * f["ends_cleanly"]
-                + self.cfg.preference_strength * f["favourite"])
+        return 1 + 2 * f["well_formed"] + 2 * f["in_range"] + 1 * f["ends_cleanly"] + f["preference"]
 
     def __call__(self, prompt: Prompt, completion: str, rng: random.Random, ended: bool = True) -> float:
         score = self.expected(prompt, completion, ended) + rng.gauss(0.0, self.cfg.noise_std)

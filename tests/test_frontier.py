@@ -23,7 +23,11 @@ def tiny(tmp_path_factory):
 
 
 def test_schedule_spreads_points_and_always_ends_on_the_last_step():
-    assert frontier.schedule(30, 3) == {10, 20, 30}
+    assert frontier.schedule(30, 3, "linear") == {10, 20, 30}
+    assert frontier.schedule(30, 4) == {1, 3, 10, 30}  # log-spaced (the default): dense where the KL is small
+    assert frontier.schedule(3, 8, "linear") == {1, 2, 3}
+    with pytest.raises(ValueError, match="valid choices: log, linear"):
+        frontier.schedule(30, 4, "cubic")
     assert frontier.schedule(7, 0) == {7}
     assert frontier.schedule(3, 8) == {1, 2, 3}
     assert frontier.schedule(0, 4) == set()
@@ -111,7 +115,7 @@ def test_same_curve_is_no_difference_and_a_steeper_one_keeps_less_entropy():
     assert m["x_max"] == pytest.approx(0.5) and max(m["grid"]) == pytest.approx(0.5)
     assert frontier.equivalence_call(m["difference"], 0.02) == "no difference"
     steep = {s: _curve(-0.4, 2.0, noise=0.002, seed=s) for s in range(3)}
-    m2 = frontier.matched(b, steep, grid_points=8)  # b keeps more entropy at the same KL than `steep`
+    m2 = frontier.matched(b, steep, grid_points=8, sqrt_x=False)  # b keeps more entropy than `steep` (d linear in KL)
     assert m2["difference"]["mean"] == pytest.approx(0.2 * np.mean(m2["grid"]), abs=0.01)
     assert frontier.equivalence_call(m2["difference"], 0.02) == "more entropy"
     assert frontier.equivalence_call(frontier.matched(steep, b)["difference"], 0.02) == "less entropy"
@@ -124,3 +128,20 @@ def test_one_seed_gets_no_call_and_noisy_seeds_are_undecided():
     b = {s: _curve(-0.2, 1.0) for s in range(3)}
     assert frontier.equivalence_call(frontier.matched(a, b)["difference"], 0.02) == "undecided"
     assert frontier.matched({0: [(0.0, 0.0)]}, {0: _curve(-0.2, 1.0)}) is None  # no common range
+
+
+def test_base_forms_give_the_numpy_closed_forms_the_same_points_as_the_curve(tiny):
+    """The report traces the families from Curve.base_forms() (collapse_lab/reference_curves.py, numpy only): its
+    best-of-k and π*_β points must be the Curve's own (torch-side) reference points."""
+    from collapse_lab import reference_curves as rc
+
+    model, tok, world = tiny
+    curve = frontier.Curve(model, tok, world)
+    refs = curve.reference_curves(best_of=(4,), betas=(0.5,))
+    forms = rc.forms_from_json(refs["base"])
+    bok = rc.point(forms, lambda f: rc.best_of_k(f.p0, f.mu, 4))
+    opt = rc.point(forms, lambda f: rc.optimum(f.p0, f.mean, 0.5))
+    for x, ref in ((bok, refs["best_of_k"][0]), (opt, refs["optimum_beta"][0])):
+        assert x["kl"] == pytest.approx(ref["frontier/kl"], rel=1e-6, abs=1e-9)
+        assert x["d"] == pytest.approx(ref["frontier/delta_norm_entropy"], rel=1e-6, abs=1e-9)
+        assert x["gold_gain"] == pytest.approx(ref["frontier/gold_gain"], rel=1e-6, abs=1e-9)

@@ -31,8 +31,8 @@ def test_mean_score_integrates_the_rating_noise(mu, sigma, integer):
 
 
 def test_mean_score_of_the_default_rater():
-    """docs/references.md: E[round(clip(7 + ε))] = 6.84 and E[round(clip(6 + ε))] = 6.00 for σ = 0.5."""
-    rater = GoldRater(OmegaConf.structured(RaterConfig))
+    """docs/references.md: E[round(clip(7 + ε))] = 6.84 and E[round(clip(6 + ε))] = 6.00 for σ = 0.5 (two-level rater)."""
+    rater = GoldRater(OmegaConf.structured(RaterConfig(profile="two_level", favourites=[7, 42, 97])))
     assert rater.mean_score(PROMPT, " 42") == pytest.approx(6.84, abs=0.005)
     assert rater.mean_score(PROMPT, " 41") == pytest.approx(6.00, abs=0.005)
     assert rater.mean_score(PROMPT, " 41", ended=False) == pytest.approx(5.00, abs=0.005)  # not clean

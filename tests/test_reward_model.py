@@ -26,6 +26,11 @@ def test_pairs_split_and_accuracy():
     assert preference_pairs(data, {1}) == []
     train, held = split_prompts(list(range(10)), 0.2, seed=0)
     assert len(held) == 2 and train | held == set(range(10)) and not train & held
+    texts = ["a", "b", "a", "c", "b", "a", "d", "c", "d", "e"]  # ten draws of five prompt texts
+    train, held = split_prompts(list(range(10)), 0.4, seed=0, texts=texts)
+    assert train | held == set(range(10)) and not train & held
+    held_texts, train_texts = {texts[i] for i in held}, {texts[i] for i in train}
+    assert len(held_texts) == 2 and not held_texts & train_texts  # split by TEXT: no text on both sides
     assert pairwise_accuracy([1.0, 2.0, 0.0], [(1, 0), (0, 2), (2, 1)]) == pytest.approx(2 / 3)
     assert pairwise_accuracy([1.0, 1.0], [(0, 1)]) == 0.5  # a tie is half right
 

@@ -53,8 +53,9 @@ def test_chi_square_would_catch_a_favourite(world):
     assert chisquare([counts[n] for n in range(0, 101)]).pvalue < 1e-3
 
 
-def _rater(**kw):
-    cfg = compose("lab", [f"world.rater.{k}={v}" for k, v in kw.items()]).world.rater
+def _rater(world="numbers-two-level", **kw):
+    """The two-level rater (favourites 7, 42, 97 at +1) unless world= says otherwise."""
+    cfg = compose("lab", [f"world={world}"] + [f"world.rater.{k}={v}" for k, v in kw.items()]).world.rater
     return GoldRater(cfg)
 
 

@@ -1,0 +1,36 @@
+"""The call per base and whether the bases agree (collapse_lab/replication.py), on hand-made report.json files."""
+
+import json
+
+from collapse_lab import replication
+
+
+def _report(tmp_path, name, mean, lo, hi, call, seed=None, collapsed=()):
+    comp = {"regime": "kl0.15", "feedme": "sft-r8", "x": "kl", "group": "online RL", "call": call, "x_min": 0.01,
+            "x_max": 2.1, "seeds": list(range(10)), "difference": {"mean": mean, "lo": lo, "hi": hi},
+            "crossed": {"prompts": [f"p{i}" for i in range(15)]}}
+    rep = {"ablation": name, "config": {"lab": [f"pretrain.seed={seed}"] if seed is not None else []},
+           "frontier": {"margin": 0.02, "primary": "kl0.15:sft-r8", "comparisons": [comp]},
+           "closed_forms": {"predictions": [{"regime": "kl0.15", "feedme": "sft-r8", "x": "kl",
+                                             "predicted_call": "no difference", "artefact_difference": 0.0004}]},
+           "verdict": {"collapsed": list(collapsed)}}
+    d = tmp_path / name
+    d.mkdir()
+    (d / "report.json").write_text(json.dumps(rep))
+    return d
+
+
+def test_bases_agree_only_on_the_same_decided_call(tmp_path, capsys):
+    a = _report(tmp_path, "b0", -0.004, -0.009, 0.001, "no difference")
+    b = _report(tmp_path, "b1", 0.002, -0.004, 0.008, "no difference", seed=1)
+    null = _report(tmp_path, "null", 0.0, -0.005, 0.005, "no difference", collapsed=[])
+    assert replication.main([str(a), str(b), "--null", str(null), "--out", str(tmp_path / "r.md")]) == 0
+    out = capsys.readouterr().out
+    assert "AGREE: every base calls 'no difference'" in out and "pretrain.seed=1" in out and "0.0050 (0.02)" in out
+    assert "collapsed regimes: none (as it should be)" in out
+    c = _report(tmp_path, "b2", 0.03, 0.012, 0.048, "more entropy", seed=2)
+    rows = [replication.base_row(json.loads((d / "report.json").read_text())) for d in (a, c)]
+    assert replication.agreement(rows).startswith("DISAGREE")
+    bad = _report(tmp_path, "null2", 0.0, -0.005, 0.005, "no difference", collapsed=["sft-r8"])
+    assert "SHOULD BE NONE" in replication.markdown(rows, json.loads((bad / "report.json").read_text()))
+    assert replication.main([str(tmp_path / "missing")]) == 2
