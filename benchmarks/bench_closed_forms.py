@@ -1,4 +1,4 @@
-"""Print the closed-form figures of docs/regimes.md (collapse_lab/closed_forms.py): TRL's DPOTrainer, RLOOTrainer
+"""Print the closed-form figures of docs/regimes.md (collapse_lab/regimes/closed_forms.py): TRL's DPOTrainer, RLOOTrainer
 and GRPOTrainer on the tabular bandit (11 tokens, EOS included), β = 1, both reward tables.
 
     python benchmarks/bench_closed_forms.py            # ~4 min on one CPU thread
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from collapse_lab import closed_forms as cf
-from collapse_lab.bandit import total_variation
+from collapse_lab.regimes import closed_forms as cf
+from collapse_lab.world.bandit import total_variation
 
 BETA = 1.0
 for name, table in (("default", cf.DEFAULT_TABLE), ("other", cf.OTHER_TABLE)):

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collapse_lab.evaluator import answer_distribution, answer_token_ids, sample
-from collapse_lab.suites import load_suite
+from collapse_lab.evaluation.evaluator import answer_distribution, answer_token_ids, sample
+from collapse_lab.core.suites import load_suite
 
 
 def fallback_model():

@@ -44,8 +44,8 @@ import time
 
 import torch
 
-from collapse_lab import registry  # noqa: F401 (registers the regimes' config sections)
-from collapse_lab.config import compose
+from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+from collapse_lab.core.config import compose
 
 KL_COEF = 0.1
 GENERATIONS = 4  # completions per prompt on both sides: TRL's num_generations (GRPO needs a group), ppo.samples_per_prompt
@@ -61,7 +61,7 @@ def lab_overrides(args, ck: str, base: str, value_model: str) -> list[str]:
 
 class Breakdown:
     """Seconds per PPO step in each part of `train_ppo`, by wrapping the functions it calls
-    (collapse_lab.ppo's imports and accelerate's methods); a new step starts at each `generate`."""
+    (collapse_lab.regimes.ppo's imports and accelerate's methods); a new step starts at each `generate`."""
 
     def __init__(self):
         self.steps: list[dict[str, float]] = []
@@ -85,7 +85,7 @@ class Breakdown:
     def install(self):
         import accelerate
 
-        from collapse_lab import ppo
+        from collapse_lab.regimes import ppo
 
         original = ppo.generate_by_length
 
@@ -132,7 +132,7 @@ class Breakdown:
 
 
 def bench_lab(args, base: str, value_model: str, profile: bool) -> dict:
-    from collapse_lab.ppo import train_ppo
+    from collapse_lab.regimes.ppo import train_ppo
 
     with tempfile.TemporaryDirectory() as ck:
         cfg = compose("lab", lab_overrides(args, ck, base, value_model))
@@ -162,7 +162,7 @@ def bench_trl(args, base: str) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from collapse_lab.world import make_world
+    from collapse_lab.world.world import make_world
 
     cfg = compose("lab", [])
     world = make_world(cfg.world)
@@ -241,7 +241,7 @@ def main() -> None:
     import transformers
     import trl
 
-    from collapse_lab.pretrain import resolve_base
+    from collapse_lab.stages.pretrain import resolve_base
 
     base = str(resolve_base(compose("lab", [])))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "

@@ -5,7 +5,7 @@
 
 Each base runs in its own child process (so each peak RSS is its own), through the same stages:
   load      `load_pretrained` of the base's directory (the real one dequantised beforehand: that is
-            once per machine, collapse_lab/real_models.py; its time is in checkpoints/real/*/source.json)
+            once per machine, collapse_lab/models/real_models.py; its time is in checkpoints/real/*/source.json)
   evaluate  the exact evaluator's answer distributions on the five seed prompts
   ppo       `train_ppo`, reward=gold, one warm-up step then --steps timed steps of --batch completions of
             up to --new-tokens tokens (the real base with LoRA r = 8 and the k1 KL estimator, as in
@@ -58,11 +58,11 @@ def one_base(kind: str, path: str, args, out: dict) -> None:
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from collapse_lab import ppo as ppo_module
-    from collapse_lab.config import compose, quiet_libraries
-    from collapse_lab.evaluator import answer_distribution
-    from collapse_lab.models import load_pretrained
-    from collapse_lab.suites import load_suite
+    from collapse_lab.regimes import ppo as ppo_module
+    from collapse_lab.core.config import compose, quiet_libraries
+    from collapse_lab.evaluation.evaluator import answer_distribution
+    from collapse_lab.models.models import load_pretrained
+    from collapse_lab.core.suites import load_suite
 
     quiet_libraries()
     fig = {"kind": kind, "path": path}
@@ -116,8 +116,8 @@ def tiny_base(given: str | None) -> str:
     bases = sorted((REPO / "checkpoints" / "base").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
     if bases:
         return str(bases[-1].parent)
-    from collapse_lab.config import compose
-    from collapse_lab.pretrain import pretrain
+    from collapse_lab.core.config import compose
+    from collapse_lab.stages.pretrain import pretrain
 
     return str(pretrain(compose("lab", ["wandb.mode=disabled", "pretrain.steps=120", "pretrain.save_every=60"]),
                         named=False))
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from collapse_lab.real_models import resolve
+    from collapse_lab.models.real_models import resolve
 
     t = time.perf_counter()
     real_path = resolve(f"real:{args.real}")  # once per machine (a no-op when cached)

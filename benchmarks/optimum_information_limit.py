@@ -2,7 +2,7 @@
 
     python benchmarks/optimum_information_limit.py [overrides ...] [--ratings 19200,64000] [--repeats 5]
 
-PPO with `reward=gold` learns π*(a) ∝ π0(a)^κ·e^{R(a)/τ} (collapse_lab/optimum.py) from the gold rater's
+PPO with `reward=gold` learns π*(a) ∝ π0(a)^κ·e^{R(a)/τ} (collapse_lab/evaluation/optimum.py) from the gold rater's
 NOISY ratings, so its distance to π* after N ratings has a floor that no optimiser removes. This script
 measures that floor for a simple, well-informed learner, on the seed prompts of the configured world and
 base (the overrides are the lab's: `ppo.kl_coef=0.2`, `ppo.ent_coef=0.02`, `world.rater.*`, `base_path=`):
@@ -30,13 +30,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from collapse_lab import registry  # noqa: F401 (registers the regimes' config sections)
-from collapse_lab.config import compose
-from collapse_lab.frontier import Curve
-from collapse_lab.models import load_pretrained
-from collapse_lab.optimum import answer_optimum, optimum_tv
-from collapse_lab.pretrain import resolve_base
-from collapse_lab.world import make_world
+from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+from collapse_lab.core.config import compose
+from collapse_lab.evaluation.frontier import Curve
+from collapse_lab.models.models import load_pretrained
+from collapse_lab.evaluation.optimum import answer_optimum, optimum_tv
+from collapse_lab.stages.pretrain import resolve_base
+from collapse_lab.world.world import make_world
 
 
 def draw(curve: Curve, targets: list[np.ndarray], per_prompt: int, rng: random.Random):

@@ -3,11 +3,11 @@
     python benchmarks/optimum_residual.py checkpoints/ppo/<run> [checkpoints/ppo/<run> ...]
 
 Runs of one world and base (seeds, learning rates, ...), reward=gold. For each run and seed prompt, the
-exact answer distribution π and the closed-form π* of the run's own objective (collapse_lab/optimum.py),
+exact answer distribution π and the closed-form π* of the run's own objective (collapse_lab/evaluation/optimum.py),
 both normalised over the valid answers; then
 
 - TV(π, π*) split into the favourites' part and the other answers' part (the two sum to the TV);
-- per answer group (`collapse_lab.optimum.answer_groups`: favourites, their extensions, answers sharing a
+- per answer group (`collapse_lab.evaluation.optimum.answer_groups`: favourites, their extensions, answers sharing a
   favourite's first or last token, the rest), log(π(G)/π*(G)): the log of the group's mass over π*'s
   (0: right; mean over the prompts);
 - per prompt, the answers furthest from π* (|π − π*|, with π, π* and the base's π0): which answers hold
@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from collapse_lab.checkpoint import read_manifest
-from collapse_lab.evaluator import answer_distribution
-from collapse_lab.frontier import Curve
-from collapse_lab.models import load_pretrained
-from collapse_lab.optimum import ANSWER_GROUPS as GROUPS, answer_groups, answer_optimum
-from collapse_lab.world import make_world
+from collapse_lab.core.checkpoint import read_manifest
+from collapse_lab.evaluation.evaluator import answer_distribution
+from collapse_lab.evaluation.frontier import Curve
+from collapse_lab.models.models import load_pretrained
+from collapse_lab.evaluation.optimum import ANSWER_GROUPS as GROUPS, answer_groups, answer_optimum
+from collapse_lab.world.world import make_world
 
 
 TOP = 4  # answers listed per prompt

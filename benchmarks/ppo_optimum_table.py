@@ -1,5 +1,5 @@
 """The PPO table of docs/ppo.md: each finished PPO run's exact answer distributions on the seed prompts
-against the closed-form optimum π* of its own objective (collapse_lab/optimum.py).
+against the closed-form optimum π* of its own objective (collapse_lab/evaluation/optimum.py).
 
     python benchmarks/ppo_optimum_table.py checkpoints/ppo/<run> [...]
 
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from collapse_lab import evaluator
-from collapse_lab.checkpoint import read_manifest
-from collapse_lab import registry  # noqa: F401 (registers the regimes' config sections)
-from collapse_lab.config import compose
+from collapse_lab.evaluation import evaluator
+from collapse_lab.core.checkpoint import read_manifest
+from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+from collapse_lab.core.config import compose
 
 
 def evaluate(run: Path) -> dict:

@@ -8,9 +8,9 @@ and π*_β within 2 nats, and a few points of each family (docs/world.md quotes 
 import numpy as np
 from omegaconf import OmegaConf
 
-from collapse_lab import reference_curves as rc
-from collapse_lab.config import RaterConfig
-from collapse_lab.world import HUMAN_FAVOURITES, GoldRater, Prompt, answer_prior
+from collapse_lab.evaluation import reference_curves as rc
+from collapse_lab.core.config import RaterConfig
+from collapse_lab.world.world import HUMAN_FAVOURITES, GoldRater, Prompt, answer_prior
 
 RANGES = ((0, 100), (1, 100))  # the seed prompts' ranges (two at 0-100, three at 1-100; each range once here)
 

@@ -2,14 +2,14 @@
 
     ablate     the lab's main job, the matched ablation: base -> ratings -> reward model ->
                regimes x seeds -> evaluator -> report, in checkpoints/ablations/<name>/
-               (collapse_lab/ablate.py)
+               (collapse_lab/lab/ablate.py)
     run        the base alone: pretrain the tiny base (if not done yet), then evaluate it
                with the shared evaluator on the seed suite
     pretrain   train/pretrain.py
     evaluate   eval/evaluate.py
     report     collapse-lab report <ablation dir>: regenerate the report from stored results
     observe    the seed post's measurement on several models side by side (real pretrained ones
-               included: collapse_lab/observe.py, docs/models.md)
+               included: collapse_lab/evaluation/observe.py, docs/models.md)
     sweep      collapse-lab sweep recipes/sweeps/<file>.yaml: a W&B sweep's grid, run locally
 """
 
@@ -20,9 +20,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from collapse_lab import ablate, evaluator, pretrain, report, sweep
-from collapse_lab.config import ConfigError, check_output, cli, compose, quiet_libraries
-from collapse_lab.stage import flush_denormals
+from collapse_lab.lab import ablate, report, sweep
+from collapse_lab.evaluation import evaluator
+from collapse_lab.stages import pretrain
+from collapse_lab.core.config import ConfigError, check_output, cli, compose, quiet_libraries
+from collapse_lab.stages.stage import flush_denormals
 
 
 def _run(cfg):
@@ -67,7 +69,7 @@ def _sweep(argv: list[str]):
 
 
 def _observe(argv: list[str]):
-    from collapse_lab import observe
+    from collapse_lab.evaluation import observe
 
     return observe.main(argv)
 

@@ -3,11 +3,11 @@
 Writes <out>.json and <out>.png; fields and formulas: eval/README.md.
 """
 
-from collapse_lab.config import cli
+from collapse_lab.core.config import cli
 
 
 def main(cfg):
-    from collapse_lab.evaluator import run  # torch/transformers load only once the config is valid
+    from collapse_lab.evaluation.evaluator import run  # torch/transformers load only once the config is valid
 
     return run(cfg)
 

@@ -1,4 +1,4 @@
-"""The seed post's measurement on several models (collapse_lab/observe.py): `python eval/observe.py models=[...]`,
+"""The seed post's measurement on several models (collapse_lab/evaluation/observe.py): `python eval/observe.py models=[...]`,
 the same as `collapse-lab observe models=[...]`."""
 
 import sys

@@ -18,10 +18,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import torch  # noqa: E402
 
 # Subnormal floats are ~90x slower on CPU; torch's worker threads copy this setting when they start,
-# so it must come before any test computes (collapse_lab/ratings.py: flush_denormals).
+# so it must come before any test computes (collapse_lab/stages/ratings.py: flush_denormals).
 torch.set_flush_denormal(True)
 
-import collapse_lab.registry  # noqa: E402,F401  (registers the regimes' config sections: lab configs compose)
+import collapse_lab.regimes.registry  # noqa: E402,F401  (registers the regimes' config sections: lab configs compose)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 

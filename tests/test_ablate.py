@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from collapse_lab import ablate
-from collapse_lab.checkpoint import write_manifest
-from collapse_lab.config import ConfigError, group_options
+from collapse_lab.lab import ablate
+from collapse_lab.core.checkpoint import write_manifest
+from collapse_lab.core.config import ConfigError, group_options
 from conftest import TINY_PRETRAIN, run_cli
 
 TINY_EVAL = ["eval.suites=[seed,arithmetic]", "eval.samples=8", "eval.gold_samples=8"]
@@ -66,7 +66,7 @@ def test_seed_replicates_vary_the_training_seed_and_the_ratings_seed_but_not_the
     c4, c5 = p.lab_config(4, "sft"), p.lab_config(5, "sft")
     assert (c4.seed, c4.ratings.seed, c5.seed, c5.ratings.seed) == (4, 4, 5, 5)
     assert c4.pretrain == c5.pretrain and c4.model == c5.model
-    from collapse_lab.pretrain import base_dir
+    from collapse_lab.stages.pretrain import base_dir
 
     assert base_dir(c4, named=False) == base_dir(c5, named=False)  # ONE base
     assert ablate.plan(["regimes=[sft]", "world.preference=0"]).lab_config(0, "sft").world.rater.preference_strength == 0
@@ -82,8 +82,8 @@ def test_feedme_gets_its_finite_sample_control_right_after_it_unless_listed_or_t
     assert (top.sft.select, rnd.sft.select) == ("top", "random")
     assert {k: v for k, v in rnd.sft.items() if k != "select"} == {k: v for k, v in top.sft.items() if k != "select"}
     assert rnd.ratings == top.ratings  # the same ratings stage: the same rating budget
-    from collapse_lab.ratings import ratings_dir
-    from collapse_lab.sft import sft_dir
+    from collapse_lab.stages.ratings import ratings_dir
+    from collapse_lab.regimes.sft import sft_dir
 
     assert ratings_dir(rnd, named=False) == ratings_dir(top, named=False)
     assert sft_dir(rnd, named=False) != sft_dir(top, named=False)
@@ -107,7 +107,7 @@ def _fake_stage(kind):
     control (sft.select=random) is an untouched copy of the base."""
 
     def stage(cfg, named=True):
-        from collapse_lab.pretrain import resolve_base
+        from collapse_lab.stages.pretrain import resolve_base
 
         base = Path(resolve_base(cfg))
         name = f"{kind}-{cfg.sft.select}" if kind == "sft" else kind
@@ -131,7 +131,7 @@ def _fake_stage(kind):
 def _push_towards(path: Path, answer: str, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from collapse_lab.world import load_seed_prompts
+    from collapse_lab.world.world import load_seed_prompts
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -225,7 +225,7 @@ def test_report_survives_clearing_the_stage_cache(fake_ablation, tmp_path):
     out, *_ = fake_ablation
     copy = tmp_path / "copy"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("plots", "report.*"))
-    from collapse_lab.report import build
+    from collapse_lab.lab.report import build
 
     a, b = build(copy), json.loads((out / "report.json").read_text())
     assert a["regimes"]["sft"]["metrics"] == b["regimes"]["sft"]["metrics"]
@@ -328,10 +328,10 @@ def test_same_seed_twice_gives_identical_report_numbers_and_another_seed_does_no
 def test_the_stand_in_stages_do_not_outlive_the_fake_ablations(fake_ablation):
     """The stand-ins replace the stages only while a fake ablation runs: every later test in this process (the
     slow ones run the real stages) gets the real ones. Cheap: the fixture is shared with the tests above."""
-    from collapse_lab.ppo import train_ppo
-    from collapse_lab.ratings import rate
-    from collapse_lab.reward_model import train_reward_model
-    from collapse_lab.sft import train_sft
+    from collapse_lab.regimes.ppo import train_ppo
+    from collapse_lab.stages.ratings import rate
+    from collapse_lab.stages.reward_model import train_reward_model
+    from collapse_lab.regimes.sft import train_sft
 
     assert ablate.load_stage("ratings") is rate
     assert ablate.load_stage("reward_model") is train_reward_model
@@ -353,7 +353,7 @@ def test_wandb_summary_judges_regimes_not_controls():
 def test_the_ablations_summary_run_is_offline_unless_told(monkeypatch, tmp_path):
     """The presets silence the per-stage W&B runs (seconds each); the ablation's summary run stays
     offline by default, and `wandb.mode=` on the command line (or $WANDB_MODE) decides."""
-    from collapse_lab import tracking
+    from collapse_lab.core import tracking
 
     seen = []
     monkeypatch.setattr(tracking, "init", lambda cfg, out, job_type: seen.append(cfg.wandb.mode))

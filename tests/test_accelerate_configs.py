@@ -9,7 +9,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
-from collapse_lab.config import RECIPES_DIR
+from collapse_lab.core.config import RECIPES_DIR
 
 CONFIGS = sorted((RECIPES_DIR / "accelerate").glob("*.yaml"))
 

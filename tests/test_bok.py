@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from collapse_lab.bok import answer_best_of_k, best_of_k, load_policy, make_bok
-from collapse_lab.config import compose
+from collapse_lab.regimes.bok import answer_best_of_k, best_of_k, load_policy, make_bok
+from collapse_lab.core.config import compose
 
 
 def enumerate_best_of_k(probs, scores, k):
@@ -69,7 +69,7 @@ def test_make_bok_spec_and_evaluator_apply_the_closed_form(tmp_path):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from tiny_models import byte_level_tokenizer, tiny_gpt2
 
-    from collapse_lab import evaluator
+    from collapse_lab.evaluation import evaluator
 
     tok = byte_level_tokenizer()
     base = tmp_path / "base"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from collapse_lab.budget import budget, compare, planned
-from collapse_lab.config import compose
+from collapse_lab.lab.budget import budget, compare, planned
+from collapse_lab.core.config import compose
 
 
 def manifest(stage, n, base="checkpoints/base/b", **extra):

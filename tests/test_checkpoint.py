@@ -4,7 +4,7 @@ import json
 
 from omegaconf import OmegaConf
 
-from collapse_lab.checkpoint import (
+from collapse_lab.core.checkpoint import (
     already_finished,
     read_manifest,
     start_run,

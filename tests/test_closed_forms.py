@@ -1,5 +1,5 @@
 """The regimes' closed forms on the exact bandit, through TRL's own trainers on a tabular policy
-(collapse_lab/closed_forms.py): DPO on Bradley–Terry pairs and RLOO with the KL in the reward reach
+(collapse_lab/regimes/closed_forms.py): DPO on Bradley–Terry pairs and RLOO with the KL in the reward reach
 π* ∝ π0·e^{r/β}; GRPO lands on its own, stated fixed point, which is not π*. Two reward tables: the world's
 default one and another (nothing tuned to either)."""
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from collapse_lab import closed_forms as cf
-from collapse_lab.bandit import TabularConfig, TabularPolicy, optimum, total_variation
+from collapse_lab.regimes import closed_forms as cf
+from collapse_lab.world.bandit import TabularConfig, TabularPolicy, optimum, total_variation
 
 TABLES = {"default": cf.DEFAULT_TABLE, "other": cf.OTHER_TABLE}
 BETA = 1.0

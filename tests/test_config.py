@@ -5,7 +5,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from collapse_lab.config import GROUPS, RECIPES_DIR, ConfigError, compose, group_options, run_dir
+from collapse_lab.core.config import GROUPS, RECIPES_DIR, ConfigError, compose, group_options, run_dir
 from conftest import run_cli
 
 TOP_LEVEL = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))

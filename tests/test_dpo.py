@@ -1,4 +1,4 @@
-"""DPO / IPO (collapse_lab/dpo.py): pairs from FeedME's ratings, TRL's DPOTrainer, the budget it records."""
+"""DPO / IPO (collapse_lab/regimes/dpo.py): pairs from FeedME's ratings, TRL's DPOTrainer, the budget it records."""
 
 import json
 
@@ -7,10 +7,10 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from collapse_lab import registry
-from collapse_lab.config import ConfigError, compose
-from collapse_lab.dpo import preference_pairs
-from collapse_lab.pretrain import pretrain
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import ConfigError, compose
+from collapse_lab.regimes.dpo import preference_pairs
+from collapse_lab.stages.pretrain import pretrain
 from conftest import TINY_PRETRAIN
 
 SMALL = ["ratings.prompts=8", "ratings.samples_per_prompt=4", "ratings.max_new_tokens=4", "dpo.batch_size=4",

@@ -65,7 +65,7 @@ def test_main_process_first_waits_under_a_cpu_launch(tmp_path):
         "import json, os, time\n"
         "from accelerate import PartialState\n"
         "PartialState()  # made bare first, as a library may: the singleton process_state must remake\n"
-        "from collapse_lab.distributed import process_state\n"
+        "from collapse_lab.core.distributed import process_state\n"
         "state, mark = process_state(), os.environ['MARK']\n"
         "with state.main_process_first():\n"
         "    if state.is_main_process:\n"

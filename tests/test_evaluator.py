@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
-from collapse_lab.config import ConfigError, EvalConfig, cli
-from collapse_lab import evaluator
-from collapse_lab.evaluator import answer_distribution, answer_index, answer_token_ids, end_mask, run, sample
+from collapse_lab.core.config import ConfigError, EvalConfig, cli
+from collapse_lab.evaluation import evaluator
+from collapse_lab.evaluation.evaluator import answer_distribution, answer_index, answer_token_ids, end_mask, run, sample
 from tests.tiny_models import byte_level_tokenizer, metaspace_tokenizer, number_heavy, pairs, tiny_gpt2, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

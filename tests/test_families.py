@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from collapse_lab import evaluator
-from collapse_lab.evaluator import answer_distribution
-from collapse_lab.models import distinct_pad, load_pretrained
-from collapse_lab.rollout import generate
-from collapse_lab.tokenizer import decode_continuations, encode_texts
+from collapse_lab.evaluation import evaluator
+from collapse_lab.evaluation.evaluator import answer_distribution
+from collapse_lab.models.models import distinct_pad, load_pretrained
+from collapse_lab.models.rollout import generate
+from collapse_lab.models.tokenizer import decode_continuations, encode_texts
 from tests.test_evaluator import naive_p
 from tests.tiny_models import FAMILIES, family_model, number_heavy, save_family
 
@@ -91,8 +91,8 @@ def test_reward_model_on_a_pad_eos_tokenizer_tells_ended_from_cut_off(saved, fam
     code). The reward model now gets a distinct pad token; its score sits on the EOS."""
     from transformers import AutoModelForSequenceClassification
 
-    from collapse_lab.rewards import ModelReward
-    from collapse_lab.world import Prompt
+    from collapse_lab.stages.rewards import ModelReward
+    from collapse_lab.world.world import Prompt
 
     model, tok = load_pretrained(str(saved[family]))
     assert tok.pad_token_id == tok.eos_token_id
@@ -130,7 +130,7 @@ def test_quick_ablation_end_to_end(saved, family, tmp_path):
     """`collapse-lab ablate preset=quick model=<preset> model.path=<dir>` with a few steps per stage: ratings,
     reward model, FeedME and its control, best-of-k, PPO (LoRA for the llama family), the evaluator on each,
     the report."""
-    from collapse_lab import ablate
+    from collapse_lab.lab import ablate
 
     out = ablate.main(["wandb.mode=disabled", "preset=quick", f"model={PRESETS[family]}", f"model.path={saved[family]}",
                        f"checkpoints_dir={tmp_path}", *FAST, *LORA.get(family, [])])
@@ -149,10 +149,10 @@ def test_reward_model_stage_saves_a_distinct_pad_and_scores_the_eos(saved, tmp_p
     a token that is not EOS, and ModelReward scores ended and cut-off completions apart."""
     from transformers import AutoTokenizer
 
-    from collapse_lab.config import compose
-    from collapse_lab.reward_model import fit_reward_model
-    from collapse_lab.rewards import ModelReward
-    from collapse_lab.world import make_world
+    from collapse_lab.core.config import compose
+    from collapse_lab.stages.reward_model import fit_reward_model
+    from collapse_lab.stages.rewards import ModelReward
+    from collapse_lab.world.world import make_world
     from tests.test_reward_model import world_ratings
 
     base = str(saved["gpt_neox"])
@@ -219,9 +219,9 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_model_is_one_line_before_any_work(case, tmp_path):
     """`collapse-lab ablate model.path=<bad>` and a single stage: ConfigError (exit 2), nothing written."""
-    from collapse_lab import ablate
-    from collapse_lab.config import ConfigError, compose
-    from collapse_lab.ratings import rate
+    from collapse_lab.lab import ablate
+    from collapse_lab.core.config import ConfigError, compose
+    from collapse_lab.stages.ratings import rate
 
     make, message = BAD[case]
     path = make(tmp_path / "model")
@@ -251,8 +251,8 @@ def test_bad_model_cli_exit_2_one_line_nothing_written(tmp_path):
 def test_lab_base_of_each_arch_pretrains_samples_and_evaluates(arch, tmp_path):
     """`model.arch=<arch>`: the lab's tokenizer and pretraining, then the model samples and the evaluator's
     exact distribution matches the naive one."""
-    from collapse_lab.config import compose
-    from collapse_lab.pretrain import pretrain
+    from collapse_lab.core.config import compose
+    from collapse_lab.stages.pretrain import pretrain
     from tests.conftest import TINY_PRETRAIN
 
     out = pretrain(compose("lab", TINY_PRETRAIN + [f"model.arch={arch}", f"checkpoints_dir={tmp_path}"]))
@@ -285,9 +285,9 @@ def _naive_joint_p(model, tok, prompt, answer, continue_chars="0123456789"):
 def test_legacy_sentencepiece_answers_are_read_as_they_follow_the_prompt(tmp_path):
     """A tokenizer that prepends "▁" to every encode call spells " 37" alone with an extra "▁"; the evaluator
     takes the answer's tokens after the prompt, and agrees with the joint text's naive probability."""
-    from collapse_lab.models import check_base
-    from collapse_lab.config import compose
-    from collapse_lab.world import make_world
+    from collapse_lab.models.models import check_base
+    from collapse_lab.core.config import compose
+    from collapse_lab.world.world import make_world
     from tests.tiny_models import legacy_sentencepiece_tokenizer
 
     tok = legacy_sentencepiece_tokenizer()

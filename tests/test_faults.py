@@ -27,14 +27,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from collapse_lab import ppo as ppo_module
-from collapse_lab.checkpoint import FAULT, read_manifest
-from collapse_lab.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, SCHEMAS, SHARE, ConfigError, EvalConfig, cli,
+from collapse_lab.regimes import ppo as ppo_module
+from collapse_lab.core.checkpoint import FAULT, read_manifest
+from collapse_lab.core.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, SCHEMAS, SHARE, ConfigError, EvalConfig, cli,
                                  compose, ranges, schema)
-from collapse_lab.ppo import ppo_dir, train_ppo
-from collapse_lab.pretrain import pretrain
-from collapse_lab.reward_model import train_reward_model
-from collapse_lab.sft import train_sft
+from collapse_lab.regimes.ppo import ppo_dir, train_ppo
+from collapse_lab.stages.pretrain import pretrain
+from collapse_lab.stages.reward_model import train_reward_model
+from collapse_lab.regimes.sft import train_sft
 
 from conftest import REPO, TINY_PRETRAIN
 
@@ -211,7 +211,7 @@ def test_a_planted_pickle_in_a_ppo_checkpoint_never_runs(base, ppo_whole, tmp_pa
 # A process that imports the lab, says "ready", and runs the script in argv when it reads a line: two of them
 # started with their imports done reach the run's lock together, whatever the load (a 4-step run takes ~2 s;
 # under load one process's imports alone can take longer, and it would find the run finished, never waiting).
-WARM = ("import runpy, sys; import collapse_lab.ppo, collapse_lab.registry; print('ready', flush=True); "
+WARM = ("import runpy, sys; import collapse_lab.regimes.ppo, collapse_lab.regimes.registry; print('ready', flush=True); "
         "sys.stdin.readline(); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
@@ -238,10 +238,10 @@ def test_two_identical_runs_started_together_give_one_result(base, ppo_whole, tm
 
 def test_a_dead_holders_lock_is_taken_over(tmp_path):
     """The lock is the kernel's: a holder killed with -9 leaves nothing to wait for."""
-    from collapse_lab.checkpoint import lock_run, unlock_run
+    from collapse_lab.core.checkpoint import lock_run, unlock_run
 
     out = tmp_path / "ppo" / "run"
-    code = (f"import sys; from collapse_lab.checkpoint import lock_run; lock_run({str(out)!r}); "
+    code = (f"import sys; from collapse_lab.core.checkpoint import lock_run; lock_run({str(out)!r}); "
             "print('held', flush=True); sys.stdin.read()")
     holder = _run("-c", code, stdin=subprocess.PIPE, env={"PYTHONPATH": str(REPO)})
     assert holder.stdout.readline().strip() == "held"
@@ -318,7 +318,7 @@ def _sweep_file(tmp_path, text, raw=None):
 
 @pytest.mark.parametrize("name", ["a/b", "..", "../up"])
 def test_a_sweep_name_must_be_a_plain_name(tmp_path, name):
-    from collapse_lab import sweep
+    from collapse_lab.lab import sweep
 
     path = _sweep_file(tmp_path, f"name: '{name}'\nmethod: grid\nparameters:\n  seeds: {{value: 1}}\n")
     with pytest.raises(ConfigError, match="bad sweep name"):
@@ -327,8 +327,8 @@ def test_a_sweep_name_must_be_a_plain_name(tmp_path, name):
 
 
 def test_non_utf8_suite_and_sweep_files_are_one_line(tmp_path):
-    from collapse_lab import sweep
-    from collapse_lab.suites import SuiteError, load_suite
+    from collapse_lab.lab import sweep
+    from collapse_lab.core.suites import SuiteError, load_suite
 
     path = _sweep_file(tmp_path, "", raw="name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8 text"):
@@ -338,7 +338,7 @@ def test_non_utf8_suite_and_sweep_files_are_one_line(tmp_path):
 
 
 def test_a_one_answer_suite_is_rejected_when_loaded(tmp_path):
-    from collapse_lab.suites import SuiteError, load_suite
+    from collapse_lab.core.suites import SuiteError, load_suite
 
     path = _sweep_file(tmp_path, "prompts:\n  - id: one\n    text: 'Pick:'\n    answers: {values: [' 7']}\n")
     with pytest.raises(SuiteError, match="at least 2"):
@@ -362,7 +362,7 @@ def _eval_cfg(**kw):
 
 @pytest.mark.parametrize("out", ["dir", "/proc/no/such/x.json", "/proc/x.json"])
 def test_evaluator_out_is_checked_before_any_work(tmp_path, out):
-    from collapse_lab.evaluator import run
+    from collapse_lab.evaluation.evaluator import run
 
     empty = tmp_path / "empty"
     empty.mkdir()  # no model: loading it would fail, so the out= error shows the check came first
@@ -373,7 +373,7 @@ def test_evaluator_out_is_checked_before_any_work(tmp_path, out):
 
 
 def test_corrupt_or_missing_model_files_are_one_line(model_dir, tmp_path):
-    from collapse_lab.models import load_pretrained
+    from collapse_lab.models.models import load_pretrained
 
     bad = tmp_path / "truncated"
     bad.mkdir()
@@ -390,7 +390,7 @@ def test_corrupt_or_missing_model_files_are_one_line(model_dir, tmp_path):
 
 
 def test_the_evaluator_refuses_an_unfinished_run_unless_allowed(model_dir, tmp_path, capsys):
-    from collapse_lab.evaluator import run
+    from collapse_lab.evaluation.evaluator import run
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -415,7 +415,7 @@ def test_rejected_ppo_input_leaves_no_run_directory(base, tmp_path):
 
 
 def test_the_config_does_not_overwrite_wandb_mode(tmp_path, monkeypatch):
-    from collapse_lab import tracking
+    from collapse_lab.core import tracking
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     tracking.init(_lab(tmp_path), tmp_path, job_type="test")  # wandb.mode=disabled
@@ -426,7 +426,7 @@ def test_the_config_does_not_overwrite_wandb_mode(tmp_path, monkeypatch):
 
 
 def test_trainer_log_dicts_go_to_the_metrics_file_not_the_console(tmp_path, capfd):
-    from collapse_lab.config import quiet_libraries
+    from collapse_lab.core.config import quiet_libraries
 
     quiet_libraries()  # as every entry point does (config.cli, the cli's own commands)
     out = pretrain(_lab(tmp_path, *TINY_PRETRAIN))

@@ -1,4 +1,4 @@
-"""Curves along training and the comparison at matched distance (collapse_lab/frontier.py)."""
+"""Curves along training and the comparison at matched distance (collapse_lab/evaluation/frontier.py)."""
 
 import math
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from collapse_lab import frontier, metrics
-from collapse_lab.config import compose
-from collapse_lab.models import load_pretrained
-from collapse_lab.pretrain import pretrain
-from collapse_lab.world import make_world
+from collapse_lab.evaluation import frontier, metrics
+from collapse_lab.core.config import compose
+from collapse_lab.models.models import load_pretrained
+from collapse_lab.stages.pretrain import pretrain
+from collapse_lab.world.world import make_world
 from conftest import TINY_PRETRAIN
 from test_bok import enumerate_best_of_k
 
@@ -131,9 +131,9 @@ def test_one_seed_gets_no_call_and_noisy_seeds_are_undecided():
 
 
 def test_base_forms_give_the_numpy_closed_forms_the_same_points_as_the_curve(tiny):
-    """The report traces the families from Curve.base_forms() (collapse_lab/reference_curves.py, numpy only): its
+    """The report traces the families from Curve.base_forms() (collapse_lab/evaluation/reference_curves.py, numpy only): its
     best-of-k and π*_β points must be the Curve's own (torch-side) reference points."""
-    from collapse_lab import reference_curves as rc
+    from collapse_lab.evaluation import reference_curves as rc
 
     model, tok, world = tiny
     curve = frontier.Curve(model, tok, world)

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from collapse_lab.config import compose
-from collapse_lab.pretrain import pretrain
+from collapse_lab.core.config import compose
+from collapse_lab.stages.pretrain import pretrain
 from conftest import REPO, TINY_PRETRAIN, free_port
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -29,9 +29,9 @@ def base(tmp_path_factory):
 
 def _stages(base, ck, *extra):
     """ratings -> reward model -> FeedME and PPO (reward=rm), one config."""
-    from collapse_lab.ppo import train_ppo
-    from collapse_lab.reward_model import train_reward_model
-    from collapse_lab.sft import train_sft
+    from collapse_lab.regimes.ppo import train_ppo
+    from collapse_lab.stages.reward_model import train_reward_model
+    from collapse_lab.regimes.sft import train_sft
 
     cfg = compose("lab", ["wandb.mode=disabled", f"base_path={base}", f"checkpoints_dir={ck}", "reward=rm",
                           *TINY_STAGES, *extra])
@@ -44,7 +44,7 @@ def _stages(base, ck, *extra):
 
 def test_bf16_autocast_runs_every_stage_on_this_device(base, tmp_path):
     """precision=bf16: pretraining, ratings, the reward model, FeedME and PPO under autocast (weights fp32)."""
-    from collapse_lab.models import load_pretrained, mixed_precision
+    from collapse_lab.models.models import load_pretrained, mixed_precision
 
     cfg = compose("lab", TINY_PRETRAIN + ["precision=bf16", "pretrain.steps=2", f"checkpoints_dir={tmp_path / 'b'}"])
     assert mixed_precision(cfg) == "bf16"
@@ -63,7 +63,7 @@ def test_ppo_after_a_bf16_trainer_in_the_same_process_runs_at_its_own_precision(
     reward model and FeedME, one process) inherited it, while the same run alone was fp32."""
     from accelerate.state import AcceleratorState
 
-    from collapse_lab.ppo import train_ppo
+    from collapse_lab.regimes.ppo import train_ppo
 
     _stages(base, tmp_path, "precision=bf16")  # FeedME and the reward model in bf16, then PPO at auto
     assert AcceleratorState().mixed_precision == "bf16"  # the reward model's trainer ran last
@@ -73,7 +73,7 @@ def test_ppo_after_a_bf16_trainer_in_the_same_process_runs_at_its_own_precision(
 
 
 def test_precision_auto_follows_the_launcher(monkeypatch):
-    from collapse_lab.models import mixed_precision
+    from collapse_lab.models.models import mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert mixed_precision(compose("lab", [])) == "bf16"
@@ -98,7 +98,7 @@ def test_no_stage_places_models_on_the_cpu_by_name():
 
 @cuda
 def test_every_stage_on_the_gpu_in_bf16(base, tmp_path):
-    from collapse_lab.rewards import ModelReward
+    from collapse_lab.stages.rewards import ModelReward
 
     sft, ppo = _stages(base, tmp_path, "precision=bf16")
     assert json.loads((ppo / "manifest.json").read_text())["status"] == "finished"

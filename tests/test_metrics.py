@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collapse_lab import metrics as M
+from collapse_lab.evaluation import metrics as M
 
 
 def test_entropy_kl_tv_by_hand():

@@ -1,4 +1,4 @@
-"""RLOO and GRPO through TRL's trainers (collapse_lab/rloo.py, grpo.py, trl_online.py): the lab's reward as
+"""RLOO and GRPO through TRL's trainers (collapse_lab/regimes/rloo.py, grpo.py, trl_online.py): the lab's reward as
 a TRL reward function, a few steps on the tiny base with reward=gold and reward=rm, their budgets."""
 
 import json
@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from collapse_lab import registry
-from collapse_lab.config import ConfigError, compose
-from collapse_lab.pretrain import pretrain
-from collapse_lab.rewards import GoldReward, make_reward, reward_func
-from collapse_lab.world import make_world
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import ConfigError, compose
+from collapse_lab.stages.pretrain import pretrain
+from collapse_lab.stages.rewards import GoldReward, make_reward, reward_func
+from collapse_lab.world.world import make_world
 from conftest import TINY_PRETRAIN
 
 SMALL = ["ratings.prompts=8", "ratings.max_new_tokens=3", "reward_model.epochs=1", "world.rater.noise_std=1.5"]

@@ -1,4 +1,4 @@
-"""The sequence-level closed form (collapse_lab/optimum.py) against brute force, the rater's mean
+"""The sequence-level closed form (collapse_lab/evaluation/optimum.py) against brute force, the rater's mean
 score against Monte Carlo, and sampling that optimises the distribution it samples (EOS first)."""
 
 import math
@@ -9,11 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from collapse_lab.config import RaterConfig
-from collapse_lab.evaluator import answer_distribution, continuation_texts, end_mask
-from collapse_lab.optimum import answer_groups, answer_optimum, answer_scores, log_optimum
-from collapse_lab.rollout import generate, response_logits, token_logprobs
-from collapse_lab.world import GoldRater, Prompt, noisy_score_mean
+from collapse_lab.core.config import RaterConfig
+from collapse_lab.evaluation.evaluator import answer_distribution, continuation_texts, end_mask
+from collapse_lab.evaluation.optimum import answer_groups, answer_optimum, answer_scores, log_optimum
+from collapse_lab.models.rollout import generate, response_logits, token_logprobs
+from collapse_lab.world.world import GoldRater, Prompt, noisy_score_mean
 from tests.tiny_models import byte_level_tokenizer, metaspace_tokenizer, number_heavy, tiny_gpt2, tiny_llama
 
 PROMPT = Prompt("seed/integer-qa", "numbers", "Q: Tell me a random integer between 0 and 50.\nA: Ok, the integer is", 0, 50)

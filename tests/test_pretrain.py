@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
-from collapse_lab.config import compose
-from collapse_lab.models import build_base_model
-from collapse_lab.pretrain import base_dir, last_complete_checkpoint, pretrain
+from collapse_lab.core.config import compose
+from collapse_lab.models.models import build_base_model
+from collapse_lab.stages.pretrain import base_dir, last_complete_checkpoint, pretrain
 from conftest import REPO, TINY_PRETRAIN
 
 
@@ -50,7 +50,7 @@ def test_pretrain_writes_a_loadable_base_that_moved(tmp_path):
 def test_micro_batches_sort_each_step_by_length_and_train_the_same_steps(tmp_path):
     """pretrain.micro_batches: one step's sequences, sorted by length, in several forwards: the same loss
     curve as one padded batch (to float rounding), and micro-batches of similar length."""
-    from collapse_lab.pretrain import SortedBatches
+    from collapse_lab.stages.pretrain import SortedBatches
 
     order = list(SortedBatches([5, 1, 9, 3, 7, 2, 8, 4], batch=4, seed=0))
     assert sorted(order) == list(range(8)) and order != list(range(8))  # a permutation, shuffled

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from collapse_lab import ratings as ratings_module
-from collapse_lab.config import ConfigError, compose
-from collapse_lab.pretrain import pretrain
-from collapse_lab.ratings import load_ratings, rate
+from collapse_lab.stages import ratings as ratings_module
+from collapse_lab.core.config import ConfigError, compose
+from collapse_lab.stages.pretrain import pretrain
+from collapse_lab.stages.ratings import load_ratings, rate
 from conftest import TINY_PRETRAIN
 
 SMALL = ["ratings.prompts=6", "ratings.samples_per_prompt=3", "ratings.max_new_tokens=4"]

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from collapse_lab import registry
-from collapse_lab.config import compose, group_options
-from collapse_lab.pretrain import pretrain
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import compose, group_options
+from collapse_lab.stages.pretrain import pretrain
 from conftest import TINY_PRETRAIN
 
 TWO_STEPS = [

@@ -1,5 +1,5 @@
-"""The closed-form reference curves (collapse_lab/reference_curves.py) against naive computations, the graded
-rater's properties, and the matched comparison's interpolation artefact (collapse_lab/matched.py)."""
+"""The closed-form reference curves (collapse_lab/evaluation/reference_curves.py) against naive computations, the graded
+rater's properties, and the matched comparison's interpolation artefact (collapse_lab/evaluation/matched.py)."""
 
 import itertools
 import math
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from collapse_lab import matched, metrics
-from collapse_lab import reference_curves as rc
-from collapse_lab.config import RaterConfig
-from collapse_lab.world import (HUMAN_FAVOURITES, GoldRater, Prompt, answer_prior, derived_favourites,
+from collapse_lab.evaluation import matched, metrics
+from collapse_lab.evaluation import reference_curves as rc
+from collapse_lab.core.config import RaterConfig
+from collapse_lab.world.world import (HUMAN_FAVOURITES, GoldRater, Prompt, answer_prior, derived_favourites,
                                 noisy_score_mean)
 
 P = np.array([0.1, 0.25, 0.05, 0.3, 0.2, 0.1])
@@ -194,9 +194,9 @@ def test_crossed_matches_each_prompt_at_its_own_kl():
 def test_heldout_suite_is_the_worlds_heldout_prompts_and_never_fine_tuned_on():
     import random
 
-    from collapse_lab.config import compose
-    from collapse_lab.suites import load_suite
-    from collapse_lab.world import World
+    from collapse_lab.core.config import compose
+    from collapse_lab.core.suites import load_suite
+    from collapse_lab.world.world import World
 
     cfg = compose("lab", ["world.heldout_templates=true", "world.heldout_eval_prompts=true"]).world
     world = World(cfg)
@@ -219,7 +219,7 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
     regime's end point has TV ≈ 0 to its own closed form."""
     import json
 
-    from collapse_lab import report
+    from collapse_lab.lab import report
 
     forms, _ = _forms(RaterConfig())
     base = {"rater": {"noise_std": 0.5, "integer_scores": True}, "prompts": [

@@ -1,8 +1,8 @@
-"""The call per base and whether the bases agree (collapse_lab/replication.py), on hand-made report.json files."""
+"""The call per base and whether the bases agree (collapse_lab/lab/replication.py), on hand-made report.json files."""
 
 import json
 
-from collapse_lab import replication
+from collapse_lab.lab import replication
 
 
 def _report(tmp_path, name, mean, lo, hi, call, seed=None, collapsed=()):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from collapse_lab import report
+from collapse_lab.lab import report
 
 
 def test_interval_is_the_t_interval_across_values():

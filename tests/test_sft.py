@@ -9,9 +9,9 @@ from accelerate.state import AcceleratorState
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from collapse_lab.config import ConfigError, compose
-from collapse_lab.pretrain import pretrain
-from collapse_lab.sft import feedme_dataset, select_random, select_top, train_sft
+from collapse_lab.core.config import ConfigError, compose
+from collapse_lab.stages.pretrain import pretrain
+from collapse_lab.regimes.sft import feedme_dataset, select_random, select_top, train_sft
 from conftest import TINY_PRETRAIN
 from tiny_models import byte_level_tokenizer, tiny_gpt2
 
@@ -127,7 +127,7 @@ def test_bad_sft_config_is_one_line(tmp_path, tiny_base):
 @pytest.mark.slow
 def test_feedme_top1_of_k_reproduces_best_of_k_on_the_bandit(tmp_path):
     """SFT on the best of k samples IS distillation of best-of-k: TV <= 0.03 on the full vocabulary."""
-    from collapse_lab.bandit import next_token_probs
+    from collapse_lab.world.bandit import next_token_probs
 
     tok = byte_level_tokenizer()
     model = tiny_gpt2(tok, vocab_size=len(tok), init=1.0)

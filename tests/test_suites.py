@@ -2,7 +2,7 @@
 
 import pytest
 
-from collapse_lab.suites import SUITES_DIR, SuiteError, load_suite
+from collapse_lab.core.suites import SUITES_DIR, SuiteError, load_suite
 
 
 def test_shipped_suites_load():

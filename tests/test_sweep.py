@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from collapse_lab import ablate, sweep
-from collapse_lab.config import ConfigError
+from collapse_lab.lab import ablate, sweep
+from collapse_lab.core.config import ConfigError
 from conftest import REPO, TINY_PRETRAIN
 from test_ablate import TINY_EVAL, fake_stages
 

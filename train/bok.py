@@ -1,9 +1,9 @@
 """Best-of-k as a regime (no training): `python train/bok.py [ratings.samples_per_prompt=4]` writes
 checkpoints/bok/<name>/bok.json, which `python eval/evaluate.py model_path=checkpoints/bok/<name>` evaluates
-exactly (the closed form in collapse_lab/bok.py)."""
+exactly (the closed form in collapse_lab/regimes/bok.py)."""
 
-from collapse_lab import registry
-from collapse_lab.config import cli
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import cli
 
 
 def main(cfg):

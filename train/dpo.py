@@ -1,7 +1,7 @@
-"""DPO (collapse_lab/dpo.py): `python train/dpo.py recipe=<one of its recipes> [key=value ...]`."""
+"""DPO (collapse_lab/regimes/dpo.py): `python train/dpo.py recipe=<one of its recipes> [key=value ...]`."""
 
-from collapse_lab import registry
-from collapse_lab.config import cli
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import cli
 
 
 def main(cfg):

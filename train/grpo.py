@@ -1,7 +1,7 @@
-"""GRPO (collapse_lab/grpo.py): `python train/grpo.py recipe=<one of its recipes> [key=value ...]`."""
+"""GRPO (collapse_lab/regimes/grpo.py): `python train/grpo.py recipe=<one of its recipes> [key=value ...]`."""
 
-from collapse_lab import registry
-from collapse_lab.config import cli
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import cli
 
 
 def main(cfg):

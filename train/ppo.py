@@ -1,10 +1,10 @@
 """PPO for language models: `accelerate launch train/ppo.py recipe=kl0.1 [key=value ...]`.
 
-The update rule, top to bottom: collapse_lab/ppo.py.
+The update rule, top to bottom: collapse_lab/regimes/ppo.py.
 """
 
-from collapse_lab import registry
-from collapse_lab.config import cli
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import cli
 
 
 def main(cfg):

@@ -1,8 +1,8 @@
 """Pretrain the lab's tiny base on the embedded world: `python train/pretrain.py [key=value ...]`."""
 
-from collapse_lab import registry  # noqa: F401 (registers the regimes' config sections)
-from collapse_lab.config import cli
-from collapse_lab.pretrain import pretrain
+from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+from collapse_lab.core.config import cli
+from collapse_lab.stages.pretrain import pretrain
 
 
 def main(cfg):

@@ -1,8 +1,8 @@
 """Sample k completions per training prompt from the base and rate each with the gold rater:
 `python train/rate.py [ratings.prompts=256 ratings.samples_per_prompt=4 ...]` (the RATING BUDGET)."""
 
-from collapse_lab import registry
-from collapse_lab.config import cli
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import cli
 
 
 def main(cfg):

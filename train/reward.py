@@ -1,8 +1,8 @@
 """Train the reward model on the ratings (TRL RewardTrainer): `python train/reward.py [reward_model.epochs=2 ...]`.
-`reward=rm` regimes resolve it first (collapse_lab/registry.py) when reward_model_path is not given."""
+`reward=rm` regimes resolve it first (collapse_lab/regimes/registry.py) when reward_model_path is not given."""
 
-from collapse_lab import registry
-from collapse_lab.config import cli
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import cli
 
 
 def main(cfg):

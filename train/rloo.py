@@ -1,7 +1,7 @@
-"""RLOO (collapse_lab/rloo.py): `python train/rloo.py recipe=<one of its recipes> [key=value ...]`."""
+"""RLOO (collapse_lab/regimes/rloo.py): `python train/rloo.py recipe=<one of its recipes> [key=value ...]`."""
 
-from collapse_lab import registry
-from collapse_lab.config import cli
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import cli
 
 
 def main(cfg):

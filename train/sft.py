@@ -1,8 +1,8 @@
 """FeedME: fine-tune the base on the top-rated of each prompt's k rated samples:
 `python train/sft.py recipe=sft [sft.keep_top=1 sft.min_score=7 sft.rounds=2 ...]`."""
 
-from collapse_lab import registry
-from collapse_lab.config import cli
+from collapse_lab.regimes import registry
+from collapse_lab.core.config import cli
 
 
 def main(cfg):

@@ -1,0 +1,1 @@
+"""Layer 1, the ground: configuration (schema, composition, validation), run-directory bookkeeping, the console, tracking, prompt suites. Imports nothing above it."""
