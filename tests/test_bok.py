@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from collapse_lab.regimes.bok import answer_best_of_k, best_of_k, load_policy, make_bok
+from collapse_lab.evaluation.best_of_k import answer_best_of_k, best_of_k, load_policy
+from collapse_lab.regimes.bok import make_bok
 from collapse_lab.core.config import compose
 
 

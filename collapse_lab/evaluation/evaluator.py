@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from transformers import GenerationConfig
 
 from collapse_lab.evaluation import metrics
-from collapse_lab.regimes.bok import load_policy
+from collapse_lab.evaluation.best_of_k import load_policy
 from collapse_lab.core.checkpoint import package_versions, read_manifest
 from collapse_lab.core.config import ConfigError, check_output
 from collapse_lab.evaluation.optimum import optimum_tv, prompt_optimum, run_objective
@@ -301,7 +301,7 @@ def evaluate_prompt(model, tokenizer, prompt: Prompt, cfg: DictConfig, reference
     """One prompt's record (fields: eval/README.md). reference: (model, tokenizer) or None. loaded: the
     models' `Loaded`, whose kept reference distributions and samples are used (and filled) here.
 
-    policy: a best-of-k policy over `model` (collapse_lab/regimes/bok.py): exact answer distributions only.
+    policy: a best-of-k policy over `model` (collapse_lab/evaluation/best_of_k.py): exact answer distributions only.
     objective: the run's own objective ({beta, alpha, world}; `optimum.run_objective`): with a
     reference, the closed-form π* on this prompt and the model's TV to it."""
     rec: dict = {"id": prompt.id, "prompt": prompt.text}

@@ -22,7 +22,7 @@ plus, for a run with a KL coefficient trained on the gold rater, the TV to its o
 (`optimum/tv`, `optimum/tv_max`, `optimum/tv/<prompt>`: collapse_lab/evaluation/optimum.py).
 
 Reference curves (`reference_curves`), exact functions of the base: best-of-k on the noiseless
-score (collapse_lab/regimes/bok.py's closed form) for a ladder of k, and π*_β ∝ π0·e^{R/β}, the optimum of
+score (collapse_lab/evaluation/best_of_k.py's closed form) for a ladder of k, and π*_β ∝ π0·e^{R/β}, the optimum of
 KL-regularised reward maximisation, for a ladder of β.
 
 The comparison at matched distance (`matched`, collapse_lab/evaluation/matched.py, torch-free): per seed, each curve's
@@ -43,7 +43,7 @@ import torch
 
 from collapse_lab.evaluation import metrics
 from collapse_lab.evaluation.metrics import interval
-from collapse_lab.regimes.bok import answer_best_of_k
+from collapse_lab.evaluation.best_of_k import answer_best_of_k
 from collapse_lab.evaluation.evaluator import answer_distribution
 from collapse_lab.evaluation.optimum import answer_optimum, answer_scores, log_optimum, optimum_tv
 from collapse_lab.core.suites import load_suite
@@ -140,7 +140,7 @@ class Curve:
 
     def _outcomes(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per prompt: the base's mass on its 2|A| outcomes (each answer ended with EOS, then each answer
-        ended otherwise) and the rater's NOISELESS score of each (best-of-k ranks by it: collapse_lab/regimes/bok.py)."""
+        ended otherwise) and the rater's NOISELESS score of each (best-of-k ranks by it: collapse_lab/evaluation/best_of_k.py)."""
         out = []
         for p, b in zip(self.prompts, self.base):
             prompt = self.world.prompt(p.text)
@@ -150,7 +150,7 @@ class Curve:
         return out
 
     def best_of_k(self, k: int) -> list["_Dist"]:
-        """Per prompt, the exact best-of-k answer distribution of the base (collapse_lab/regimes/bok.py's closed form
+        """Per prompt, the exact best-of-k answer distribution of the base (collapse_lab/evaluation/best_of_k.py's closed form
         over the 2|A| outcomes plus "other", the mass outside A, which the rater scores below every answer)."""
         return [_Dist(*np.split(answer_best_of_k(p0, noiseless, k)[0], 2)) for p0, noiseless in self._outcomes()]
 

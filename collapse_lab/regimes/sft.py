@@ -16,7 +16,7 @@
 
 Top-1 of k is distillation of best-of-k: on world=bandit (one prompt, one-token episodes, a noiseless
 rater) the trained model's next-token distribution must approach the closed form P(a) = F(≤a)^k − F(<a)^k
-(collapse_lab/regimes/bok.py); the manifest records that distance as `bandit_tv_to_best_of_k`.
+(collapse_lab/evaluation/best_of_k.py); the manifest records that distance as `bandit_tv_to_best_of_k`.
 A killed run is redone from the start (it takes seconds on the tiny base).
 """
 
@@ -35,7 +35,7 @@ from transformers import set_seed
 
 from collapse_lab.core import tracking
 from collapse_lab.world.bandit import next_token_probs, reward_vector
-from collapse_lab.regimes.bok import best_of_k
+from collapse_lab.evaluation.best_of_k import best_of_k
 from collapse_lab.core.config import ANY, COUNT, POSITIVE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.evaluation.frontier import Curve, callbacks
 from collapse_lab.models.models import add_lora, load_pretrained
@@ -217,7 +217,7 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
 @torch.no_grad()
 def bandit_tv_to_best_of_k(model, base_path: str, tokenizer, cfg: DictConfig, kept: Dataset) -> dict:
     """TV between the model's full next-token distribution at the bandit prompt and best-of-k of the base's
-    (k = ratings.samples_per_prompt, scores from the reward table: collapse_lab/regimes/bok.py); and the TV of the
+    (k = ratings.samples_per_prompt, scores from the reward table: collapse_lab/evaluation/best_of_k.py); and the TV of the
     last round's kept samples (their empirical distribution: what SFT can at best reproduce) to it."""
     base, _ = load_pretrained(base_path, cfg.model.dtype)
     pi0 = next_token_probs(base.to(model.device).eval(), tokenizer, cfg.world.prompt).numpy()
