@@ -37,9 +37,9 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -206,6 +206,45 @@ class KLController:
         self.value = state["value"]
 
 
+class KLPenalty:
+    """β·KL(π‖π_ref), the penalty of PPO's objective, by the estimator `ppo.kl_estimator`, in its two parts:
+
+        reward   per-token rewards −β·(c_t·ℓ_t + (1 − c_{t+1})·KL_{t+1})   (kl_rewards; ℓ_t the sampled token's
+                 log π − log π_ref, KL_t = KL(π(·|s_t) ‖ π_ref(·|s_t)) over the vocabulary)
+        loss     the direct part β·(1/std A)·Σ_t (1 − c_t)·KL_t(θ) / n_tokens   (none for k1)
+
+    with the k1 shares c_t of k1_shares: k1 c_t = 1 (the sampled token's log-ratio alone, no (B, Tr, V)
+    tensors), analytic c_t = 0, blend c_0 = 1 and c_t = kl_blend after it. Every choice is an unbiased gradient
+    of the same β·E[Σ_t KL_t] (tests/test_ppo.py enumerates it; the trainer-level test drops the loss part)."""
+
+    def __init__(self, estimator: str, blend: float):
+        self.estimator, self.blend = estimator, blend
+        self.exact = estimator != "k1"  # some state's KL taken exactly: needs the (B, Tr, V) log-probs
+
+    def shares(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        return k1_shares(self.estimator, self.blend, length).to(like)
+
+    def reward(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float,
+               old_full: Optional[torch.Tensor] = None, ref_full: Optional[torch.Tensor] = None):
+        """((B, Tr) the penalty's per-token rewards, (B, Tr) the KL it measures at each state, nats): k1 the
+        sampled tokens' log-ratios; otherwise the exact KL_t from π_old's and π_ref's (B, Tr, V) log-probs."""
+        if not self.exact:
+            kl = (logprobs - ref_logprobs) * mask
+            return -beta * kl, kl
+        kl = state_kl(old_full, ref_full) * mask  # a_t is credited with the LATER states' KL only
+        return kl_rewards(logprobs - ref_logprobs, kl, mask, self.shares(kl.shape[1], kl), beta), kl
+
+    def loss(self, full: Optional[torch.Tensor], ref_full: Optional[torch.Tensor], mask: torch.Tensor, beta: float,
+             adv_scale: torch.Tensor, n_tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """The direct part of ∇(β·E[Σ_t KL_t]) over (b, w) visited states, on the advantages' scale (a scalar
+        with its gradient; None for k1), from π_θ's and π_ref's (b, w, V) log-probs."""
+        if not self.exact:
+            return None
+        kl_now = state_kl(full, ref_full)
+        exact = (1 - self.shares(kl_now.shape[1], kl_now)) * mask  # (b, w) the exact share 1 − c_t
+        return beta * adv_scale * (kl_now * exact).sum() / n_tokens
+
+
 class Progress:
     """Counters a resumed run continues from, checkpointed with the models and optimiser (state.json).
     (Prompt and rater randomness is seeded per (seed, process, step): nothing to store.)"""
@@ -270,12 +309,101 @@ def value_model(policy, base: str, cfg: DictConfig, pad_token_id: int) -> torch.
 def train_ppo(cfg: DictConfig, run: Run) -> None:
     """PPO on this config (or find it finished, or resume it): `train_ppo(cfg, named=True)` returns the run's
     directory (stage.stage_function: the shared bookkeeping; the run directory is written only after every
-    input is checked, and an interrupted run resumes from its last checkpoint)."""
-    p, out = cfg.ppo, run.out
-    bandit_world = cfg.world.name == "bandit"  # episodes of one token (or max_tokens, then EOS)
-    max_new_tokens, missing_eos_penalty = p.max_new_tokens, p.missing_eos_penalty
-    if bandit_world:
-        max_new_tokens, missing_eos_penalty = (1 if cfg.world.max_tokens == 1 else cfg.world.max_tokens + 1), 0.0
+    input is checked, and an interrupted run resumes from its last checkpoint). One step = the five numbered
+    steps of the module docstring."""
+    p = cfg.ppo
+    s = setup(cfg, run.out)
+    run.start(resume=True, base_path=s.base)  # after every input is checked: rejected input leaves no run directory
+    bar = tqdm(total=p.steps, initial=s.progress.step, desc=f"ppo {run.out.name}",
+               disable=not s.accelerator.is_main_process)
+    started = time.time() - s.progress.wall_time_s
+    while s.progress.step < p.steps:
+        step_start = time.time()
+        prompts = draw_prompts(cfg, s)  # and the rater's noise, seeded per (seed, process, step)
+        with torch.no_grad(), s.accelerator.autocast():  # the reference is not prepared: autocast here too
+            # 1. rollout: completions with their log-probs under the sampling distribution (π at T, from the
+            #    generation's logits), the reference's log-probs, values (rows batched by prompt length)
+            b = rollout(cfg, s, prompts)
+            # 2. score: the reward at the last token; completions cut off at max_new_tokens are penalised;
+            #    centred by the base's mean score (a constant: every completion's objective moves alike)
+            b.scores = score(cfg, s, prompts, b)
+            # 3. the KL penalty's reward part per token (KLPenalty), the entropy bonus (entropy_bonus=reward),
+            #    the centred score at the last token
+            b.rewards, b.kl = kl_into_reward(cfg, s, b)
+            # 4. GAE over response tokens, then whitened advantages. Whitening scales the reward's gradient by
+            #    1/std(A), every term of the reward alike; a loss-term entropy bonus gets the same scale, but
+            #    1/std(A) is a batch statistic, so its balance with the reward drifts (tested)
+            b.advantages, b.returns = gae(b.rewards, b.values, b.mask, p.gamma, p.lam)
+            if p.whiten_advantages:
+                b.advantages, b.adv_scale = masked_whiten(b.advantages, b.mask)
+        # 5. K epochs of minibatch updates: the clipped policy and value losses (ppo_loss), the KL penalty's
+        #    direct part, the trust region
+        stats = update(cfg, s, b, run.out)
+        row = end_step(cfg, s, reduce_row(s.accelerator, metrics_row(b, stats, s.kl_ctl.value)), b, run.out,
+                       started, step_start)
+        if s.accelerator.is_main_process:
+            bar.set_postfix({"kl": f"{row['objective/kl']:.3f}", "score": f"{row['objective/scores']:.2f}"})
+        bar.update(1)
+    bar.close()
+    finish(cfg, run, s)
+
+
+# ------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class Setup:
+    """What a PPO run holds across its steps (`setup`)."""
+
+    accelerator: Accelerator
+    policy: torch.nn.Module  # prepared (a DDP wrapper under a launcher)
+    ref: Optional[torch.nn.Module]  # the frozen base; None under LoRA: the policy with its adapter disabled
+    value: torch.nn.Module  # a scalar head (head, shared) or a model with one (separate)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list
+    tokenizer: Any
+    forward: Callable  # every forward of a rollout's responses (packed or cached: the same results)
+    world: Any
+    reward: Any
+    kl: KLPenalty
+    kl_ctl: KLController
+    progress: Progress
+    batches: Batches
+    base: str
+    max_new_tokens: int
+    missing_eos_penalty: float
+    on_policy: bool  # values read off the policy's hidden states (value_model head or shared)
+    trust_region: bool
+    exact_metrics: Optional[Callable]  # a world with a reward table (the bandit): policy, β -> its exact metrics
+    curve: Optional[Curve]  # along-training evaluation on the seed prompts (main process)
+    curve_steps: Any
+
+
+@dataclass
+class Batch:
+    """One step's rollout and what steps 2-4 add to it: (B, Tr) per response token unless noted."""
+
+    rollout: Rollout
+    mask: torch.Tensor  # 1 up to and including EOS
+    logprobs: torch.Tensor  # π_old at temperature T, nats
+    entropy: torch.Tensor  # scalar: the sampled states' mean next-token entropy
+    ref_logprobs: torch.Tensor
+    ref_full: Optional[torch.Tensor]  # (B, Tr, V) the reference's log-probs (KLPenalty.exact only)
+    values: torch.Tensor
+    old_full: Optional[torch.Tensor] = None  # (B, Tr, V) π_old's log-probs (exact KL or the trust region)
+    scores: Optional[torch.Tensor] = None  # (B,) after the missing-EOS penalty, before centring
+    kl: Optional[torch.Tensor] = None  # the KL measured at each state (KLPenalty.reward)
+    rewards: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+    adv_scale: torch.Tensor = field(default_factory=lambda: torch.tensor(1.0))  # 1/std(A) under whitening
+
+
+def setup(cfg: DictConfig, out: Path) -> Setup:
+    """The accelerator, models, optimiser, world, reward, β and counters (restored from the last checkpoint
+    of an interrupted run), and the along-training metrics; every input checked before the run directory."""
+    p = cfg.ppo
     # A trainer earlier in this process (the ablation's reward model and FeedME: TRL defaults to bf16) leaves
     # its mixed precision in accelerate's process-wide state, which a new Accelerator would inherit: PPO in
     # an ablation then ran under bf16 autocast and the same run alone in fp32, in ONE cached run directory.
@@ -292,10 +420,6 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     ref = None if cfg.peft.enabled else load_pretrained(base, cfg.model.dtype)[0].requires_grad_(False).eval()
     value = value_model(policy, base, cfg, tokenizer.pad_token_id)
-    on_policy = p.value_model != "separate"  # values read off the policy's hidden states
-    analytic_kl = p.kl_estimator != "k1"  # some state's KL taken exactly over the vocabulary
-    trust_region = p.trust_region_coef > 0
-    # every forward of a rollout's responses (identical results; the packed one skips per-row prompt copies)
     forward = packed_response_logits if packs(policy) else response_logits
     policy.eval(), value.eval()  # dropout off: log-probs must match between rollout and update
     groups = [{"params": [q for q in m.parameters() if q.requires_grad], "lr": lr}
@@ -309,9 +433,9 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
         ref = ref.to(accelerator.device)
 
     world = make_world(cfg.world)
+    max_new_tokens, missing_eos_penalty = world.episode(p.max_new_tokens, p.missing_eos_penalty)
     reward = make_reward(cfg, world, accelerator.device)
-    kl_ctl = KLController(p)
-    progress = Progress()
+    kl_ctl, progress = KLController(p), Progress()
     # β and the counters go into every save_state directory as JSON (_checkpoint, _load_checkpoint)
     accelerator.register_save_state_pre_hook(lambda _m, _w, d: _save_json_state(d, accelerator, kl_ctl, progress))
     resume = _last_checkpoint(out)
@@ -321,214 +445,264 @@ def train_ppo(cfg: DictConfig, run: Run) -> None:
     if accelerator.is_main_process:
         _drop_metrics_after(out / "metrics.jsonl", progress.step)
     reference = ref if ref is not None else accelerator.unwrap_model(policy)
-    bandit = _bandit_setup(cfg, tokenizer, reference) if bandit_world else None
-    curve = None  # along-training evaluation on the seed prompts (and the TV to π*: gold reward only)
-    if not bandit_world and accelerator.is_main_process:
+    exact_metrics = _bandit_setup(cfg, tokenizer, reference) if world.reward_table is not None else None
+    curve = None
+    if exact_metrics is None and accelerator.is_main_process:
         with reference.disable_adapter() if ref is None else nullcontext():
             curve = Curve(reference, tokenizer, world) or None
-    curve_steps = schedule(p.steps, cfg.curve.points)
+    return Setup(accelerator, policy, ref, value, optimizer, scheduler, params, tokenizer, forward, world, reward,
+                 KLPenalty(p.kl_estimator, p.kl_blend), kl_ctl, progress, batches, base, max_new_tokens,
+                 missing_eos_penalty, on_policy=p.value_model != "separate", trust_region=p.trust_region_coef > 0,
+                 exact_metrics=exact_metrics, curve=curve, curve_steps=schedule(p.steps, cfg.curve.points))
 
-    run.start(resume=True, base_path=base)  # after every input is checked: rejected input leaves no run directory
-    metrics_file = out / "metrics.jsonl"
-    bar = tqdm(total=p.steps, initial=progress.step, desc=f"ppo {out.name}", disable=not accelerator.is_main_process)
-    started = time.time() - progress.wall_time_s
-    while progress.step < p.steps:
-        step_start = time.time()
-        unwrapped = accelerator.unwrap_model(policy)
-        seed_here = f"{cfg.seed}/{accelerator.process_index}/{progress.step}"  # prompts and rater noise
-        prompt_rng = random.Random(f"ppo-prompts/{seed_here}")
-        prompts = [q for q in (world.train_prompt(prompt_rng) for _ in range(batches.prompts_per_device))
-                   for _ in range(p.samples_per_prompt)]  # each prompt's completions adjacent: one prefill
-        reward.reseed(seed_here)
 
-        # 1. rollout: completions with their log-probs under the sampling distribution (π at T, from
-        #    the generation's logits), the reference's log-probs, values (rows batched by prompt length)
-        with torch.no_grad(), accelerator.autocast():  # the reference is not prepared: autocast here too
-            rollout = generate_by_length(unwrapped, tokenizer, [q.text for q in prompts], max_new_tokens,
-                                         p.temperature, hidden=on_policy, chunk=p.generation_batch_size)
-            mask = rollout.response_mask.float()  # (B, Tr) 1 up to and including EOS
-            logprobs = rollout.logprobs  # (B, Tr) nats
-            entropy = masked_mean(rollout.entropy, mask)
-            chunk = p.micro_batch_size
-            ref_model = policy if ref is None else ref
-            log_softmax = lambda model: (lambda r: forward(model, r, p.temperature).log_softmax(-1))
-            with unwrapped.disable_adapter() if ref is None else nullcontext():
-                if analytic_kl:  # (B, Tr, V): the reference's whole next-token distribution at each state
-                    ref_full = by_prompt_length(rollout, log_softmax(ref_model), chunk)
-                    ref_logprobs = ref_full.gather(2, rollout.responses.unsqueeze(-1)).squeeze(-1)
-                else:
-                    ref_logprobs = by_prompt_length(rollout, lambda r, model=ref_model: token_logprobs(
-                        forward(model, r, p.temperature), r.responses), chunk)
-            if on_policy:
-                values = value(rollout.hidden).squeeze(-1).float() * mask  # (B, Tr)
-                rollout.hidden = None
-            else:
-                values = by_prompt_length(rollout, lambda r: value_predictions(value, r), chunk)  # (B, Tr)
+def draw_prompts(cfg: DictConfig, s: Setup) -> list:
+    """This step's prompts, each repeated samples_per_prompt times (adjacent: one prefill), and the rater's
+    noise reseeded: both a function of (seed, process, step), so a resumed run draws what it would have."""
+    seed_here = f"{cfg.seed}/{s.accelerator.process_index}/{s.progress.step}"
+    prompt_rng = random.Random(f"ppo-prompts/{seed_here}")
+    prompts = [q for q in (s.world.train_prompt(prompt_rng) for _ in range(s.batches.prompts_per_device))
+               for _ in range(cfg.ppo.samples_per_prompt)]
+    s.reward.reseed(seed_here)
+    return prompts
 
-            # 2. score: the reward at the last token; completions cut off at max_new_tokens are penalised;
-            #    centred by the base's mean score (a constant: every completion's objective moves alike)
-            scores = reward(prompts, rollout.texts, rollout.ended.tolist()).to(mask.device).float()
-            scores = scores - missing_eos_penalty * (~rollout.ended).float()
-            if progress.score_baseline is None:
-                progress.score_baseline = accelerator.reduce(scores.mean().to(accelerator.device), "mean").item() \
-                    if p.center_scores else 0.0
 
-            # 3. per-token KL penalty and entropy bonus into the reward (k1 estimators: their
-            #    gradients are those of −β·KL(π‖π_ref) and +α·H(π) over whole completions)
-            # (B, Tr, V): π_old's whole next-token distribution at each state (analytic KL, trust region)
-            old_full = by_prompt_length(rollout, log_softmax(unwrapped), chunk) \
-                if analytic_kl or trust_region else None
-            if analytic_kl:  # KL_t at each visited state; a_t is credited with the LATER states' KL only
-                kl = state_kl(old_full, ref_full) * mask
-                share = k1_shares(p.kl_estimator, p.kl_blend, kl.shape[1]).to(kl)  # (Tr,) c_t
-                rewards = kl_rewards(logprobs - ref_logprobs, kl, mask, share, kl_ctl.value)
-            else:
-                kl = (logprobs - ref_logprobs) * mask  # (B, Tr) nats
-                rewards = -kl_ctl.value * kl
-            if p.entropy_bonus == "reward":
-                rewards = rewards - p.ent_coef * logprobs * mask
-            last = mask.sum(1).long() - 1  # index of each completion's last token
-            rewards[torch.arange(len(last)), last] += scores - progress.score_baseline
+def rollout(cfg: DictConfig, s: Setup, prompts: list) -> Batch:
+    """1. Sample completions from the policy (temperature T, the full vocabulary), with the reference's
+    log-probs (and whole next-token distributions for an exact KL) and the values V(s_t)."""
+    p, chunk = cfg.ppo, cfg.ppo.micro_batch_size
+    unwrapped = s.accelerator.unwrap_model(s.policy)
+    r = generate_by_length(unwrapped, s.tokenizer, [q.text for q in prompts], s.max_new_tokens, p.temperature,
+                           hidden=s.on_policy, chunk=p.generation_batch_size)
+    mask = r.response_mask.float()  # (B, Tr) 1 up to and including EOS
+    entropy = masked_mean(r.entropy, mask)
+    ref_model, ref_full = s.policy if s.ref is None else s.ref, None
+    with unwrapped.disable_adapter() if s.ref is None else nullcontext():
+        if s.kl.exact:  # (B, Tr, V): the reference's whole next-token distribution at each state
+            ref_full = by_prompt_length(r, lambda x: s.forward(ref_model, x, p.temperature).log_softmax(-1), chunk)
+            ref_logprobs = ref_full.gather(2, r.responses.unsqueeze(-1)).squeeze(-1)
+        else:
+            ref_logprobs = by_prompt_length(r, lambda x: token_logprobs(s.forward(ref_model, x, p.temperature),
+                                                                        x.responses), chunk)
+    if s.on_policy:
+        values = s.value(r.hidden).squeeze(-1).float() * mask  # (B, Tr)
+        r.hidden = None
+    else:
+        values = by_prompt_length(r, lambda x: value_predictions(s.value, x), chunk)  # (B, Tr)
+    return Batch(r, mask, r.logprobs, entropy, ref_logprobs, ref_full, values)
 
-            # 4. GAE over response tokens, then whitened advantages
-            advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
-            # Whitening scales the reward's gradient by 1/std(A); every term of the reward (score, KL,
-            # entropy) alike. A loss-term entropy bonus (entropy_bonus=loss) gets the same scale, but
-            # 1/std(A) is a batch statistic, so its balance with the reward drifts (tested).
-            adv_scale = torch.tensor(1.0)
-            if p.whiten_advantages:
-                advantages, adv_scale = masked_whiten(advantages, mask)
 
-        # 5. K epochs of minibatch updates (loss = clipped policy loss + c_v·value loss [− α·H]), each
-        #    minibatch's gradient accumulated over micro-batches of similar prompt length (each cut
-        #    to its own longest response); every term is a mean over the minibatch's tokens, so the
-        #    split does not change the update
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio",
-                                 *(["moved"] if trust_region else []))}
-        for _ in range(p.ppo_epochs):
-            order = (torch.randperm(batches.prompts_per_device)[:, None] * p.samples_per_prompt
-                     + torch.arange(p.samples_per_prompt)).flatten()  # shuffled prompts, completions together
-            for start in range(0, batches.rollout_per_device, batches.minibatch_per_device):
-                idx = order[start:start + batches.minibatch_per_device]
-                n_tokens = mask[idx].sum().clamp_min(1)
-                sums = dict.fromkeys(stats, 0.0)
-                for micro in length_chunks(rollout, idx, p.micro_batch_size):
-                    mb = select(rollout, micro)
-                    m, old_logprobs, adv, old_v, ret = (x[micro, :width(mb)] for x in
-                                                        (mask, logprobs, advantages, values, returns))
-                    if on_policy:
-                        new_logits, h = forward(policy, mb, p.temperature, hidden=True)
-                        v = value(h.detach() if p.value_model == "head" else h).squeeze(-1).float()
-                    else:
-                        new_logits, v = forward(policy, mb, p.temperature), value_predictions(value, mb)
-                    log_ratio = (token_logprobs(new_logits, mb.responses) - old_logprobs) * m
-                    ratio = torch.exp(log_ratio)
-                    pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip_range, 1 + p.clip_range))
-                    v_clipped = old_v + (v - old_v).clamp(-p.clip_range_value, p.clip_range_value)
-                    vf_losses = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
-                    entropies = entropy_from_logits(new_logits)  # keeps its gradient: the α·H loss term
-                    pg_loss, vf_loss, ent = ((x * m).sum() / n_tokens for x in (pg_losses, vf_losses, entropies))
-                    loss = pg_loss + p.vf_coef * vf_loss
-                    if p.entropy_bonus == "loss":
-                        loss = loss - p.ent_coef * adv_scale * ent
-                    new_full = new_logits.log_softmax(-1) if analytic_kl or trust_region else None  # (b, w, V)
-                    if analytic_kl:  # the direct part of ∇(β·E[Σ_t KL_t]), on the advantages' scale
-                        kl_now = state_kl(new_full, ref_full[micro, :width(mb)])
-                        exact = (1 - share[:width(mb)]) * m  # (b, w) the exact share 1 − c_t
-                        loss = loss + kl_ctl.value * adv_scale * (kl_now * exact).sum() / n_tokens
-                    terms = {"pg_loss": pg_losses, "vf_loss": vf_losses, "entropy": entropies}
-                    if trust_region:  # KL(π_old ‖ π_θ) at each visited state, every token
-                        terms["moved"] = state_kl(old_full[micro, :width(mb)], new_full)
-                        loss = loss + p.trust_region_coef * (terms["moved"] * m).sum() / n_tokens
-                    if not torch.isfinite(loss):
-                        _fail(out, accelerator, f"non-finite PPO loss at step {progress.step + 1} "
-                              f"(pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, entropy {ent.item():.4g}); "
-                              f"last good checkpoint: {_last_checkpoint(out) or 'none'}")
-                    accelerator.backward(loss)
-                    with torch.no_grad():
-                        terms.update(approxkl=0.5 * log_ratio ** 2, ratio=ratio,
-                                     clipfrac=((ratio - 1).abs() > p.clip_range).float(),
-                                     vf_clipfrac=((v - old_v).abs() > p.clip_range_value).float())
-                        for key, x in terms.items():
-                            sums[key] += (x * m).sum() / n_tokens
-                if p.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, p.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                for key in stats:
-                    stats[key].append(torch.as_tensor(sums[key]))
+def score(cfg: DictConfig, s: Setup, prompts: list, b: Batch) -> torch.Tensor:
+    """2. (B,) scores: the reward of each completion, minus the missing-EOS penalty; the first step fixes the
+    base's mean score (over processes) as the baseline every score is centred by (ppo.center_scores)."""
+    scores = s.reward(prompts, b.rollout.texts, b.rollout.ended.tolist()).to(b.mask.device).float()
+    scores = scores - s.missing_eos_penalty * (~b.rollout.ended).float()
+    if s.progress.score_baseline is None:
+        s.progress.score_baseline = s.accelerator.reduce(scores.mean().to(s.accelerator.device), "mean").item() \
+            if cfg.ppo.center_scores else 0.0
+    return scores
 
-        # bookkeeping: β update, metrics (averaged over processes), checkpoint
-        seq_kl = kl.sum(1)
-        row = {
-            "objective/kl": seq_kl.mean(), "objective/kl_coef": torch.tensor(kl_ctl.value),
-            "objective/entropy": entropy, "objective/scores": scores.mean(),
-            "objective/non_score_reward": (-kl_ctl.value * seq_kl).mean(),
-            "objective/rlhf_reward": (scores - kl_ctl.value * seq_kl).mean(),
-            "policy/approxkl": _mean(stats["approxkl"]), "policy/clipfrac": _mean(stats["clipfrac"]),
-            "policy/entropy": _mean(stats["entropy"]), "policy/ratio": _mean(stats["ratio"]),
-            # the exact KL(π_old ‖ π_θ) at the visited states before each minibatch (with the trust region only)
-            **({"policy/state_kl_moved": _mean(stats["moved"])} if trust_region else {}),
-            "loss/policy": _mean(stats["pg_loss"]), "val/vf_loss": _mean(stats["vf_loss"]),
-            "val/clipfrac": _mean(stats["vf_clipfrac"]), "val/mean": masked_mean(values, mask),
-            "ppo/returns/mean": masked_mean(returns, mask), "ppo/advantages/mean": masked_mean(advantages, mask),
-            "rollout/length": mask.sum(1).mean(), "rollout/eos_rate": rollout.ended.float().mean(),
-        }
-        row = {k: accelerator.reduce(v.detach().float().to(accelerator.device), "mean").item() for k, v in row.items()}
-        kl_ctl.update(row["objective/kl"], batches.rollout)
-        progress.step += 1
-        progress.samples_scored += batches.rollout
-        progress.tokens_trained += int(accelerator.reduce(mask.sum().to(accelerator.device), "sum").item())
-        progress.wall_time_s = time.time() - started
-        row.update({"step": progress.step, "ppo/lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - step_start,
-                    "budget/samples_scored": progress.samples_scored})
-        if bandit is not None and (progress.step % p.log_every == 0 or progress.step == p.steps):
-            row.update(bandit(accelerator.unwrap_model(policy), kl_ctl.value))
-        if curve is not None and progress.step in curve_steps:
-            budget = ratings_budget(cfg) if cfg.reward == "rm" else progress.samples_scored
-            row.update(curve.point(accelerator.unwrap_model(policy), budget,
-                                   kl_ctl.value if cfg.reward == "gold" else None, p.ent_coef))
-        if accelerator.is_main_process:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            tracking.log(row, step=progress.step)
-            bar.set_postfix({"kl": f"{row['objective/kl']:.3f}", "score": f"{row['objective/scores']:.2f}"})
-        bar.update(1)
-        if progress.step % p.save_every == 0 and progress.step < p.steps:
-            _checkpoint(out, accelerator, progress.step)
-    bar.close()
 
-    # save: the HF-loadable policy (LoRA merged in), final metrics, manifest
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        last_row = json.loads(metrics_file.read_text().splitlines()[-1])
+def kl_into_reward(cfg: DictConfig, s: Setup, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """3. (B, Tr) per-token rewards: the KL penalty's reward part, −α·log π(y_t) (entropy_bonus=reward: the k1
+    estimator of +α·H), the centred score at each completion's last token; and the KL measured per state."""
+    p = cfg.ppo
+    if s.kl.exact or s.trust_region:  # (B, Tr, V): π_old's whole next-token distribution at each state
+        unwrapped = s.accelerator.unwrap_model(s.policy)
+        b.old_full = by_prompt_length(b.rollout, lambda x: s.forward(unwrapped, x, p.temperature).log_softmax(-1),
+                                      p.micro_batch_size)
+    rewards, kl = s.kl.reward(b.logprobs, b.ref_logprobs, b.mask, s.kl_ctl.value, b.old_full, b.ref_full)
+    if p.entropy_bonus == "reward":
+        rewards = rewards - p.ent_coef * b.logprobs * b.mask
+    last = b.mask.sum(1).long() - 1  # index of each completion's last token
+    rewards[torch.arange(len(last)), last] += b.scores - s.progress.score_baseline
+    return rewards, kl
+
+
+STATS = ("pg_loss", "vf_loss", "entropy", "approxkl", "clipfrac", "vf_clipfrac", "ratio")
+
+
+def update(cfg: DictConfig, s: Setup, b: Batch, out: Path) -> dict[str, list]:
+    """5. ppo_epochs epochs over the rollout in minibatches (shuffled prompts, each prompt's completions
+    together), each minibatch's gradient accumulated over micro-batches of similar prompt length (each cut to
+    its own longest response); every term is a mean over the minibatch's tokens, so the split does not change
+    the update. Returns each statistic's value per minibatch."""
+    p, n = cfg.ppo, s.batches
+    stats = {k: [] for k in (*STATS, *(["moved"] if s.trust_region else []))}
+    for _ in range(p.ppo_epochs):
+        order = (torch.randperm(n.prompts_per_device)[:, None] * p.samples_per_prompt
+                 + torch.arange(p.samples_per_prompt)).flatten()
+        for start in range(0, n.rollout_per_device, n.minibatch_per_device):
+            idx = order[start:start + n.minibatch_per_device]
+            n_tokens = b.mask[idx].sum().clamp_min(1)
+            sums = dict.fromkeys(stats, 0.0)
+            for micro in length_chunks(b.rollout, idx, p.micro_batch_size):
+                for key, x in micro_step(cfg, s, b, micro, n_tokens, out).items():
+                    sums[key] += x
+            if p.max_grad_norm:
+                s.accelerator.clip_grad_norm_(s.params, p.max_grad_norm)
+            s.optimizer.step()
+            s.scheduler.step()
+            s.optimizer.zero_grad()
+            for key in stats:
+                stats[key].append(torch.as_tensor(sums[key]))
+    return stats
+
+
+def micro_step(cfg: DictConfig, s: Setup, b: Batch, micro: torch.Tensor, n_tokens: torch.Tensor,
+               out: Path) -> dict[str, torch.Tensor]:
+    """One micro-batch's forward and backward: the loss (ppo_loss) over rows `micro` of the rollout, its
+    gradient accumulated; its statistics' shares of the minibatch means."""
+    p = cfg.ppo
+    mb = select(b.rollout, micro)
+    w = width(mb)
+    m, old_logprobs, adv, old_v, ret = (x[micro, :w] for x in (b.mask, b.logprobs, b.advantages, b.values, b.returns))
+    if s.on_policy:
+        logits, h = s.forward(s.policy, mb, p.temperature, hidden=True)
+        v = s.value(h.detach() if p.value_model == "head" else h).squeeze(-1).float()
+    else:
+        logits, v = s.forward(s.policy, mb, p.temperature), value_predictions(s.value, mb)
+    logprobs = token_logprobs(logits, mb.responses)
+    entropy = entropy_from_logits(logits)  # keeps its gradient: the α·H loss term
+    full = logits.log_softmax(-1) if s.kl.exact or s.trust_region else None  # (b, w, V)
+    kl_loss = s.kl.loss(full, b.ref_full[micro, :w] if s.kl.exact else None, m, s.kl_ctl.value, b.adv_scale, n_tokens)
+    moved = state_kl(b.old_full[micro, :w], full) if s.trust_region else None  # KL(π_old ‖ π_θ) per state
+    loss, terms = ppo_loss(logprobs, old_logprobs, adv, v, old_v, ret, m, n_tokens, clip_range=p.clip_range,
+                           clip_range_value=p.clip_range_value, vf_coef=p.vf_coef, entropy=entropy,
+                           ent_weight=p.ent_coef * b.adv_scale if p.entropy_bonus == "loss" else None,
+                           kl_loss=kl_loss, moved=moved, trust_region_coef=p.trust_region_coef)
+    if not torch.isfinite(loss):
+        mean = lambda key: ((terms[key] * m).sum() / n_tokens).item()
+        _fail(out, s.accelerator, f"non-finite PPO loss at step {s.progress.step + 1} (pg {mean('pg_loss'):.4g}, "
+              f"vf {mean('vf_loss'):.4g}, entropy {mean('entropy'):.4g}); last good checkpoint: "
+              f"{_last_checkpoint(out) or 'none'}")
+    s.accelerator.backward(loss)
+    with torch.no_grad():
+        log_ratio, ratio = terms.pop("log_ratio"), terms["ratio"]
+        terms.update(approxkl=0.5 * log_ratio ** 2, clipfrac=((ratio - 1).abs() > p.clip_range).float(),
+                     vf_clipfrac=((v - old_v).abs() > p.clip_range_value).float())
+        return {key: (x * m).sum() / n_tokens for key, x in terms.items()}
+
+
+def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor, *,
+             clip_range: float, clip_range_value: float, vf_coef: float, entropy: torch.Tensor,
+             ent_weight: Optional[torch.Tensor] = None, kl_loss: Optional[torch.Tensor] = None,
+             moved: Optional[torch.Tensor] = None, trust_region_coef: float = 0.0):
+    """PPO's loss over (b, w) response tokens (mask 1 on real ones), each term a sum over them / n_tokens (the
+    minibatch's real tokens: micro-batches add up to the minibatch mean). With ρ_t = exp(log π_θ − log π_old):
+
+        policy   max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε))                           ε = clip_range
+        value    ½·max((V_t − R_t)², (V_old,t + clip(V_t − V_old,t, −ε_v, ε_v) − R_t)²)   ε_v = clip_range_value
+        loss     Σ policy/n + vf_coef·Σ value/n − ent_weight·Σ H_t/n + kl_loss + trust_region_coef·Σ moved_t/n
+
+    ent_weight: α·(1/std A) for the entropy bonus as a loss term (None: none); kl_loss: the KL penalty's direct
+    part (KLPenalty.loss); moved: KL(π_old(·|s_t) ‖ π_θ(·|s_t)), the trust region. Returns (loss, the per-token
+    terms: pg_loss, vf_loss, entropy, moved if given, log_ratio, ratio)."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    v_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+    vf_losses = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    pg_loss, vf_loss, ent = ((x * mask).sum() / n_tokens for x in (pg_losses, vf_losses, entropy))
+    loss = pg_loss + vf_coef * vf_loss
+    if ent_weight is not None:
+        loss = loss - ent_weight * ent
+    if kl_loss is not None:
+        loss = loss + kl_loss
+    terms = {"pg_loss": pg_losses, "vf_loss": vf_losses, "entropy": entropy}
+    if moved is not None:
+        terms["moved"] = moved
+        loss = loss + trust_region_coef * (moved * mask).sum() / n_tokens
+    return loss, {**terms, "log_ratio": log_ratio, "ratio": ratio}
+
+
+def metrics_row(b: Batch, stats: dict[str, list], beta: float) -> dict[str, torch.Tensor]:
+    """One step's metrics (this process's): the objective's terms over the rollout, the update's statistics
+    averaged over its minibatches, values, returns, advantages and the rollout's lengths."""
+    seq_kl = b.kl.sum(1)
+    return {
+        "objective/kl": seq_kl.mean(), "objective/kl_coef": torch.tensor(beta),
+        "objective/entropy": b.entropy, "objective/scores": b.scores.mean(),
+        "objective/non_score_reward": (-beta * seq_kl).mean(),
+        "objective/rlhf_reward": (b.scores - beta * seq_kl).mean(),
+        "policy/approxkl": _mean(stats["approxkl"]), "policy/clipfrac": _mean(stats["clipfrac"]),
+        "policy/entropy": _mean(stats["entropy"]), "policy/ratio": _mean(stats["ratio"]),
+        # the exact KL(π_old ‖ π_θ) at the visited states before each minibatch (with the trust region only)
+        **({"policy/state_kl_moved": _mean(stats["moved"])} if "moved" in stats else {}),
+        "loss/policy": _mean(stats["pg_loss"]), "val/vf_loss": _mean(stats["vf_loss"]),
+        "val/clipfrac": _mean(stats["vf_clipfrac"]), "val/mean": masked_mean(b.values, b.mask),
+        "ppo/returns/mean": masked_mean(b.returns, b.mask), "ppo/advantages/mean": masked_mean(b.advantages, b.mask),
+        "rollout/length": b.mask.sum(1).mean(), "rollout/eos_rate": b.rollout.ended.float().mean(),
+    }
+
+
+def reduce_row(accelerator: Accelerator, row: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each metric averaged over processes."""
+    return {k: accelerator.reduce(v.detach().float().to(accelerator.device), "mean").item() for k, v in row.items()}
+
+
+def end_step(cfg: DictConfig, s: Setup, row: dict, b: Batch, out: Path, started: float, step_start: float) -> dict:
+    """The step's bookkeeping: β's update, the counters, the exact and along-training metrics due at this
+    step, the metrics row written (main process) and a resumable checkpoint when due. Returns the row."""
+    p, a, progress = cfg.ppo, s.accelerator, s.progress
+    s.kl_ctl.update(row["objective/kl"], s.batches.rollout)
+    progress.step += 1
+    progress.samples_scored += s.batches.rollout
+    progress.tokens_trained += int(a.reduce(b.mask.sum().to(a.device), "sum").item())
+    progress.wall_time_s = time.time() - started
+    row.update({"step": progress.step, "ppo/lr": s.scheduler.get_last_lr()[0], "time/step_s": time.time() - step_start,
+                "budget/samples_scored": progress.samples_scored})
+    if s.exact_metrics is not None and (progress.step % p.log_every == 0 or progress.step == p.steps):
+        row.update(s.exact_metrics(a.unwrap_model(s.policy), s.kl_ctl.value))
+    if s.curve is not None and progress.step in s.curve_steps:
+        budget = ratings_budget(cfg) if cfg.reward == "rm" else progress.samples_scored
+        row.update(s.curve.point(a.unwrap_model(s.policy), budget, s.kl_ctl.value if cfg.reward == "gold" else None,
+                                 p.ent_coef))
+    if a.is_main_process:
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        tracking.log(row, step=progress.step)
+    if progress.step % p.save_every == 0 and progress.step < p.steps:
+        _checkpoint(out, a, progress.step)
+    return row
+
+
+def finish(cfg: DictConfig, run: Run, s: Setup) -> None:
+    """Save the HF-loadable policy (LoRA merged in) and the final metrics, finish the manifest, drop the
+    resumable checkpoints, and take the DDP wrappers down before the process group."""
+    a, out = s.accelerator, run.out
+    a.wait_for_everyone()
+    last_row = None
+    if a.is_main_process:
+        last_row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
         def save(tmp: Path) -> None:
-            final = accelerator.unwrap_model(policy)
+            final = a.unwrap_model(s.policy)
             if cfg.peft.enabled:
                 final.save_pretrained(tmp / "adapter")
                 final = final.merge_and_unload()
             final.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            s.tokenizer.save_pretrained(tmp)
             (tmp / "metrics.json").write_text(json.dumps(last_row, indent=1) + "\n")
 
         publish(out, save)
     # wall_time_s: the resumable counter (every interrupted session's time included)
-    run.finish(reward=cfg.reward, samples_scored=getattr(reward, "samples_scored", progress.samples_scored),
+    progress = s.progress
+    run.finish(reward=cfg.reward, samples_scored=getattr(s.reward, "samples_scored", progress.samples_scored),
                steps=progress.step, tokens_trained=progress.tokens_trained, wall_time_s=progress.wall_time_s,
-               world_size=accelerator.num_processes, final=last_row if accelerator.is_main_process else None)
-    if accelerator.is_main_process:
+               world_size=a.num_processes, final=last_row)
+    if a.is_main_process:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         print(f"saved {out}")
     # The DDP wrappers go before the process group. A DDP Reducer that drops the group's last reference
     # destroys it holding the GIL, joining a gloo worker thread that waits for the GIL to free a finished
     # collective's tensors: a torch deadlock at exit, at random (a two-process CPU run hung after saving).
     # Freed here, the group's last reference goes in destroy_process_group, whose destructor releases the GIL.
-    accelerator.wait_for_everyone()
-    policy = value = None  # the closures' cells too (save() reads policy)
-    accelerator.free_memory()
-    accelerator.end_training()
+    a.wait_for_everyone()
+    s.policy = s.value = None
+    a.free_memory()
+    a.end_training()
 
 
 def k1_shares(estimator: str, blend: float, length: int) -> torch.Tensor:
