@@ -131,3 +131,17 @@ def test_no_function_in_the_package_is_over_100_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
                 long.add((str(path.relative_to(REPO)), node.name))
     assert long <= PENDING, sorted(long - PENDING)
+
+
+def test_train_regime_runs_the_kind_its_recipe_names(monkeypatch, capsys, tmp_path):
+    import runpy
+
+    main = runpy.run_path(str(REPO / "train" / "regime.py"))["main"]
+    calls = []
+    monkeypatch.setattr(registry, "run", lambda kind, cfg: calls.append((kind, cfg.grpo.kl_coef)))
+    cli("lab", main, ["recipe=grpo", "grpo.kl_coef=0.3", f"checkpoints_dir={tmp_path}"])
+    assert calls == [("grpo", 0.3)]
+    with pytest.raises(SystemExit) as e:
+        cli("lab", main, [f"checkpoints_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "recipe=<one of bok, dpo0.1" in err, err
