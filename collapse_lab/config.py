@@ -7,6 +7,10 @@ work with ONE line on stderr naming the bad key and the valid choices, exit code
 
 Config groups (`recipes/<group>/<option>.yaml`): `model` (presets), `world` (generator and
 rater parameters), `recipe` (a regime: a small diff on the whole config, `@package _global_`).
+
+The lab-level sections are below; each regime's own section (cfg.ppo, cfg.sft, cfg.dpo, ...) is a dataclass
+in its module whose fields carry their valid values (`ranged`, `one_of`), registered by the registry
+(collapse_lab/registry.py: `register_sections`). Configuration imports no stage or regime.
 """
 
 from __future__ import annotations
