@@ -131,7 +131,7 @@ def _fake_stage(kind):
 def _push_towards(path: Path, answer: str, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from collapse_lab.world.world import load_seed_prompts
+    from collapse_lab.world.world.world import load_seed_prompts
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -373,7 +373,7 @@ def test_evaluator_out_is_checked_before_any_work(tmp_path, out):
 
 
 def test_corrupt_or_missing_model_files_are_one_line(model_dir, tmp_path):
-    from collapse_lab.models.models import load_pretrained
+    from collapse_lab.models.models.models import load_pretrained
 
     bad = tmp_path / "truncated"
     bad.mkdir()

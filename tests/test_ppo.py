@@ -12,11 +12,12 @@ import torch
 from omegaconf import OmegaConf
 
 from collapse_lab.regimes import ppo as ppo_module
-from collapse_lab.world.bandit import optimum, total_variation
+from collapse_lab.world.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.core.checkpoint import read_manifest
 from collapse_lab.core.config import ConfigError, compose, group_options
 from collapse_lab.models.models import load_pretrained
-from collapse_lab.regimes.ppo import batch_sizes, gae, k1_shares, kl_rewards, masked_whiten, state_kl, train_ppo
+from collapse_lab.regimes.ppo import (KLPenalty, batch_sizes, gae, k1_shares, kl_rewards, masked_whiten, ppo_loss, state_kl,
+                              train_ppo)
 from collapse_lab.stages.pretrain import pretrain
 from collapse_lab.models.rollout import entropy_from_logits
 
@@ -141,6 +142,52 @@ def test_every_kl_estimator_is_an_unbiased_gradient_of_the_sequence_kl(share):
     assert torch.allclose(estimated, exact, atol=1e-10), (estimated - exact).abs().max()
 
 
+def test_ppo_loss_by_hand():
+    """Three response tokens, the third padding (mask 0), ε = ε_v = 0.2, n_tokens = 2 (the minibatch's real ones).
+
+    policy  token 0: ρ = 1.5, A = 2:   max(−3.0, −2·1.2) = −2.4    (clipped: no gradient)
+            token 1: ρ = 0.9, A = −1:  max(0.9, 0.9) = 0.9          (inside the clip: ∂/∂log π = −A·ρ = 0.9)
+            pg_loss = (−2.4 + 0.9)/2 = −0.75
+    value   token 0: V = 1, V_old = 0.5, R = 2: max((−1)², (0.5 + 0.2 − 2)²) = 1.69 → ½ → 0.845
+            token 1: V = 0, V_old = 0.5, R = 1: max((−1)², (0.5 − 0.2 − 1)²) = 1    → ½ → 0.5
+            vf_loss = (0.845 + 0.5)/2 = 0.6725; × vf_coef 0.1 = 0.06725
+    entropy (1 + 2)/2 = 1.5, × ent_weight 0.5 = 0.75 (subtracted); kl_loss 0.25 (added)
+    trust region (0.1 + 0.3)/2 = 0.2, × 2 = 0.4
+    loss = −0.75 + 0.06725 − 0.75 + 0.25 + 0.4 = −0.78275"""
+    d = dict(dtype=torch.float64)
+    logprobs = torch.tensor([[math.log(1.5), math.log(0.9), 5.0]], **d, requires_grad=True)
+    old, mask = torch.zeros(1, 3, **d), torch.tensor([[1.0, 1.0, 0.0]], **d)
+    adv, ret = torch.tensor([[2.0, -1.0, 7.0]], **d), torch.tensor([[2.0, 1.0, 9.0]], **d)
+    v, v_old = torch.tensor([[1.0, 0.0, 3.0]], **d), torch.tensor([[0.5, 0.5, 0.0]], **d)
+    kw = dict(clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, entropy=torch.tensor([[1.0, 2.0, 100.0]], **d))
+    loss, terms = ppo_loss(logprobs, old, adv, v, v_old, ret, mask, torch.tensor(2.0, **d), **kw,
+                           ent_weight=torch.tensor(0.5, **d), kl_loss=torch.tensor(0.25, **d),
+                           moved=torch.tensor([[0.1, 0.3, 50.0]], **d), trust_region_coef=2.0)
+    assert loss.item() == pytest.approx(-0.78275, abs=1e-12)
+    assert terms["pg_loss"][0, :2].tolist() == pytest.approx([-2.4, 0.9])
+    assert terms["vf_loss"][0, :2].tolist() == pytest.approx([0.845, 0.5])
+    assert terms["ratio"][0].tolist() == pytest.approx([1.5, 0.9, 1.0])  # padding: log-ratio masked to 0
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert grad[0].tolist() == pytest.approx([0.0, 0.45, 0.0], abs=1e-12)  # −A·ρ/n on the unclipped token only
+    bare, _ = ppo_loss(logprobs, old, adv, v, v_old, ret, mask, torch.tensor(2.0, **d), **kw)  # no optional terms
+    assert bare.item() == pytest.approx(-0.75 + 0.06725, abs=1e-12)
+
+
+def test_kl_penalty_parts_k1_in_the_reward_exact_kl_in_the_loss():
+    """KLPenalty: k1 puts −β·log-ratio in the reward and has no loss part; analytic on ONE state puts nothing
+    in the reward (no later state) and β·scale·KL(π‖π_ref) in the loss, by hand for a two-token vocabulary."""
+    logp, ref = torch.tensor([[[math.log(0.8), math.log(0.2)]]]), torch.tensor([[[math.log(0.5), math.log(0.5)]]])
+    sampled, ref_sampled, mask = logp[..., 0], ref[..., 0], torch.ones(1, 1)
+    rewards, kl = KLPenalty("k1", 0.0).reward(sampled, ref_sampled, mask, beta=2.0)
+    assert rewards.item() == pytest.approx(-2.0 * math.log(0.8 / 0.5)) and kl.item() == pytest.approx(math.log(1.6))
+    assert KLPenalty("k1", 0.0).loss(logp, ref, mask, 2.0, torch.tensor(1.0), torch.tensor(1.0)) is None
+    exact = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
+    rewards, kl = KLPenalty("analytic", 0.0).reward(sampled, ref_sampled, mask, 2.0, old_full=logp, ref_full=ref)
+    assert rewards.item() == 0.0 and kl.item() == pytest.approx(exact)
+    loss = KLPenalty("analytic", 0.0).loss(logp, ref, mask, 2.0, torch.tensor(0.5), torch.tensor(1.0))
+    assert loss.item() == pytest.approx(2.0 * 0.5 * exact)
+
+
 def test_blend_takes_the_prompts_state_by_k1_and_later_states_partly_exact():
     assert k1_shares("blend", 0.3, 4).tolist() == pytest.approx([1.0, 0.3, 0.3, 0.3])
     assert k1_shares("k1", 0.3, 2).tolist() == [1.0, 1.0] and k1_shares("analytic", 0.3, 2).tolist() == [0.0, 0.0]
@@ -168,6 +215,25 @@ def test_bandit_reaches_the_closed_form(base, tmp_path, beta, alpha, table, esti
     assert final["bandit/tv_to_optimum"] <= 0.01, final
     first = _rows(out)[0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=0.02)  # step 1 samples from the base
+
+
+def test_the_kl_direct_term_alone_holds_a_one_token_bandit_at_its_optimum(base, tmp_path):
+    """Issue 25: a trainer-level check of the KL penalty's LOSS part (KLPenalty.loss). On one-token episodes
+    kl_estimator=analytic puts no KL in the reward (there is no later state), so β reaches the update only
+    through the direct term β·(1/std A)·KL(π(·|s)‖π_ref(·|s)). train_ppo must then end at π* ∝ π0·e^{r/β}
+    with the closed form's KL to the base; without the term it would maximise the reward alone (β = 0)."""
+    beta = 1.0
+    out = train_ppo(_bandit(base, tmp_path, f"ppo.kl_coef={beta}", "ppo.kl_estimator=analytic",
+                            f"world.rewards={OTHER_TABLE}"))
+    final = json.loads((out / "metrics.json").read_text())
+    cfg = _cfg(base, tmp_path, "world=bandit", f"world.rewards={OTHER_TABLE}")
+    model, tokenizer = load_pretrained(base)
+    pi0 = next_token_probs(model, tokenizer, cfg.world.prompt)
+    r = reward_vector(tokenizer, cfg.world, len(pi0))
+    target = optimum(pi0, r, beta)
+    assert total_variation(target, optimum(pi0, r, 0.0)) > 0.9  # the reward alone would end far from π*
+    assert final["bandit/tv_to_optimum"] <= 0.01, final
+    assert final["bandit/kl"] == pytest.approx(kl_divergence(target, pi0), abs=0.005), final
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +363,7 @@ def test_value_model_choices_are_checked(base, tmp_path):
 def test_rollout_values_from_generation_match_a_forward_pass(base, chunk):
     """shared/head read V(s_t) off generate's hidden states: the same as a forward over the rollout;
     generated in chunks of similar prompt length, rows come back in the prompts' order, re-padded."""
-    from collapse_lab.models.rollout import generate_by_length, response_logits, select
+    from collapse_lab.models.models.rollout import generate_by_length, response_logits, select
 
     policy, tok = load_pretrained(base)
     torch.manual_seed(0)
@@ -317,7 +383,7 @@ def test_rollout_values_from_generation_match_a_forward_pass(base, chunk):
 def test_shared_prompt_forward_has_the_logits_and_gradient_of_separate_rows(base):
     """response_logits runs each distinct prompt once and indexes its KV cache to every row: the
     same logits, and the same gradient, as a plain forward over every (prompt + response) row."""
-    from collapse_lab.models.rollout import position_ids, response_logits
+    from collapse_lab.models.models.rollout import position_ids, response_logits
 
     policy, tok = load_pretrained(base)
     r = _prompts_and_responses(tok)
@@ -334,7 +400,7 @@ def test_shared_prompt_forward_has_the_logits_and_gradient_of_separate_rows(base
 
 def _prompts_and_responses(tok, seed=0):
     """A rollout of repeated prompts of different lengths, with rows that end early (one at its first token)."""
-    from collapse_lab.models.rollout import Rollout, encode_prompts
+    from collapse_lab.models.models.rollout import Rollout, encode_prompts
 
     torch.manual_seed(seed)
     prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:"] * 3 + ["Q: One?\nA:"]
@@ -352,8 +418,8 @@ def _packable_model(base, arch: str, attention: str):
     with `attention` as its kernel."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from collapse_lab.models.models import add_lora
-    from collapse_lab.models.rollout import PACKABLE
+    from collapse_lab.models.models.models import add_lora
+    from collapse_lab.models.models.rollout import PACKABLE
 
     policy, tok = load_pretrained(base)
     torch.manual_seed(1)
@@ -378,7 +444,7 @@ def test_packed_forward_has_the_logits_hidden_states_and_gradient_of_the_cached_
     """PPO's forwards pack each prompt's completions after one copy of it (block-causal mask, positions
     restarting at the prompt's length): the logits, hidden states and gradient of `response_logits`, on
     every model type `packs` allows, under both attention kernels that take the mask, and through LoRA."""
-    from collapse_lab.models.rollout import packed_response_logits, packs, response_logits
+    from collapse_lab.models.models.rollout import packed_response_logits, packs, response_logits
 
     policy, tok = _packable_model(base, arch, attention)
     r = _prompts_and_responses(tok)
@@ -403,7 +469,7 @@ def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, 
     going appended under a mask) draws, from the same seed, the tokens of the per-row cache path
     (CacheDecoder), with its log-probs, entropies and hidden states, while rows that have ended leave the
     batch and others sample on."""
-    from collapse_lab.models.rollout import generate
+    from collapse_lab.models.models.rollout import generate
 
     policy, tok = _packable_model(base, arch, attention)
     prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:", "Q: One?\nA:"] * 3 + ["A:"]
@@ -426,7 +492,7 @@ def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, 
 def test_a_packed_sequence_past_the_cap_runs_per_row(base, monkeypatch):
     """A packed sequence's mask and dense attention grow as its length squared: past PACKED_MAX_TOKENS sampling
     and the update's forward take the per-row cache path (same results, tested above)."""
-    from collapse_lab.models.models import rollout
+    from collapse_lab.models.models.models import rollout
 
     policy, tok = load_pretrained(base)
     r = _prompts_and_responses(tok)
@@ -444,7 +510,7 @@ def test_a_packed_sequence_past_the_cap_runs_per_row(base, monkeypatch):
 
 
 def test_packing_is_only_for_the_model_types_and_kernels_tested_with_it(base):
-    from collapse_lab.models.rollout import packs
+    from collapse_lab.models.models.rollout import packs
 
     policy = load_pretrained(base)[0]
     assert packs(policy)
@@ -459,7 +525,7 @@ def test_distinct_sequences_forward_once_with_the_logits_and_gradient_of_every_r
     """A collapsing policy repeats its answers: the no-gradient forwards (reference, π_old) run each distinct
     (prompt, response) once (rollout.distinct_rows, by_prompt_length) and index it back, with the logits,
     and the gradient, of a forward over every row."""
-    from collapse_lab.models.rollout import (Rollout, by_prompt_length, distinct_rows, encode_prompts, response_logits, take,
+    from collapse_lab.models.models.rollout import (Rollout, by_prompt_length, distinct_rows, encode_prompts, response_logits, take,
                                       token_logprobs)
 
     policy, tok = load_pretrained(base)

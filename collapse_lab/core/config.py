@@ -7,6 +7,10 @@ work with ONE line on stderr naming the bad key and the valid choices, exit code
 
 Config groups (`recipes/<group>/<option>.yaml`): `model` (presets), `world` (generator and
 rater parameters), `recipe` (a regime: a small diff on the whole config, `@package _global_`).
+
+The lab-level sections are below; each regime's own section (cfg.ppo, cfg.sft, cfg.dpo, ...) is a dataclass
+in its module whose fields carry their valid values (`ranged`, `one_of`), registered by the registry
+(collapse_lab/regimes/registry.py: `register_sections`). Configuration imports no stage or regime.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class MixConfig:
 
 @dataclass
 class RaterConfig:
-    """The gold rater's parameters; the points are documented in collapse_lab/world/world.py."""
+    """The gold rater's parameters; the points are documented in collapse_lab/world/world/world.py."""
 
     # graded (default): favourites + a graded profile over every answer (world.py graded_preference: `levels`
     # levels, `anti_prior` of it anti-correlated with the human prior, the rest seeded by `profile_seed`);
@@ -358,9 +362,9 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig, "ablate": AblateConfig}
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "reward": ("gold", "rm"),
-    "world.answer_prior": ("uniform", "human"),  # collapse_lab/world/world.py ANSWER_PRIORS
+    "world.answer_prior": ("uniform", "human"),  # collapse_lab/world/world/world.py ANSWER_PRIORS
     "world.rater.profile": ("graded", "two_level"),
-    "curve.spacing": ("log", "linear"),  # collapse_lab/evaluation/frontier.py schedule  # collapse_lab/world/world.py RATER_PROFILES
+    "curve.spacing": ("log", "linear"),  # collapse_lab/evaluation/frontier.py schedule  # collapse_lab/world/world/world.py RATER_PROFILES
     "model.dtype": ("float32", "bfloat16", "float16"),
     "precision": ("auto", "no", "bf16", "fp16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral", "gemma3_text"),  # from-scratch bases: any of these

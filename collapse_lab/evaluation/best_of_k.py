@@ -35,7 +35,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from collapse_lab.core.config import ConfigError
-from collapse_lab.world.world import make_world
+from collapse_lab.world.world.world import make_world
 
 SPEC = "bok.json"  # a best-of-k directory's spec (written by the regime)
 

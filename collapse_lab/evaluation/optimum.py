@@ -33,7 +33,7 @@ from scipy.special import logsumexp
 
 from collapse_lab.evaluation import metrics
 from collapse_lab.core.checkpoint import read_manifest
-from collapse_lab.world.world import make_world
+from collapse_lab.world.world.world import make_world
 
 
 def log_optimum(log_p0: np.ndarray, scores: np.ndarray, beta: float, alpha: float = 0.0) -> Optional[np.ndarray]:

@@ -63,14 +63,14 @@ from collapse_lab.core.config import (SEED, AblateConfig, ConfigError, EvalConfi
 from collapse_lab.evaluation.evaluator import Loaded
 from collapse_lab.evaluation.evaluator import run as run_evaluator
 from collapse_lab.evaluation.frontier import Curve
-from collapse_lab.models.models import check_base
+from collapse_lab.models.models.models import check_base
 from collapse_lab.evaluation.optimum import reward_model_answer_scores
 from collapse_lab.stages.pretrain import resolve_base
 from collapse_lab.regimes.registry import CONTROLS, REGIMES, UPSTREAM
 from collapse_lab.stages.stage import BASE, ONLINE, device, flush_denormals
 from collapse_lab.core.suites import SuiteError, load_suite
-from collapse_lab.models.tokenizer import decode_continuations, encode_texts
-from collapse_lab.world.world import make_world
+from collapse_lab.models.models.tokenizer import decode_continuations, encode_texts
+from collapse_lab.world.world.world import make_world
 
 STAGE = "ablations"
 PREFERENCE_ALIAS = ("world.preference", "world.rater.preference_strength")

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from collapse_lab.core import tracking
 from collapse_lab.core.console import progress_bars
-from collapse_lab.models.models import default_device, trainer_precision
+from collapse_lab.models.models.models import default_device, trainer_precision
 from collapse_lab.core.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
                                      run_files, start_run, write_manifest)
 from collapse_lab.core.config import ConfigError, same_config

@@ -1,0 +1,148 @@
+"""The regime module is the only declaration (issue 27): run directories keep their names (hashes pinned
+from the code before the refactor, so checkpoints/ and the example reports stay valid), keys derived from a
+declaration, recipes mapped to modules by their `regime.kind`, a recipe of another kind refused by an entry
+point, configuration importing no regime, and no function in the package over 100 lines."""
+
+import ast
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from collapse_lab.regimes import bok, dpo, grpo, ppo, registry, rloo, sft
+from collapse_lab.stages import pretrain, ratings, reward_model
+from collapse_lab.core.config import ConfigError, cli, compose, group_options, ranges
+from collapse_lab.stages.stage import BASE, RATINGS, REWARD, Stage
+from collapse_lab.regimes.trl_online import online_dir
+
+from conftest import REPO, run_cli
+
+DIRECTORIES = {
+    "base": pretrain.base_dir, "ratings": ratings.ratings_dir, "reward": reward_model.reward_dir, "sft": sft.sft_dir,
+    "dpo": dpo.dpo_dir, "bok": bok.bok_dir, "ppo": ppo.ppo_dir,
+    "rloo": lambda cfg, named: online_dir(cfg, rloo.REGIME, named),
+    "grpo": lambda cfg, named: online_dir(cfg, grpo.REGIME, named),
+}
+CONFIGS = {
+    "default": [], "rm": ["reward=rm"], "rm_path": ["reward=rm", "reward_model_path=/x/rm"],
+    "base_path": ["base_path=/x/base", "seed=3"], "bandit": ["world=bandit", "ppo.kl_coef=0.3"],
+    "peft": ["peft.enabled=true", "curve.points=3", "model=gpt2"],
+}
+# (config, recipe, stage) -> its run directory's name, computed by the hand-written stage_keys functions
+# before the regimes declared themselves (main 444910c)
+PINNED = {
+    ("default", None, "base"): "tiny-s0-de05fe26",
+    ("default", None, "ratings"): "tiny-numbers-n256k4-s0-325d2cd6",
+    ("default", None, "reward"): "tiny-numbers-rm-n256k4-s0-e9a9e6e0",
+    ("default", None, "sft"): "tiny-numbers-top1of4-s0-42560921",
+    ("default", None, "dpo"): "tiny-numbers-dpo0.1-s0-11579b12",
+    ("default", None, "bok"): "tiny-numbers-bo4-826593fe",
+    ("default", None, "ppo"): "tiny-numbers-kl0.1-s0-45416f81",
+    ("default", None, "rloo"): "tiny-numbers-rloo-kl0.1-gold-s0-d8fa744f",
+    ("default", "grpo", "grpo"): "tiny-numbers-grpo-kl0.1-gold-s0-0ac73514",
+    ("default", "sft-r3", "sft"): "tiny-numbers-top1of4-r3-s0-9231c484",
+    ("rm", "kl0.1", "ppo"): "tiny-numbers-kl0.1-s0-fad296a2",
+    ("rm", "rloo-kl0.1", "rloo"): "tiny-numbers-rloo-kl0.1-rm-s0-5e29207f",
+    ("rm_path", "kl0.1", "ppo"): "tiny-numbers-kl0.1-s0-fee9fd92",
+    ("base_path", "sft-random", "sft"): "tiny-numbers-random1of4-s3-51d9d7a6",
+    ("base_path", "bok", "bok"): "tiny-numbers-bo4-4c1c7d78",
+    ("base_path", None, "ratings"): "tiny-numbers-n256k4-s3-98c62616",
+    ("peft", "dpo0.1", "dpo"): "gpt2-numbers-dpo0.1-s0-186d0dba",
+    ("peft", "klauto", "ppo"): "gpt2-numbers-klauto-s0-28b04921",
+    ("bandit", "kl0.1", "ppo"): "tiny-bandit-kl0.3-s0-793fb570",
+}
+
+
+@pytest.mark.parametrize("config,recipe,stage", sorted(PINNED, key=str))
+def test_run_directories_keep_their_names(config, recipe, stage, tmp_path):
+    cfg = compose("lab", CONFIGS[config] + ([f"recipe={recipe}"] if recipe else []) + [f"checkpoints_dir={tmp_path}"])
+    assert DIRECTORIES[stage](cfg, False).name == PINNED[config, recipe, stage]
+
+
+def test_keys_are_derived_from_what_a_stage_consumes():
+    """A made-up regime with its own section, consuming the base and a reward: the world, the base (and the
+    pretraining config of the lab's own base), the seed, the reward (with reward=rm its reward model's inputs
+    or path), its section, its LoRA and curve settings; nothing else."""
+    toy = Stage("toy", lambda cfg, named=True: None, section="toy", consumes=(BASE, REWARD))
+    cfg = compose("lab", [])
+    assert set(toy.keys(cfg)) == {"world", "base_path", "model", "pretrain", "seed", "reward", "toy", "peft", "curve"}
+    cfg = compose("lab", ["reward=rm", "base_path=/x"])
+    assert set(toy.keys(cfg)) - {"pretrain"} == set(toy.keys(cfg))  # a given base: its pretraining is not a key
+    assert {"ratings", "reward_model"} <= set(toy.keys(cfg))
+    offline = dataclasses.replace(toy, consumes=(BASE, RATINGS), seeded=False, produces="sampler", reads=("x.k",))
+    assert set(offline.keys(cfg)) == {"world", "base_path", "model", "ratings", "toy", "x.k"}
+
+
+def test_every_recipe_names_its_regime_module():
+    assert sorted(registry.REGIMES) == group_options("recipe")
+    for name, regime in registry.REGIMES.items():
+        kind = compose("lab", [f"recipe={name}"]).regime.kind
+        assert regime.train is registry.KINDS[kind].train and regime.recipe == name
+    assert registry.CONTROLS == {"sft": "sft-random"}
+    assert set(registry.KINDS) == {m.__name__.rsplit(".", 1)[1] for m in registry.MODULES}
+
+
+def test_a_recipe_without_a_known_kind_is_refused(tmp_path):
+    (tmp_path / "new.yaml").write_text("# @package _global_\nregime:\n  kind: nope\n")
+    with pytest.raises(ConfigError, match="regime.kind=nope; valid kinds: sft, bok, ppo"):
+        registry.recipes(tmp_path)
+
+
+def test_regime_sections_carry_their_ranges():
+    assert {"ppo.clip_range", "sft.rounds", "dpo.beta", "rloo.kl_coef", "grpo.lr"} <= set(ranges("lab"))
+    with pytest.raises(ConfigError, match="ppo.clip_range must be > 0, got 0"):
+        compose("lab", ["ppo.clip_range=0"])
+    with pytest.raises(ConfigError, match="'ppo.kl_estimator'; valid choices: k1, analytic, blend"):
+        compose("lab", ["ppo.kl_estimator=k2"])
+
+
+@pytest.mark.parametrize("kind,recipe", [("ppo", "dpo0.1"), ("sft", "kl0.1"), ("dpo", "sft"), ("grpo", "rloo-kl0.1")])
+def test_an_entry_point_refuses_a_recipe_of_another_kind(kind, recipe, tmp_path, capsys):
+    called = []
+    with pytest.raises(SystemExit) as e:
+        cli("lab", lambda cfg: called.append(registry.run(kind, cfg)), [f"recipe={recipe}", f"checkpoints_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and not called and not list(tmp_path.iterdir())
+    assert err.count("\n") == 1 and f"train/{compose('lab', [f'recipe={recipe}']).regime.kind}.py" in err, err
+
+
+def test_train_ppo_with_a_dpo_recipe_exits_2_with_one_line(tmp_path):
+    r = run_cli("train/ppo.py", "recipe=dpo0.1", f"checkpoints_dir={tmp_path}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dpo recipe" in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_configuration_imports_no_regime():
+    code = "import sys, collapse_lab.core.config; print(sorted(m for m in sys.modules if m.startswith('collapse_lab')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['collapse_lab', 'collapse_lab.core.config']"
+    tree = ast.parse((REPO / "collapse_lab" / "config.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "importlib"]
+
+
+# report.py is split into modules by issue 27's item 4; its one long function goes with that split
+PENDING = {("collapse_lab/lab/report.py", "make_plots")}
+
+
+def test_no_function_in_the_package_is_over_100_lines():
+    long = set()
+    for path in sorted((REPO / "collapse_lab").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long.add((str(path.relative_to(REPO)), node.name))
+    assert long <= PENDING, sorted(long - PENDING)
+
+
+def test_train_regime_runs_the_kind_its_recipe_names(monkeypatch, capsys, tmp_path):
+    import runpy
+
+    main = runpy.run_path(str(REPO / "train" / "regime.py"))["main"]
+    calls = []
+    monkeypatch.setattr(registry, "run", lambda kind, cfg: calls.append((kind, cfg.grpo.kl_coef)))
+    cli("lab", main, ["recipe=grpo", "grpo.kl_coef=0.3", f"checkpoints_dir={tmp_path}"])
+    assert calls == [("grpo", 0.3)]
+    with pytest.raises(SystemExit) as e:
+        cli("lab", main, [f"checkpoints_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "recipe=<one of bok, dpo0.1" in err, err
