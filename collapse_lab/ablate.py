@@ -54,9 +54,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab import registry, report, tracking
-from collapse_lab.checkpoint import lock_run, unlock_run
+from collapse_lab.checkpoint import lock_run, read_manifest, unlock_run
 from collapse_lab.config import (SEED, AblateConfig, ConfigError, EvalConfig, check_name, check_output, compose, group_options,
-                                 read_record)
+                                 read_record, rerun_repair)
 from collapse_lab.evaluator import Loaded
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.frontier import Curve
@@ -452,7 +452,7 @@ def _rss_mib() -> int:
 
 
 def _stage_summary(path: Path) -> str:
-    m = _read_json(path / "manifest.json") or {}
+    m = read_manifest(path) or {}
     bits = [str(path), m.get("status", "?")]
     for key in ("steps", "samples_scored"):
         if m.get(key) is not None:
@@ -474,7 +474,7 @@ def run(p: Plan) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create({"digest": p.digest, "ablate": OmegaConf.to_container(cfg, resolve=True),
                                      "lab": p.lab}), out / "ablation.yaml")
-    previous = _read_json(out / "manifest.json") or {}
+    previous = read_manifest(out) or {}
     _write_json(out / "manifest.json", {**previous, "stage": STAGE, "status": "running",
                                         "started_at": previous.get("started_at", _now())})
     n_seeds = len(p.seeds)
@@ -509,7 +509,7 @@ def run(p: Plan) -> Path:
         _write_json(out / "runs.json", {"base": str(base), "runs": runs})
         # 6. the report
         result = show.stage("report", lambda: (report.build(out), f"{out / 'report.md'}"))
-    _write_json(out / "manifest.json", {**(_read_json(out / "manifest.json") or {}), "status": "finished",
+    _write_json(out / "manifest.json", {**(read_manifest(out) or {}), "status": "finished",
                                         "finished_at": _now(), "wall_time_s": time.time() - started,
                                         "stages": show.lines, "rss_mib": show.rss_mib, "jobs": p.jobs})
     unlock_run(out)
@@ -536,7 +536,7 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
     were evaluated already (a re-run of a finished ablation only re-writes the report).
     """
     e = p.cfg.eval
-    stamp = {"model": str(model), "manifest": _read_json(model / "manifest.json"), "base": str(base),
+    stamp = {"model": str(model), "manifest": read_manifest(model), "base": str(base),
              "eval": OmegaConf.to_container(e, resolve=True)}
     files = [out / f"{s}.json" for s in e.suites] + [out / "gold.json"]
     if _read_json(out / "stamp.json") == json.loads(json.dumps(stamp)) and all(f.exists() for f in files):
@@ -583,7 +583,7 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     e = p.cfg.eval
     world = make_world(p.lab_config().world)
     k = 1  # a best-of-k directory (collapse_lab/bok.py): k base samples per query, the best-scored kept
-    spec = _read_json(model_path / "bok.json")
+    spec = read_record(model_path / "bok.json", rerun_repair(model_path))
     if spec is not None:
         model_path, k = Path(spec["base_path"]), int(spec["k"])
     model, tokenizer = _LOADED.load(str(model_path), device(), "float32")
@@ -613,9 +613,11 @@ def _copy_run(src: Path, dst: Path) -> None:
 
 
 def _read_json(path: Path):
+    """A cache file of the ablation (an evaluation's stamp.json): a damaged one is no stamp, and the evaluation
+    is redone (which rewrites it)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_record(path, "")
+    except ConfigError:
         return None
 
 

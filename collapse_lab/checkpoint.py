@@ -100,6 +100,8 @@ def check_whole(out: Path, manifest: dict[str, Any]) -> None:
     for name in ("config.yaml", "metrics.jsonl"):
         read_record(out / name, rerun_repair(out))
     missing = [f for f in manifest.get("files", []) if not (out / f).exists()]
+    if "files" not in manifest and (out / "config.json").is_file() and not any(out.glob("*.safetensors")):
+        missing = ["model.safetensors"]  # a manifest from before `files`: a model directory without weights
     if missing:
         raise ConfigError(f"{out}: its manifest says finished but {', '.join(missing[:3])}"
                           f"{' ...' if len(missing) > 3 else ''} is missing; {rerun_repair(out)}")

@@ -583,8 +583,42 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value '{value}' for '{key}'; valid choices: {', '.join(valid)}")
 
 
+def _wandb_mode_from_env(overrides: list[str]) -> list[str]:
+    """$WANDB_MODE as the override `wandb.mode=...` unless the overrides give wandb.mode (the command line wins
+    over the environment, the environment over the recipes); wandb's own spellings dryrun/run too."""
+    import os
+
+    env = os.environ.get("WANDB_MODE")
+    if not env or any(o.lstrip("+~").startswith("wandb.mode=") for o in overrides):
+        return []
+    mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+    if mode not in CHOICES["wandb.mode"]:
+        raise ConfigError(f"WANDB_MODE={env} in the environment; valid choices: {', '.join(CHOICES['wandb.mode'])}")
+    return [f"wandb.mode={mode}"]
+
+
+def _check_wandb_login(cfg: DictConfig) -> None:
+    """wandb.mode=online needs credentials (WANDB_API_KEY or `wandb login`'s netrc entry): without them W&B
+    stops the run at its first log, after the work it was to log."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if cfg.wandb.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        found = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    if not found:
+        raise ConfigError(f"wandb.mode=online needs a W&B login for {host} (run `wandb login` or set WANDB_API_KEY); "
+                          "or use wandb.mode=offline and `wandb sync` later")
+
+
 def _check_lab(cfg: DictConfig) -> None:
     """The lab config's constraints between keys and on structured values (the ranges check single numbers)."""
+    _check_wandb_login(cfg)
     m = cfg.model
     if m.path is None and m.hidden_size % m.num_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} must divide model.hidden_size={m.hidden_size} "
@@ -630,6 +664,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"unknown config '{config_name}'; valid choices: {', '.join(SCHEMAS)}")
     schema = OmegaConf.structured(_schema(config_name))
     _check_overrides(schema, overrides, GROUPS if config_name == "lab" else ())
+    if config_name == "lab":
+        overrides = [*_wandb_mode_from_env(overrides), *overrides]
     ConfigStore.instance().store(name=f"{config_name}_schema", node=_schema(config_name))
     GlobalHydra.instance().clear()
     try:
@@ -690,6 +726,35 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        failure = run_failure(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(1)
+
+
+# errno names of a full disk, a file-size limit (ulimit -f: Python ignores SIGXFSZ, writes fail with EFBIG), a quota
+_NO_SPACE = ("ENOSPC", "EFBIG", "EDQUOT")
+_NO_SPACE_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge", "StorageFull")
+
+
+def run_failure(e: BaseException) -> Optional[str]:
+    """The one-line message of a run that failed for a known reason after it started (exit 1; its manifest
+    is failed, or running and resumable), None for anything else (a bug: its traceback is shown):
+    a non-finite loss (FloatingPointError: the stage wrote its manifest failed) and a write that found no
+    space (a full disk or a file-size limit, from the OS, safetensors or torch: the run resumes once there is)."""
+    import errno
+
+    if isinstance(e, FloatingPointError):
+        return str(e).strip().splitlines()[0] if str(e).strip() else "non-finite value"
+    text = f"{e.__class__.__name__}: {e}"
+    codes = {getattr(errno, n) for n in _NO_SPACE if hasattr(errno, n)}
+    if getattr(e, "errno", None) in codes or any(t in text for t in _NO_SPACE_TEXT):
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        return (f"out of disk space{where} ({text.splitlines()[0][:160]}); free some (or raise the file-size limit) "
+                "and rerun the same command: the run resumes")
+    return None
 
 
 def quiet_libraries() -> None:

@@ -358,6 +358,7 @@ def test_the_ablations_summary_run_is_offline_unless_told(monkeypatch, tmp_path)
     seen = []
     monkeypatch.setattr(tracking, "init", lambda cfg, out, job_type: seen.append(cfg.wandb.mode))
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # online needs a login (config._check_wandb_login); init is a stand-in
     for args, mode in ((["preset=quick"], "offline"), (["preset=quick", "wandb.mode=disabled"], None),
                        (["preset=default", "wandb.mode=online"], "online")):
         seen.clear()
