@@ -736,7 +736,8 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
 
 # errno names of a full disk, a file-size limit (ulimit -f: Python ignores SIGXFSZ, writes fail with EFBIG), a quota
 _NO_SPACE = ("ENOSPC", "EFBIG", "EDQUOT")
-_NO_SPACE_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge", "StorageFull")
+_NO_SPACE_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge", "StorageFull",
+                  "PytorchStreamWriter failed", "inline_container.cc")  # torch.save's writer: no errno in its message
 
 
 def run_failure(e: BaseException) -> Optional[str]:
@@ -752,8 +753,8 @@ def run_failure(e: BaseException) -> Optional[str]:
     codes = {getattr(errno, n) for n in _NO_SPACE if hasattr(errno, n)}
     if getattr(e, "errno", None) in codes or any(t in text for t in _NO_SPACE_TEXT):
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
-        return (f"out of disk space{where} ({text.splitlines()[0][:160]}); free some (or raise the file-size limit) "
-                "and rerun the same command: the run resumes")
+        return (f"cannot write{where}: out of disk space or over the file-size limit ({text.splitlines()[0][:160]}); "
+                "free some (or raise the limit) and rerun the same command: the run resumes")
     return None
 
 

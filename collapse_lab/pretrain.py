@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
 
-from collapse_lab.checkpoint import publish, read_manifest, write_manifest
+from collapse_lab.checkpoint import fault, publish, read_manifest, write_manifest
 from collapse_lab.config import CORPUS_KEYS, ConfigError, read_record, run_dir
 from collapse_lab.distributed import exact_div, process_state, world_size
 from collapse_lab.models import build_base_model, check_base
@@ -225,6 +225,9 @@ class ManifestCallback(TrainerCallback):
 
     def __init__(self, out: Path, started: float, previous_wall_time: float):
         self.out, self.started, self.previous = out, started, previous_wall_time
+
+    def on_step_end(self, args, state, control, **kwargs):
+        fault(f"step:{STAGE}:{state.global_step}")
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
