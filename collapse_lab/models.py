@@ -158,6 +158,12 @@ def check_path(path: str) -> None:
         raise ConfigError(f"model path '{path}' does not exist (a local directory or a Hugging Face hub name)")
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"'{path}' holds no model (no config.json): not a finished run or a saved model directory")
+    if Path(path).is_dir() and not any(any(Path(path).glob(w)) for w in WEIGHT_FILES):
+        raise ConfigError(f"'{path}' holds no weights (none of {', '.join(WEIGHT_FILES)}): not a finished run or a "
+                          "saved model directory")
+
+
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.gguf", "*.pt")
 
 
 def check_causal_lm(path: str) -> None:
