@@ -39,8 +39,6 @@ import queue
 import re
 import resource
 import shutil
-import signal
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -61,6 +59,7 @@ from collapse_lab.evaluator import Loaded
 from collapse_lab.evaluator import run as run_evaluator
 from collapse_lab.frontier import Curve
 from collapse_lab.models import check_base
+from collapse_lab.orphans import die_with_parent, spawning_workers
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.registry import CONTROLS, REGIMES, UPSTREAM
 from collapse_lab.stage import BASE, ONLINE, device, flush_denormals
@@ -317,6 +316,7 @@ class Workers:
     def __enter__(self) -> "Workers":
         if self.jobs > 1:
             threads = max(1, torch.get_num_threads() // self.jobs)
+            spawning_workers()  # they end with this process, even killed -9 (collapse_lab/orphans.py)
             self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_worker_init, initargs=(threads, os.getpid()))
             # ONE thread for all of this process's tasks (a new thread per task grew the heap: glibc gives
@@ -386,30 +386,10 @@ def _task_thread(threads: int, inbox: "queue.SimpleQueue") -> None:
 
 
 def _worker_init(threads: int, parent: int) -> None:
-    _die_with(parent)
+    die_with_parent(parent)  # (collapse_lab/__init__.py did so already, before the worker's imports: again, for sure)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker's threads are torch's
     torch.set_num_threads(threads)
     flush_denormals()
-
-
-def _die_with(parent: int) -> None:
-    """A worker process ends with the ablation's process, even one killed with -9 (which runs no cleanup: its
-    workers would run on under PID 1, and multiprocessing's resource_tracker with them, which exits once the
-    last process holding its pipe is gone). Linux: the kernel's parent-death signal (prctl PR_SET_PDEATHSIG);
-    everywhere: a thread that checks the parent once a second (a killed parent's children get a new one)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # died before the signal was set
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 # the tasks (module-level: a worker process unpickles them); each returns (stage lines, its run record or None)

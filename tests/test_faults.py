@@ -630,13 +630,14 @@ def test_4_killing_an_ablations_main_process_leaves_no_process_behind(tmp_path):
 
 
 def test_4_a_worker_ends_with_its_parent(tmp_path):
-    """The mechanism alone (fast): a process that set ablate._die_with on its parent outlives it by < 5 s."""
+    """The mechanism alone: a process that called orphans.die_with_parent outlives its parent by < 5 s, and a
+    spawned worker whose parent died before it started ends at once."""
     import time
 
     import psutil
 
     code = ("import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', "
-            "'import os, time; from collapse_lab.ablate import _die_with; _die_with(os.getppid()); "
+            "'import os, time; from collapse_lab.orphans import die_with_parent; die_with_parent(os.getppid()); "
             "print(os.getpid(), flush=True); time.sleep(600)'], stdout=sys.stdout); child.wait()")
     parent = _run("-c", code, env={"PYTHONPATH": str(REPO)})
     child = psutil.Process(int(parent.stdout.readline()))
@@ -646,6 +647,10 @@ def test_4_a_worker_ends_with_its_parent(tmp_path):
     while child.is_running() and child.status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
         time.sleep(0.1)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    code = ("import multiprocessing, time; multiprocessing.current_process()._inheriting = True; "  # as spawn's prepare
+            "import collapse_lab; time.sleep(600)")
+    late = _run("-c", code, env={"PYTHONPATH": str(REPO), "COLLAPSE_LAB_PARENT_PID": "1"})  # PID 1: not its parent
+    assert late.wait(timeout=60) == 1
 
 
 def _exit_2(name, argv, capsys, fn=None):
