@@ -441,16 +441,27 @@ def _stage_summary(path: Path) -> str:
 
 
 def run(p: Plan) -> Path:
-    """Run (or resume, or find finished) every stage of the plan, then write the report."""
-    cfg, out = p.cfg, p.out
-    flush_denormals()  # before anything computes (stage.flush_denormals)
-    started = time.time()
-    lock_run(out)  # a second identical ablation waits, then finds every stage finished
+    """Run (or resume, or find finished) every stage of the plan, then write the report. Bad input found on the
+    way (a damaged stage run, say) ends the ablation with manifest status failed, not running."""
+    lock_run(p.out)  # a second identical ablation waits, then finds every stage finished
     try:
         same_ablation(p)  # under the lock: a different ablation that held it may have taken the directory
     except ConfigError:
-        unlock_run(out)
+        unlock_run(p.out)
         raise
+    try:
+        return _run(p)
+    except ConfigError as e:
+        if (read_manifest(p.out) or {}).get("status") == "running":
+            _write_json(p.out / "manifest.json", {**read_manifest(p.out), "status": "failed", "error": str(e)})
+        unlock_run(p.out)
+        raise
+
+
+def _run(p: Plan) -> Path:
+    cfg, out = p.cfg, p.out
+    flush_denormals()  # before anything computes (stage.flush_denormals)
+    started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create({"digest": p.digest, "ablate": OmegaConf.to_container(cfg, resolve=True),
                                      "lab": p.lab}), out / "ablation.yaml")

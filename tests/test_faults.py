@@ -30,8 +30,8 @@ from transformers import AutoTokenizer
 
 from collapse_lab import ppo as ppo_module
 from collapse_lab.checkpoint import FAULT, read_manifest
-from collapse_lab.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, RANGES, SCHEMAS, SHARE, ConfigError, EvalConfig,
-                                 cli, compose)
+from collapse_lab.config import (COUNT, KL_COEF, NONNEG, OPEN_SHARE, POSITIVE, RANGES, SCHEMAS, SEED, SHARE, TEMPERATURE,
+                                 ConfigError, EvalConfig, cli, compose)
 from collapse_lab.ppo import ppo_dir, train_ppo
 from collapse_lab.pretrain import pretrain
 from collapse_lab.reward_model import train_reward_model
@@ -281,7 +281,7 @@ def test_every_numeric_key_has_a_range(name):
     assert sorted(_numeric_keys(SCHEMAS[name])) == sorted(RANGES[name])
 
 
-OUTSIDE = {COUNT: 0, NONNEG: -1, POSITIVE: 0, SHARE: 1.5, OPEN_SHARE: 1}
+OUTSIDE = {COUNT: 0, NONNEG: -1, POSITIVE: 0, SHARE: 1.5, OPEN_SHARE: 1, SEED: 2**32, TEMPERATURE: 0, KL_COEF: 1e5}
 BASE_ARGS = {"lab": [], "evaluate": ["model_path=x"], "ablate": []}
 
 
