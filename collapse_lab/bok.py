@@ -34,7 +34,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab.checkpoint import publish
-from collapse_lab.config import ConfigError, run_dir
+from collapse_lab.config import ConfigError, read_record, rerun_repair, run_dir
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.stage import run_stage
 from collapse_lab.world import make_world
@@ -135,4 +135,4 @@ class BestOfK:
 def load_policy(path: str) -> Optional[BestOfK]:
     """The best-of-k policy a directory holds, or None for an ordinary model."""
     spec = Path(path) / SPEC
-    return BestOfK(json.loads(spec.read_text())) if spec.is_file() else None
+    return BestOfK(read_record(spec, rerun_repair(path))) if spec.is_file() else None
