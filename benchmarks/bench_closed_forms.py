@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from collapse_lab.regimes import closed_forms as cf
-from collapse_lab.world.world.bandit import total_variation
+from collapse_lab.world.bandit import total_variation
 
 BETA = 1.0
 for name, table in (("default", cf.DEFAULT_TABLE), ("other", cf.OTHER_TABLE)):

@@ -31,11 +31,11 @@ import torch
 
 from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
 from collapse_lab.core.config import compose
-from collapse_lab.models.models.models import load_pretrained
+from collapse_lab.models.models import load_pretrained
 from collapse_lab.stages.pretrain import resolve_base
-from collapse_lab.models.models.rollout import (generate_by_length, length_chunks, packed_response_logits, packs, response_logits,
+from collapse_lab.models.rollout import (generate_by_length, length_chunks, packed_response_logits, packs, response_logits,
                                   select, token_logprobs)
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 
 
 def median_seconds(fn, repeats: int = 3) -> float:

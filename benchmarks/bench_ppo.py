@@ -162,7 +162,7 @@ def bench_trl(args, base: str) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from collapse_lab.world.world.world import make_world
+    from collapse_lab.world.world import make_world
 
     cfg = compose("lab", [])
     world = make_world(cfg.world)

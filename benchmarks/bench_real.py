@@ -5,7 +5,7 @@
 
 Each base runs in its own child process (so each peak RSS is its own), through the same stages:
   load      `load_pretrained` of the base's directory (the real one dequantised beforehand: that is
-            once per machine, collapse_lab/models/models/real_models.py; its time is in checkpoints/real/*/source.json)
+            once per machine, collapse_lab/models/real_models.py; its time is in checkpoints/real/*/source.json)
   evaluate  the exact evaluator's answer distributions on the five seed prompts
   ppo       `train_ppo`, reward=gold, one warm-up step then --steps timed steps of --batch completions of
             up to --new-tokens tokens (the real base with LoRA r = 8 and the k1 KL estimator, as in
@@ -61,7 +61,7 @@ def one_base(kind: str, path: str, args, out: dict) -> None:
     from collapse_lab.regimes import ppo as ppo_module
     from collapse_lab.core.config import compose, quiet_libraries
     from collapse_lab.evaluation.evaluator import answer_distribution
-    from collapse_lab.models.models.models import load_pretrained
+    from collapse_lab.models.models import load_pretrained
     from collapse_lab.core.suites import load_suite
 
     quiet_libraries()
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from collapse_lab.models.models.real_models import resolve
+    from collapse_lab.models.real_models import resolve
 
     t = time.perf_counter()
     real_path = resolve(f"real:{args.real}")  # once per machine (a no-op when cached)

@@ -11,7 +11,7 @@ here, then there:
 
 Nothing is downloaded (the machine may have no internet):
     1. tokenizer  a GPT-NeoX-style byte-level BPE (no digit splitting, no pad token, as Pythia's) trained by
-                  `tokenizers` on the embedded world's corpus (collapse_lab.models.models.tokenizer.train_tokenizer)
+                  `tokenizers` on the embedded world's corpus (collapse_lab.models.tokenizer.train_tokenizer)
     2. model      GPTNeoXConfig with Pythia-160m's shape (12 layers, 768 wide, 12 heads, MLP 3072, rotary
                   on 25% of each head, parallel residual, untied 50304-row embeddings: 162.3M parameters,
                   Pythia-160m's count), randomly initialised, saved with save_pretrained
@@ -83,8 +83,8 @@ def build_model(path: Path, shape: dict, docs: int) -> dict:
 
     from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
     from collapse_lab.core.config import compose
-    from collapse_lab.models.models.tokenizer import train_tokenizer
-    from collapse_lab.world.world.world import World
+    from collapse_lab.models.tokenizer import train_tokenizer
+    from collapse_lab.world.world import World
 
     started = time.time()
     tokenizer = train_tokenizer(World(compose("lab", []).world).corpus(docs, seed="gpu-check"), 4096, split_digits=False)

@@ -33,10 +33,10 @@ import numpy as np
 from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
 from collapse_lab.core.config import compose
 from collapse_lab.evaluation.frontier import Curve
-from collapse_lab.models.models.models import load_pretrained
+from collapse_lab.models.models import load_pretrained
 from collapse_lab.evaluation.optimum import answer_optimum, optimum_tv
 from collapse_lab.stages.pretrain import resolve_base
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 
 
 def draw(curve: Curve, targets: list[np.ndarray], per_prompt: int, rng: random.Random):

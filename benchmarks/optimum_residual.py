@@ -29,9 +29,9 @@ from omegaconf import OmegaConf
 from collapse_lab.core.checkpoint import read_manifest
 from collapse_lab.evaluation.evaluator import answer_distribution
 from collapse_lab.evaluation.frontier import Curve
-from collapse_lab.models.models.models import load_pretrained
+from collapse_lab.models.models import load_pretrained
 from collapse_lab.evaluation.optimum import ANSWER_GROUPS as GROUPS, answer_groups, answer_optimum
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 
 
 TOP = 4  # answers listed per prompt

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from collapse_lab.evaluation import reference_curves as rc
 from collapse_lab.core.config import RaterConfig
-from collapse_lab.world.world.world import HUMAN_FAVOURITES, GoldRater, Prompt, answer_prior
+from collapse_lab.world.world import HUMAN_FAVOURITES, GoldRater, Prompt, answer_prior
 
 RANGES = ((0, 100), (1, 100))  # the seed prompts' ranges (two at 0-100, three at 1-100; each range once here)
 

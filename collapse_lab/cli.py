@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from collapse_lab.lab import ablate, report, sweep
 from collapse_lab.evaluation import evaluator
 from collapse_lab.stages import pretrain
-from collapse_lab.core.config import ConfigError, check_output, cli, compose, quiet_libraries
+from collapse_lab.core.config import ConfigError, check_output, cli, compose, quiet_libraries, run_failure
 from collapse_lab.stages.stage import flush_denormals
 
 
@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Exception as e:
+            failure = run_failure(e)
+            if failure is None:
+                raise
+            print(f"error: {failure}", file=sys.stderr)
+            sys.exit(1)
         return None
     config_name, fn = COMMANDS[argv[0]]
     cli(config_name, fn, argv[1:])

@@ -131,7 +131,7 @@ def _fake_stage(kind):
 def _push_towards(path: Path, answer: str, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from collapse_lab.world.world.world import load_seed_prompts
+    from collapse_lab.world.world import load_seed_prompts
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -358,6 +358,7 @@ def test_the_ablations_summary_run_is_offline_unless_told(monkeypatch, tmp_path)
     seen = []
     monkeypatch.setattr(tracking, "init", lambda cfg, out, job_type: seen.append(cfg.wandb.mode))
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # online needs a login (config._check_wandb_login); init is a stand-in
     for args, mode in ((["preset=quick"], "offline"), (["preset=quick", "wandb.mode=disabled"], None),
                        (["preset=default", "wandb.mode=online"], "online")):
         seen.clear()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from collapse_lab.regimes import closed_forms as cf
-from collapse_lab.world.world.bandit import TabularConfig, TabularPolicy, optimum, total_variation
+from collapse_lab.world.bandit import TabularConfig, TabularPolicy, optimum, total_variation
 
 TABLES = {"default": cf.DEFAULT_TABLE, "other": cf.OTHER_TABLE}
 BETA = 1.0

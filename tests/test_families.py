@@ -15,9 +15,9 @@ import torch
 
 from collapse_lab.evaluation import evaluator
 from collapse_lab.evaluation.evaluator import answer_distribution
-from collapse_lab.models.models.models import distinct_pad, load_pretrained
-from collapse_lab.models.models.rollout import generate
-from collapse_lab.models.models.tokenizer import decode_continuations, encode_texts
+from collapse_lab.models.models import distinct_pad, load_pretrained
+from collapse_lab.models.rollout import generate
+from collapse_lab.models.tokenizer import decode_continuations, encode_texts
 from tests.test_evaluator import naive_p
 from tests.tiny_models import FAMILIES, family_model, number_heavy, save_family
 
@@ -92,7 +92,7 @@ def test_reward_model_on_a_pad_eos_tokenizer_tells_ended_from_cut_off(saved, fam
     from transformers import AutoModelForSequenceClassification
 
     from collapse_lab.stages.rewards import ModelReward
-    from collapse_lab.world.world.world import Prompt
+    from collapse_lab.world.world import Prompt
 
     model, tok = load_pretrained(str(saved[family]))
     assert tok.pad_token_id == tok.eos_token_id
@@ -152,7 +152,7 @@ def test_reward_model_stage_saves_a_distinct_pad_and_scores_the_eos(saved, tmp_p
     from collapse_lab.core.config import compose
     from collapse_lab.stages.reward_model import fit_reward_model
     from collapse_lab.stages.rewards import ModelReward
-    from collapse_lab.world.world.world import make_world
+    from collapse_lab.world.world import make_world
     from tests.test_reward_model import world_ratings
 
     base = str(saved["gpt_neox"])
@@ -285,9 +285,9 @@ def _naive_joint_p(model, tok, prompt, answer, continue_chars="0123456789"):
 def test_legacy_sentencepiece_answers_are_read_as_they_follow_the_prompt(tmp_path):
     """A tokenizer that prepends "▁" to every encode call spells " 37" alone with an extra "▁"; the evaluator
     takes the answer's tokens after the prompt, and agrees with the joint text's naive probability."""
-    from collapse_lab.models.models.models import check_base
+    from collapse_lab.models.models import check_base
     from collapse_lab.core.config import compose
-    from collapse_lab.world.world.world import make_world
+    from collapse_lab.world.world import make_world
     from tests.tiny_models import legacy_sentencepiece_tokenizer
 
     tok = legacy_sentencepiece_tokenizer()

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import typing
@@ -30,11 +31,12 @@ from transformers import AutoTokenizer
 from collapse_lab.regimes import ppo as ppo_module
 from collapse_lab.core.checkpoint import FAULT, read_manifest
 from collapse_lab.core.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, SCHEMAS, SHARE, ConfigError, EvalConfig, cli,
-                                 compose, ranges, schema)
+                                      compose, ranges, schema, KL_COEF, RANGES, SEED, TEMPERATURE)
 from collapse_lab.regimes.ppo import ppo_dir, train_ppo
 from collapse_lab.stages.pretrain import pretrain
 from collapse_lab.stages.reward_model import train_reward_model
 from collapse_lab.regimes.sft import train_sft
+from collapse_lab.stages.pretrain import pretrain
 
 from conftest import REPO, TINY_PRETRAIN
 
@@ -198,11 +200,19 @@ def test_a_planted_pickle_in_a_ppo_checkpoint_never_runs(base, ppo_whole, tmp_pa
     with pytest.raises(ConfigError, match="custom_checkpoint_1.pkl: a pickle the lab never writes"):
         train_ppo(cfg)
     assert not marker.exists()
-    # accelerate's own files load with weights_only=True: a planted RNG-state pickle does not run either
+    # accelerate's own files load with weights_only=True: a planted RNG-state pickle does not run either, and
+    # a resume that cannot restore the RNG state is refused (issue 28, case 5: load_state skipped it silently)
     (step / "custom_checkpoint_1.pkl").unlink()
-    (step / "random_states_0.pkl").write_bytes(pickle.dumps({"x": _Planted(marker)}))
+    good = (step / "random_states_0.pkl").read_bytes()
+    for bad in (pickle.dumps({"x": _Planted(marker)}), good[: len(good) // 2]):
+        (step / "random_states_0.pkl").write_bytes(bad)
+        with pytest.raises(ConfigError, match=r"random_states_0.pkl cannot restore the run's random state .*repair: rm -r"):
+            train_ppo(cfg)
+        assert not marker.exists() and read_manifest(out)["status"] == "failed"  # not left "running"
+    shutil.rmtree(step)  # the repair the message names: the run restarts, and gives the uninterrupted result
     train_ppo(cfg)
-    assert not marker.exists() and read_manifest(out)["status"] == "finished"
+    assert read_manifest(out)["status"] == "finished" and _same_weights(out, ppo_whole)
+    assert _rows(out / "metrics.jsonl") == _rows(ppo_whole / "metrics.jsonl")
 
 
 # ----------------------------------------------------------------- 3. two identical runs at once
@@ -272,7 +282,7 @@ def test_every_numeric_key_has_a_range(name):
     assert sorted(_numeric_keys(schema(name))) == sorted(ranges(name))  # the regimes' sections: their fields' metadata
 
 
-OUTSIDE = {COUNT: 0, NONNEG: -1, POSITIVE: 0, SHARE: 1.5, OPEN_SHARE: 1}
+OUTSIDE = {COUNT: 0, NONNEG: -1, POSITIVE: 0, SHARE: 1.5, OPEN_SHARE: 1, SEED: 2**32, TEMPERATURE: 0, KL_COEF: 1e5}
 BASE_ARGS = {"lab": [], "evaluate": ["model_path=x"], "ablate": []}
 
 
@@ -373,7 +383,7 @@ def test_evaluator_out_is_checked_before_any_work(tmp_path, out):
 
 
 def test_corrupt_or_missing_model_files_are_one_line(model_dir, tmp_path):
-    from collapse_lab.models.models.models import load_pretrained
+    from collapse_lab.models.models import load_pretrained
 
     bad = tmp_path / "truncated"
     bad.mkdir()
@@ -433,3 +443,408 @@ def test_trainer_log_dicts_go_to_the_metrics_file_not_the_console(tmp_path, capf
     console = "".join(capfd.readouterr())
     assert "{'loss'" not in console and "Writing model shards" not in console, console
     assert any("loss" in r for r in _rows(out / "metrics.jsonl"))
+
+
+# ============================================================================ issue 28, one test per case
+#
+# 1. two configs released together on one run directory (and ablation.yaml): compared under the lock
+# 2. pretrain killed between a save and a log (save_every not a multiple of log_every): the same metrics
+# 3. one validation pass over the whole plan before its first stage
+# 4. killing an ablation's main process (jobs=2) leaves no process behind
+# 5. a PPO checkpoint whose RNG state cannot be restored is refused (test_a_planted_pickle_... above)
+# 6. in-range values that crashed: seeds, heads, temperatures, names, outputs, kl_coef, W&B, world.rewards
+# 7. damaged bookkeeping: one line naming the file and the repair
+# 8. sweeps with an empty description, suites with huge answer ranges
+# 9. a recipe's unknown key named, no stray running directories, $WANDB_MODE, a full disk
+
+# A process that imports the lab, says so with a file, and waits for the go file: two of them started with their
+# imports done reach the run directory together, whatever the load.
+BARRIER = """
+import os, runpy, sys, time
+import collapse_lab.stages.pretrain, collapse_lab.regimes.registry  # the imports, before the barrier
+ready, go, delay, script = sys.argv[1:5]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.002)
+time.sleep(float(delay))  # a start offset after the release
+sys.argv = sys.argv[4:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def released_together(tmp: Path, *commands, offsets=None) -> list[tuple]:
+    """Run each command (script, args...) past its imports, release all at once (each after its `offsets`
+    seconds); [(process, stdout, stderr)]."""
+    import time
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    offsets = offsets or [0.0] * len(commands)
+    procs = [_run("-c", BARRIER, str(tmp / f"ready{i}"), str(tmp / "go"), str(offsets[i]), *cmd)
+             for i, cmd in enumerate(commands)]
+    deadline = time.time() + 300
+    while not all((tmp / f"ready{i}").exists() for i in range(len(commands))):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.01)
+    (tmp / "go").touch()
+    return [(p, *p.communicate(timeout=600)) for p in procs]
+
+
+def _tiny(**pretrain) -> list[str]:
+    keys = tuple(f"pretrain.{k}=" for k in pretrain)
+    return [o for o in TINY_PRETRAIN if not o.startswith(keys)] + [f"pretrain.{k}={v}" for k, v in pretrain.items()]
+
+
+def _one_line_error(err: str) -> str:
+    """The error line of a run refused with one line (a "waiting for PID" notice may come before it)."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.strip() and "in use by PID" not in x and "mtime may not be" not in x]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+def race(tmp: Path, offsets=None) -> tuple[int, str]:
+    """Case 1 once: pretrain steps=6 and steps=8 on name=shared, released together (each `offsets` seconds
+    later). Returns the winner's steps and the loser's error line; fails if both or neither exit 0, or the
+    finished run is not the winner's (benchmarks/bench_faults.py repeats it with random offsets)."""
+    ck = tmp / "ck"
+    runs = {steps: ("train/pretrain.py", *_argv(ck, *_tiny(steps=steps), "name=shared")) for steps in (6, 8)}
+    results = dict(zip(runs, released_together(tmp, *runs.values(), offsets=offsets)))
+    codes = {steps: p.returncode for steps, (p, _, _) in results.items()}
+    assert sorted(codes.values()) == [0, 2], {s: e[-2000:] for s, (_, _, e) in results.items()}
+    winner = next(s for s, c in codes.items() if c == 0)
+    _, out, err = results[14 - winner]
+    assert "already finished" not in out
+    manifest = read_manifest(ck / "base" / "shared")
+    assert manifest["status"] == "finished" and manifest["steps"] == winner
+    return winner, _one_line_error(err)
+
+
+def test_1_two_configs_released_together_never_share_a_directory(tmp_path):
+    _, error = race(tmp_path)
+    assert "holds a run with a different config (at 'pretrain.steps')" in error
+
+
+def test_1_an_ablation_directory_is_compared_again_under_its_lock(tmp_path):
+    from collapse_lab.lab import ablate
+
+    p = ablate.plan([f"checkpoints_dir={tmp_path}", "name=x", "preset=quick", "seeds=1"])
+    p.out.mkdir(parents=True)
+    (p.out / "ablation.yaml").write_text("digest: 0123abcd\n")  # another ablation's, written after this plan
+    with pytest.raises(ConfigError, match="holds an ablation with a different config"):
+        ablate.run(p)
+    assert not (p.out / "manifest.json").exists()  # refused before anything was written
+
+
+def test_2_pretrain_killed_between_a_save_and_a_log_logs_as_an_uninterrupted_run(tmp_path, capfd):
+    over = _tiny(steps=8, save_every=3, log_every=2)  # saves at 3, 6; logs at 2, 4, 6, 8
+    whole = pretrain(_lab(tmp_path / "a", *over))
+    argv = _argv(tmp_path / "b", *over)
+    p = _run("train/pretrain.py", *argv, env={FAULT: "step:base:5"})  # kill -9 after step 5: resumes from step 3
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == -9, err[-2000:]
+    (out,) = (tmp_path / "b" / "base").iterdir()
+    assert json.loads((out / "trainer" / "checkpoint-3" / "log_carry_0.json").read_text())["last_logged"] == 2
+    assert pretrain(_lab(tmp_path / "b", *over)) == out  # the same command, here (no second start-up)
+    assert "resuming from" in capfd.readouterr().out
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert rows == _rows(whole / "metrics.jsonl")  # step 4's loss averages steps 3-4 as in the uninterrupted run
+
+
+def _lab_main(stage):
+    from collapse_lab.regimes import registry
+
+    return lambda cfg: registry.run(stage, cfg)
+
+
+@pytest.mark.parametrize("stage,overrides,message", [
+    ("ppo", ["ppo.rollout_batch_size=16", "ppo.minibatch_size=7"], "ppo.rollout_batch_size over ppo.minibatch_size"),
+    ("sft", ["sft.min_score=8"], "sft.min_score=8 is above the rater's highest score 7"),
+    ("sft", ["world=bandit", "sft.min_score=1.5"], "above the rater's highest score 1"),
+    ("ppo", ["pretrain.micro_batches=3"], "pretrain.batch_size per process over pretrain.micro_batches"),
+    ("rloo", ["rloo.samples_per_prompt=5"], "rloo.rollout_batch_size over rloo.samples_per_prompt"),
+])
+def test_3_a_plan_that_cannot_run_is_refused_before_its_first_stage(stage, overrides, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli("lab", _lab_main(stage), [f"checkpoints_dir={tmp_path}/ck", *overrides])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in _one_line_error(err)
+    assert not (tmp_path / "ck").exists()  # no base pretrained, nothing rated
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["regimes=[sft,kl0.1]", "ppo.minibatch_size=7"], "ppo.rollout_batch_size over ppo.minibatch_size"),
+    (["regimes=[sft]", "sft.min_score=8"], "sft.min_score=8 is above"),
+    (["seed=4294967295", "seeds=2"], "replicate seeds must be in [0, 4294967295]"),
+])
+def test_3_an_ablation_that_cannot_run_is_refused_by_its_plan(overrides, message, tmp_path):
+    from collapse_lab.lab import ablate
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ablate.plan([f"checkpoints_dir={tmp_path}", *overrides])
+    assert not list(tmp_path.iterdir())
+
+
+def test_3_collapse_lab_run_checks_the_evaluation_before_pretraining(tmp_path, monkeypatch, capsys):
+    from collapse_lab import cli as lab
+
+    calls = []
+    monkeypatch.setattr(lab.pretrain, "pretrain", lambda cfg: calls.append("pretrain") or lab.pretrain.base_dir(cfg))
+    monkeypatch.setattr(lab.evaluator, "run", lambda cfg: calls.append(cfg.model_path))
+    lab.main(["run", f"checkpoints_dir={tmp_path}", "name='a,b'"])  # a name the evaluator's override must quote
+    assert calls == ["pretrain", str(tmp_path / "base" / "a,b")]
+    calls.clear()
+    with pytest.raises(SystemExit) as e:
+        lab.main(["run", f"checkpoints_dir={tmp_path}", "name=" + "x" * 256])
+    assert e.value.code == 2 and not calls and "at most 255" in _one_line_error(capsys.readouterr().err)
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+def test_4_killing_an_ablations_main_process_leaves_no_process_behind(tmp_path):
+    import time
+
+    import psutil
+
+    args = ["-m", "collapse_lab.cli", "ablate", "jobs=2", "seeds=1", "regimes=[sft]", "controls=false", "name=k",
+            f"checkpoints_dir={tmp_path}", "eval.suites=[seed]", "eval.samples=8", "eval.gold_samples=8",
+            *_tiny(steps=4), "ratings.prompts=8", "ratings.samples_per_prompt=2", "sft.batch_size=4"]
+    main = _run(*args)
+    deadline, worker = time.time() + 300, None
+    while worker is None:  # the spawned worker (it imports the lab: then a stage may be running in it)
+        assert time.time() < deadline and main.poll() is None, main.communicate()[1][-2000:]
+        worker = next((c for c in _descendants(main.pid) if "spawn_main" in " ".join(c.cmdline())), None)
+        time.sleep(0.1)
+    time.sleep(2.0)
+    family = _descendants(main.pid)
+    assert any("resource_tracker" in " ".join(c.cmdline()) for c in family)
+    main.kill()  # SIGKILL: no cleanup runs in it
+    main.wait()
+    time.sleep(5.0)
+    alive = [c for c in family if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(c.pid, c.cmdline()) for c in alive]
+
+
+def test_4_a_worker_ends_with_its_parent(tmp_path):
+    """The mechanism alone: a process that called orphans.die_with_parent outlives its parent by < 5 s, and a
+    spawned worker whose parent died before it started ends at once."""
+    import time
+
+    import psutil
+
+    code = ("import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', "
+            "'import os, time; from collapse_lab.core.orphans import die_with_parent; die_with_parent(os.getppid()); "
+            "print(os.getpid(), flush=True); time.sleep(600)'], stdout=sys.stdout); child.wait()")
+    parent = _run("-c", code, env={"PYTHONPATH": str(REPO)})
+    child = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 5
+    while child.is_running() and child.status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.1)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    code = ("import multiprocessing, time; multiprocessing.current_process()._inheriting = True; "  # as spawn's prepare
+            "import collapse_lab; time.sleep(600)")
+    late = _run("-c", code, env={"PYTHONPATH": str(REPO), "COLLAPSE_LAB_PARENT_PID": "1"})  # PID 1: not its parent
+    assert late.wait(timeout=60) == 1
+
+
+def _exit_2(name, argv, capsys, fn=None):
+    """cli(name, fn, argv): exit 2 with one error line, fn never reached or refused before any work."""
+    called = []
+    with pytest.raises(SystemExit) as e:
+        cli(name, fn or called.append, argv)
+    assert e.value.code == 2 and not called
+    return _one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name,override,message", [
+    ("lab", "seed=4294967296", "seed must be in [0, 4294967295], got 4294967296"),
+    ("lab", "pretrain.seed=4294967296", "pretrain.seed must be in [0, 4294967295]"),
+    ("lab", "model.num_heads=3", "model.num_heads=3 must divide model.hidden_size=256"),
+    ("lab", "ppo.temperature=1e-45", "ppo.temperature must be >= 0.001"),
+    ("lab", "ratings.temperature=1e-45", "ratings.temperature must be >= 0.001"),
+    ("lab", "ppo.kl_coef=1e30", "ppo.kl_coef must be in [0, 10000]"),
+    ("lab", 'world.rewards=[[" 7"]]', "world.rewards: each entry must be [token text, finite reward], got [' 7']"),
+    ("lab", 'world.rewards=[[" 7","x"]]', "world.rewards: each entry must be"),
+    ("evaluate", "seed=18446744073709551616", "seed must be in [0, 4294967295]"),
+    ("evaluate", "sampling.temperature=1e-45", "sampling.temperature must be >= 0.001"),
+])
+def test_6_in_range_values_that_crashed_are_one_line(name, override, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [*BASE_ARGS[name], override] + ([f"checkpoints_dir={tmp_path}/ck"] if name == "lab" else [])
+    assert message in _exit_2(name, argv, capsys)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("name=" + "x" * 256, "256 bytes, at most 255"),
+    ("checkpoints_dir={file}", "is a file; give a directory"),
+])
+def test_6_names_and_outputs_that_crashed_are_one_line(override, message, tmp_path, capsys):
+    file = tmp_path / "hostname"
+    file.write_text("x\n")
+    err = _exit_2("lab", [*_tiny(), override.format(file=file)], capsys, fn=pretrain)
+    assert message in err and sorted(tmp_path.iterdir()) == [file]
+
+
+def test_6_wandb_online_without_a_login_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    err = _exit_2("lab", ["wandb.mode=online", f"checkpoints_dir={tmp_path}/ck"], capsys)
+    assert "wandb.mode=online needs a W&B login" in err and not (tmp_path / "ck").exists()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # with one: composes (nothing contacts W&B here)
+    assert compose("lab", ["wandb.mode=online"]).wandb.mode == "online"
+
+
+def test_6_a_non_finite_loss_is_one_line_and_the_run_failed(capsys):
+    from collapse_lab.core.config import run_failure
+
+    assert run_failure(FloatingPointError("non-finite PPO loss at step 3")) == "non-finite PPO loss at step 3"
+    assert run_failure(KeyError("a bug")) is None  # anything else keeps its traceback
+
+
+# --------------------------------------------------------------------- 7. damaged bookkeeping, one line
+
+
+@pytest.fixture
+def finished_base(base, tmp_path):
+    """A copy of the module's finished base, found finished by `pretrain(cfg)` in its new place."""
+    root = tmp_path / "ck"
+    shutil.copytree(Path(base).parent.parent, root, ignore=shutil.ignore_patterns(".locks"))
+    cfg = compose("lab", TINY_PRETRAIN + [f"checkpoints_dir={root}"])
+    out = root / "base" / Path(base).name
+    assert pretrain(cfg) == out
+    return cfg, out
+
+
+def _cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda out: _cut(out / "manifest.json"), "manifest.json is damaged"),
+    (lambda out: _cut(out / "metrics.jsonl"), "metrics.jsonl is damaged"),
+    (lambda out: (out / "config.yaml").write_text("model: [unclosed\n"), "config.yaml is damaged"),
+    (lambda out: (out / "model.safetensors").unlink(), "its manifest says finished but model.safetensors is missing"),
+])
+def test_7_a_damaged_finished_run_is_one_line_naming_the_file_and_the_repair(finished_base, damage, message, capsys):
+    cfg, out = finished_base
+    damage(out)
+    with pytest.raises(SystemExit) as e:
+        cli("lab", pretrain, [*TINY_PRETRAIN, f"checkpoints_dir={cfg.checkpoints_dir}"])
+    err = _one_line_error(capsys.readouterr().err)
+    assert e.value.code == 2 and message in err and f"repair: rm -r {out}" in err
+    shutil.rmtree(out)  # the repair: the run is redone
+    assert read_manifest(pretrain(cfg))["status"] == "finished"
+
+
+def test_7_the_evaluator_names_a_damaged_manifest(finished_base):
+    from collapse_lab.evaluation.evaluator import run
+
+    _, out = finished_base
+    _cut(out / "manifest.json")
+    with pytest.raises(ConfigError, match=r"manifest.json is damaged .*repair: rm -r"):
+        run(_eval_cfg(model_path=str(out)))
+
+
+def test_7_a_damaged_ablation_file_is_one_line_in_the_report(tmp_path):
+    from collapse_lab.lab import report
+
+    (tmp_path / "ablation.yaml").write_text("digest: x\nablate: {collapse: {threshold: 0.05, confidence: 0.95}}\n")
+    (tmp_path / "runs.json").write_text('{"base": "b", "runs": [{"regime": "sf')
+    with pytest.raises(ConfigError, match=r"runs.json is damaged .*repair: rerun the collapse-lab ablate command"):
+        report.build(tmp_path, write=False)
+
+
+# ------------------------------------------------------------------------- 8. sweeps and suites
+
+
+def test_8_a_sweep_with_an_empty_description_loads(tmp_path):
+    from collapse_lab.lab import sweep
+
+    path = _sweep_file(tmp_path, "name: s\ndescription:\nmethod: grid\nparameters:\n  seeds: {value: 1}\n")
+    assert sweep.load(path)["description"] == ""
+    path = _sweep_file(tmp_path, "name: s\ndescription: [1]\nmethod: grid\nparameters:\n  seeds: {value: 1}\n")
+    with pytest.raises(ConfigError, match="'description' must be text"):
+        sweep.load(path)
+
+
+def test_8_a_suites_answer_range_is_bounded(tmp_path):
+    from collapse_lab.core.suites import SuiteError, load_suite
+
+    path = _sweep_file(tmp_path, "prompts:\n  - id: big\n    text: 'Pick:'\n    answers: {low: 0, high: 300000000}\n")
+    with pytest.raises(SuiteError, match="300000001 answers .*at most 10000"):
+        load_suite(str(path))
+
+
+# --------------------------------------------------------------------------------- 9. the rest
+
+
+def test_9_a_recipes_unknown_key_is_named(tmp_path, monkeypatch):
+    from collapse_lab.core import config
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(config.RECIPES_DIR, recipes)
+    (recipes / "recipe" / "typo.yaml").write_text("# @package _global_\nppo:\n  kl_cof: 0.1\n")
+    monkeypatch.setattr(config, "RECIPES_DIR", recipes)
+    with pytest.raises(ConfigError, match=r"unknown key 'ppo.kl_cof' \(did you mean 'kl_coef'\?\).*recipe/typo.yaml"):
+        compose("lab", ["recipe=typo"])
+
+
+def test_9_a_weightless_base_leaves_no_run_directory(tmp_path, model_dir):
+    from collapse_lab.regimes import registry
+
+    empty = tmp_path / "empty"
+    shutil.copytree(model_dir, empty)
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(ConfigError):
+        registry.run("sft", _lab(tmp_path / "ck", *SFT, base=empty))
+    assert not (tmp_path / "ck").exists()
+
+
+def test_9_bad_input_found_once_a_stage_started_ends_it_failed_not_running(base, tmp_path):
+    from collapse_lab.stages.stage import run_stage
+
+    out = tmp_path / "ppo" / "x"
+    with pytest.raises(ConfigError):
+        with run_stage(_lab(tmp_path), out, "ppo", "", track=False) as run:
+            run.start()
+            raise ConfigError("no sample scored >= sft.min_score")
+    assert read_manifest(out)["status"] == "failed"
+
+
+def test_9_wandb_mode_from_the_environment_unless_the_command_line_says(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert compose("lab", []).wandb.mode == "disabled"
+    assert compose("lab", ["wandb.mode=offline"]).wandb.mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # wandb's own spelling of offline
+    assert compose("lab", []).wandb.mode == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    assert compose("lab", []).wandb.mode == "offline"  # the lab's default
+
+
+def _small_file_limit():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # bytes: the 80 kB weights do not fit
+
+
+@pytest.mark.slow
+def test_9_a_full_disk_is_one_line_and_the_run_resumes(tmp_path):
+    argv = _argv(tmp_path, *TINY_PRETRAIN)
+    p = _run("train/pretrain.py", *argv, preexec_fn=_small_file_limit)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 1 and "cannot write" in _one_line_error(err) and "file-size limit" in err
+    (out,) = (tmp_path / "base").iterdir()
+    assert read_manifest(out)["status"] == "running"  # resumable: the same command, with space, finishes it
+    assert read_manifest(pretrain(_lab(tmp_path, *TINY_PRETRAIN)))["status"] == "finished"

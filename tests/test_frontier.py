@@ -8,9 +8,9 @@ import torch
 
 from collapse_lab.evaluation import frontier, metrics
 from collapse_lab.core.config import compose
-from collapse_lab.models.models.models import load_pretrained
+from collapse_lab.models.models import load_pretrained
 from collapse_lab.stages.pretrain import pretrain
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 from conftest import TINY_PRETRAIN
 from test_bok import enumerate_best_of_k
 

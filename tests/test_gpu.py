@@ -44,7 +44,7 @@ def _stages(base, ck, *extra):
 
 def test_bf16_autocast_runs_every_stage_on_this_device(base, tmp_path):
     """precision=bf16: pretraining, ratings, the reward model, FeedME and PPO under autocast (weights fp32)."""
-    from collapse_lab.models.models.models import load_pretrained, mixed_precision
+    from collapse_lab.models.models import load_pretrained, mixed_precision
 
     cfg = compose("lab", TINY_PRETRAIN + ["precision=bf16", "pretrain.steps=2", f"checkpoints_dir={tmp_path / 'b'}"])
     assert mixed_precision(cfg) == "bf16"
@@ -73,7 +73,7 @@ def test_ppo_after_a_bf16_trainer_in_the_same_process_runs_at_its_own_precision(
 
 
 def test_precision_auto_follows_the_launcher(monkeypatch):
-    from collapse_lab.models.models.models import mixed_precision
+    from collapse_lab.models.models import mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert mixed_precision(compose("lab", [])) == "bf16"

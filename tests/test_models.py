@@ -4,8 +4,8 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from collapse_lab.core.config import ConfigError, compose
-from collapse_lab.models.models.models import build_base_model, load_pretrained
-from collapse_lab.models.models.tokenizer import train_tokenizer
+from collapse_lab.models.models import build_base_model, load_pretrained
+from collapse_lab.models.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from collapse_lab.regimes import registry
 from collapse_lab.core.config import ConfigError, compose
 from collapse_lab.stages.pretrain import pretrain
 from collapse_lab.stages.rewards import GoldReward, make_reward, reward_func
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 from conftest import TINY_PRETRAIN
 
 SMALL = ["ratings.prompts=8", "ratings.max_new_tokens=3", "reward_model.epochs=1", "world.rater.noise_std=1.5"]

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from collapse_lab.core.config import RaterConfig
 from collapse_lab.evaluation.evaluator import answer_distribution, continuation_texts, end_mask
 from collapse_lab.evaluation.optimum import answer_groups, answer_optimum, answer_scores, log_optimum
-from collapse_lab.models.models.rollout import generate, response_logits, token_logprobs
-from collapse_lab.world.world.world import GoldRater, Prompt, noisy_score_mean
+from collapse_lab.models.rollout import generate, response_logits, token_logprobs
+from collapse_lab.world.world import GoldRater, Prompt, noisy_score_mean
 from tests.tiny_models import byte_level_tokenizer, metaspace_tokenizer, number_heavy, tiny_gpt2, tiny_llama
 
 PROMPT = Prompt("seed/integer-qa", "numbers", "Q: Tell me a random integer between 0 and 50.\nA: Ok, the integer is", 0, 50)

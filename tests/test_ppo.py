@@ -363,7 +363,7 @@ def test_value_model_choices_are_checked(base, tmp_path):
 def test_rollout_values_from_generation_match_a_forward_pass(base, chunk):
     """shared/head read V(s_t) off generate's hidden states: the same as a forward over the rollout;
     generated in chunks of similar prompt length, rows come back in the prompts' order, re-padded."""
-    from collapse_lab.models.models.rollout import generate_by_length, response_logits, select
+    from collapse_lab.models.rollout import generate_by_length, response_logits, select
 
     policy, tok = load_pretrained(base)
     torch.manual_seed(0)
@@ -383,7 +383,7 @@ def test_rollout_values_from_generation_match_a_forward_pass(base, chunk):
 def test_shared_prompt_forward_has_the_logits_and_gradient_of_separate_rows(base):
     """response_logits runs each distinct prompt once and indexes its KV cache to every row: the
     same logits, and the same gradient, as a plain forward over every (prompt + response) row."""
-    from collapse_lab.models.models.rollout import position_ids, response_logits
+    from collapse_lab.models.rollout import position_ids, response_logits
 
     policy, tok = load_pretrained(base)
     r = _prompts_and_responses(tok)
@@ -400,7 +400,7 @@ def test_shared_prompt_forward_has_the_logits_and_gradient_of_separate_rows(base
 
 def _prompts_and_responses(tok, seed=0):
     """A rollout of repeated prompts of different lengths, with rows that end early (one at its first token)."""
-    from collapse_lab.models.models.rollout import Rollout, encode_prompts
+    from collapse_lab.models.rollout import Rollout, encode_prompts
 
     torch.manual_seed(seed)
     prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:"] * 3 + ["Q: One?\nA:"]
@@ -418,8 +418,8 @@ def _packable_model(base, arch: str, attention: str):
     with `attention` as its kernel."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from collapse_lab.models.models.models import add_lora
-    from collapse_lab.models.models.rollout import PACKABLE
+    from collapse_lab.models.models import add_lora
+    from collapse_lab.models.rollout import PACKABLE
 
     policy, tok = load_pretrained(base)
     torch.manual_seed(1)
@@ -444,7 +444,7 @@ def test_packed_forward_has_the_logits_hidden_states_and_gradient_of_the_cached_
     """PPO's forwards pack each prompt's completions after one copy of it (block-causal mask, positions
     restarting at the prompt's length): the logits, hidden states and gradient of `response_logits`, on
     every model type `packs` allows, under both attention kernels that take the mask, and through LoRA."""
-    from collapse_lab.models.models.rollout import packed_response_logits, packs, response_logits
+    from collapse_lab.models.rollout import packed_response_logits, packs, response_logits
 
     policy, tok = _packable_model(base, arch, attention)
     r = _prompts_and_responses(tok)
@@ -469,7 +469,7 @@ def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, 
     going appended under a mask) draws, from the same seed, the tokens of the per-row cache path
     (CacheDecoder), with its log-probs, entropies and hidden states, while rows that have ended leave the
     batch and others sample on."""
-    from collapse_lab.models.models.rollout import generate
+    from collapse_lab.models.rollout import generate
 
     policy, tok = _packable_model(base, arch, attention)
     prompts = ["Q: Pick a number between 1 and 10.\nA:", "$ shuf -i 0-50 -n 1\noutput:", "Q: One?\nA:"] * 3 + ["A:"]
@@ -492,7 +492,7 @@ def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, 
 def test_a_packed_sequence_past_the_cap_runs_per_row(base, monkeypatch):
     """A packed sequence's mask and dense attention grow as its length squared: past PACKED_MAX_TOKENS sampling
     and the update's forward take the per-row cache path (same results, tested above)."""
-    from collapse_lab.models.models.models import rollout
+    from collapse_lab.models.models import rollout
 
     policy, tok = load_pretrained(base)
     r = _prompts_and_responses(tok)
@@ -510,7 +510,7 @@ def test_a_packed_sequence_past_the_cap_runs_per_row(base, monkeypatch):
 
 
 def test_packing_is_only_for_the_model_types_and_kernels_tested_with_it(base):
-    from collapse_lab.models.models.rollout import packs
+    from collapse_lab.models.rollout import packs
 
     policy = load_pretrained(base)[0]
     assert packs(policy)
@@ -525,7 +525,7 @@ def test_distinct_sequences_forward_once_with_the_logits_and_gradient_of_every_r
     """A collapsing policy repeats its answers: the no-gradient forwards (reference, π_old) run each distinct
     (prompt, response) once (rollout.distinct_rows, by_prompt_length) and index it back, with the logits,
     and the gradient, of a forward over every row."""
-    from collapse_lab.models.models.rollout import (Rollout, by_prompt_length, distinct_rows, encode_prompts, response_logits, take,
+    from collapse_lab.models.rollout import (Rollout, by_prompt_length, distinct_rows, encode_prompts, response_logits, take,
                                       token_logprobs)
 
     policy, tok = load_pretrained(base)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
 from collapse_lab.core.config import compose
-from collapse_lab.models.models.models import build_base_model
+from collapse_lab.models.models import build_base_model
 from collapse_lab.stages.pretrain import base_dir, last_complete_checkpoint, pretrain
 from conftest import REPO, TINY_PRETRAIN
 

@@ -1,4 +1,4 @@
-"""Real pretrained models offline (collapse_lab/models/models/real_models.py, collapse_lab/evaluation/observe.py).
+"""Real pretrained models offline (collapse_lab/models/real_models.py, collapse_lab/evaluation/observe.py).
 
 Without downloads: a tiny Llama and a byte-level BPE tokenizer are written as a GGUF file by the test
 itself (the `gguf` package, as llama.cpp's converter lays it out), then loaded through the lab's path
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from collapse_lab.models.models.models import real_models
+from collapse_lab.models.models import real_models
 from collapse_lab.core.config import ConfigError, compose
-from collapse_lab.models.models.real_models import PREFIX, REAL_MODELS, resolve
+from collapse_lab.models.real_models import PREFIX, REAL_MODELS, resolve
 from collapse_lab.core.suites import load_suite
-from collapse_lab.models.models.tokenizer import encode_texts
+from collapse_lab.models.tokenizer import encode_texts
 
 gguf = pytest.importorskip("gguf")  # the test extra installs it
 
@@ -100,7 +100,7 @@ def tiny_gguf(tmp_path_factory):
 def test_a_gguf_file_loads_as_the_model_it_was_written_from(tiny_gguf, tmp_path, monkeypatch):
     """model.path=<file>.gguf: dequantised once into a plain HF directory (safetensors + tokenizer) whose
     model gives the original's logits and whose tokenizer the original's tokens; a second resolve finds it."""
-    from collapse_lab.models.models.models import load_pretrained
+    from collapse_lab.models.models import load_pretrained
 
     path, original, tok0 = tiny_gguf
     monkeypatch.setenv("COLLAPSE_LAB_REAL_CACHE", str(tmp_path / "real"))
@@ -206,8 +206,8 @@ def test_evaluator_on_the_gemma_base_matches_one_answer_at_a_time():
     does not start with a digit (one whole forward per answer), to 1e-4 on the first seed prompt; the valid
     mass in (0, 1] and equal to the naive one; q = p/M sums to 1; the tokenizer puts Gemma's BOS first."""
     from collapse_lab.evaluation.evaluator import answer_distribution, end_mask
-    from collapse_lab.models.models.models import load_pretrained
-    from collapse_lab.models.models.tokenizer import answer_token_ids
+    from collapse_lab.models.models import load_pretrained
+    from collapse_lab.models.tokenizer import answer_token_ids
 
     model, tok = load_pretrained(resolve("real:gemma3-270m"))
     model.eval()

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from collapse_lab.evaluation import matched, metrics
 from collapse_lab.evaluation import reference_curves as rc
 from collapse_lab.core.config import RaterConfig
-from collapse_lab.world.world.world import (HUMAN_FAVOURITES, GoldRater, Prompt, answer_prior, derived_favourites,
+from collapse_lab.world.world import (HUMAN_FAVOURITES, GoldRater, Prompt, answer_prior, derived_favourites,
                                 noisy_score_mean)
 
 P = np.array([0.1, 0.25, 0.05, 0.3, 0.2, 0.1])
@@ -196,7 +196,7 @@ def test_heldout_suite_is_the_worlds_heldout_prompts_and_never_fine_tuned_on():
 
     from collapse_lab.core.config import compose
     from collapse_lab.core.suites import load_suite
-    from collapse_lab.world.world.world import World
+    from collapse_lab.world.world import World
 
     cfg = compose("lab", ["world.heldout_templates=true", "world.heldout_eval_prompts=true"]).world
     world = World(cfg)

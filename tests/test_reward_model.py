@@ -11,7 +11,7 @@ from collapse_lab.core.config import compose
 from collapse_lab.stages.pretrain import pretrain
 from collapse_lab.stages.reward_model import fit_reward_model, pairwise_accuracy, preference_pairs, split_prompts, train_reward_model
 from collapse_lab.stages.rewards import make_reward
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 from conftest import TINY_PRETRAIN
 
 

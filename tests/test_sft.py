@@ -127,7 +127,7 @@ def test_bad_sft_config_is_one_line(tmp_path, tiny_base):
 @pytest.mark.slow
 def test_feedme_top1_of_k_reproduces_best_of_k_on_the_bandit(tmp_path):
     """SFT on the best of k samples IS distillation of best-of-k: TV <= 0.03 on the full vocabulary."""
-    from collapse_lab.world.world.bandit import next_token_probs
+    from collapse_lab.world.bandit import next_token_probs
 
     tok = byte_level_tokenizer()
     model = tiny_gpt2(tok, vocab_size=len(tok), init=1.0)

@@ -18,7 +18,8 @@ def test_the_three_sweeps_exist():
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_sweep_file_is_a_wandb_grid_whose_every_point_is_a_valid_ablation(path):
+def test_sweep_file_is_a_wandb_grid_whose_every_point_is_a_valid_ablation(path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")  # offline unless $WANDB_MODE says otherwise (tests/test_faults.py)
     spec = yaml.safe_load(path.read_text())
     # what `wandb sweep` / `wandb agent` need: a method, parameters with value(s), a command that
     # passes the parameters Hydra-style to a program that exists

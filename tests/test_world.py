@@ -8,7 +8,7 @@ from scipy.stats import chisquare
 
 from collapse_lab.core.config import compose
 from collapse_lab.core.suites import load_suite
-from collapse_lab.world.world.world import NUMBER_TEMPLATES, GoldRater, World, answer_prior, answer_prior_norm_entropy
+from collapse_lab.world.world import NUMBER_TEMPLATES, GoldRater, World, answer_prior, answer_prior_norm_entropy
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_prior_is_the_worlds_not_the_raters():
 def test_answer_prior_is_a_corpus_key_and_a_closed_choice():
     from collapse_lab.core.config import CHOICES, CORPUS_KEYS, ConfigError, config_hash
     from collapse_lab.stages.pretrain import STAGE_KEYS
-    from collapse_lab.world.world.world import ANSWER_PRIORS
+    from collapse_lab.world.world import ANSWER_PRIORS
 
     assert "world.answer_prior" in CORPUS_KEYS and "world.heldout_eval_prompts" not in CORPUS_KEYS
     assert CHOICES["world.answer_prior"] == ANSWER_PRIORS

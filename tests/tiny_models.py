@@ -99,7 +99,7 @@ WORLD_DOCS = 1500  # corpus documents the tokenizers are trained on (seconds)
 def _world_texts() -> list[str]:
     from collapse_lab.core.config import compose
     from collapse_lab.core.suites import load_suite
-    from collapse_lab.world.world.world import World
+    from collapse_lab.world.world import World
 
     world = World(compose("lab", []).world)
     suites = [p.text for s in ("seed", "arithmetic", "stories") for p in load_suite(s).prompts]

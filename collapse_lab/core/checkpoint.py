@@ -100,6 +100,8 @@ def check_whole(out: Path, manifest: dict[str, Any]) -> None:
     for name in ("config.yaml", "metrics.jsonl"):
         read_record(out / name, rerun_repair(out))
     missing = [f for f in manifest.get("files", []) if not (out / f).exists()]
+    if "files" not in manifest and (out / "config.json").is_file() and not any(out.glob("*.safetensors")):
+        missing = ["model.safetensors"]  # a manifest from before `files`: a model directory without weights
     if missing:
         raise ConfigError(f"{out}: its manifest says finished but {', '.join(missing[:3])}"
                           f"{' ...' if len(missing) > 3 else ''} is missing; {rerun_repair(out)}")
@@ -151,7 +153,14 @@ def unlock_run(out: Path) -> None:
 
 # ------------------------------------------------------------------------------ final files
 
-FAULT = "COLLAPSE_LAB_FAULT"  # tests only: "save:<stage>" kills this process in the middle of publish()
+# tests only: "save:<stage>" kills this process in the middle of publish(), "step:<stage>:<n>" after step n
+FAULT = "COLLAPSE_LAB_FAULT"
+
+
+def fault(point: str) -> None:
+    """Tests only: SIGKILL this process (a kill -9 at a known moment) when $COLLAPSE_LAB_FAULT names `point`."""
+    if os.environ.get(FAULT) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def publish(out: Path, save: Callable[[Path], Any]) -> None:
@@ -165,8 +174,8 @@ def publish(out: Path, save: Callable[[Path], Any]) -> None:
     tmp.mkdir(parents=True)
     save(tmp)
     for i, f in enumerate(sorted(tmp.iterdir())):
-        if i == 1 and os.environ.get(FAULT) == f"save:{out.parent.name}":
-            os.kill(os.getpid(), signal.SIGKILL)  # half the files renamed: the worst moment to die
+        if i == 1:
+            fault(f"save:{out.parent.name}")  # half the files renamed: the worst moment to die
         target = out / f.name
         if f.is_dir() and target.exists():
             shutil.rmtree(target)

@@ -81,7 +81,7 @@ class MixConfig:
 
 @dataclass
 class RaterConfig:
-    """The gold rater's parameters; the points are documented in collapse_lab/world/world/world.py."""
+    """The gold rater's parameters; the points are documented in collapse_lab/world/world.py."""
 
     # graded (default): favourites + a graded profile over every answer (world.py graded_preference: `levels`
     # levels, `anti_prior` of it anti-correlated with the human prior, the rest seeded by `profile_seed`);
@@ -362,9 +362,9 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig, "ablate": AblateConfig}
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "reward": ("gold", "rm"),
-    "world.answer_prior": ("uniform", "human"),  # collapse_lab/world/world/world.py ANSWER_PRIORS
+    "world.answer_prior": ("uniform", "human"),  # collapse_lab/world/world.py ANSWER_PRIORS
     "world.rater.profile": ("graded", "two_level"),
-    "curve.spacing": ("log", "linear"),  # collapse_lab/evaluation/frontier.py schedule  # collapse_lab/world/world/world.py RATER_PROFILES
+    "curve.spacing": ("log", "linear"),  # collapse_lab/evaluation/frontier.py schedule  # collapse_lab/world/world.py RATER_PROFILES
     "model.dtype": ("float32", "bfloat16", "float16"),
     "precision": ("auto", "no", "bf16", "fp16"),
     "model.arch": ("llama", "gpt2", "gpt_neox", "qwen2", "mistral", "gemma3_text"),  # from-scratch bases: any of these
@@ -552,8 +552,42 @@ def _check_choices(cfg: DictConfig, config_name: str) -> None:
             raise ConfigError(f"bad value '{value}' for '{key}'; valid choices: {', '.join(valid)}")
 
 
+def _wandb_mode_from_env(overrides: list[str]) -> list[str]:
+    """$WANDB_MODE as the override `wandb.mode=...` unless the overrides give wandb.mode (the command line wins
+    over the environment, the environment over the recipes); wandb's own spellings dryrun/run too."""
+    import os
+
+    env = os.environ.get("WANDB_MODE")
+    if not env or any(o.lstrip("+~").startswith("wandb.mode=") for o in overrides):
+        return []
+    mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+    if mode not in CHOICES["wandb.mode"]:
+        raise ConfigError(f"WANDB_MODE={env} in the environment; valid choices: {', '.join(CHOICES['wandb.mode'])}")
+    return [f"wandb.mode={mode}"]
+
+
+def _check_wandb_login(cfg: DictConfig) -> None:
+    """wandb.mode=online needs credentials (WANDB_API_KEY or `wandb login`'s netrc entry): without them W&B
+    stops the run at its first log, after the work it was to log."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if cfg.wandb.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        found = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    if not found:
+        raise ConfigError(f"wandb.mode=online needs a W&B login for {host} (run `wandb login` or set WANDB_API_KEY); "
+                          "or use wandb.mode=offline and `wandb sync` later")
+
+
 def _check_lab(cfg: DictConfig) -> None:
     """The lab config's constraints between keys and on structured values (the ranges check single numbers)."""
+    _check_wandb_login(cfg)
     m = cfg.model
     if m.path is None and m.hidden_size % m.num_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} must divide model.hidden_size={m.hidden_size} "
@@ -599,13 +633,15 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"unknown config '{config_name}'; valid choices: {', '.join(SCHEMAS)}")
     structured = OmegaConf.structured(schema(config_name))
     _check_overrides(structured, overrides, GROUPS if config_name == "lab" else ())
+    if config_name == "lab":
+        overrides = [*_wandb_mode_from_env(overrides), *overrides]
     ConfigStore.instance().store(name=f"{config_name}_schema", node=schema(config_name))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except Exception as e:
-        raise ConfigError(_one_line(e, schema)) from None
+        raise ConfigError(_one_line(e, structured)) from None
     finally:
         GlobalHydra.instance().clear()
     try:
@@ -659,6 +695,36 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        failure = run_failure(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(1)
+
+
+# errno names of a full disk, a file-size limit (ulimit -f: Python ignores SIGXFSZ, writes fail with EFBIG), a quota
+_NO_SPACE = ("ENOSPC", "EFBIG", "EDQUOT")
+_NO_SPACE_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge", "StorageFull",
+                  "PytorchStreamWriter failed", "inline_container.cc")  # torch.save's writer: no errno in its message
+
+
+def run_failure(e: BaseException) -> Optional[str]:
+    """The one-line message of a run that failed for a known reason after it started (exit 1; its manifest
+    is failed, or running and resumable), None for anything else (a bug: its traceback is shown):
+    a non-finite loss (FloatingPointError: the stage wrote its manifest failed) and a write that found no
+    space (a full disk or a file-size limit, from the OS, safetensors or torch: the run resumes once there is)."""
+    import errno
+
+    if isinstance(e, FloatingPointError):
+        return str(e).strip().splitlines()[0] if str(e).strip() else "non-finite value"
+    text = f"{e.__class__.__name__}: {e}"
+    codes = {getattr(errno, n) for n in _NO_SPACE if hasattr(errno, n)}
+    if getattr(e, "errno", None) in codes or any(t in text for t in _NO_SPACE_TEXT):
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        return (f"cannot write{where}: out of disk space or over the file-size limit ({text.splitlines()[0][:160]}); "
+                "free some (or raise the limit) and rerun the same command: the run resumes")
+    return None
 
 
 def quiet_libraries() -> None:

@@ -34,8 +34,8 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from collapse_lab.core.config import ConfigError
-from collapse_lab.world.world.world import make_world
+from collapse_lab.core.config import ConfigError, read_record, rerun_repair
+from collapse_lab.world.world import make_world
 
 SPEC = "bok.json"  # a best-of-k directory's spec (written by the regime)
 
@@ -95,4 +95,4 @@ class BestOfK:
 def load_policy(path: str) -> Optional[BestOfK]:
     """The best-of-k policy a directory holds, or None for an ordinary model."""
     spec = Path(path) / SPEC
-    return BestOfK(json.loads(spec.read_text())) if spec.is_file() else None
+    return BestOfK(read_record(spec, rerun_repair(path))) if spec.is_file() else None

@@ -37,11 +37,11 @@ from collapse_lab.evaluation.best_of_k import load_policy
 from collapse_lab.core.checkpoint import package_versions, read_manifest
 from collapse_lab.core.config import ConfigError, check_output
 from collapse_lab.evaluation.optimum import optimum_tv, prompt_optimum, run_objective
-from collapse_lab.models.models.models import load_pretrained
-from collapse_lab.models.models.real_models import resolve as resolve_real
+from collapse_lab.models.models import load_pretrained
+from collapse_lab.models.real_models import resolve as resolve_real
 from collapse_lab.core.suites import Prompt, Suite, SuiteError, load_suite
-from collapse_lab.models.models.tokenizer import answer_token_ids, decode_continuations, encode_texts
-from collapse_lab.world.world.world import make_world
+from collapse_lab.models.tokenizer import answer_token_ids, decode_continuations, encode_texts
+from collapse_lab.world.world import make_world
 
 SCHEMA_VERSION = 1
 TOP_K_PLOT = 15  # answers shown per panel
@@ -530,7 +530,7 @@ def run(cfg: DictConfig, loaded: Optional[Loaded] = None) -> dict:
     if s.n < 0 or s.temperature <= 0 or s.max_new_tokens < 1 or cfg.batch_size < 1:
         raise ConfigError(f"need sampling.n >= 0, sampling.temperature > 0, sampling.max_new_tokens >= 1, "
                           f"batch_size >= 1; got {s.n}, {s.temperature}, {s.max_new_tokens}, {cfg.batch_size}")
-    # real:<name> / a .gguf file: its dequantised directory (collapse_lab/models/models/real_models.py), made once
+    # real:<name> / a .gguf file: its dequantised directory (collapse_lab/models/real_models.py), made once
     cfg.model_path, cfg.reference_path = resolve_real(cfg.model_path), resolve_real(cfg.reference_path)
     out = Path(cfg.out) if cfg.out else default_out(cfg.model_path, suite.name)
     check_output(out, "out")

@@ -4,7 +4,7 @@ The post compared davinci, text-davinci-002 and text-davinci-003 on five number 
 probabilities of " 0" .. " 100", their entropy, and an uncertainty bar (the most the entropy could be if
 the mass the API did not show were uniform over the other tokens). This does the same with the lab's exact
 evaluator (collapse_lab/evaluation/evaluator.py: answer_distribution) on any models: real pretrained ones
-(model presets such as gemma3-270m, smollm2-135m-instruct; collapse_lab/models/models/real_models.py), the lab's own
+(model presets such as gemma3-270m, smollm2-135m-instruct; collapse_lab/models/real_models.py), the lab's own
 base and regimes (run directories), or any directory / .gguf file. Per model and prompt:
 
     p(a)           exact, every answer of the prompt's set (multi-token answers included: " 42" = ' ','4','2')
@@ -39,8 +39,8 @@ from omegaconf.errors import OmegaConfBaseException
 from collapse_lab.evaluation import metrics
 from collapse_lab.core.config import ConfigError, check_output, group_options, RECIPES_DIR
 from collapse_lab.evaluation.evaluator import answer_distribution
-from collapse_lab.models.models.models import DTYPES, load_pretrained
-from collapse_lab.models.models.real_models import hub_offline, is_real
+from collapse_lab.models.models import DTYPES, load_pretrained
+from collapse_lab.models.real_models import hub_offline, is_real
 from collapse_lab.core.suites import SuiteError, load_suite
 
 TOP = 8  # answers listed per model and prompt in the table

@@ -33,7 +33,8 @@ from scipy.special import logsumexp
 
 from collapse_lab.evaluation import metrics
 from collapse_lab.core.checkpoint import read_manifest
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
+from collapse_lab.core.config import read_record, rerun_repair
 
 
 def log_optimum(log_p0: np.ndarray, scores: np.ndarray, beta: float, alpha: float = 0.0) -> Optional[np.ndarray]:
@@ -115,7 +116,7 @@ def run_objective(model_path: str) -> Optional[dict]:
     manifest = read_manifest(path)
     if not manifest or manifest.get("stage") != "ppo" or not (path / "config.yaml").is_file():
         return None
-    cfg = OmegaConf.load(path / "config.yaml")
+    cfg = OmegaConf.create(read_record(path / "config.yaml", rerun_repair(path)))
     beta = float((manifest.get("final") or {}).get("objective/kl_coef", cfg.ppo.kl_coef))
     alpha = float(cfg.ppo.ent_coef)
     if beta + alpha == 0 or make_world(cfg.world).reward_table is not None:  # a bandit: its own exact checks

@@ -39,8 +39,6 @@ import queue
 import re
 import resource
 import shutil
-import signal
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -56,21 +54,20 @@ from omegaconf import DictConfig, OmegaConf
 from collapse_lab.regimes import registry
 from collapse_lab.lab import report
 from collapse_lab.core import tracking
-from collapse_lab.core.console import quiet_stage_bars, say
-from collapse_lab.core.checkpoint import lock_run, unlock_run
+from collapse_lab.core.checkpoint import lock_run, read_manifest, unlock_run
 from collapse_lab.core.config import (SEED, AblateConfig, ConfigError, EvalConfig, check_name, check_output, compose, group_options,
-                                 read_record)
+                                 read_record, rerun_repair)
 from collapse_lab.evaluation.evaluator import Loaded
 from collapse_lab.evaluation.evaluator import run as run_evaluator
 from collapse_lab.evaluation.frontier import Curve
-from collapse_lab.models.models.models import check_base
-from collapse_lab.evaluation.optimum import reward_model_answer_scores
+from collapse_lab.models.models import check_base
+from collapse_lab.core.orphans import die_with_parent, spawning_workers
 from collapse_lab.stages.pretrain import resolve_base
 from collapse_lab.regimes.registry import CONTROLS, REGIMES, UPSTREAM
 from collapse_lab.stages.stage import BASE, ONLINE, device, flush_denormals
 from collapse_lab.core.suites import SuiteError, load_suite
-from collapse_lab.models.models.tokenizer import decode_continuations, encode_texts
-from collapse_lab.world.world.world import make_world
+from collapse_lab.models.tokenizer import decode_continuations, encode_texts
+from collapse_lab.world.world import make_world
 
 STAGE = "ablations"
 PREFERENCE_ALIAS = ("world.preference", "world.rater.preference_strength")
@@ -355,6 +352,7 @@ class Workers:
     def __enter__(self) -> "Workers":
         if self.jobs > 1:
             threads = max(1, torch.get_num_threads() // self.jobs)
+            spawning_workers()  # they end with this process, even killed -9 (collapse_lab/core/orphans.py)
             context = multiprocessing.get_context("spawn")
             self.events = context.Queue()  # the workers' stage lines, passed on to this process's _REPORT
             self.pool = ProcessPoolExecutor(self.jobs - 1, mp_context=context,
@@ -440,31 +438,11 @@ def _task_thread(threads: int, inbox: "queue.SimpleQueue") -> None:
 
 def _worker_init(threads: int, parent: int, events) -> None:
     global _REPORT
-    _die_with(parent)
+    die_with_parent(parent)  # (collapse_lab/__init__.py did so already, before the worker's imports: again, for sure)
     _REPORT = events.put  # this worker's stage lines go to the ablation's process (Workers._pass_events)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker's threads are torch's
     torch.set_num_threads(threads)
     flush_denormals()
-
-
-def _die_with(parent: int) -> None:
-    """A worker process ends with the ablation's process, even one killed with -9 (which runs no cleanup: its
-    workers would run on under PID 1, and multiprocessing's resource_tracker with them, which exits once the
-    last process holding its pipe is gone). Linux: the kernel's parent-death signal (prctl PR_SET_PDEATHSIG);
-    everywhere: a thread that checks the parent once a second (a killed parent's children get a new one)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # died before the signal was set
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 # the tasks (module-level: a worker process unpickles them); a regime's returns its run record
@@ -507,7 +485,7 @@ def _rss_mib() -> int:
 
 
 def _stage_summary(path: Path) -> str:
-    m = _read_json(path / "manifest.json") or {}
+    m = read_manifest(path) or {}
     bits = [str(path), m.get("status", "?")]
     for key in ("steps", "samples_scored"):
         if m.get(key) is not None:
@@ -516,20 +494,31 @@ def _stage_summary(path: Path) -> str:
 
 
 def run(p: Plan) -> Path:
-    """Run (or resume, or find finished) every stage of the plan, then write the report."""
-    cfg, out = p.cfg, p.out
-    flush_denormals()  # before anything computes (stage.flush_denormals)
-    started = time.time()
-    lock_run(out)  # a second identical ablation waits, then finds every stage finished
+    """Run (or resume, or find finished) every stage of the plan, then write the report. Bad input found on the
+    way (a damaged stage run, say) ends the ablation with manifest status failed, not running."""
+    lock_run(p.out)  # a second identical ablation waits, then finds every stage finished
     try:
         same_ablation(p)  # under the lock: a different ablation that held it may have taken the directory
     except ConfigError:
-        unlock_run(out)
+        unlock_run(p.out)
         raise
+    try:
+        return _run(p)
+    except ConfigError as e:
+        if (read_manifest(p.out) or {}).get("status") == "running":
+            _write_json(p.out / "manifest.json", {**read_manifest(p.out), "status": "failed", "error": str(e)})
+        unlock_run(p.out)
+        raise
+
+
+def _run(p: Plan) -> Path:
+    cfg, out = p.cfg, p.out
+    flush_denormals()  # before anything computes (stage.flush_denormals)
+    started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create({"digest": p.digest, "ablate": OmegaConf.to_container(cfg, resolve=True),
                                      "lab": p.lab}), out / "ablation.yaml")
-    previous = _read_json(out / "manifest.json") or {}
+    previous = read_manifest(out) or {}
     _write_json(out / "manifest.json", {**previous, "stage": STAGE, "status": "running",
                                         "started_at": previous.get("started_at", _now())})
     n_seeds = len(p.seeds)
@@ -562,7 +551,7 @@ def run(p: Plan) -> Path:
         _write_json(out / "runs.json", {"base": str(base), "runs": runs})
         # 6. the report
         result = show.stage("report", lambda: (report.build(out), f"{out / 'report.md'}"))
-    _write_json(out / "manifest.json", {**(_read_json(out / "manifest.json") or {}), "status": "finished",
+    _write_json(out / "manifest.json", {**(read_manifest(out) or {}), "status": "finished",
                                         "finished_at": _now(), "wall_time_s": time.time() - started,
                                         "stages": show.lines, "rss_mib": show.rss_mib, "jobs": p.jobs})
     unlock_run(out)
@@ -589,7 +578,7 @@ def evaluate(p: Plan, model: Path, base: Path, out: Path) -> list[Path]:
     were evaluated already (a re-run of a finished ablation only re-writes the report).
     """
     e = p.cfg.eval
-    stamp = {"model": str(model), "manifest": _read_json(model / "manifest.json"), "base": str(base),
+    stamp = {"model": str(model), "manifest": read_manifest(model), "base": str(base),
              "eval": OmegaConf.to_container(e, resolve=True)}
     files = [out / f"{s}.json" for s in e.suites] + [out / "gold.json"]
     if _read_json(out / "stamp.json") == json.loads(json.dumps(stamp)) and all(f.exists() for f in files):
@@ -636,7 +625,7 @@ def gold_reward(p: Plan, model_path: Path) -> dict:
     e = p.cfg.eval
     world = make_world(p.lab_config().world)
     k = 1  # a best-of-k directory (collapse_lab/regimes/bok.py): k base samples per query, the best-scored kept
-    spec = _read_json(model_path / "bok.json")
+    spec = read_record(model_path / "bok.json", rerun_repair(model_path))
     if spec is not None:
         model_path, k = Path(spec["base_path"]), int(spec["k"])
     model, tokenizer = _LOADED.load(str(model_path), device(), "float32")
@@ -666,9 +655,11 @@ def _copy_run(src: Path, dst: Path) -> None:
 
 
 def _read_json(path: Path):
+    """A cache file of the ablation (an evaluation's stamp.json): a damaged one is no stamp, and the evaluation
+    is redone (which rewrites it)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_record(path, "")
+    except ConfigError:
         return None
 
 

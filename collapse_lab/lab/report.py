@@ -28,16 +28,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
-from collapse_lab.evaluation import frontier, metrics
-from collapse_lab.evaluation import matched as matched_lib
-from collapse_lab.evaluation import reference_curves as rc
+from collapse_lab.evaluation import frontier, metrics, matched as matched_lib, reference_curves as rc
 from collapse_lab.lab.budget import compare as compare_budgets
 from collapse_lab.evaluation.evaluator import plot_suite
 from collapse_lab.evaluation.metrics import interval
 from collapse_lab.regimes.registry import REGIMES
 from collapse_lab.stages.stage import OFFLINE, ONLINE, SELECTION, get_dotted
+from collapse_lab.core.config import ConfigError, read_record
 
 # (key in a run's record, label, format): the per-regime numbers, in table order.
 COLLAPSE_METRICS = [
@@ -254,7 +252,9 @@ def _group(run: dict) -> str | None:
 def build(ablation: Path, write: bool = True) -> dict:
     """report.json / report.md / plots from the ablation directory alone; returns the report."""
     ablation = Path(ablation)
-    config = yaml.safe_load((ablation / "ablation.yaml").read_text())
+    config = _yaml(ablation / "ablation.yaml")
+    if config is None:
+        raise ConfigError(f"{ablation / 'ablation.yaml'} is missing; {REPAIR}")
     acfg = config["ablate"]
     threshold, confidence = float(acfg["collapse"]["threshold"]), float(acfg["collapse"]["confidence"])
     index = _json(ablation / "runs.json")
@@ -1017,20 +1017,24 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# the ablation directory's files are written by `collapse-lab ablate` (copies of the stages' own, whose damage the
+# stage reports when the ablation finds it finished): rerunning it rewrites them, reusing every finished stage
+REPAIR = "repair: rerun the collapse-lab ablate command that wrote this directory (finished stages are reused)"
+
+
 def _json(path: Path, missing: bool = False):
-    if missing and not Path(path).exists():
-        return None
-    return json.loads(Path(path).read_text())
+    data = read_record(path, REPAIR, "json")
+    if data is None and not missing:
+        raise ConfigError(f"{path} is missing; {REPAIR}")
+    return data
 
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_record(path, REPAIR, "jsonl") or []
 
 
 def _yaml(path: Path):
-    return yaml.safe_load(path.read_text()) if path.exists() else None
+    return read_record(path, REPAIR, "yaml")
 
 
 def _jsonable(x):

@@ -17,12 +17,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 
 from collapse_lab.lab import ablate
-from collapse_lab.core.config import ConfigError, check_name, check_output
+from collapse_lab.core.config import ConfigError, check_name, check_output, read_record
 from collapse_lab.lab.report import _fmt, _row
 from collapse_lab.core.suites import read_yaml
 
@@ -40,6 +41,10 @@ def load(path: Path) -> dict:
     unknown = sorted(set(spec) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; valid keys: {', '.join(sorted(SWEEP_KEYS))}")
+    for key in ("name", "description"):  # `description:` with nothing after it is null: no description
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ConfigError(f"{path}: '{key}' must be text, got {type(spec[key]).__name__}")
+    spec["description"] = spec.get("description") or ""
     if spec.get("method") != "grid":
         raise ConfigError(f"{path}: method '{spec.get('method')}': the local runner runs grids; valid choices: grid")
     for key, p in spec["parameters"].items():
@@ -68,9 +73,13 @@ def _override(key: str, value: Any) -> str:
 
 
 def point_overrides(spec: dict, point: dict, extra: list[str]) -> list[str]:
+    """A point's ablation: its parameters, W&B offline (or $WANDB_MODE) in the sweep's group, then `extra`
+    (the command line's, which win)."""
     name = spec.get("name") or "sweep"
+    env = os.environ.get("WANDB_MODE") or "offline"
+    mode = {"dryrun": "offline", "run": "online"}.get(env, env)
     return ([_override(k, v) for k, v in point.items()]
-            + ["wandb.mode=offline", f"wandb.group={name}", *extra])
+            + [f"wandb.mode={mode}", f"wandb.group={name}", *extra])
 
 
 def main(argv: list[str]) -> Path:
@@ -105,7 +114,7 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
     keys = swept(spec)
     rows = []
     for pt, abl in zip(points, ablations):
-        rep = json.loads((Path(abl) / "report.json").read_text())
+        rep = read_record(Path(abl) / "report.json", f"repair: collapse-lab report {abl}")
         listed = list(rep["config"]["ablate"]["regimes"])  # the ablation's order (report.json sorts keys)
         for regime in listed + [n for n in rep["regimes"] if n not in listed]:  # + controls it added
             r = rep["regimes"][regime]

@@ -11,9 +11,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from collapse_lab.core.config import ConfigError
 from collapse_lab.core.distributed import process_state
-from collapse_lab.models.models.real_models import resolve as resolve_real
+from collapse_lab.models.real_models import resolve as resolve_real
 from collapse_lab.core.suites import load_suite
-from collapse_lab.models.models.tokenizer import answer_token_ids, decode_continuations, encode_texts
+from collapse_lab.models.tokenizer import answer_token_ids, decode_continuations, encode_texts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,7 +79,7 @@ def load_pretrained(path: str, dtype: str = "float32", peft=None):
     """
     from safetensors import SafetensorError
 
-    path = resolve_real(path)  # real:<name> / a .gguf file: its dequantised directory (collapse_lab/models/models/real_models.py)
+    path = resolve_real(path)  # real:<name> / a .gguf file: its dequantised directory (collapse_lab/models/real_models.py)
     check_path(path)
     check_causal_lm(path)
     try:
@@ -160,6 +160,12 @@ def check_path(path: str) -> None:
         raise ConfigError(f"model path '{path}' does not exist (a local directory or a Hugging Face hub name)")
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"'{path}' holds no model (no config.json): not a finished run or a saved model directory")
+    if Path(path).is_dir() and not any(any(Path(path).glob(w)) for w in WEIGHT_FILES):
+        raise ConfigError(f"'{path}' holds no weights (none of {', '.join(WEIGHT_FILES)}): not a finished run or a "
+                          "saved model directory")
+
+
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.gguf", "*.pt")
 
 
 def check_causal_lm(path: str) -> None:

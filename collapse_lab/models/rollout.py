@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from collapse_lab.models.models.tokenizer import decode_continuations, encode_texts
+from collapse_lab.models.tokenizer import decode_continuations, encode_texts
 
 
 @dataclass

@@ -34,7 +34,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from collapse_lab.world.world.bandit import TabularConfig, TabularPolicy, optimum, total_variation
+from collapse_lab.world.bandit import TabularConfig, TabularPolicy, optimum, total_variation
 from collapse_lab.regimes.dpo import tokenised_dpo_trainer
 
 # the tabular bandit's vocabulary: EOS, the prompt's token, and the one-token answers " 1" .. " 9"

@@ -31,11 +31,11 @@ from transformers import set_seed
 from collapse_lab.core import tracking
 from collapse_lab.core.config import COUNT, POSITIVE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.evaluation.frontier import Curve, callbacks
-from collapse_lab.models.models.models import add_lora, load_pretrained
+from collapse_lab.models.models import add_lora, load_pretrained
 from collapse_lab.stages.ratings import load_ratings, start_on_ratings
 from collapse_lab.stages.stage import (BASE, OFFLINE, RATINGS, Run, Stage, device, hf_args, ratings_budget, save_policy,
                                 stage_function)
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 
 STAGE = "dpo"
 

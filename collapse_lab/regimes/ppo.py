@@ -51,22 +51,22 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, get_scheduler
 
 from collapse_lab.core import tracking
-from collapse_lab.world.world.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
+from collapse_lab.world.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.core.checkpoint import publish, read_manifest, write_manifest
 from collapse_lab.core.console import progress_bars
 from collapse_lab.core.config import COUNT, KL_COEF, NONNEG, POSITIVE, SHARE, TEMPERATURE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.core.distributed import exact_div, world_size
-from collapse_lab.models.models.models import DTYPES, add_lora, load_pretrained, mixed_precision
+from collapse_lab.models.models import DTYPES, add_lora, load_pretrained, mixed_precision
 from collapse_lab.evaluation.evaluator import answer_distribution
 from collapse_lab.evaluation.frontier import Curve, schedule
 from collapse_lab.evaluation.optimum import answer_optimum, optimum_tv
 from collapse_lab.stages.pretrain import resolve_base
 from collapse_lab.stages.rewards import make_reward
 from collapse_lab.stages.stage import BASE, ONLINE, REWARD, Run, Stage, online_rating_budget, ratings_budget, stage_function
-from collapse_lab.models.models.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate_by_length, length_chunks,
+from collapse_lab.models.rollout import (Rollout, by_prompt_length, entropy_from_logits, generate_by_length, length_chunks,
                                   packed_response_logits, packs, position_ids, response_logits, select, token_logprobs,
                                   width)
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 
 STAGE = "ppo"
 

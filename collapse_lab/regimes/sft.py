@@ -34,16 +34,16 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab.core import tracking
-from collapse_lab.world.world.bandit import next_token_probs, reward_vector
+from collapse_lab.world.bandit import next_token_probs, reward_vector
 from collapse_lab.evaluation.best_of_k import best_of_k
 from collapse_lab.core.config import ANY, COUNT, POSITIVE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.evaluation.frontier import Curve, callbacks
-from collapse_lab.models.models.models import add_lora, load_pretrained
+from collapse_lab.models.models import add_lora, load_pretrained
 from collapse_lab.stages.ratings import episode_tokens, load_ratings, rate_samples, start_on_ratings
-from collapse_lab.models.models.tokenizer import encode_texts
+from collapse_lab.models.tokenizer import encode_texts
 from collapse_lab.stages.stage import (BASE, RATINGS, SELECTION, Run, Stage, device, hf_args, ratings_budget, save_policy,
                                 stage_function)
-from collapse_lab.world.world.world import SCORE_MAX, TableRater, make_world
+from collapse_lab.world.world import SCORE_MAX, TableRater, make_world
 
 STAGE = "sft"
 SELECT = ("top", "random")  # FeedME, and its finite-sample control

@@ -19,15 +19,15 @@ from datasets import Dataset
 from omegaconf import DictConfig
 
 from collapse_lab.core import tracking
-from collapse_lab.world.world.bandit import next_token_probs, optimum, reward_vector, total_variation
+from collapse_lab.world.bandit import next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.core.config import run_dir
 from collapse_lab.core.distributed import exact_div
 from collapse_lab.evaluation.frontier import Curve, callbacks
-from collapse_lab.models.models.models import load_pretrained
+from collapse_lab.models.models import load_pretrained
 from collapse_lab.stages.pretrain import resolve_base
 from collapse_lab.stages.rewards import make_reward, reward_func
 from collapse_lab.stages.stage import Stage, device, hf_args, ratings_budget, run_stage, save_policy
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 
 
 def online_dir(cfg: DictConfig, regime: Stage, named: bool) -> Path:

@@ -29,14 +29,14 @@ from omegaconf import DictConfig
 from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
 
-from collapse_lab.core.checkpoint import publish, read_manifest, write_manifest
+from collapse_lab.core.checkpoint import publish, read_manifest, write_manifest, fault
 from collapse_lab.core.config import CORPUS_KEYS, ConfigError, read_record, run_dir
 from collapse_lab.core.distributed import exact_div, process_state, world_size
-from collapse_lab.models.models.models import build_base_model, check_base
-from collapse_lab.models.models.real_models import resolve as resolve_real
+from collapse_lab.models.models import build_base_model, check_base
+from collapse_lab.models.real_models import resolve as resolve_real
 from collapse_lab.stages.stage import Run, hf_args, stage_function
-from collapse_lab.models.models.tokenizer import train_tokenizer
-from collapse_lab.world.world.world import World, make_world
+from collapse_lab.models.tokenizer import train_tokenizer
+from collapse_lab.world.world import World, make_world
 from collapse_lab.core import tracking
 
 STAGE = "base"
@@ -56,7 +56,7 @@ def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerFast, max_len: int)
 def resolve_base(cfg: DictConfig) -> str:
     """The base every regime starts from and is compared with: `base_path=`, else the model
     preset's `path` (a real model), else the lab's own base, pretrained first if missing. A given
-    path is checked first (collapse_lab/models/models/models.py: check_base)."""
+    path is checked first (collapse_lab/models/models.py: check_base)."""
     path = cfg.base_path or cfg.model.path
     if path is None:
         return str(pretrain(cfg, named=False))
@@ -227,6 +227,9 @@ class ManifestCallback(TrainerCallback):
 
     def __init__(self, out: Path, started: float, previous_wall_time: float):
         self.out, self.started, self.previous = out, started, previous_wall_time
+
+    def on_step_end(self, args, state, control, **kwargs):
+        fault(f"step:{STAGE}:{state.global_step}")
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

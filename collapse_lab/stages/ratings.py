@@ -31,12 +31,12 @@ from omegaconf import DictConfig
 
 from collapse_lab.core.checkpoint import publish
 from collapse_lab.core.config import ConfigError, run_dir
-from collapse_lab.models.models.models import autocast, load_pretrained
+from collapse_lab.models.models import autocast, load_pretrained
 from collapse_lab.stages.pretrain import resolve_base
-from collapse_lab.models.models.rollout import generate
-from collapse_lab.models.models.tokenizer import encode_texts
+from collapse_lab.models.rollout import generate
+from collapse_lab.models.tokenizer import encode_texts
 from collapse_lab.stages.stage import BASE, RATINGS, Stage, device, ratings_budget, run_stage
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 
 STAGE = "ratings"
 GENERATE_BATCH = 512  # sequences per generate() call

@@ -35,11 +35,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from collapse_lab.core import tracking
 from collapse_lab.core.checkpoint import publish, read_manifest
 from collapse_lab.core.config import ConfigError, run_dir
-from collapse_lab.models.models.models import DTYPES, distinct_pad, ensure_eos
+from collapse_lab.models.models import DTYPES, distinct_pad, ensure_eos
 from collapse_lab.stages.ratings import load_ratings, start_on_ratings
-from collapse_lab.models.models.tokenizer import encode_texts
+from collapse_lab.models.tokenizer import encode_texts
 from collapse_lab.stages.stage import BASE, RATINGS, REWARD_MODEL, Run, Stage, device, hf_args, ratings_budget, stage_function
-from collapse_lab.world.world.world import make_world
+from collapse_lab.world.world import make_world
 
 STAGE = "reward"
 
@@ -202,7 +202,7 @@ class ModelReward:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
         ensure_eos(self.tokenizer, self.model.config, path)
-        distinct_pad(self.tokenizer, self.model)  # a model saved with pad = EOS gets one too (collapse_lab/models/models/models.py)
+        distinct_pad(self.tokenizer, self.model)  # a model saved with pad = EOS gets one too (collapse_lab/models/models.py)
         self.model = self.model.to(device).eval()
         self.batch_size = batch_size
 

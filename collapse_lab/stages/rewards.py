@@ -17,7 +17,7 @@ import torch
 from collapse_lab.core.checkpoint import read_manifest
 from collapse_lab.core.config import ConfigError
 from collapse_lab.stages.reward_model import ModelReward, reward_dir
-from collapse_lab.world.world.world import Prompt
+from collapse_lab.world.world import Prompt
 
 
 class Reward(Protocol):

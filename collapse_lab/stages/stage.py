@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from collapse_lab.core import tracking
 from collapse_lab.core.console import progress_bars
-from collapse_lab.models.models.models import default_device, trainer_precision
+from collapse_lab.models.models import default_device, trainer_precision
 from collapse_lab.core.checkpoint import (already_finished, git_commit, package_versions, publish, read_manifest,
                                      run_files, start_run, write_manifest)
 from collapse_lab.core.config import ConfigError, same_config
@@ -160,15 +160,17 @@ class Run:
         if is_main_process():
             wall = self.previous.get("wall_time_s", 0.0) + time.time() - self.started
             write_manifest(self.out, {**(read_manifest(self.out) or {}), "status": "finished", "wall_time_s": wall,
-                                      "files": run_files(self.out), **fields, "git_commit": git_commit(), "versions": package_versions()})
+                                      "files": run_files(self.out), **fields, "git_commit": git_commit(),
+                                      "versions": package_versions()})
         self.finished = True
 
 
 @contextmanager
 def run_stage(cfg: DictConfig, out: Path, stage: str, summary: str, track: bool = True) -> Iterator[Run]:
     """The one prologue/epilogue of every stage (module docstring). `summary` formats the finished
-    manifest for the "already finished" line. Leaving the block without `finish` (an exception) leaves
-    the manifest at "running": the next run resumes or redoes the stage."""
+    manifest for the "already finished" line. Leaving the block without `finish` (a kill, an exception)
+    leaves the manifest at "running": the next run resumes or redoes the stage; bad input found after the
+    run started (a ConfigError) sets it to "failed", with the error."""
     flush_denormals()
     run = Run(cfg, out, stage, track)
     run.done = already_finished(out, summary, check=lambda: same_config(cfg, out))  # compared under the lock

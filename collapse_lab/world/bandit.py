@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from collapse_lab.core.config import ConfigError
-from collapse_lab.models.models.tokenizer import encode_texts
+from collapse_lab.models.tokenizer import encode_texts
 
 
 def reward_vector(tokenizer, world_cfg, vocab_size: int) -> torch.Tensor:

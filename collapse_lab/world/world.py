@@ -122,7 +122,7 @@ def answer_prior(prior: str, low: int, high: int) -> list[float]:
 
 def answer_prior_norm_entropy(prior: str, low: int, high: int) -> float:
     """H(prior) / log|A| on [low, high] (1 for uniform): the base's answer entropy if it learnt the world exactly.
-    python -c "from collapse_lab.world.world.world import answer_prior_norm_entropy as h; print(h('human', 0, 100))"
+    python -c "from collapse_lab.world.world import answer_prior_norm_entropy as h; print(h('human', 0, 100))"
     """
     p = answer_prior(prior, low, high)
     return -sum(x * math.log(x) for x in p if x > 0) / math.log(len(p))
@@ -189,7 +189,7 @@ def load_seed_prompts() -> list[Prompt]:
 
 
 class World:
-    # a bandit's {completion text: reward}, whose exact optima the regimes are checked against (collapse_lab/world/world/bandit.py,
+    # a bandit's {completion text: reward}, whose exact optima the regimes are checked against (collapse_lab/world/bandit.py,
     # optimum.py); None here: this world's regimes are measured on the evaluator's answer suites (frontier.Curve)
     reward_table = None
 
@@ -498,7 +498,7 @@ class TableRater:
 
 class BanditWorld:
     """One prompt, episodes of ONE token, reward r(t) from `world.rewards` (exact checks:
-    collapse_lab/world/world/bandit.py has the regimes' closed-form optima on it)."""
+    collapse_lab/world/bandit.py has the regimes' closed-form optima on it)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
