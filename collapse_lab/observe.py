@@ -239,8 +239,9 @@ def figure(doc: dict, path: Path) -> None:
         ax.set_title(t, fontsize=9)
         ax.set_ylabel(yl)
     axes[1].set_ylim(0, 1), axes[2].set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
