@@ -270,3 +270,16 @@ def test_observe_bad_input_is_one_line(argv, message):
         cfg = parse(argv)
         [model_path(m) for m in cfg.models]
     assert "\n" not in str(e.value)
+
+
+def test_a_gguf_base_resolves_under_the_runs_checkpoints(tiny_gguf, tmp_path):
+    """`model.path=<file>.gguf` as a stage's base: resolve_base dequantises it under <checkpoints_dir>/real/,
+    checks it as every user's base (answers spelled, context long enough) and returns that directory, which
+    every later stage (and the ablation's base_path) then reads as a plain HF directory."""
+    from collapse_lab.pretrain import resolve_base
+
+    path, _, _ = tiny_gguf
+    cfg = compose("lab", ["model=smollm2-135m-instruct", f"model.path={path}", f"checkpoints_dir={tmp_path}"])
+    base = resolve_base(cfg)
+    assert base.startswith(str(tmp_path / "real" / "tiny-llama-")) and (tmp_path / "real").is_dir()
+    assert resolve_base(compose("lab", [f"base_path={base}", f"checkpoints_dir={tmp_path}"])) == base
