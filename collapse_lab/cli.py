@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from collapse_lab import ablate, evaluator, pretrain, report, sweep
+from collapse_lab import ablate, evaluator, observe, pretrain, report, sweep
 from collapse_lab.config import ConfigError, check_output, cli, compose, quiet_libraries
 from collapse_lab.stage import flush_denormals
 
@@ -65,8 +65,6 @@ def _sweep(argv: list[str]):
 
 
 def _observe(argv: list[str]):
-    from collapse_lab import observe
-
     return observe.main(argv)
 
 
