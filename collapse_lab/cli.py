@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from collapse_lab.lab import ablate, report, sweep
-from collapse_lab.evaluation import evaluator
+from collapse_lab.evaluation import evaluator, observe
 from collapse_lab.stages import pretrain
 from collapse_lab.core.config import ConfigError, check_output, cli, compose, quiet_libraries, run_failure
 from collapse_lab.stages.stage import flush_denormals
@@ -69,8 +69,6 @@ def _sweep(argv: list[str]):
 
 
 def _observe(argv: list[str]):
-    from collapse_lab.evaluation import observe
-
     return observe.main(argv)
 
 

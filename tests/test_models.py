@@ -13,7 +13,7 @@ def tokenizer():
     return train_tokenizer([f"Q: pick a number.\nA: {n}" for n in range(200)], vocab_size=300)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "mistral", "gemma3_text"])
 def test_build_every_arch(tokenizer, arch):
     cfg = compose("lab", [f"model.arch={arch}", "model.hidden_size=32", "model.num_heads=2", "model.num_layers=1"])
     model = build_base_model(cfg.model, tokenizer)

@@ -53,3 +53,22 @@ def test_online_regimes_train_and_record_their_budget(tmp_path, tiny_base, recip
     assert any(not torch.equal(before[k], after[k]) for k in before)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("kl" in r for r in rows)  # β > 0: TRL logs the KL to the base
+
+
+@pytest.mark.parametrize("recipe", ["rloo-kl0.1", "grpo"])
+def test_online_regimes_train_a_lora_adapter(tmp_path, tiny_base, recipe):
+    """peft.enabled (the real-base preset's LoRA): TRL's trainer gets the adapter's config, its reference is
+    the base with the adapter off, and the run saves plain merged weights in which only the adapted linear
+    layers moved (the embedding and norms did not)."""
+    section = registry.REGIMES[recipe].section
+    cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}",
+                          f"recipe={recipe}", "reward=gold", *SMALL, f"{section}.steps=2", "peft.enabled=true",
+                          "peft.r=4", f"{section}.rollout_batch_size=8", f"{section}.max_new_tokens=3",
+                          f"{section}.lr=1e-2"])
+    out = registry.run(recipe, cfg)
+    before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(after) == set(before)  # merged: no adapter keys
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and all("proj" in k for k in moved), moved
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("kl" in r for r in rows)

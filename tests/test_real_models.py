@@ -226,3 +226,60 @@ def test_evaluator_on_the_gemma_base_matches_one_answer_at_a_time():
     assert np.abs(d.probs - naive).max() < 1e-4, np.abs(d.probs - naive).max()
     assert 0 < d.probs.sum() <= 1 + 1e-6 and math.isclose(d.normalised.sum(), 1, abs_tol=1e-9)
     assert math.isclose(d.probs.sum(), naive.sum(), abs_tol=1e-4)  # the valid mass M
+
+
+def test_observe_writes_the_posts_table_and_figure(tiny_gguf, tmp_path, monkeypatch):
+    """`collapse-lab observe` on the same model given as a .gguf file and as its directory (KL and TV 0
+    between them) and the original saved directly: every seed prompt's exact distribution, M, H/log|A|,
+    the post's bar L <= B, and the files."""
+    from collapse_lab.evaluation.observe import main
+
+    path, original, tok0 = tiny_gguf
+    monkeypatch.setenv("COLLAPSE_LAB_REAL_CACHE", str(tmp_path / "real"))
+    original.save_pretrained(tmp_path / "hf"), tok0.save_pretrained(tmp_path / "hf")
+    doc = main([f"models=[{path},{tmp_path / 'hf'}]", "labels=[gguf,hf]", f"out={tmp_path / 'obs'}"])
+    assert {f.name for f in (tmp_path / "obs").iterdir()} >= {"observe.json", "observe.md", "observe.png",
+                                                              "answers-gguf.png", "answers-hf.png"}
+    prompts = load_suite("seed").prompts
+    for label in ("gguf", "hf"):
+        recs = doc["results"][label]
+        assert [r["id"] for r in recs] == [p.id for p in prompts]
+        for r in recs:
+            p = np.asarray(r["answer_probs"])
+            assert len(p) == 101 or len(p) == 100
+            assert math.isclose(r["valid_mass"], p.sum()) and 0 < r["valid_mass"] <= 1 + 1e-9
+            assert r["known_entropy"] <= r["entropy_upper_bound"] + 1e-9
+            assert math.isclose(r["normalised_entropy"], r["answer_entropy"] / math.log(len(p)))
+    assert all(x["kl"] < 1e-8 and x["tv"] < 1e-6 for x in doc["pairwise"])  # the same weights, two ways in
+    assert len(doc["pairwise"]) == 2 * len(prompts)
+    table = (tmp_path / "obs" / "observe.md").read_text()
+    assert table.count("| integer-qa |") == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["models=[]"], "models is empty"),
+    (["modles=[x]"], "valid keys: models"),
+    (["models=[tiny]"], "no weights of its own"),
+    (["models=[/no/such/dir]"], "neither a model preset"),
+    (["models=[gemma3-270m]", "labels=[a,b]"], "labels has 2 entries for 1 models"),
+])
+def test_observe_bad_input_is_one_line(argv, message):
+    from collapse_lab.evaluation.observe import model_path, parse
+
+    with pytest.raises(ConfigError, match=message) as e:
+        cfg = parse(argv)
+        [model_path(m) for m in cfg.models]
+    assert "\n" not in str(e.value)
+
+
+def test_a_gguf_base_resolves_under_the_runs_checkpoints(tiny_gguf, tmp_path):
+    """`model.path=<file>.gguf` as a stage's base: resolve_base dequantises it under <checkpoints_dir>/real/,
+    checks it as every user's base (answers spelled, context long enough) and returns that directory, which
+    every later stage (and the ablation's base_path) then reads as a plain HF directory."""
+    from collapse_lab.stages.pretrain import resolve_base
+
+    path, _, _ = tiny_gguf
+    cfg = compose("lab", ["model=smollm2-135m-instruct", f"model.path={path}", f"checkpoints_dir={tmp_path}"])
+    base = resolve_base(cfg)
+    assert base.startswith(str(tmp_path / "real" / "tiny-llama-")) and (tmp_path / "real").is_dir()
+    assert resolve_base(compose("lab", [f"base_path={base}", f"checkpoints_dir={tmp_path}"])) == base

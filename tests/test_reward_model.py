@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 from datasets import Dataset
 
@@ -76,3 +77,28 @@ def test_stage_writes_manifest_and_serves_the_reward_interface(tmp_path, tiny_ba
     p = world.train_prompt(random.Random(0))
     scores = reward([p, p], [" 7", " the"], [True, False])
     assert scores.shape == (2,) and reward.samples_scored == 64
+
+
+def test_lora_reward_model_saves_a_plain_classifier(tmp_path, tiny_base):
+    """peft.enabled (the real-base preset): a LoRA adapter on the trunk, the score head in full, merged on save:
+    the directory loads as a plain sequence classifier through the reward interface; only the adapter and
+    the head trained; the run directory's hash includes peft (another model than the full fine-tune's)."""
+    from collapse_lab.stages.reward_model import reward_dir
+    from collapse_lab.stages.rewards import ModelReward
+    from transformers import AutoModelForSequenceClassification
+
+    args = ["wandb.mode=disabled", f"base_path={tiny_base}", "reward_model.epochs=2", "reward_model.lr=1e-3",
+            "reward_model.batch_size=16", f"checkpoints_dir={tmp_path}"]
+    cfg = compose("lab", args + ["peft.enabled=true", "peft.r=4"])
+    assert reward_dir(cfg) != reward_dir(compose("lab", args))
+    metrics = fit_reward_model(cfg, world_ratings(make_world(cfg.world), 24), str(tiny_base), tmp_path / "rm")
+    assert metrics["eval_pairs"] > 0
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert not any("lora" in k for k in saved.state_dict())
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_base), num_labels=1)
+    moved = [k for k, v in saved.state_dict().items() if k in base.state_dict() and "score" not in k
+             and not torch.equal(v, base.state_dict()[k])]
+    assert moved and all("proj" in k or "fc" in k or "attn" in k or "mlp" in k for k in moved)  # adapted linears only
+    world = make_world(cfg.world)
+    p = world.train_prompt(random.Random(0))
+    assert ModelReward(str(tmp_path / "rm"), "cpu")([p, p], [" 7", " the"], [True, True]).shape == (2,)

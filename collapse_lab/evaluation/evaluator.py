@@ -77,13 +77,29 @@ def continues(text: str, continue_chars: Optional[str]) -> bool:
 
 
 def end_mask(tokenizer, continue_chars: Optional[str], vocab_size: int) -> torch.Tensor:
-    """(V,) bool: True where token t ends an answer. Cached per tokenizer and continue_chars."""
+    """(V,) bool: True where token t ends an answer. Cached per tokenizer and continue_chars, and across
+    tokenizer objects by their vocabulary and decoder (every regime of an ablation loads its own copy of
+    the base's tokenizer; decoding a 262,144-token vocabulary takes tens of seconds on a CPU)."""
     cache = _END_MASKS.setdefault(tokenizer, {})
     key = (continue_chars, vocab_size)
     if key not in cache:
-        texts = continuation_texts(tokenizer, vocab_size)
-        cache[key] = torch.tensor([not continues(s, continue_chars) for s in texts])
+        same = (_vocab_key(tokenizer), *key)
+        if same not in _END_MASKS_BY_VOCAB:
+            texts = continuation_texts(tokenizer, vocab_size)
+            _END_MASKS_BY_VOCAB[same] = torch.tensor([not continues(s, continue_chars) for s in texts])
+        cache[key] = _END_MASKS_BY_VOCAB[same]
     return cache[key]
+
+
+_END_MASKS_BY_VOCAB: dict = {}
+
+
+def _vocab_key(tokenizer) -> tuple:
+    """What `continuation_texts` depends on: the tokenizer's class, its vocabulary (ids and strings,
+    added tokens included) and its decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return (type(tokenizer).__name__, len(tokenizer), hash(frozenset(tokenizer.get_vocab().items())),
+            repr(backend.decoder) if backend is not None else None)
 
 
 @dataclass

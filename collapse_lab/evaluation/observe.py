@@ -38,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from collapse_lab.evaluation import metrics
 from collapse_lab.core.config import ConfigError, check_output, group_options, RECIPES_DIR
-from collapse_lab.evaluation.evaluator import answer_distribution
+from collapse_lab.evaluation.evaluator import answer_distribution, plot_suite
 from collapse_lab.models.models import DTYPES, load_pretrained
 from collapse_lab.models.real_models import hub_offline, is_real
 from collapse_lab.core.suites import SuiteError, load_suite
@@ -142,7 +142,8 @@ def run(cfg: ObserveConfig) -> dict:
     labels = cfg.labels or [Path(str(m)).name.removeprefix("real:") for m in cfg.models]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two models have the same label {labels}; give labels=[...]")
-    hub_offline() if all(is_real(p) or Path(p).exists() for p in paths) else None
+    if all(is_real(p) or Path(p).exists() for p in paths):  # every model local: nothing may reach a hub
+        hub_offline()
     torch.manual_seed(0)
     results, info = {}, {}
     for label, path in zip(labels, paths):
@@ -164,8 +165,6 @@ def run(cfg: ObserveConfig) -> dict:
     (out / "observe.json").write_text(json.dumps(doc, indent=1))
     (out / "observe.md").write_text(table(doc))
     figure(doc, out / "observe.png")
-    from collapse_lab.evaluation.evaluator import plot_suite
-
     for label, recs in results.items():
         plot_suite([{**r, "max_entropy": math.log(len(r["answers"])), "top_answer": r["top"][0][0]} for r in recs],
                    f"{label} ({info[label]['spec']}) on suite '{suite.name}': exact p(answer)",
@@ -239,8 +238,9 @@ def figure(doc: dict, path: Path) -> None:
         ax.set_title(t, fontsize=9)
         ax.set_ylabel(yl)
     axes[1].set_ylim(0, 1), axes[2].set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -35,10 +35,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from collapse_lab.core import tracking
 from collapse_lab.core.checkpoint import publish, read_manifest
 from collapse_lab.core.config import ConfigError, run_dir
-from collapse_lab.models.models import DTYPES, distinct_pad, ensure_eos
+from collapse_lab.models.models import DTYPES, distinct_pad, ensure_eos, add_lora
 from collapse_lab.stages.ratings import load_ratings, start_on_ratings
 from collapse_lab.models.tokenizer import encode_texts
-from collapse_lab.stages.stage import BASE, RATINGS, REWARD_MODEL, Run, Stage, device, hf_args, ratings_budget, stage_function
+from collapse_lab.stages.stage import (BASE, RATINGS, REWARD_MODEL, Run, Stage, device, hf_args, ratings_budget,
+                                       stage_function)
 from collapse_lab.world.world import make_world
 
 STAGE = "reward"
@@ -143,6 +144,8 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
     set_seed(cfg.seed)  # the head is initialised at random
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
     distinct_pad(tokenizer, model)
+    if cfg.peft.enabled:  # a LoRA adapter on the trunk, the score head in full (a real base's size: no full Adam state)
+        model = add_lora(model, cfg.peft, task_type="SEQ_CLS")
     args = hf_args(RewardConfig, cfg, out, seed=cfg.seed, lr=m.lr, batch_size=m.batch_size, num_train_epochs=m.epochs,
                    lr_scheduler_type="linear", max_length=None, logging_steps=max(1, len(data) // m.batch_size // 4))
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
@@ -150,7 +153,10 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
     trainer.train()
 
     def save(tmp: Path) -> None:
-        trainer.save_model(str(tmp))
+        if cfg.peft.enabled:  # merged: the directory loads as a plain classifier (ModelReward)
+            trainer.model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        else:
+            trainer.save_model(str(tmp))
         tokenizer.save_pretrained(tmp)
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is config.yaml
 

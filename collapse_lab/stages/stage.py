@@ -86,7 +86,8 @@ class Stage:
         name), derived from the declaration: the world; the base (its path or preset, and the pretraining
         config of the lab's own base) when it consumes BASE; the seed (unless not seeded); the ratings'
         section (RATINGS); for REWARD `reward` and, with reward=rm, the reward model's path or its ratings'
-        and training sections; its own section and `reads`; and for a policy its LoRA and curve settings."""
+        and training sections; its own section and `reads`; for a policy its LoRA and curve settings, for a
+        reward model its LoRA settings when it trains an adapter."""
         keys = ["world"]
         for x in self.consumes:
             if x == BASE:
@@ -101,6 +102,7 @@ class Stage:
                     keys += ["reward_model_path"] if cfg.reward_model_path else ["ratings", "reward_model"]
         keys += (["seed"] if self.seeded else []) + ([self.section] if self.section else []) + list(self.reads)
         keys += ["peft", "curve"] if self.produces == POLICY else []
+        keys += ["peft"] if self.produces == REWARD_MODEL and cfg.peft.enabled else []  # LoRA: another reward model
         return tuple(dict.fromkeys(keys))
 
     def kl_coef(self, lab: dict) -> Optional[float]:
