@@ -263,6 +263,7 @@ def build(ablation: Path, write: bool = True) -> dict:
     for r in index["runs"]:
         rec = run_record(ablation / r["evals"])
         rec.update(seed=r["seed"], group=_group(r), recipe=r["recipe"], control_of=r.get("control_of"),
+                   evals_dir=str(ablation / r["evals"]),
                    budget=budget_of(ablation / "runs" / r["regime"] / f"s{r['seed']}"),
                    lab=_yaml(ablation / "runs" / r["regime"] / f"s{r['seed']}" / "config.yaml"))
         rec["delta_norm_entropy"] = rec["norm_entropy"] - base["norm_entropy"]
@@ -462,6 +463,20 @@ def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict,
             "references": _json(ablation / "evals" / "base" / "reference_curves.json", missing=True) or {}}
 
 
+def _suite_answers(run: dict, ids: set) -> dict:
+    """{prompt id: answer probs} of a run on the prompts the closed forms were traced on: the seed suite's (its
+    record), else the evaluator's file of the suite holding those prompts (world.curve_suite=heldout)."""
+    answers = {pid: a["probs"] for pid, a in run["answers"].items() if pid in ids}
+    if answers or not run.get("evals_dir"):
+        return answers
+    for path in sorted(Path(run["evals_dir"]).glob("*.json")):
+        data = _json(path, missing=True) or {}
+        found = {p["id"]: p["answer_probs"] for p in data.get("prompts", []) if p.get("id") in ids and "answer_probs" in p}
+        if found:
+            return found
+    return {}
+
+
 def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dict) -> dict:
     """What the closed forms predict (collapse_lab/reference_curves.py, numpy only): the base's reference families
     (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
@@ -507,7 +522,7 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
     for n, runs in by_regime.items():
         if specs.get(n) is None:
             continue
-        answers = {x["seed"]: {pid: a["probs"] for pid, a in x["answers"].items()} for x in runs}
+        answers = {x["seed"]: _suite_answers(x, {f.id for f in forms}) for x in runs}
         track[n] = {"closed_form": specs[n], **rc.tracking(forms, specs[n], answers, rm)}
     for row in predictions:
         left = [r for r in (row["regime"], row["feedme"]) if track.get(r, {}).get("tracks") is False]
