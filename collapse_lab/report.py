@@ -527,6 +527,9 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
     for row in predictions:
         left = [r for r in (row["regime"], row["feedme"]) if track.get(r, {}).get("tracks") is False]
         unknown = [r for r in (row["regime"], row["feedme"]) if r not in track or track[r].get("tracks") is None]
+        if row["measured_call"] in ("no common range", "one seed: no call") or row["predicted_difference"] is None:
+            row["agrees"], row["reading"] = None, "nothing to compare (no measured call or no prediction)"
+            continue
         agree = row["predicted_call"] == row["measured_call"]
         row["agrees"] = agree
         row["reading"] = ("agrees" if agree else
@@ -730,7 +733,8 @@ def frontier_markdown(report: dict) -> list[str]:
     md = ["", "## Matched distance: entropy and gold reward against KL along training", ""]
     if not fr.get("curves"):
         return md + ["No regime has along-training evaluations (`curve.points`): nothing to compare at matched distance."]
-    md += [f"Every regime evaluated along its training (`curve.points`) by the exact evaluator on the seed prompts. "
+    md += [f"Every regime evaluated along its training (`curve.points`) by the exact evaluator on the curve suite's "
+           f"prompts (`world.curve_suite`: the seed prompts by default). "
            f"d = Δ(H/log|A|) is interpolated (in √KL for KL) at {fr['grid_points']} matched values of x (KL to the base, "
            f"or the gold gain) in [x_min, x_max], where EVERY seed of both regimes has measured points on both sides "
            f"(never a chord from the base's (0, 0)); D = mean over that grid of "
@@ -788,7 +792,8 @@ def power_statement(fr: dict) -> str:
                      + (" (narrower than the margin)" if half < m else " (NOT narrower than the margin: 'no difference' "
                         "cannot be called, whatever the truth; preset=powered has the seeds, bases and prompts for it)"))
     return (f"Power: a call needs the interval's half-width well below the margin ±{m:g}. " + "; ".join(parts) + "."
-            if parts else f"Power: no interval across seeds (one seed), so no call at the margin ±{m:g}.")
+            if parts else f"Power: no matched-KL comparison has an interval (one seed, or no common KL range), so no "
+                          f"call at the margin ±{m:g}.")
 
 
 def closed_forms_markdown(report: dict) -> list[str]:
@@ -796,7 +801,7 @@ def closed_forms_markdown(report: dict) -> list[str]:
     if not cf:
         return []
     md = ["", "## What the closed forms predict", "",
-          "From the base's exact answer distributions on the seed prompts and the gold rater's expected scores "
+          "From the base's exact answer distributions on the curve suite's prompts and the gold rater's expected scores "
           "(noise, clipping and rounding included): best-of-k (noiseless ranking, ties ∝ π0, real k), FeedME's "
           "expected selection (top-1 of k on NOISY integer ratings, ties uniform; then iterated rounds), π*_β ∝ "
           "π0·e^{R/β} and π*_{β,α} (collapse_lab/reference_curves.py, docs/world.md). If two families trace one "
