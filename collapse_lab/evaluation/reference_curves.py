@@ -378,9 +378,11 @@ def tracking(forms: Sequence[PromptForms], spec: dict, answers_by_seed: dict, rm
         rm = (rm_by_seed or {}).get(seed)
         if spec["kind"] == "optimum" and spec.get("reward") == "rm" and rm:
             rm_ids = {p["id"]: p for p in rm["prompts"]}
-            tvs_rm.append(np.mean([tv_to(answers[pid], target_answers(by_id[pid], spec,
-                                                                      rm_outcome_scores(by_id[pid], rm_ids[pid])))
-                                   for pid in ids if pid in rm_ids]))
+            scored = [pid for pid in ids if pid in rm_ids]  # the reward model scored this suite's answers
+            if scored:
+                tvs_rm.append(np.mean([tv_to(answers[pid], target_answers(by_id[pid], spec,
+                                                                          rm_outcome_scores(by_id[pid], rm_ids[pid])))
+                                       for pid in scored]))
     tv = float(np.mean(tvs)) if tvs else None
     tv_rm = float(np.mean(tvs_rm)) if tvs_rm else None
     own = tv_rm if spec.get("reward") == "rm" and spec["kind"] == "optimum" else tv

@@ -461,7 +461,7 @@ def _upstream_task(p: Plan, seed: int, needs: list[str], out: Path) -> None:
         _copy_run(path, out / "runs" / x / f"s{seed}")
         if x == "reward_model":  # its scores on the seed answers: the exact π* of reward=rm regimes (report)
             _write_json(out / "runs" / x / f"s{seed}" / "answer_scores.json",
-                        reward_model_answer_scores(str(path), make_world(lab.world)))
+                        reward_model_answer_scores(str(path), make_world(lab.world), lab.world.curve_suite))
 
 
 def _regime_task(p: Plan, seed: int, name: str, base: Path, out: Path) -> dict:

@@ -263,6 +263,7 @@ def build(ablation: Path, write: bool = True) -> dict:
     for r in index["runs"]:
         rec = run_record(ablation / r["evals"])
         rec.update(seed=r["seed"], group=_group(r), recipe=r["recipe"], control_of=r.get("control_of"),
+                   evals_dir=str(ablation / r["evals"]),
                    budget=budget_of(ablation / "runs" / r["regime"] / f"s{r['seed']}"),
                    lab=_yaml(ablation / "runs" / r["regime"] / f"s{r['seed']}" / "config.yaml"))
         rec["delta_norm_entropy"] = rec["norm_entropy"] - base["norm_entropy"]
@@ -462,6 +463,20 @@ def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict,
             "references": _json(ablation / "evals" / "base" / "reference_curves.json", missing=True) or {}}
 
 
+def _suite_answers(run: dict, ids: set) -> dict:
+    """{prompt id: answer probs} of a run on the prompts the closed forms were traced on: the seed suite's (its
+    record), else the evaluator's file of the suite holding those prompts (world.curve_suite=heldout)."""
+    answers = {pid: a["probs"] for pid, a in run["answers"].items() if pid in ids}
+    if answers or not run.get("evals_dir"):
+        return answers
+    for path in sorted(Path(run["evals_dir"]).glob("*.json")):
+        data = _json(path, missing=True) or {}
+        found = {p["id"]: p["answer_probs"] for p in data.get("prompts", []) if p.get("id") in ids and "answer_probs" in p}
+        if found:
+            return found
+    return {}
+
+
 def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dict) -> dict:
     """What the closed forms predict (collapse_lab/evaluation/reference_curves.py, numpy only): the base's reference families
     (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
@@ -507,11 +522,14 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
     for n, runs in by_regime.items():
         if specs.get(n) is None:
             continue
-        answers = {x["seed"]: {pid: a["probs"] for pid, a in x["answers"].items()} for x in runs}
+        answers = {x["seed"]: _suite_answers(x, {f.id for f in forms}) for x in runs}
         track[n] = {"closed_form": specs[n], **rc.tracking(forms, specs[n], answers, rm)}
     for row in predictions:
         left = [r for r in (row["regime"], row["feedme"]) if track.get(r, {}).get("tracks") is False]
         unknown = [r for r in (row["regime"], row["feedme"]) if r not in track or track[r].get("tracks") is None]
+        if row["measured_call"] in ("no common range", "one seed: no call") or row["predicted_difference"] is None:
+            row["agrees"], row["reading"] = None, "nothing to compare (no measured call or no prediction)"
+            continue
         agree = row["predicted_call"] == row["measured_call"]
         row["agrees"] = agree
         row["reading"] = ("agrees" if agree else
@@ -715,7 +733,8 @@ def frontier_markdown(report: dict) -> list[str]:
     md = ["", "## Matched distance: entropy and gold reward against KL along training", ""]
     if not fr.get("curves"):
         return md + ["No regime has along-training evaluations (`curve.points`): nothing to compare at matched distance."]
-    md += [f"Every regime evaluated along its training (`curve.points`) by the exact evaluator on the seed prompts. "
+    md += [f"Every regime evaluated along its training (`curve.points`) by the exact evaluator on the curve suite's "
+           f"prompts (`world.curve_suite`: the seed prompts by default). "
            f"d = Δ(H/log|A|) is interpolated (in √KL for KL) at {fr['grid_points']} matched values of x (KL to the base, "
            f"or the gold gain) in [x_min, x_max], where EVERY seed of both regimes has measured points on both sides "
            f"(never a chord from the base's (0, 0)); D = mean over that grid of "
@@ -773,7 +792,8 @@ def power_statement(fr: dict) -> str:
                      + (" (narrower than the margin)" if half < m else " (NOT narrower than the margin: 'no difference' "
                         "cannot be called, whatever the truth; preset=powered has the seeds, bases and prompts for it)"))
     return (f"Power: a call needs the interval's half-width well below the margin ±{m:g}. " + "; ".join(parts) + "."
-            if parts else f"Power: no interval across seeds (one seed), so no call at the margin ±{m:g}.")
+            if parts else f"Power: no matched-KL comparison has an interval (one seed, or no common KL range), so no "
+                          f"call at the margin ±{m:g}.")
 
 
 def closed_forms_markdown(report: dict) -> list[str]:
@@ -781,7 +801,7 @@ def closed_forms_markdown(report: dict) -> list[str]:
     if not cf:
         return []
     md = ["", "## What the closed forms predict", "",
-          "From the base's exact answer distributions on the seed prompts and the gold rater's expected scores "
+          "From the base's exact answer distributions on the curve suite's prompts and the gold rater's expected scores "
           "(noise, clipping and rounding included): best-of-k (noiseless ranking, ties ∝ π0, real k), FeedME's "
           "expected selection (top-1 of k on NOISY integer ratings, ties uniform; then iterated rounds), π*_β ∝ "
           "π0·e^{R/β} and π*_{β,α} (collapse_lab/evaluation/reference_curves.py, docs/world.md). If two families trace one "
