@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+from collapse_lab.regimes import registry  # noqa: F401 registers the regimes' config sections
 from collapse_lab.core.config import compose
 from collapse_lab.models.models import load_pretrained
 from collapse_lab.stages.pretrain import resolve_base

@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+from collapse_lab.regimes import registry  # noqa: F401 registers the regimes' config sections
 from collapse_lab.core.config import compose
 
 KL_COEF = 0.1

@@ -81,7 +81,7 @@ def build_model(path: Path, shape: dict, docs: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
-    from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+    from collapse_lab.regimes import registry  # noqa: F401 registers the regimes' config sections
     from collapse_lab.core.config import compose
     from collapse_lab.models.tokenizer import train_tokenizer
     from collapse_lab.world.world import World

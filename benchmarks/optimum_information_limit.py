@@ -30,7 +30,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+from collapse_lab.regimes import registry  # noqa: F401 registers the regimes' config sections
 from collapse_lab.core.config import compose
 from collapse_lab.evaluation.frontier import Curve
 from collapse_lab.models.models import load_pretrained

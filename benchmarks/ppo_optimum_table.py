@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from collapse_lab.evaluation import evaluator
 from collapse_lab.core.checkpoint import read_manifest
-from collapse_lab import registry  # noqa: F401 registers the regimes' config sections
+from collapse_lab.regimes import registry  # noqa: F401 registers the regimes' config sections
 from collapse_lab.core.config import compose
 
 

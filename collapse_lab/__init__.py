@@ -2,12 +2,12 @@
 
 import sys
 
+from collapse_lab.core.orphans import tie_spawned_worker  # standard library only: cheap for every process
+
 __version__ = "0.1.0"
 
 _mp = sys.modules.get("multiprocessing.process")
 if _mp is not None and getattr(_mp.current_process(), "_inheriting", False):
     # a spawned worker being prepared (the ablation's pool), tied to its parent's life here, before its imports
     # (seconds of torch): a parent killed meanwhile would leave it running for good (collapse_lab/core/orphans.py)
-    from collapse_lab.core.orphans import tie_spawned_worker
-
     tie_spawned_worker()

@@ -15,7 +15,7 @@ import torch
 torch.set_flush_denormal(True)
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from collapse_lab import registry  # noqa: F401, E402 registers the regimes' config sections
+from collapse_lab.regimes import registry  # noqa: F401, E402 registers the regimes' config sections
 from collapse_lab.core.config import compose
 from collapse_lab.stages.pretrain import pretrain
 from collapse_lab.regimes.ppo import train_ppo

@@ -31,12 +31,11 @@ from transformers import AutoTokenizer
 from collapse_lab.regimes import ppo as ppo_module
 from collapse_lab.core.checkpoint import FAULT, read_manifest
 from collapse_lab.core.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, SCHEMAS, SHARE, ConfigError, EvalConfig, cli,
-                                      compose, ranges, schema, KL_COEF, RANGES, SEED, TEMPERATURE)
+                                      compose, ranges, schema, KL_COEF, SEED, TEMPERATURE)
 from collapse_lab.regimes.ppo import ppo_dir, train_ppo
 from collapse_lab.stages.pretrain import pretrain
 from collapse_lab.stages.reward_model import train_reward_model
 from collapse_lab.regimes.sft import train_sft
-from collapse_lab.stages.pretrain import pretrain
 
 from conftest import REPO, TINY_PRETRAIN
 

@@ -26,7 +26,6 @@ rater scores); the evaluator evaluates such a directory through `load_policy`, a
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional

@@ -81,27 +81,6 @@ def prompt_optimum(world, prompt_text: str, answers: list[str], base, beta: floa
     return answer_optimum(base, *answer_scores(world.rater, world.prompt(prompt_text), answers), beta, alpha)
 
 
-def reward_model_answer_scores(reward_model_path: str, world, suite: str = "seed") -> dict:
-    """The reward model's score of every answer of the suite's prompts, ended with EOS (clean) and not (other):
-    {prompts: [{id, clean, other}]}. Its exact π*_β ∝ π0·e^{r_RM/β} is what a reward=rm regime optimises
-    (reference_curves.optimum on these scores); a constant shift (PPO's center_scores) changes nothing."""
-    import torch
-
-    from collapse_lab.stages.reward_model import ModelReward
-    from collapse_lab.core.suites import load_suite
-
-    reward = ModelReward(reward_model_path, torch.device("cpu"))
-    out = []
-    for p in load_suite(suite).prompts:
-        if p.answers is None or p.text not in getattr(world, "by_text", {}):
-            continue
-        prompt = world.prompt(p.text)
-        n = len(p.answers)
-        scores = reward([prompt] * 2 * n, list(p.answers) * 2, [True] * n + [False] * n).double().numpy()
-        out.append({"id": p.id, "clean": scores[:n].tolist(), "other": scores[n:].tolist()})
-    return {"prompts": out}
-
-
 def optimum_tv(policy_probs: np.ndarray, target: np.ndarray) -> float:
     """TV between the policy's answer distribution normalised over the answer set and π*."""
     p = np.asarray(policy_probs, dtype=np.float64)

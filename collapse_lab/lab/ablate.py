@@ -39,6 +39,7 @@ import queue
 import re
 import resource
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -54,6 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 from collapse_lab.regimes import registry
 from collapse_lab.lab import report
 from collapse_lab.core import tracking
+from collapse_lab.core.console import quiet_stage_bars, say
 from collapse_lab.core.checkpoint import lock_run, read_manifest, unlock_run
 from collapse_lab.core.config import (SEED, AblateConfig, ConfigError, EvalConfig, check_name, check_output, compose, group_options,
                                  read_record, rerun_repair)
@@ -63,6 +65,7 @@ from collapse_lab.evaluation.frontier import Curve
 from collapse_lab.models.models import check_base
 from collapse_lab.core.orphans import die_with_parent, spawning_workers
 from collapse_lab.stages.pretrain import resolve_base
+from collapse_lab.stages.reward_model import reward_model_answer_scores
 from collapse_lab.regimes.registry import CONTROLS, REGIMES, UPSTREAM
 from collapse_lab.stages.stage import BASE, ONLINE, device, flush_denormals
 from collapse_lab.core.suites import SuiteError, load_suite

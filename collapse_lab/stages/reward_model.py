@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from collapse_lab.core import tracking
 from collapse_lab.core.checkpoint import publish, read_manifest
 from collapse_lab.core.config import ConfigError, run_dir
+from collapse_lab.core.suites import load_suite
 from collapse_lab.models.models import DTYPES, distinct_pad, ensure_eos, add_lora
 from collapse_lab.stages.ratings import load_ratings, start_on_ratings
 from collapse_lab.models.tokenizer import encode_texts
@@ -230,3 +231,19 @@ class ModelReward:
 # the stage's declaration (collapse_lab/stages/stage.py), which the registry collects: its keys are the ratings' and this section
 UPSTREAM = Stage(REWARD_MODEL, train_reward_model, section="reward_model", consumes=(BASE, RATINGS),
                  produces=REWARD_MODEL, rating_budget=ratings_budget, check=check)
+
+
+def reward_model_answer_scores(reward_model_path: str, world, suite: str = "seed") -> dict:
+    """The reward model's score of every answer of the suite's prompts, ended with EOS (clean) and not (other):
+    {prompts: [{id, clean, other}]}. Its exact π*_β ∝ π0·e^{r_RM/β} is what a reward=rm regime optimises
+    (reference_curves.optimum on these scores); a constant shift (PPO's center_scores) changes nothing."""
+    reward = ModelReward(reward_model_path, torch.device("cpu"))
+    out = []
+    for p in load_suite(suite).prompts:
+        if p.answers is None or p.text not in getattr(world, "by_text", {}):
+            continue
+        prompt = world.prompt(p.text)
+        n = len(p.answers)
+        scores = reward([prompt] * 2 * n, list(p.answers) * 2, [True] * n + [False] * n).double().numpy()
+        out.append({"id": p.id, "clean": scores[:n].tolist(), "other": scores[n:].tolist()})
+    return {"prompts": out}
