@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from collapse_lab.lab.budget import budget, compare, planned
+from collapse_lab.lab.budget import budget, compare
+from collapse_lab.regimes.registry import planned_budget as planned
 from collapse_lab.core.config import compose
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from collapse_lab.evaluation import frontier, metrics
+from collapse_lab.evaluation import frontier
+from collapse_lab.evaluation import matched as matched_lib, metrics
 from collapse_lab.core.config import compose
 from collapse_lab.models.models import load_pretrained
 from collapse_lab.stages.pretrain import pretrain
@@ -105,29 +106,29 @@ def _curve(slope, kl_max, n=6, noise=0.0, seed=0):
 
 def test_interpolation_reads_d_as_a_function_of_kl_whatever_the_order_visited():
     pts = [(0.0, 0.0), (2.0, -2.0), (1.0, -1.0), (1.0, -1.2)]
-    assert frontier.interpolate(pts, np.array([0.5, 1.0, 1.5])) == pytest.approx([-0.55, -1.1, -1.55])
+    assert matched_lib.interpolate(pts, np.array([0.5, 1.0, 1.5])) == pytest.approx([-0.55, -1.1, -1.55])
 
 
 def test_same_curve_is_no_difference_and_a_steeper_one_keeps_less_entropy():
     a = {s: _curve(-0.2, 2.0, noise=0.002, seed=s) for s in range(3)}
     b = {s: _curve(-0.2, 0.5, noise=0.002, seed=10 + s) for s in range(3)}  # FeedME: a shorter reach
-    m = frontier.matched(a, b, grid_points=8)
+    m = matched_lib.matched(a, b, grid_points=8)
     assert m["x_max"] == pytest.approx(0.5) and max(m["grid"]) == pytest.approx(0.5)
-    assert frontier.equivalence_call(m["difference"], 0.02) == "no difference"
+    assert matched_lib.equivalence_call(m["difference"], 0.02) == "no difference"
     steep = {s: _curve(-0.4, 2.0, noise=0.002, seed=s) for s in range(3)}
-    m2 = frontier.matched(b, steep, grid_points=8, sqrt_x=False)  # b keeps more entropy than `steep` (d linear in KL)
+    m2 = matched_lib.matched(b, steep, grid_points=8, sqrt_x=False)  # b keeps more entropy than `steep` (d linear in KL)
     assert m2["difference"]["mean"] == pytest.approx(0.2 * np.mean(m2["grid"]), abs=0.01)
-    assert frontier.equivalence_call(m2["difference"], 0.02) == "more entropy"
-    assert frontier.equivalence_call(frontier.matched(steep, b)["difference"], 0.02) == "less entropy"
+    assert matched_lib.equivalence_call(m2["difference"], 0.02) == "more entropy"
+    assert matched_lib.equivalence_call(matched_lib.matched(steep, b)["difference"], 0.02) == "less entropy"
 
 
 def test_one_seed_gets_no_call_and_noisy_seeds_are_undecided():
     a, b = {0: _curve(-0.2, 1.0)}, {0: _curve(-0.3, 1.0)}
-    assert frontier.equivalence_call(frontier.matched(a, b)["difference"], 0.02) == "one seed: no call"
+    assert matched_lib.equivalence_call(matched_lib.matched(a, b)["difference"], 0.02) == "one seed: no call"
     a = {s: _curve(-0.2 + 0.2 * (-1) ** s, 1.0) for s in range(3)}
     b = {s: _curve(-0.2, 1.0) for s in range(3)}
-    assert frontier.equivalence_call(frontier.matched(a, b)["difference"], 0.02) == "undecided"
-    assert frontier.matched({0: [(0.0, 0.0)]}, {0: _curve(-0.2, 1.0)}) is None  # no common range
+    assert matched_lib.equivalence_call(matched_lib.matched(a, b)["difference"], 0.02) == "undecided"
+    assert matched_lib.matched({0: [(0.0, 0.0)]}, {0: _curve(-0.2, 1.0)}) is None  # no common range
 
 
 def test_base_forms_give_the_numpy_closed_forms_the_same_points_as_the_curve(tiny):

@@ -85,3 +85,14 @@ def test_no_function_in_the_package_is_over_100_lines():
             for name, tree in MODULES.items() for node in ast.walk(tree)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100]
     assert long == []
+
+
+def test_the_report_reads_stored_results_without_torch():
+    """collapse_lab.lab.report is pure: importing it loads none of torch, trl, accelerate, transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, collapse_lab.lab.report; "
+            "print(sorted(m for m in ('torch', 'trl', 'accelerate', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"

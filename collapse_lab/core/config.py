@@ -124,7 +124,7 @@ class WorldConfig:
     # templates); None: the corpus's seed_prompt_share. Ignored (0) with heldout_eval_prompts. Default 1:
     # the regimes are tuned on the prompts they are judged on (the templates suite measures transfer);
     # with the templates' ranges in the mix, the shared network first learns their pull to ' 7' and PPO
-    # spends its run undoing it on the seed prompts (README: PPO)
+    # spends its run undoing it on the seed prompts (docs/ppo.md)
     train_seed_share: Optional[float] = 1.0
     # true: the pretraining corpus also holds HELDOUT_TEMPLATES (15 number prompts, eval/suites/heldout.yaml) that
     # no fine-tuning stage draws: held-out prompts for the powered design (a corpus key: another base)

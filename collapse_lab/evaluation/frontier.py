@@ -42,15 +42,13 @@ import numpy as np
 import torch
 
 from collapse_lab.evaluation import metrics
-from collapse_lab.evaluation.metrics import interval
+from collapse_lab.evaluation.matched import KEYS
 from collapse_lab.evaluation.best_of_k import answer_best_of_k
 from collapse_lab.evaluation.evaluator import answer_distribution
 from collapse_lab.evaluation.optimum import answer_optimum, answer_scores, log_optimum, optimum_tv
 from collapse_lab.core.suites import load_suite
 
 
-KEYS = ("frontier/kl", "frontier/delta_norm_entropy", "frontier/norm_entropy", "frontier/cross_term",
-        "frontier/gold", "frontier/valid_mass")
 BEST_OF = (1, 2, 4, 8, 16, 64)
 BETAS = (10.0, 3.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
 
@@ -223,6 +221,3 @@ def callbacks(curve: Optional[Curve], points: int, budget, offset: int = 0, spac
     return [CurvePoints()]
 
 
-# --------------------------------------------------------------------- the comparison at matched x
-# (torch-free, in collapse_lab/evaluation/matched.py; re-exported here for the stages and older callers)
-from collapse_lab.evaluation.matched import curve_points, equivalence_call, interpolate, matched  # noqa: E402,F401

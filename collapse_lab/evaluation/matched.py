@@ -22,6 +22,10 @@ import numpy as np
 
 from collapse_lab.evaluation.metrics import interval
 
+# the along-training curve's row keys (collapse_lab/evaluation/frontier.py writes them into metrics.jsonl)
+KEYS = ("frontier/kl", "frontier/delta_norm_entropy", "frontier/norm_entropy", "frontier/cross_term",
+        "frontier/gold", "frontier/valid_mass")
+
 
 def curve_points(rows: list[dict], x: str = "frontier/kl", d: str = "frontier/delta_norm_entropy") -> list[tuple[float, float]]:
     """(x, d) of every along-training row that has both (x = frontier/kl or frontier/gold_gain,

@@ -38,7 +38,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from collapse_lab.evaluation import metrics
 from collapse_lab.core.config import ConfigError, check_output, group_options, RECIPES_DIR
-from collapse_lab.evaluation.evaluator import answer_distribution, plot_suite
+from collapse_lab.evaluation.evaluator import answer_distribution
+from collapse_lab.evaluation.plots import plot_suite
 from collapse_lab.models.models import DTYPES, load_pretrained
 from collapse_lab.models.real_models import hub_offline, is_real
 from collapse_lab.core.suites import SuiteError, load_suite

@@ -67,7 +67,7 @@ from collapse_lab.core.orphans import die_with_parent, spawning_workers
 from collapse_lab.stages.pretrain import resolve_base
 from collapse_lab.stages.reward_model import reward_model_answer_scores
 from collapse_lab.regimes.registry import CONTROLS, REGIMES, UPSTREAM
-from collapse_lab.stages.stage import BASE, ONLINE, device, flush_denormals
+from collapse_lab.stages.stage import BASE, ONLINE, device, flush_denormals, get_dotted
 from collapse_lab.core.suites import SuiteError, load_suite
 from collapse_lab.models.tokenizer import decode_continuations, encode_texts
 from collapse_lab.world.world import make_world
@@ -474,9 +474,12 @@ def _regime_task(p: Plan, seed: int, name: str, base: Path, out: Path) -> dict:
     _copy_run(path, out / "runs" / name / f"s{seed}")
     evals = out / "evals" / name / f"s{seed}"
     _timed(f"evaluate {name} s{seed}", lambda: _evaluated(evaluate(p, path, base, evals)))
+    lab = OmegaConf.to_container(rcfg, resolve=True)
+    # what the report needs of the regime's declaration, stored: the report reads stored results only
     return {"regime": name, "seed": seed, "group": regime.group, "recipe": regime.recipe,
-                                  "control_of": regime.control_of, "path": str(path),
-                                  "evals": str(evals.relative_to(out))}
+            "control_of": regime.control_of, "path": str(path), "evals": str(evals.relative_to(out)),
+            "kl_coef": regime.kl_coef(lab), "adaptive_kl": regime.adaptive_kl(lab),
+            "ent_coef": get_dotted(lab, "ppo.ent_coef") if regime.kl_key == "ppo.kl_coef" else None}
 
 
 def _rss_mib() -> int:

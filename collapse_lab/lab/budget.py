@@ -7,8 +7,8 @@ MATCHED when they start from the same base and consumed the same number of ratin
 training: it is never matched with a trained regime, and the message says why.
 
 With the default recipes: FeedME (sft.rounds = 1) and the reward model behind `reward=rm` PPO both
-consume the ratings stage's ratings.prompts x ratings.samples_per_prompt samples (`planned`: each
-registry entry declares its rating budget).
+consume the ratings stage's ratings.prompts x ratings.samples_per_prompt samples (registry.planned_budget:
+each regime declares its rating budget). Torch-free: the report reads budgets from stored manifests.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Union
 
-from omegaconf import DictConfig
-
-from collapse_lab.regimes import registry
-from collapse_lab.core.checkpoint import read_manifest
+from collapse_lab.core.config import read_record, rerun_repair
 
 BUDGET_KEYS = ("samples_scored", "steps", "tokens_trained", "wall_time_s")
 Run = Union[str, Path, dict]
@@ -50,16 +47,10 @@ def compare(a: Run, b: Run) -> tuple[bool, str]:
     return False, f"NOT matched: {na} scored {sa} samples, {nb} scored {sb} ({ratio:.3g}x)"
 
 
-def planned(cfg: DictConfig, stage: str) -> int:
-    """The samples a stage or regime will score under `cfg` (before running it), as its registry entry
-    declares (collapse_lab/regimes/registry.py); ConfigError for an unknown one, naming the valid ones."""
-    return registry.planned_budget(cfg, stage)
-
-
 def _manifest(run: Run) -> dict:
     if isinstance(run, dict):
         return run
-    manifest = read_manifest(Path(run))
+    manifest = read_record(Path(run) / "manifest.json", rerun_repair(run))
     if manifest is None:
         raise FileNotFoundError(f"no manifest.json in {run}")
     return manifest

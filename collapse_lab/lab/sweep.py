@@ -24,7 +24,7 @@ from typing import Any
 
 from collapse_lab.lab import ablate
 from collapse_lab.core.config import ConfigError, check_name, check_output, read_record
-from collapse_lab.lab.report import _fmt, _row
+from collapse_lab.lab.report.markdown import _fmt, _row
 from collapse_lab.core.suites import read_yaml
 
 SWEEP_KEYS = {"program", "name", "method", "metric", "parameters", "command", "description", "project", "entity"}

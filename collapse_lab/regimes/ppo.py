@@ -78,9 +78,9 @@ class PPOSection:
     # The defaults spend a 10-minute CPU run on RATINGS: how close PPO gets to its objective's optimum is set
     # by how many noisy ratings it has seen (the rater's noise leaves each answer's mean score known to
     # σ/√n), so one epoch over large batches of many completions per prompt (cheap: each prompt's prefix is
-    # computed once) beats more epochs over fewer samples (README: PPO, the information limit); 1000 steps:
-    # about the ratings the README table's hardest row needs, within a 10-minute run of the tiny base on
-    # 2 CPU cores (README: PPO, wall time)
+    # computed once) beats more epochs over fewer samples (docs/ppo.md, the information limit); 1000 steps:
+    # about the ratings the hardest row of docs/ppo.md's table needs, within a 10-minute run of the tiny base on
+    # 2 CPU cores (docs/ppo.md, wall time)
     steps: int = ranged(1000, COUNT)
     rollout_batch_size: int = ranged(256, COUNT)  # completions per step (over all processes)
     # completions sampled per prompt: a prompt's prefix is computed once for all of them (generation,
@@ -90,7 +90,7 @@ class PPOSection:
     micro_batch_size: int = ranged(32, COUNT)  # sequences per forward/backward (per process); gradients accumulate to a minibatch
     # completions sampled together (per process), in chunks of similar prompt length. On the packed path
     # (rollout.packs) a chunk pays no padding and an ended completion no compute, so fewer, larger forwards
-    # are faster (README: PPO, speed); on the cache path each row pays its chunk's longest prompt
+    # are faster (docs/ppo.md, speed); on the cache path each row pays its chunk's longest prompt
     generation_batch_size: int = ranged(256, COUNT)
     ppo_epochs: int = ranged(1, COUNT)
     lr: float = ranged(1e-4, POSITIVE)  # the policy's, for the tiny base (annealed to 0); real models want ~1e-6..1e-5
@@ -114,12 +114,12 @@ class PPOSection:
     # analytic: the exact KL(π(·|s)‖π_ref(·|s)) over the vocabulary at each visited state s_t, with the
     # exact gradient of E[Σ_t KL_t]: the later states' KL in the reward (the score-function part) and
     # β·KL_t(θ) as a loss term (the direct part, scaled like the advantages). Same objective and optimum,
-    # every token of a visited state pulled back each time (README: PPO).
+    # every token of a visited state pulled back each time (docs/ppo.md).
     # blend: k1 at the prompt's state, c·k1 + (1 − c)·analytic at every later state, c = kl_blend (ppo.k1_shares).
     # Each mix is an unbiased gradient of the same β·KL. k1 keeps a control variate analytic lacks (at π*,
     # r − β·log π/π_ref = β·log Z for every answer: no gradient noise left, and Adam needs none to settle);
     # the exact term restores a token no sample draws at a later state (k1 cannot: a path PPO closed stays closed)
-    # (README: PPO, `ppo.kl_estimator=blend`). Except k1, each keeps the reference's and π_old's next-token
+    # (docs/ppo.md, `ppo.kl_estimator=blend`). Except k1, each keeps the reference's and π_old's next-token
     # distributions at every response state of the rollout (B·Tr·V floats each): with a large vocabulary and
     # long answers, use k1
     kl_estimator: str = one_of("blend", "k1", "analytic", "blend")
@@ -134,7 +134,7 @@ class PPOSection:
     gamma: float = ranged(1.0, SHARE)
     # GAE λ: 1 makes A_t = return − V(s_t), an unbiased advantage whatever the value head says; λ < 1
     # borrows V, and an untrained V (0 at first) then credits the first token of a short answer more
-    # than that of a long one with the same score (README: the sequence bandit)
+    # than that of a long one with the same score (docs/ppo.md, the sequence bandit)
     lam: float = ranged(1.0, SHARE)
     clip_range: float = ranged(0.2, POSITIVE)
     clip_range_value: float = ranged(0.2, POSITIVE)

@@ -35,12 +35,9 @@ from collapse_lab.core.checkpoint import (already_finished, git_commit, package_
 from collapse_lab.core.config import ConfigError, same_config
 from collapse_lab.core.distributed import is_main_process
 
-# What a stage may consume and produce (the orchestrator resolves them in this order).
-BASE, RATINGS, REWARD_MODEL, POLICY = "base", "ratings", "reward_model", "policy"
-# `reward`: the reward model when the run's config says reward=rm, nothing (the gold rater) otherwise
-REWARD = "reward"
-# Comparison groups (the report compares regimes within and across them)
-OFFLINE, ONLINE, SELECTION = "offline preference", "online RL", "selection"
+# the names a stage declares (re-exported: the regimes import them with the Stage)
+from collapse_lab.core.names import (BASE, OFFLINE, ONLINE, POLICY, RATINGS, REWARD, REWARD_MODEL,  # noqa: E402,F401
+                                     SELECTION, get_dotted)
 
 
 @dataclass(frozen=True)
@@ -110,15 +107,6 @@ class Stage:
 
     def adaptive_kl(self, lab: dict) -> bool:
         return bool(get_dotted(lab, self.adaptive_kl_key)) if self.adaptive_kl_key else False
-
-
-def get_dotted(d: dict, dotted: str):
-    """d["a"]["b"] for "a.b" in a plain nested dict (a run's saved config.yaml), None when missing."""
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
 
 
 def ratings_budget(cfg: DictConfig) -> int:

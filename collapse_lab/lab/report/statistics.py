@@ -1,0 +1,244 @@
+"""The report's statistics: collapse calls, paired comparisons, gold gain, the matched-distance comparison
+and the closed forms' predictions, from the records (intervals across seeds: metrics.interval)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from collapse_lab.core.names import OFFLINE, ONLINE, SELECTION, get_dotted
+from collapse_lab.evaluation import matched as matched_lib, reference_curves as rc
+from collapse_lab.evaluation.metrics import interval
+from collapse_lab.lab.budget import compare as compare_budgets
+from collapse_lab.lab.report.records import (BUDGET_KEYS, COLLAPSE_METRICS, CURVE_KEYS, DIVERSITY_METRICS, PER_PROMPT,
+                                             TRAINED_METRICS, _json, _suite_answers, _top_answer, bounds_of, curve_rows)
+
+
+def collapse_test(d_seeds: list[float], d_prompts: list[float], threshold: float, confidence: float) -> dict:
+    """The collapse rule on d = Δ(H/log|A|) vs base: per seed (≥ 2 seeds) or, with one seed, per prompt."""
+    across = "seeds" if len(d_seeds) >= 2 else "prompts"
+    ci = interval(d_seeds if across == "seeds" else d_prompts, confidence)
+    collapsed = ci["mean"] is not None and ci["hi"] is not None and ci["mean"] < -threshold and ci["hi"] < 0
+    return {**ci, "across": across, "collapsed": bool(collapsed)}
+
+
+def regime_collapse(runs: list[dict], control_runs: list[dict] | None, threshold: float, confidence: float) -> dict:
+    """One regime's call: the rule on d vs base, and with its control's runs (same seeds) ALSO on
+    d_c = d - d(control) = Δ(H/log|A|) regime minus control, paired by seed (one seed: by prompt)."""
+    vs_base = collapse_test([x["delta_norm_entropy"] for x in runs],
+                            list(np.mean([x["delta_prompts"] for x in runs], axis=0)), threshold, confidence)
+    ctrl = {x["seed"]: x for x in control_runs or []}
+    paired = [(x, ctrl[x["seed"]]) for x in runs if x["seed"] in ctrl]
+    tests = [vs_base]
+    if paired:
+        tests.append(collapse_test([x["delta_norm_entropy"] - c["delta_norm_entropy"] for x, c in paired],
+                                   list(np.mean([np.subtract(x["delta_prompts"], c["delta_prompts"])
+                                                 for x, c in paired], axis=0)), threshold, confidence))
+    collapsed = all(t["collapsed"] for t in tests)
+    # a mean drop beyond the threshold whose interval still reaches 0: not called, not cleared either
+    beyond = all(t["mean"] is not None and t["mean"] < -threshold for t in tests)
+    return {"collapse_test": vs_base, "collapse_test_control": tests[1] if paired else None, "collapsed": collapsed,
+            "call": "collapsed" if collapsed else "inconclusive" if beyond else "not collapsed"}
+
+
+def budgets_matched(a: dict, b: dict) -> tuple[bool, str]:
+    """Do two runs spend the same RATING BUDGET? (collapse_lab.lab.budget's rule on their manifests.)"""
+    matched, message = compare_budgets(a["manifest"], b["manifest"])
+    return bool(matched), str(message)
+
+
+def compare(by_regime: dict, regimes: dict, confidence: float, threshold: float = 0.0) -> list[dict]:
+    """Each KL-regularised regime (online RL with β > 0 or adaptive: PPO, RLOO, GRPO; offline preference:
+    DPO, IPO) vs each selection regime (FeedME, best-of-k; not controls): paired difference of d across
+    seeds (positive: the KL-regularised regime keeps more answer entropy), and whether their rating budgets
+    match. It collapses less (more) when the difference's interval is above (below) 0 AND its mean is at
+    least `threshold` (the collapse rule's) in size."""
+    out = []
+    kl = [n for n, r in regimes.items() if r["group"] in (ONLINE, OFFLINE) and ((r["kl_coef"] or 0) > 0 or r["adaptive_kl"])]
+    selection = [n for n, r in regimes.items() if r["group"] == SELECTION and not r.get("control_of")]
+    for f in selection:
+        for p in kl:
+            fr = {x["seed"]: x for x in by_regime[f]}
+            pr = {x["seed"]: x for x in by_regime[p]}
+            seeds = sorted(set(fr) & set(pr))
+            if len(seeds) >= 2:
+                diff, across = interval([pr[s]["delta_norm_entropy"] - fr[s]["delta_norm_entropy"] for s in seeds],
+                                        confidence), "seeds"
+            else:
+                s = seeds[0]
+                diff, across = interval(list(np.subtract(pr[s]["delta_prompts"], fr[s]["delta_prompts"])),
+                                        confidence), "prompts"
+            matched = [budgets_matched(pr[s]["budget"], fr[s]["budget"]) for s in seeds]
+            # significant (interval excludes 0) AND as large as the collapse threshold: a difference of
+            # 0.001 of log|A| with a tight interval is not "collapsing less"
+            less = diff["lo"] is not None and diff["lo"] > 0 and diff["mean"] >= threshold
+            more = diff["hi"] is not None and diff["hi"] < 0 and diff["mean"] <= -threshold
+            out.append({"regime": p, "group": regimes[p]["group"], "selection": f, "difference": diff, "across": across,
+                        "collapses_less": bool(less), "collapses_more": bool(more),
+                        "budget_matched": all(m for m, _ in matched),
+                        "budget_message": "; ".join(sorted({msg for _, msg in matched}))})
+    return out
+
+
+def gold_gain(runs: list[dict], base: dict, confidence: float, curves: Optional[dict] = None) -> dict:
+    """The regime's gold-reward gain over the base on the seed prompts. With curves along training: EXACT, the
+    rater's mean score of the answer distribution normalised over the answers (frontier/gold_gain at the run's
+    last point: what a preference can raise, not validity or ending), per seed, an interval across seeds.
+    Otherwise (best-of-k, old ablations) the evaluator's SAMPLED noiseless gold score minus the base's: across
+    seeds, or with one seed across the prompts. `source` and `across` say which."""
+    if curves:
+        ends = [rows[-1]["frontier/gold_gain"] for rows in curves.values() if rows]
+        return {**interval(ends, confidence), "across": "seeds", "source": "exact"}
+    if len(runs) >= 2:
+        return {**interval([x["gold_reward"] - base["gold_reward"] for x in runs
+                            if x.get("gold_reward") is not None and base.get("gold_reward") is not None], confidence),
+                "across": "seeds", "source": "sampled"}
+    x = runs[0]
+    if not x.get("gold_prompts") or len(x["gold_prompts"]) != len(base.get("gold_prompts") or []):
+        return {**interval([], confidence), "across": "prompts", "source": "sampled"}
+    return {**interval(list(np.subtract(x["gold_prompts"], base["gold_prompts"])), confidence), "across": "prompts",
+            "source": "sampled"}
+
+
+def no_gold_gain(regime: dict, floor: float) -> bool:
+    """A judged regime whose answer entropy dropped (called collapsed, or inconclusive) with NO gold-reward gain:
+    the gain's mean below `floor` (rating points) or its interval reaching 0. Not preference-driven collapse: a
+    reward-trained regime followed its reward's errors (over-optimising the reward model); FeedME carried over
+    what its training prompts selected for."""
+    if regime.get("control_of") or regime.get("call") == "not collapsed":
+        return False
+    g = regime.get("gold_gain") or {}
+    if g.get("mean") is None:
+        return False
+    return bool(g["mean"] < floor or (g.get("lo") is not None and g["lo"] <= 0))
+
+
+def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict, confidence: float) -> dict:
+    """The comparison at MATCHED distance: every regime's curves (per seed), the base's exact reference curves
+    (evals/base/reference_curves.json), and for each KL-regularised regime (β > 0 or adaptive) against each
+    FeedME regime with curves, the paired difference of d = Δ(H/log|A|) at matched KL and at matched gold gain
+    (frontier.matched), with its call (matched_lib.equivalence_call; `rule`: ablate.frontier)."""
+    margin, grid_points = float(rule.get("margin", 0.02)), int(rule.get("grid_points", 8))
+    curves = {}
+    for name, runs in by_regime.items():
+        per_seed = {x["seed"]: curve_rows(ablation / "runs" / name / f"s{x['seed']}") for x in runs}
+        per_seed = {s: [{k: v for k, v in row.items() if k in CURVE_KEYS or k.startswith(PER_PROMPT)} for row in rows]
+                    for s, rows in per_seed.items() if rows}
+        if per_seed:
+            curves[name] = per_seed
+    kl = [n for n in curves if regimes[n]["group"] in (ONLINE, OFFLINE)
+          and ((regimes[n]["kl_coef"] or 0) > 0 or regimes[n]["adaptive_kl"])]
+    feedme = [n for n in curves if regimes[n]["group"] == SELECTION and not regimes[n].get("control_of")]
+    comparisons = []
+    for f in feedme:
+        for n in kl:
+            for x in ("frontier/kl", "frontier/gold_gain"):
+                points = [{s: matched_lib.curve_points(rows, x) for s, rows in curves[r].items()} for r in (n, f)]
+                m = matched_lib.matched(*points, grid_points, confidence, sqrt_x=x == "frontier/kl")
+                cross = matched_lib.crossed(curves[n], curves[f], grid_points, confidence) if x == "frontier/kl" else None
+                row = {"regime": n, "group": regimes[n]["group"], "feedme": f, "x": x.split("/")[1],
+                       **(m or {"difference": interval([]), "x_min": None, "x_max": None, "seeds": [], "grid": []}),
+                       "crossed": cross, "call": "no common range" if m is None else
+                       matched_lib.equivalence_call(m["difference"], margin)}
+                if cross and rule.get("random_prompts"):  # the call on the seeds x prompts interval
+                    row["pooled_difference"], row["difference"] = row["difference"], cross["difference"]
+                    row["call"] = matched_lib.equivalence_call(cross["difference"], margin)
+                comparisons.append(row)
+    return {"margin": margin, "grid_points": grid_points, "curves": curves, "comparisons": comparisons,
+            "primary": rule.get("primary"), "random_prompts": bool(rule.get("random_prompts")),
+            "references": _json(ablation / "evals" / "base" / "reference_curves.json", missing=True) or {}}
+
+
+def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dict) -> dict:
+    """What the closed forms predict (collapse_lab/evaluation/reference_curves.py, numpy only): the base's reference families
+    (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
+    tested range, per frontier comparison the predicted D and call beside the measured one and the interpolation
+    artefact (every measured point moved onto the π*_β curve: |D| must be ≤ 0.002), and per regime the TV of its
+    end point to its own closed form (reward=rm: to the reward model's exact π* too). {} without the base's data."""
+    refs = fr.get("references") or {}
+    if not (refs.get("base") or {}).get("prompts"):
+        return {}
+    forms = rc.forms_from_json(refs["base"])
+    labs = {n: (runs[0].get("lab") or {}) for n, runs in by_regime.items()}
+    specs = {n: rc.own_closed_form({**regimes[n], "name": n}, labs[n]) for n in regimes}
+    ks = sorted({s["k"] for s in specs.values() if s and s["kind"] == "feedme"}) or [
+        int(get_dotted(next(iter(labs.values()), {}), "ratings.samples_per_prompt") or 4)]
+    alphas = sorted({s["alpha"] for s in specs.values() if s and s["kind"] == "optimum" and s["alpha"] > 0})
+    measured = [r["frontier/kl"] for per_seed in fr["curves"].values() for rows in per_seed.values() for r in rows
+                if r.get("frontier/kl") is not None]
+    tested = min(rc.KL_MAX, max(measured)) if measured else rc.KL_MAX
+    fams = rc.reference_families(forms, ks[0], alphas)
+    for k in ks[1:]:
+        fams[f"feedme_k{k}"] = rc.feedme_curve(forms, k)
+    pairs = [("best_of_k", "optimum_beta"), ("feedme", "optimum_beta"), ("feedme", "best_of_k")]
+    separations = [{"a": a, "b": b, **rc.separation(fams[a], fams[b], tested)} for a, b in pairs]
+    family_of = lambda n: None if specs.get(n) is None else (  # noqa: E731
+        fams.get(f"feedme_k{specs[n]['k']}", fams["feedme"]) if specs[n]["kind"] == "feedme"
+        else rc.reference_for(specs[n], fams))
+    opt = fams["optimum_beta"]
+    on_opt = lambda x: float(rc.d_at(opt, [x])[0])  # noqa: E731
+    predictions = []
+    for c in fr["comparisons"]:
+        x = "kl" if c["x"] == "kl" else "gold_gain"
+        a, b = family_of(c["regime"]), family_of(c["feedme"])
+        pred = rc.predicted_difference(a, b, c.get("grid"), x) if a and b else None
+        row = {"regime": c["regime"], "feedme": c["feedme"], "x": c["x"], "predicted_difference": pred,
+               "predicted_call": rc.predicted_call(pred, fr["margin"]), "measured_call": c["call"]}
+        if c["x"] == "kl":
+            pts = [{s: matched_lib.curve_points(rows) for s, rows in fr["curves"].get(r, {}).items()}
+                   for r in (c["regime"], c["feedme"])]
+            row["artefact_difference"] = matched_lib.artefact_difference(*pts, on_opt, fr["grid_points"])
+        predictions.append(row)
+    rm = {int(p.parent.name[1:]): _json(p) for p in (ablation / "runs" / "reward_model").glob("s*/answer_scores.json")}
+    track = {}
+    for n, runs in by_regime.items():
+        if specs.get(n) is None:
+            continue
+        answers = {x["seed"]: _suite_answers(x, {f.id for f in forms}) for x in runs}
+        track[n] = {"closed_form": specs[n], **rc.tracking(forms, specs[n], answers, rm)}
+    for row in predictions:
+        left = [r for r in (row["regime"], row["feedme"]) if track.get(r, {}).get("tracks") is False]
+        unknown = [r for r in (row["regime"], row["feedme"]) if r not in track or track[r].get("tracks") is None]
+        if row["measured_call"] in ("no common range", "one seed: no call") or row["predicted_difference"] is None:
+            row["agrees"], row["reading"] = None, "nothing to compare (no measured call or no prediction)"
+            continue
+        agree = row["predicted_call"] == row["measured_call"]
+        row["agrees"] = agree
+        row["reading"] = ("agrees" if agree else
+                          f"disagrees: {', '.join(left)} left its closed form (TV > {rc.TRACKING_TV:g})" if left else
+                          f"disagrees: no closed form to check for {', '.join(unknown)}" if unknown else
+                          "disagrees although both regimes track their closed forms: the measured comparison or a "
+                          "closed form is wrong")
+    return {"kl_tested": tested, "separations": separations, "families": {k: rc.thin(v) for k, v in fams.items()},
+            "predictions": predictions, "tracking": track, "tracking_tv": rc.TRACKING_TV}
+
+
+def summarise_regimes(by_regime: dict[str, list[dict]], control: dict[str, str], threshold: float,
+                      confidence: float) -> dict[str, dict]:
+    """Per regime: every metric's mean and interval across seeds, its collapse call (vs the base and its
+    control), its budget and what the ablation stored of its declaration (group, KL and entropy coefficients)."""
+    regimes = {}
+    for name, runs in by_regime.items():
+        runs.sort(key=lambda x: x["seed"])
+        metrics_ = {key: interval([x.get(key) for x in runs], confidence, bounds_of(key))
+                    for key, _, _ in COLLAPSE_METRICS + DIVERSITY_METRICS + TRAINED_METRICS}
+        per_prompt = {pid: interval([x["per_prompt"][pid]["answer_entropy"] for x in runs], confidence)
+                      for pid in runs[0]["per_prompt"]}
+        top, top_p = _top_answer([x["answers"] for x in runs])
+        call = regime_collapse(runs, by_regime.get(control.get(name)), threshold, confidence)
+        control_of = runs[0].get("control_of")
+        budget = {k: interval([x["budget"][k] for x in runs if x["budget"][k] is not None], confidence)
+                  for k in BUDGET_KEYS}
+        regimes[name] = {
+            "group": runs[0]["group"], "recipe": runs[0]["recipe"], "seeds": [x["seed"] for x in runs],
+            "kl_coef": runs[0].get("kl_coef"), "adaptive_kl": runs[0].get("adaptive_kl"),
+            "ent_coef": runs[0].get("ent_coef"),  # as the ablation stored them from each regime's declaration
+            "metrics": metrics_, "answer_entropy_per_prompt": per_prompt, "top_answer": top, "top_prob": top_p,
+            "control": control.get(name), "control_of": control_of, **call,
+            "collapsed": None if control_of else call["collapsed"], "call": None if control_of else call["call"],
+            "budget": budget,
+            "status": sorted({str(x["budget"]["status"]) for x in runs}),
+        }
+    return regimes
