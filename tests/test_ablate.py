@@ -39,7 +39,7 @@ def test_overrides_split_into_ablation_and_lab_with_the_preference_alias():
 
 @pytest.mark.parametrize("args, message", [
     (["regimes=[sft,nope]"], "unknown regime(s) ['nope']"),
-    (["preset=fast"], "unknown preset 'fast'; valid choices: default, frontier, gemma3-270m, quick"),
+    (["preset=fast"], "unknown preset 'fast'; valid choices: default, frontier, gemma3-270m, powered, powered-null, quick"),
     (["regimes=[sft]", "ppo.kl_coeff=1"], "unknown key 'ppo.kl_coeff'"),
     (["regimes=[sft]", "recipe=kl0"], "'recipe' cannot be given to ablate"),
     (["regimes=[sft]", "seeds=0"], "seeds must be >= 1"),
