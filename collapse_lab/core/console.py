@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from contextlib import contextmanager
 
 STAGE_BARS = "COLLAPSE_LAB_STAGE_BARS"  # "0": the stages' own progress bars off (inherited by worker processes)
 
@@ -30,3 +32,16 @@ def say(line: str) -> None:
     """One line to stdout, written and flushed at once (one write: lines of two processes do not mix)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+@contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR):
+    """A library logger held at `level` for one call whose warning says nothing to the user (and nothing the
+    lab does not handle: a tied embedding saved once, for one)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

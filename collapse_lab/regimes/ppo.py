@@ -53,7 +53,7 @@ from transformers import AutoModelForTokenClassification, get_scheduler
 from collapse_lab.core import tracking
 from collapse_lab.world.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.core.checkpoint import publish, read_manifest, write_manifest
-from collapse_lab.core.console import progress_bars
+from collapse_lab.core.console import progress_bars, quiet_logger
 from collapse_lab.core.config import COUNT, KL_COEF, NONNEG, POSITIVE, SHARE, TEMPERATURE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.core.distributed import exact_div, world_size
 from collapse_lab.models.models import DTYPES, add_lora, load_pretrained, mixed_precision
@@ -801,7 +801,8 @@ def _checkpoint(out: Path, accelerator: Accelerator, step: int) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with quiet_logger("accelerate.utils.other"):  # "Removed shared tensor ...": a tied embedding, saved once
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp.rename(out / "checkpoints" / f"step-{step}")

@@ -121,6 +121,10 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
     tracking.quiet(trainer)
     last = last_complete_checkpoint(Path(args.output_dir))
     if last:
+        # a checkpoint holds a tied embedding once (safetensors drops the shared lm_head weight): declared, the
+        # Trainer re-ties it on resume instead of warning that the weight is missing
+        if model.config.tie_word_embeddings:
+            model._keys_to_ignore_on_save = list(model._tied_weights_keys or {})
         trainer.log_carry = read_log_carry(last, args.process_index)
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
