@@ -86,7 +86,7 @@ def test_no_stage_places_models_on_the_cpu_by_name():
     """Device placement goes through models.default_device / accelerate; no model is sent to "cpu" by name."""
     import re
 
-    for path in (REPO / "collapse_lab").glob("*.py"):
+    for path in (REPO / "collapse_lab").rglob("*.py"):
         for i, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
             assert not re.search(r"""(\.to\(|device\s*=\s*)["']cpu["']""", code), f"{path.name}:{i}: {line.strip()}"
