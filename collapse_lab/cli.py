@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from collapse_lab.lab import ablate, report, sweep
 from collapse_lab.evaluation import evaluator, observe
 from collapse_lab.stages import pretrain
-from collapse_lab.core.config import ConfigError, check_output, cli, compose, quiet_libraries, run_failure
+from collapse_lab.core.config import ConfigError, check_output, cli, compose, one_line_errors, quiet_libraries
 from collapse_lab.stages.stage import flush_denormals
 
 
@@ -89,17 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             return None
         quiet_libraries()
         flush_denormals()  # before anything computes: the stages' worker threads copy it when they start
-        try:
+        with one_line_errors():
             OWN_ARGS[argv[0]](argv[1:])
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except Exception as e:
-            failure = run_failure(e)
-            if failure is None:
-                raise
-            print(f"error: {failure}", file=sys.stderr)
-            sys.exit(1)
         return None
     config_name, fn = COMMANDS[argv[0]]
     cli(config_name, fn, argv[1:])

@@ -22,9 +22,10 @@ import hashlib
 import math
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -673,7 +674,7 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
         groups = "; ".join(f"{g}={'|'.join(group_options(g))}" for g in GROUPS) if config_name == "lab" else "-"
         print(USAGE.format(prog=Path(sys.argv[0]).name, name=config_name, groups=groups))
         return None
-    try:
+    with one_line_errors():
         cfg = compose(config_name, [a for a in argv if a != "--cfg"])
         if "--cfg" in argv:
             print(OmegaConf.to_yaml(cfg), end="")
@@ -692,6 +693,14 @@ def cli(config_name: str, fn: Callable[[DictConfig], Any], argv: Optional[list[s
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         return result
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """What every command does with an error: bad input (ConfigError) is one line on stderr and exit 2; a run
+    failure the lab recognises (a full disk, `run_failure`) is one line and exit 1; anything else propagates."""
+    try:
+        yield
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
