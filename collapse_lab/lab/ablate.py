@@ -57,8 +57,8 @@ from collapse_lab.lab import report
 from collapse_lab.core import tracking
 from collapse_lab.core.console import quiet_stage_bars, say
 from collapse_lab.core.checkpoint import lock_run, read_manifest, unlock_run
-from collapse_lab.core.config import (SEED, AblateConfig, ConfigError, EvalConfig, check_name, check_output, compose, group_options,
-                                 read_record, rerun_repair)
+from collapse_lab.core.config import (SEED, AblateConfig, ConfigError, EvalConfig, check_name, check_output, compose,
+                                      group_options, quiet_libraries, read_record, rerun_repair)
 from collapse_lab.evaluation.evaluator import Loaded
 from collapse_lab.evaluation.evaluator import run as run_evaluator
 from collapse_lab.evaluation.frontier import Curve
@@ -444,6 +444,7 @@ def _worker_init(threads: int, parent: int, events) -> None:
     die_with_parent(parent)  # (collapse_lab/__init__.py did so already, before the worker's imports: again, for sure)
     _REPORT = events.put  # this worker's stage lines go to the ablation's process (Workers._pass_events)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker's threads are torch's
+    quiet_libraries()  # per process: the libraries' own loading and saving bars, as in the ablation's process
     torch.set_num_threads(threads)
     flush_denormals()
 

@@ -33,6 +33,7 @@ from scipy.stats import spearmanr
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from collapse_lab.core import tracking
+from collapse_lab.core.console import quiet_logger
 from collapse_lab.core.checkpoint import publish, read_manifest
 from collapse_lab.core.config import ConfigError, run_dir
 from collapse_lab.core.suites import load_suite
@@ -143,7 +144,8 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
 
     # 3. Bradley-Terry on a one-logit head over the base (TRL)
     set_seed(cfg.seed)  # the head is initialised at random
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
+    with quiet_logger("transformers.modeling_utils"):  # its load report: the fresh score head, expected here
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
     distinct_pad(tokenizer, model)
     if cfg.peft.enabled:  # a LoRA adapter on the trunk, the score head in full (a real base's size: no full Adam state)
         model = add_lora(model, cfg.peft, task_type="SEQ_CLS")
