@@ -22,6 +22,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig
 
 from collapse_lab.core.config import REPO_ROOT, ConfigError, read_record, rerun_repair, save_config
+from collapse_lab.core.console import note
 from collapse_lab.core.distributed import is_main_process
 
 PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "trl", "peft", "datasets", "hydra-core", "wandb")
@@ -89,7 +90,7 @@ def already_finished(out: Path, summary: str, check: Optional[Callable[[], None]
         unlock_run(out)
         raise
     unlock_run(out)
-    print(f"{out}: already finished ({summary.format_map(manifest)}); nothing to do")
+    note(f"{out}: already finished ({summary.format_map(manifest)}); nothing to do")
     return True
 
 

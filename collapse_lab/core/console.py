@@ -3,8 +3,8 @@
 - A stage says one line when it starts and one when it ends, in any output (a terminal or a file),
   flushed at once (`say`): a log written to a file reads like the terminal, and in time.
 - Progress bars only on a terminal (`progress_bars`), and only the outermost command's: the ablation
-  draws one bar for the whole run and turns its stages' own bars off (`quiet_stage_bars`), so bars of
-  two worker processes never interleave.
+  draws one bar for the whole run and turns its stages' own bars and lines off (`quiet_stages`,
+  `note`), so two worker processes never interleave theirs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from typing import Iterator
 
 STAGE_BARS = "COLLAPSE_LAB_STAGE_BARS"  # "0": the stages' own progress bars off (inherited by worker processes)
 
@@ -22,10 +23,26 @@ def progress_bars() -> bool:
     return sys.stdout.isatty() and os.environ.get(STAGE_BARS, "1") != "0"
 
 
-def quiet_stage_bars() -> None:
-    """An outer command (the ablation) owns the console: its stages, in this process and in the worker
-    processes it starts from now on, draw no bars of their own."""
+@contextmanager
+def quiet_stages() -> Iterator[None]:
+    """An outer command (the ablation) owns the console while inside: its stages, in this process and in the
+    worker processes it starts meanwhile, draw no bars and say no lines of their own."""
+    before = os.environ.get(STAGE_BARS)
     os.environ[STAGE_BARS] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(STAGE_BARS, None)
+        else:
+            os.environ[STAGE_BARS] = before
+
+
+def note(line: str) -> None:
+    """A stage's own line (saved, resumed, found finished): said when the stage runs alone; under an outer
+    command that owns the console (the ablation), whose line per stage start and end says it already, not."""
+    if os.environ.get(STAGE_BARS, "1") != "0":
+        say(line)
 
 
 def say(line: str) -> None:

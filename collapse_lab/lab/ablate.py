@@ -55,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 from collapse_lab.regimes import registry
 from collapse_lab.lab import report
 from collapse_lab.core import tracking
-from collapse_lab.core.console import quiet_stage_bars, say
+from collapse_lab.core.console import quiet_stages, say
 from collapse_lab.core.checkpoint import lock_run, read_manifest, unlock_run
 from collapse_lab.core.config import (SEED, AblateConfig, ConfigError, EvalConfig, check_name, check_output, compose,
                                       group_options, quiet_libraries, read_record, rerun_repair)
@@ -278,7 +278,8 @@ class Display:
     def __enter__(self):
         global _REPORT
         _REPORT = self.event
-        quiet_stage_bars()  # the stages' own bars (and their worker processes') would interleave with this one
+        self.quiet = quiet_stages()  # the stages' own bars and lines (their workers' too) would interleave with these
+        self.quiet.__enter__()
         if self.progress is not None:
             self.progress.start()
         return self
@@ -286,6 +287,7 @@ class Display:
     def __exit__(self, *exc):
         global _REPORT
         _REPORT = None
+        self.quiet.__exit__(*exc)
         if self.progress is not None:
             self.progress.stop()
 

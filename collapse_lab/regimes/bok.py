@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab.core.checkpoint import publish
+from collapse_lab.core.console import note
 from collapse_lab.core.config import ConfigError, run_dir
 from collapse_lab.stages.pretrain import resolve_base
 from collapse_lab.stages.stage import BASE, SELECTION, Stage, run_stage
@@ -46,7 +47,7 @@ def make_bok(cfg: DictConfig, named: bool = True) -> Path:
                 "ties": "split in proportion to the base's mass", "world": OmegaConf.to_container(cfg.world, resolve=True)}
         publish(out, lambda tmp: (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n"))
         run.finish(samples_scored=0, ratings_per_query=k, steps=0, tokens_trained=0)
-        print(f"saved {out} (best of {k} of {base})")
+        note(f"saved {out} (best of {k} of {base})")
     return out
 
 

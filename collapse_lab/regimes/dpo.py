@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab.core import tracking
+from collapse_lab.core.console import note
 from collapse_lab.core.config import COUNT, POSITIVE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.evaluation.frontier import Curve, callbacks
 from collapse_lab.models.models import add_lora, load_pretrained
@@ -130,7 +131,7 @@ def train_dpo(cfg: DictConfig, run: Run) -> None:
     run.finish(samples_scored=len(ratings), pairs=len(pairs), ties_dropped=ties, steps=trainer.state.global_step,
                tokens_trained=round(tokens * d.epochs), beta=d.beta, loss_type=d.loss_type,
                final_loss=next((x["loss"] for x in reversed(log) if "loss" in x), None))
-    print(f"saved {run.out}: {d.loss_type} β={d.beta:g} on {len(pairs)} pairs ({ties} prompt draws tied), "
+    note(f"saved {run.out}: {d.loss_type} β={d.beta:g} on {len(pairs)} pairs ({ties} prompt draws tied), "
           f"{trainer.state.global_step} steps")
 
 

@@ -53,7 +53,7 @@ from transformers import AutoModelForTokenClassification, get_scheduler
 from collapse_lab.core import tracking
 from collapse_lab.world.bandit import kl_divergence, next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.core.checkpoint import publish, read_manifest, write_manifest
-from collapse_lab.core.console import progress_bars, quiet_logger
+from collapse_lab.core.console import note, progress_bars, quiet_logger
 from collapse_lab.core.config import COUNT, KL_COEF, NONNEG, POSITIVE, SHARE, TEMPERATURE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.core.distributed import exact_div, world_size
 from collapse_lab.models.models import DTYPES, add_lora, load_pretrained, mixed_precision
@@ -695,7 +695,7 @@ def finish(cfg: DictConfig, run: Run, s: Setup) -> None:
                world_size=a.num_processes, final=last_row)
     if a.is_main_process:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        print(f"saved {out}")
+        note(f"saved {out}")
     # The DDP wrappers go before the process group. A DDP Reducer that drops the group's last reference
     # destroys it holding the GIL, joining a gloo worker thread that waits for the GIL to free a finished
     # collective's tensors: a torch deadlock at exit, at random (a two-process CPU run hung after saving).

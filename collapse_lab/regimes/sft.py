@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from collapse_lab.core import tracking
+from collapse_lab.core.console import note
 from collapse_lab.world.bandit import next_token_probs, reward_vector
 from collapse_lab.evaluation.best_of_k import best_of_k
 from collapse_lab.core.config import ANY, COUNT, POSITIVE, ConfigError, one_of, ranged, run_dir
@@ -145,10 +146,10 @@ def train_sft(cfg: DictConfig, run: Run) -> None:
     extra = {}
     if make_world(cfg.world).reward_table is not None:  # the bandit: FeedME against best-of-k's closed form
         extra = bandit_tv_to_best_of_k(final, base, tokenizer, cfg, kept)
-        print(f"bandit: TV(FeedME, best-of-{cfg.ratings.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f} "
+        note(f"bandit: TV(FeedME, best-of-{cfg.ratings.samples_per_prompt}) = {extra['bandit_tv_to_best_of_k']:.4f} "
               f"(its kept samples' own TV, the sampling floor: {extra['bandit_tv_kept_samples_to_best_of_k']:.4f})")
     run.finish(**fields, select=cfg.sft.select, **extra)
-    print(f"saved {run.out} ({time.time() - run.started:.1f} s)")
+    note(f"saved {run.out} ({time.time() - run.started:.1f} s)")
 
 
 def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
@@ -204,7 +205,7 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
                        "ratings_mean_score": float(torch.tensor(list(ratings["score"])).mean()),
                        "steps": trainer.state.global_step, "final_loss": loss})
         log += [{"round": rnd, **x} for x in trainer.state.log_history]
-        print(f"sft round {rnd}: kept ({s.select}) {len(kept)} of {len(ratings)} "
+        note(f"sft round {rnd}: kept ({s.select}) {len(kept)} of {len(ratings)} "
               f"(mean score {rounds[-1]['kept_mean_score']:.2f}), {trainer.state.global_step} steps, loss {loss}")
 
     # 4. save (LoRA merged in: the evaluator loads a plain causal LM)

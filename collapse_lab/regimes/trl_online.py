@@ -19,6 +19,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 
 from collapse_lab.core import tracking
+from collapse_lab.core.console import note
 from collapse_lab.world.bandit import next_token_probs, optimum, reward_vector, total_variation
 from collapse_lab.core.config import run_dir
 from collapse_lab.core.distributed import exact_div
@@ -97,7 +98,7 @@ def train_online(cfg: DictConfig, named: bool, regime: Stage, trainer_cls, confi
         run.finish(samples_scored=getattr(reward, "samples_scored", None) or steps * s.rollout_batch_size,
                    steps=steps, tokens_trained=tokens, kl_coef=s.kl_coef, **extra,
                    final={k: v for k, v in (log[-1] if log else {}).items() if isinstance(v, (int, float))})
-        print(f"saved {out}: {stage} β={s.kl_coef:g}, {steps} steps" +
+        note(f"saved {out}: {stage} β={s.kl_coef:g}, {steps} steps" +
               (f", bandit TV to π* {extra['bandit_tv_to_optimum']:.4f}" if extra else ""))
     return out
 

@@ -30,6 +30,7 @@ from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PreTra
                           TrainerCallback, TrainingArguments, set_seed)
 
 from collapse_lab.core.checkpoint import publish, read_manifest, write_manifest, fault
+from collapse_lab.core.console import note
 from collapse_lab.core.config import CORPUS_KEYS, ConfigError, read_record, run_dir
 from collapse_lab.core.distributed import exact_div, process_state, world_size
 from collapse_lab.models.models import build_base_model, check_base
@@ -126,7 +127,7 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
         if model.config.tie_word_embeddings:
             model._keys_to_ignore_on_save = list(model._tied_weights_keys or {})
         trainer.log_carry = read_log_carry(last, args.process_index)
-        print(f"resuming from {last}")
+        note(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
 
     # 5. save (main process); the trainer's optimizer checkpoints are only for resuming
@@ -148,7 +149,7 @@ def pretrain(cfg: DictConfig, run: Run) -> None:
                parameters=model.num_parameters(), finished_at=_now(), world_size=world_size())
     if trainer.is_world_process_zero():
         shutil.rmtree(args.output_dir, ignore_errors=True)
-        print(f"saved {out}")
+        note(f"saved {out}")
 
 
 def last_complete_checkpoint(trainer_dir: Path) -> Optional[str]:

@@ -30,6 +30,7 @@ from datasets import Dataset, load_from_disk
 from omegaconf import DictConfig
 
 from collapse_lab.core.checkpoint import publish
+from collapse_lab.core.console import note
 from collapse_lab.core.config import ConfigError, run_dir
 from collapse_lab.models.models import autocast, load_pretrained
 from collapse_lab.stages.pretrain import resolve_base
@@ -125,7 +126,7 @@ def rate(cfg: DictConfig, named: bool = True) -> Path:
         publish(out, lambda tmp: data.save_to_disk(str(tmp / "data")))
         run.finish(samples_scored=len(data), prompts=r.prompts, samples_per_prompt=r.samples_per_prompt,
                    steps=0, tokens_trained=0, **summary(data))
-        print(f"saved {out} ({len(data)} rated samples, {time.time() - run.started:.1f} s)")
+        note(f"saved {out} ({len(data)} rated samples, {time.time() - run.started:.1f} s)")
     return out
 
 

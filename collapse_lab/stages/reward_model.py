@@ -33,7 +33,7 @@ from scipy.stats import spearmanr
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from collapse_lab.core import tracking
-from collapse_lab.core.console import quiet_logger
+from collapse_lab.core.console import note, quiet_logger
 from collapse_lab.core.checkpoint import publish, read_manifest
 from collapse_lab.core.config import ConfigError, run_dir
 from collapse_lab.core.suites import load_suite
@@ -116,7 +116,7 @@ def train_reward_model(cfg: DictConfig, run: Run) -> None:
     ratings = load_ratings(ratings_path)
     metrics = fit_reward_model(cfg, ratings, base, run.out)
     run.finish(samples_scored=len(ratings), **metrics)
-    print(f"saved {run.out}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} "
+    note(f"saved {run.out}: held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.3f} "
           f"({metrics['eval_pairs']} pairs), Spearman with gold {metrics['eval_spearman_gold']:.3f}, with the "
           f"noiseless score {metrics['eval_spearman_expected']:.3f} ({time.time() - run.started:.1f} s)")
 
