@@ -8,11 +8,11 @@ random offset in [0, 1.5] s (tests/test_faults.py: race). Counts how often exact
 result and the other exits 2 with one line; any other outcome (both 0, the other config's result) fails.
 
 kill: pretrain with save_every=7, log_every=4 (saves not on log steps) killed with SIGKILL at a random moment
-of its training, rerun (killed again at random until one run finishes), then metrics.jsonl compared, row for
-row without the wall-clock keys, with an uninterrupted run's.
+of its run after its imports (uniform over the uninterrupted run's duration), rerun (killed again at random until
+one run finishes), then metrics.jsonl compared, row for row without the wall-clock keys, with an uninterrupted
+run's (in this process, on one thread as the subprocesses).
 """
 
-import json
 import random
 import signal
 import subprocess
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from test_faults import _argv, _rows, _run, _tiny, race, released_together  # noqa: E402
+from test_faults import _argv, _rows, _run, _tiny, race  # noqa: E402
 
 KILL = _tiny(steps=40, save_every=7, log_every=4)
 
@@ -36,40 +36,46 @@ def bench_race(n: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             winner, error = race(Path(tmp), offsets)
         outcomes.append(winner)
-        print(f"race {i + 1}/{n}: offsets {offsets[0]:.2f}/{offsets[1]:.2f} s: steps={winner} ran, the other: {error}")
+        print(f"race {i + 1}/{n}: offsets {offsets[0]:.2f}/{offsets[1]:.2f} s: steps={winner} ran, the other: {error}",
+              flush=True)
     print(f"race: {n}/{n} runs gave exactly one result, its own (winner steps=6: {outcomes.count(6)}, "
           f"steps=8: {outcomes.count(8)}); never exit 0 with the other config's result")
 
 
 def bench_kill(n: int) -> None:
-    rng, same = random.Random(0), 0
+    import torch
+
+    from test_faults import _lab
+    from collapse_lab.pretrain import pretrain
+
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): float sums in the same order
+    rng, same, killed = random.Random(0), 0, 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.time()
-        (p, _, err), = released_together(tmp / "whole", ("train/pretrain.py", *_argv(tmp / "whole", *KILL)))
-        train_s = time.time() - start  # an upper bound of the run after its imports
-        assert p.returncode == 0, err[-2000:]
-        (whole,) = (tmp / "whole" / "base").iterdir()
+        whole = pretrain(_lab(tmp / "whole", *KILL))
+        train_s = time.time() - start  # the run after its imports: kills land in [0, train_s)
         for i in range(n):
             ck, kills = tmp / f"k{i}", []
             while True:
                 t = rng.uniform(0, train_s)
-                proc = _run("-c", BARRIER_THEN_KILL, str(t), "train/pretrain.py", *_argv(ck, *KILL))
-                out, err = proc.communicate(timeout=600)
+                proc = _run("-c", KILL_AFTER, str(t), "train/pretrain.py", *_argv(ck, *KILL))
+                out, err = proc.communicate(timeout=1800)
                 if proc.returncode == 0:
                     break
                 assert proc.returncode == -signal.SIGKILL, err[-2000:]
                 kills.append(round(t, 2))
             (out_dir,) = (ck / "base").iterdir()
             ok = _rows(out_dir / "metrics.jsonl") == _rows(whole / "metrics.jsonl")
-            same += ok
-            print(f"kill {i + 1}/{n}: killed at {kills} s after the imports, then finished: metrics "
-                  f"{'identical' if ok else 'DIFFERENT'}")
-    print(f"kill: {same}/{n} interrupted runs logged metrics.jsonl identical to the uninterrupted run's")
+            same, killed = same + ok, killed + bool(kills)
+            print(f"kill {i + 1}/{n}: killed at {kills} s after the imports (run: {train_s:.1f} s), then finished: "
+                  f"metrics {'identical' if ok else 'DIFFERENT'}", flush=True)
+    print(f"kill: {same}/{n} runs ({killed} of them killed at least once) logged metrics.jsonl identical to the "
+          "uninterrupted run's")
 
 
 # imports done, then the script, and a SIGKILL of this very process `delay` seconds later
-BARRIER_THEN_KILL = """
+KILL_AFTER = """
 import os, runpy, signal, sys, threading, time
 import collapse_lab.pretrain  # the imports first: the kill lands in the run
 delay = float(sys.argv[1])
