@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from collapse_lab import bok, dpo, grpo, ppo, pretrain, ratings, reward_model, rloo, sft
-from collapse_lab.config import ConfigError, extend_schema
+from collapse_lab.config import ConfigError, check_run_location, extend_schema
 from collapse_lab.distributed import exact_div, world_size
 from collapse_lab.pretrain import resolve_base
 from collapse_lab.stage import (BASE, ONLINE, POLICY, RATINGS, REWARD, REWARD_MODEL, SELECTION, Stage, online_rating_budget,
@@ -123,6 +123,7 @@ def resolve(cfg: DictConfig, name: str) -> dict[str, Path]:
 def check_plan(cfg: DictConfig, name: str) -> None:
     """Every check of the stages `name` runs under `cfg` (its upstream ones, then itself): a ConfigError (one
     line) before the first stage does any work."""
+    check_run_location(cfg)
     for x in [*upstream(cfg, name), name]:
         s = stage(x)
         if s.check is not None:

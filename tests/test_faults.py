@@ -562,6 +562,7 @@ def _lab_main(stage):
     ("sft", ["world=bandit", "sft.min_score=1.5"], "above the rater's highest score 1"),
     ("ppo", ["pretrain.micro_batches=3"], "pretrain.batch_size per process over pretrain.micro_batches"),
     ("rloo", ["rloo.samples_per_prompt=5"], "rloo.rollout_batch_size over rloo.samples_per_prompt"),
+    ("ppo", ["name=" + "x" * 256], "256 bytes, at most 255"),  # the PPO run's name: not after its base
 ])
 def test_3_a_plan_that_cannot_run_is_refused_before_its_first_stage(stage, overrides, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
