@@ -480,9 +480,12 @@ def released_together(tmp: Path, *commands, offsets=None) -> list[tuple]:
     offsets = offsets or [0.0] * len(commands)
     procs = [_run("-c", BARRIER, str(tmp / f"ready{i}"), str(tmp / "go"), str(offsets[i]), *cmd)
              for i, cmd in enumerate(commands)]
-    deadline = time.time() + 300
+    deadline = time.time() + 1200  # imports alone took 6 minutes on a 2-core machine at load 14
     while not all((tmp / f"ready{i}").exists() for i in range(len(commands))):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail(f"not ready: {[p.communicate()[1][-1000:] for p in procs]}")
         time.sleep(0.01)
     (tmp / "go").touch()
     return [(p, *p.communicate(timeout=600)) for p in procs]
