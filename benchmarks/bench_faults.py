@@ -1,7 +1,7 @@
 """Issue 28's repeated fault checks, as real processes (the tests run each once):
 
-    python benchmarks/bench_faults.py race [N]     # case 1: two configs, one directory, N times with random offsets
-    python benchmarks/bench_faults.py kill [N]     # case 2: pretrain kill -9 at N random moments, then rerun
+    python benchmarks/bench_faults.py race [N [SEED]]   # case 1: two configs, one directory, N times, random offsets
+    python benchmarks/bench_faults.py kill [N [SEED]]   # case 2: pretrain kill -9 at N random moments, then rerun
 
 race: pretrain steps=6 and steps=8 on name=shared, both past their imports, released together, each after a
 random offset in [0, 1.5] s (tests/test_faults.py: race). Counts how often exactly one exits 0 with its own
@@ -28,8 +28,8 @@ from test_faults import _argv, _rows, _run, _tiny, race  # noqa: E402
 KILL = _tiny(steps=40, save_every=7, log_every=4)
 
 
-def bench_race(n: int) -> None:
-    rng, outcomes = random.Random(0), []
+def bench_race(n: int, seed: int = 0) -> None:
+    rng, outcomes = random.Random(seed), []
     for i in range(n):
         offsets = [rng.uniform(0, 1.5), rng.uniform(0, 1.5)]
         with tempfile.TemporaryDirectory() as tmp:
@@ -41,14 +41,14 @@ def bench_race(n: int) -> None:
           f"steps=8: {outcomes.count(8)}); never exit 0 with the other config's result")
 
 
-def bench_kill(n: int) -> None:
+def bench_kill(n: int, seed: int = 0) -> None:
     import torch
 
     from test_faults import _lab
     from collapse_lab.pretrain import pretrain
 
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): float sums in the same order
-    rng, same, killed = random.Random(0), 0, 0
+    rng, same, killed = random.Random(seed), 0, 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.time()
@@ -84,5 +84,5 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 if __name__ == "__main__":
-    what, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 20
-    {"race": bench_race, "kill": bench_kill}[what](n)
+    what, n, seed = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 20, int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    {"race": bench_race, "kill": bench_kill}[what](n, seed)
