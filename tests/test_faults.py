@@ -480,9 +480,12 @@ def released_together(tmp: Path, *commands, offsets=None) -> list[tuple]:
     offsets = offsets or [0.0] * len(commands)
     procs = [_run("-c", BARRIER, str(tmp / f"ready{i}"), str(tmp / "go"), str(offsets[i]), *cmd)
              for i, cmd in enumerate(commands)]
-    deadline = time.time() + 300
+    deadline = time.time() + 1200  # imports alone took 6 minutes on a 2-core machine at load 14
     while not all((tmp / f"ready{i}").exists() for i in range(len(commands))):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail(f"not ready: {[p.communicate()[1][-1000:] for p in procs]}")
         time.sleep(0.01)
     (tmp / "go").touch()
     return [(p, *p.communicate(timeout=600)) for p in procs]
@@ -562,6 +565,7 @@ def _lab_main(stage):
     ("sft", ["world=bandit", "sft.min_score=1.5"], "above the rater's highest score 1"),
     ("ppo", ["pretrain.micro_batches=3"], "pretrain.batch_size per process over pretrain.micro_batches"),
     ("rloo", ["rloo.samples_per_prompt=5"], "rloo.rollout_batch_size over rloo.samples_per_prompt"),
+    ("ppo", ["name=" + "x" * 256], "256 bytes, at most 255"),  # the PPO run's name: not after its base
 ])
 def test_3_a_plan_that_cannot_run_is_refused_before_its_first_stage(stage, overrides, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

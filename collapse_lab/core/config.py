@@ -779,13 +779,20 @@ def run_dir(cfg: DictConfig, stage: str, keys: tuple[str, ...], default_name: st
     """
     name = cfg.name if named and cfg.name else f"{default_name}-{config_hash(cfg, keys)}"
     check_name(name, "run name")
-    root = Path(cfg.checkpoints_dir)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"checkpoints_dir={root} is a file; give a directory")
-    path = root / stage / name
+    check_run_location(cfg)
+    path = Path(cfg.checkpoints_dir) / stage / name
     _RUN_KEYS[path.absolute()] = keys
     same_config(cfg, path)
     return path
+
+
+def check_run_location(cfg: DictConfig) -> None:
+    """Where a command's runs go, before any work: `name=` a valid directory name, checkpoints_dir not a file."""
+    if cfg.name is not None:
+        check_name(cfg.name, "run name")
+    root = Path(cfg.checkpoints_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"checkpoints_dir={root} is a file; give a directory")
 
 
 # run directory -> the config keys it depends on (run_dir records them; same_config reads them under the lock)

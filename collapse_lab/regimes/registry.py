@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from collapse_lab.regimes import bok, dpo, grpo, ppo, rloo, sft
 from collapse_lab.stages import pretrain, ratings, reward_model
-from collapse_lab.core.config import RECIPES_DIR, ConfigError, register_sections
+from collapse_lab.core.config import RECIPES_DIR, ConfigError, check_run_location, register_sections
 from collapse_lab.stages.pretrain import resolve_base
 from collapse_lab.stages.stage import BASE, POLICY, RATINGS, REWARD_MODEL, Stage
 
@@ -123,6 +123,7 @@ def resolve(cfg: DictConfig, name: str) -> dict[str, Path]:
 def check_plan(cfg: DictConfig, name: str) -> None:
     """Every check of the stages `name` runs under `cfg` (its upstream ones, then itself): a ConfigError (one
     line) before the first stage does any work."""
+    check_run_location(cfg)
     for x in [*upstream(cfg, name), name]:
         s = stage(x)
         if s.check is not None:
