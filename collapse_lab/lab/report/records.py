@@ -15,54 +15,48 @@ from collapse_lab.core.names import ONLINE, SELECTION, get_dotted
 from collapse_lab.evaluation.matched import KEYS
 
 
-# (key in a run's record, label, format): the per-regime numbers, in table order.
-COLLAPSE_METRICS = [
-    ("norm_entropy", "H / log|A|", ".3f"),
-    ("answer_entropy", "H (nats)", ".3f"),
-    ("delta_norm_entropy", "Δ(H/log|A|) vs base", "+.3f"),
-    ("delta_norm_entropy_control", "Δ(H/log|A|) vs control", "+.3f"),
-    ("valid_mass", "valid mass M", ".3f"),
-    ("top_prob", "top p(a)", ".3f"),
-    ("entropy_upper_bound", "post's bound (nats)", ".2f"),
-    ("next_token_entropy", "next-token H (nats)", ".2f"),
-    ("kl_to_reference", "KL to base (nats)", ".4f"),
-    ("tv_to_reference", "TV", ".3f"),
-    ("abs_entropy_change", "|ΔH| (nats)", ".3f"),
-    ("fannes_entropy_bound", "Fannes bound (nats)", ".3f"),
-    ("within_bound", "|ΔH| ≤ bound (share)", ".2f"),
+# Every per-regime number the report shows: (key in a run's record, label, format, its table), in table order.
+# Tables: collapse (the seed suite's exact metrics), diversity (sampling, calibration, gold reward), trained (the
+# same exact metrics on TRAINED-ON prompts, eval/suites/templates.yaml, beside the seed suite's held-out ones).
+METRICS = [
+    ("norm_entropy", "H / log|A|", ".3f", "collapse"),
+    ("answer_entropy", "H (nats)", ".3f", "collapse"),
+    ("delta_norm_entropy", "Δ(H/log|A|) vs base", "+.3f", "collapse"),
+    ("delta_norm_entropy_control", "Δ(H/log|A|) vs control", "+.3f", "collapse"),
+    ("valid_mass", "valid mass M", ".3f", "collapse"),
+    ("top_prob", "top p(a)", ".3f", "collapse"),
+    ("entropy_upper_bound", "post's bound (nats)", ".2f", "collapse"),
+    ("next_token_entropy", "next-token H (nats)", ".2f", "collapse"),
+    ("kl_to_reference", "KL to base (nats)", ".4f", "collapse"),
+    ("tv_to_reference", "TV", ".3f", "collapse"),
+    ("abs_entropy_change", "|ΔH| (nats)", ".3f", "collapse"),
+    ("fannes_entropy_bound", "Fannes bound (nats)", ".3f", "collapse"),
+    ("within_bound", "|ΔH| ≤ bound (share)", ".2f", "collapse"),
     # PPO runs: the closed-form optimum π* of the run's own objective (β, α) with the GOLD rater's mean
     # score (collapse_lab/evaluation/optimum.py); for reward=rm runs, how far the learned reward led from it
-    ("optimum_tv", "TV to own π* (gold)", ".3f"),
-    ("optimum_norm_entropy", "π*: H/log|A|", ".3f"),
+    ("optimum_tv", "TV to own π* (gold)", ".3f", "collapse"),
+    ("optimum_norm_entropy", "π*: H/log|A|", ".3f", "collapse"),
+    ("sequence_entropy", "seq. entropy (nats)", ".2f", "diversity"),
+    ("distinct_1", "distinct-1", ".3f", "diversity"),
+    ("distinct_2", "distinct-2", ".3f", "diversity"),
+    ("repetition_loop_rate", "repetition loops", ".3f", "diversity"),
+    ("well_formed_rate", "well-formed", ".3f", "diversity"),
+    ("stories.sequence_entropy", "stories seq. H (nats)", ".1f", "diversity"),
+    ("stories.distinct_2", "stories distinct-2", ".3f", "diversity"),
+    ("stories.repetition_loop_rate", "stories loops", ".3f", "diversity"),
+    ("ece", "ECE", ".3f", "diversity"),
+    ("brier", "Brier", ".3f", "diversity"),
+    ("gold_reward", "gold reward (1-7)", ".2f", "diversity"),
+    ("trained.norm_entropy", "H / log|A|", ".3f", "trained"),
+    ("trained.delta_norm_entropy", "Δ(H/log|A|) vs base", "+.3f", "trained"),
+    ("trained.kl_to_reference", "KL to base (nats)", ".4f", "trained"),
+    ("trained.tv_to_reference", "TV", ".3f", "trained"),
+    ("trained.top_prob", "top p(a)", ".3f", "trained"),
+    ("trained.valid_mass", "valid mass M", ".3f", "trained"),
+    ("trained.optimum_tv", "TV to own π* (gold)", ".3f", "trained"),
 ]
-
-
-DIVERSITY_METRICS = [
-    ("sequence_entropy", "seq. entropy (nats)", ".2f"),
-    ("distinct_1", "distinct-1", ".3f"),
-    ("distinct_2", "distinct-2", ".3f"),
-    ("repetition_loop_rate", "repetition loops", ".3f"),
-    ("well_formed_rate", "well-formed", ".3f"),
-    ("stories.sequence_entropy", "stories seq. H (nats)", ".1f"),
-    ("stories.distinct_2", "stories distinct-2", ".3f"),
-    ("stories.repetition_loop_rate", "stories loops", ".3f"),
-    ("ece", "ECE", ".3f"),
-    ("brier", "Brier", ".3f"),
-    ("gold_reward", "gold reward (1-7)", ".2f"),
-]
-
-
-# the same exact metrics on TRAINED-ON prompts (eval/suites/templates.yaml: prompts World.train_prompt draws),
-# beside the seed suite's (held out of fine-tuning when world.heldout_eval_prompts): means over its prompts
-TRAINED_METRICS = [
-    ("trained.norm_entropy", "H / log|A|", ".3f"),
-    ("trained.delta_norm_entropy", "Δ(H/log|A|) vs base", "+.3f"),
-    ("trained.kl_to_reference", "KL to base (nats)", ".4f"),
-    ("trained.tv_to_reference", "TV", ".3f"),
-    ("trained.top_prob", "top p(a)", ".3f"),
-    ("trained.valid_mass", "valid mass M", ".3f"),
-    ("trained.optimum_tv", "TV to own π* (gold)", ".3f"),
-]
+COLLAPSE_METRICS, DIVERSITY_METRICS, TRAINED_METRICS = ([m[:3] for m in METRICS if m[3] == table]
+                                                         for table in ("collapse", "diversity", "trained"))
 
 
 BUDGET_KEYS = ("samples_scored", "steps", "tokens_trained")
