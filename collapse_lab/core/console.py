@@ -52,13 +52,15 @@ def say(line: str) -> None:
 
 
 @contextmanager
-def quiet_logger(name: str, level: int = logging.ERROR):
-    """A library logger held at `level` for one call whose warning says nothing to the user (and nothing the
-    lab does not handle: a tied embedding saved once, for one)."""
-    logger = logging.getLogger(name)
-    before = logger.level
-    logger.setLevel(level)
+def quiet_logger(*names: str, level: int = logging.ERROR):
+    """Library loggers held at `level` for one call whose warnings say nothing to the user (and nothing the
+    lab does not handle: a tied embedding saved once, a fresh score head loaded on purpose)."""
+    loggers = [logging.getLogger(n) for n in names]
+    before = [x.level for x in loggers]
+    for x in loggers:
+        x.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(before)
+        for x, b in zip(loggers, before):
+            x.setLevel(b)

@@ -144,7 +144,9 @@ def fit_reward_model(cfg: DictConfig, ratings: Dataset, base: str, out: Path) ->
 
     # 3. Bradley-Terry on a one-logit head over the base (TRL)
     set_seed(cfg.seed)  # the head is initialised at random
-    with quiet_logger("transformers.modeling_utils"):  # its load report: the fresh score head, expected here
+    # its load report (the fresh score head, expected here); transformers checks its tensor-parallel plan, and
+    # warns of it, whenever that logger is quieter than INFO: held as well
+    with quiet_logger("transformers.modeling_utils", "transformers.distributed.tensor_parallel"):
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.model.dtype])
     distinct_pad(tokenizer, model)
     if cfg.peft.enabled:  # a LoRA adapter on the trunk, the score head in full (a real base's size: no full Adam state)
