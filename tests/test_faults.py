@@ -12,6 +12,7 @@
 """
 
 import json
+import math
 import os
 import pickle
 import re
@@ -30,8 +31,7 @@ from transformers import AutoTokenizer
 
 from collapse_lab.regimes import ppo as ppo_module
 from collapse_lab.core.checkpoint import FAULT, read_manifest
-from collapse_lab.core.config import (COUNT, NONNEG, OPEN_SHARE, POSITIVE, SCHEMAS, SHARE, ConfigError, EvalConfig, cli,
-                                      compose, ranges, schema, KL_COEF, SEED, TEMPERATURE)
+from collapse_lab.core.config import SCHEMAS, ConfigError, EvalConfig, cli, compose, ranges, schema
 from collapse_lab.regimes.ppo import ppo_dir, train_ppo
 from collapse_lab.stages.pretrain import pretrain
 from collapse_lab.stages.reward_model import train_reward_model
@@ -281,7 +281,14 @@ def test_every_numeric_key_has_a_range(name):
     assert sorted(_numeric_keys(schema(name))) == sorted(ranges(name))  # the regimes' sections: their fields' metadata
 
 
-OUTSIDE = {COUNT: 0, NONNEG: -1, POSITIVE: 0, SHARE: 1.5, OPEN_SHARE: 1, SEED: 2**32, TEMPERATURE: 0, KL_COEF: 1e5}
+def outside(valid) -> object:
+    """A value just outside the range `valid`: its low end when open, one below it when closed, else one above
+    its high end; "nan" for a range of every finite number (ANY)."""
+    if valid.low > -math.inf:
+        return valid.low if valid.low_open else valid.low - 1
+    return valid.high if valid.high_open else valid.high + 1 if valid.high < math.inf else "nan"
+
+
 BASE_ARGS = {"lab": [], "evaluate": ["model_path=x"], "ablate": []}
 
 
@@ -289,7 +296,8 @@ BASE_ARGS = {"lab": [], "evaluate": ["model_path=x"], "ablate": []}
 def test_every_bad_value_is_exit_2_with_one_line_before_any_work(name, key, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     valid = ranges(name)[key]
-    value = OUTSIDE.get(valid, "nan")  # ANY: every finite number
+    value = outside(valid)
+    assert value == "nan" or value not in valid
     called = []
     with pytest.raises(SystemExit) as e:
         cli(name, called.append, [*BASE_ARGS[name], f"{key}={value}", f"checkpoints_dir={tmp_path}/ck"]
