@@ -1,5 +1,5 @@
-"""The regime module is the only declaration (issue 27): run directories keep their names (hashes pinned
-from the code before the refactor, so checkpoints/ and the example reports stay valid), keys derived from a
+"""The regime module is the only declaration (issue 27): run directories keep their names (hashes pinned,
+so checkpoints/ and the example reports stay valid), keys derived from a
 declaration, recipes mapped to modules by their `regime.kind`, a recipe of another kind refused by an entry
 point, configuration importing no regime, and no function in the package over 100 lines."""
 
@@ -29,28 +29,29 @@ CONFIGS = {
     "base_path": ["base_path=/x/base", "seed=3"], "bandit": ["world=bandit", "ppo.kl_coef=0.3"],
     "peft": ["peft.enabled=true", "curve.points=3", "model=gpt2"],
 }
-# (config, recipe, stage) -> its run directory's name, computed by the hand-written stage_keys functions
-# before the regimes declared themselves (main 444910c)
+# (config, recipe, stage) -> its run directory's name. First pinned from the hand-written stage_keys functions before
+# the regimes declared themselves (main 444910c: identical names); pinned again when the graded rater and the curve
+# spacing added config keys (issue 25: the world section is in every stage's key). A change here renames runs.
 PINNED = {
-    ("default", None, "base"): "tiny-s0-de05fe26",
-    ("default", None, "ratings"): "tiny-numbers-n256k4-s0-325d2cd6",
-    ("default", None, "reward"): "tiny-numbers-rm-n256k4-s0-e9a9e6e0",
-    ("default", None, "sft"): "tiny-numbers-top1of4-s0-42560921",
-    ("default", None, "dpo"): "tiny-numbers-dpo0.1-s0-11579b12",
-    ("default", None, "bok"): "tiny-numbers-bo4-826593fe",
-    ("default", None, "ppo"): "tiny-numbers-kl0.1-s0-45416f81",
-    ("default", None, "rloo"): "tiny-numbers-rloo-kl0.1-gold-s0-d8fa744f",
-    ("default", "grpo", "grpo"): "tiny-numbers-grpo-kl0.1-gold-s0-0ac73514",
-    ("default", "sft-r3", "sft"): "tiny-numbers-top1of4-r3-s0-9231c484",
-    ("rm", "kl0.1", "ppo"): "tiny-numbers-kl0.1-s0-fad296a2",
-    ("rm", "rloo-kl0.1", "rloo"): "tiny-numbers-rloo-kl0.1-rm-s0-5e29207f",
-    ("rm_path", "kl0.1", "ppo"): "tiny-numbers-kl0.1-s0-fee9fd92",
-    ("base_path", "sft-random", "sft"): "tiny-numbers-random1of4-s3-51d9d7a6",
-    ("base_path", "bok", "bok"): "tiny-numbers-bo4-4c1c7d78",
-    ("base_path", None, "ratings"): "tiny-numbers-n256k4-s3-98c62616",
-    ("peft", "dpo0.1", "dpo"): "gpt2-numbers-dpo0.1-s0-186d0dba",
-    ("peft", "klauto", "ppo"): "gpt2-numbers-klauto-s0-28b04921",
-    ("bandit", "kl0.1", "ppo"): "tiny-bandit-kl0.3-s0-793fb570",
+    ('default', None, 'base'): 'tiny-s0-3c650ffc',
+    ('default', None, 'ratings'): 'tiny-numbers-n256k4-s0-387baf99',
+    ('default', None, 'reward'): 'tiny-numbers-rm-n256k4-s0-fd72fc62',
+    ('default', None, 'sft'): 'tiny-numbers-top1of4-s0-d5bddb24',
+    ('default', None, 'dpo'): 'tiny-numbers-dpo0.1-s0-47270e5a',
+    ('default', None, 'bok'): 'tiny-numbers-bo4-341d49d6',
+    ('default', None, 'ppo'): 'tiny-numbers-kl0.1-s0-382b5fca',
+    ('default', None, 'rloo'): 'tiny-numbers-rloo-kl0.1-gold-s0-351ced07',
+    ('default', 'grpo', 'grpo'): 'tiny-numbers-grpo-kl0.1-gold-s0-e15eff58',
+    ('default', 'sft-r3', 'sft'): 'tiny-numbers-top1of4-r3-s0-96828ba1',
+    ('rm', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-ca027257',
+    ('rm', 'rloo-kl0.1', 'rloo'): 'tiny-numbers-rloo-kl0.1-rm-s0-f6a3df94',
+    ('rm_path', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-9f2740a4',
+    ('base_path', 'sft-random', 'sft'): 'tiny-numbers-random1of4-s3-f42cd343',
+    ('base_path', 'bok', 'bok'): 'tiny-numbers-bo4-b2dcd458',
+    ('base_path', None, 'ratings'): 'tiny-numbers-n256k4-s3-7004ed1a',
+    ('peft', 'dpo0.1', 'dpo'): 'gpt2-numbers-dpo0.1-s0-c89fb18b',
+    ('peft', 'klauto', 'ppo'): 'gpt2-numbers-klauto-s0-0d920d1d',
+    ('bandit', 'kl0.1', 'ppo'): 'tiny-bandit-kl0.3-s0-9c2d607a',
 }
 
 
