@@ -54,7 +54,8 @@ def test_bad_input_is_one_line_naming_it(args, message):
 
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     r = run_cli("-m", "collapse_lab.cli", "ablate", "regimes=[sft,nope]", f"checkpoints_dir={tmp_path}")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "valid choices: sft, sft-k16, sft-r3, bok, kl0" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown regime(s) ['nope']" in r.stderr
+    assert {"sft", "bok", "kl0.1", "dpo0.1"} <= set(r.stderr.split("valid choices: ")[1].strip().split(", "))
     assert not any(tmp_path.iterdir())
     r = run_cli("-m", "collapse_lab.cli", "report", str(tmp_path))
     assert r.returncode == 2 and "not a finished ablation directory" in r.stderr
@@ -287,8 +288,8 @@ def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tm
     """The science check: raters with no favourite answers give FeedME nothing to collapse onto. FeedME fits
     its N kept samples' EMPIRICAL answer distribution (~(|A|-1)/(2N) nats below the base's with no selection
     at all), so the rule also needs a drop below its control, sft-random (as many random base samples)."""
-    out = _real_ablation("preset=quick", "world.preference=0", "regimes=[sft,bok,kl0.1]", f"checkpoints_dir={tmp_path}",
-                         "world.heldout_eval_prompts=false")  # held out, FeedME's range selection transfers: README
+    out = _real_ablation("preset=quick", "world=numbers-nopref", "regimes=[sft,bok,kl0.1]", f"checkpoints_dir={tmp_path}",
+                         "world.heldout_eval_prompts=false")  # held out, FeedME's range selection transfers: docs/ablation.md
     rep = json.loads((out / "report.json").read_text())
     assert rep["preference_strength"] == 0
     assert rep["regimes"]["sft"]["control"] == "sft-random" and rep["regimes"]["sft-random"]["control_of"] == "sft"

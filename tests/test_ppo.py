@@ -492,7 +492,7 @@ def test_packed_sampling_draws_the_cache_paths_tokens_and_log_probs(base, arch, 
 def test_a_packed_sequence_past_the_cap_runs_per_row(base, monkeypatch):
     """A packed sequence's mask and dense attention grow as its length squared: past PACKED_MAX_TOKENS sampling
     and the update's forward take the per-row cache path (same results, tested above)."""
-    from collapse_lab.models.models import rollout
+    from collapse_lab.models import rollout
 
     policy, tok = load_pretrained(base)
     r = _prompts_and_responses(tok)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from collapse_lab.models.models import real_models
+from collapse_lab.models import real_models
 from collapse_lab.core.config import ConfigError, compose
 from collapse_lab.models.real_models import PREFIX, REAL_MODELS, resolve
 from collapse_lab.core.suites import load_suite
