@@ -305,7 +305,7 @@ def test_quick_preset_without_rater_preference_does_not_call_feedme_collapsed(tm
     fr = rep["frontier"]
     assert set(fr["curves"]) >= {"sft", "kl0.1"} and fr["references"]["best_of_k"][0]["k"] == 1
     assert {c["x"] for c in fr["comparisons"]} == {"kl", "gold_gain"}
-    assert rep["verdict"]["answer"].startswith("NO CALL")  # one seed: no YES/NO at matched KL
+    assert rep["verdict"]["answer"].startswith(("NO CALL", "UNDECIDED"))  # one seed: no YES/NO at matched KL
     assert (out / "plots" / "frontier.png").exists() and "## Matched distance" in (out / "report.md").read_text()
 
 
