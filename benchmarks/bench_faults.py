@@ -14,7 +14,6 @@ run's (in this process, on one thread as the subprocesses).
 
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time

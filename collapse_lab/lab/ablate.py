@@ -42,6 +42,7 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -278,8 +279,8 @@ class Display:
     def __enter__(self):
         global _REPORT
         _REPORT = self.event
-        self.quiet = quiet_stages()  # the stages' own bars and lines (their workers' too) would interleave with these
-        self.quiet.__enter__()
+        self.stack = ExitStack()  # the stages' own bars and lines (their workers' too) would interleave with these
+        self.stack.enter_context(quiet_stages())
         if self.progress is not None:
             self.progress.start()
         return self
@@ -287,7 +288,7 @@ class Display:
     def __exit__(self, *exc):
         global _REPORT
         _REPORT = None
-        self.quiet.__exit__(*exc)
+        self.stack.close()
         if self.progress is not None:
             self.progress.stop()
 
