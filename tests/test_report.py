@@ -250,3 +250,14 @@ def test_one_seed_gets_no_yes_or_no_at_the_end_points_either():
     comps = report.compare(by, regimes, 0.95)
     assert comps[0]["across"] == "prompts" and comps[0]["collapses_less"]
     assert report.verdict(_report(regimes, comps))["endpoint_answer"].startswith("NO CALL")
+
+
+def test_gold_reward_interval_holds_its_mean_above_seven():
+    """The noiseless gold score of a favourite is 6 + the preference terms, above 7: the report's valid range
+    for it must not clip its interval below its own mean (that crashed the reward-vs-KL plot)."""
+    from collapse_lab.evaluation.metrics import interval
+    from collapse_lab.lab.report.records import bounds_of
+    low, high = bounds_of("gold_reward")
+    assert low == 1.0 and high > 8.5  # 6 + preference_strength 1.5 + graded_strength 1 is reachable
+    iv = interval([7.2, 7.4, 7.3], bounds=bounds_of("gold_reward"))
+    assert iv["lo"] <= iv["mean"] <= iv["hi"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +15,10 @@ from collapse_lab.core.distributed import process_state
 from collapse_lab.models.real_models import resolve as resolve_real
 from collapse_lab.core.suites import load_suite
 from collapse_lab.models.tokenizer import answer_token_ids, decode_continuations, encode_texts
+
+# transformers deprecates the `is_gradient_checkpointing` property that TRL's trainers still read on every LoRA
+# model: a warning about the libraries' versions, with nothing in it for the user to do.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -106,7 +106,7 @@ def reward_kl_plot(report: dict, base: dict, colors: dict, out: Path, plt) -> Pa
         ax.errorbar([m["kl_to_reference"]["mean"]], [m["gold_reward"]["mean"]], xerr=xerr, yerr=yerr, fmt="o",
                     color=colors[n], capsize=3, label=n)
     ax.set_xlabel("KL to base on the answers (nats)")
-    ax.set_ylabel("mean gold reward (noiseless, 1-7)")
+    ax.set_ylabel("mean gold reward (noiseless, ≥ 1)")
     ax.set_title("reward vs KL (over-optimisation frontier)", fontsize=9)
     ax.legend(fontsize=6)
     return _save(fig, out / "reward_kl.png")
