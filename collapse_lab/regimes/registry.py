@@ -9,8 +9,9 @@ Adding a regime: its module, its recipe YAML, one line in MODULES below, its tes
     ratings        base                          ratings        -                     n·k
     reward_model   base, ratings                 reward model   -                     n·k (its ratings')
     sft, sft-k16,  base, ratings                 policy         selection (FeedME)    n·k·rounds
-    sft-r3
+    sft-r3, sft-r8
     sft-random     base, ratings                 policy         control of sft        n·k·rounds
+    sft-r8-random  base, ratings                 policy         control of sft-r8     n·k·rounds
     bok            base                          sampler        selection             k per query, at inference
     dpo*, ipo*     base, ratings                 policy         offline preference    n·k (FeedME's ratings)
     kl*, ent*      base, reward (rm: the RM)     policy         online RL             n·k (rm) | rollouts (gold)
