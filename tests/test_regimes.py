@@ -80,7 +80,7 @@ def test_every_recipe_names_its_regime_module():
     for name, regime in registry.REGIMES.items():
         kind = compose("lab", [f"recipe={name}"]).regime.kind
         assert regime.train is registry.KINDS[kind].train and regime.recipe == name
-    assert registry.CONTROLS == {"sft": "sft-random"}
+    assert registry.CONTROLS == {"sft": "sft-random", "sft-r8": "sft-r8-random"}
     assert set(registry.KINDS) == {m.__name__.rsplit(".", 1)[1] for m in registry.MODULES}
 
 
