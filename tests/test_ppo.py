@@ -341,6 +341,15 @@ def test_every_ppo_recipe_runs(base, tmp_path, recipe):
     assert "finished" in str(train_ppo(cfg)) or read_manifest(out)["status"] == "finished"
 
 
+def test_ppo_curve_points_override_the_shared_curve_schedule(base, tmp_path):
+    """ppo.curve_points sets a PPO run's along-training evaluations (curve.points is per Trainer run, a FeedME
+    round): curve.points=1 alone evaluates steps 1 and 4 of 4; ppo.curve_points=4 every step."""
+    common = ("ppo.steps=4", "ppo.rollout_batch_size=8", "ppo.minibatch_size=8", "curve.points=1")
+    steps = lambda out: [r["step"] for r in _rows(out) if "frontier/kl" in r]  # noqa: E731
+    assert steps(train_ppo(_cfg(base, tmp_path / "a", *common))) == [1, 4]
+    assert steps(train_ppo(_cfg(base, tmp_path / "b", *common, "ppo.curve_points=4"))) == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("value_model", ["separate", "shared", "head"])
 def test_first_minibatch_ratio_is_one_and_values_come_from_the_chosen_model(base, tmp_path, value_model):
     """One epoch of one minibatch: the update's log-probs (a fresh forward over micro-batches, each

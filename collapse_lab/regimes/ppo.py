@@ -152,6 +152,9 @@ class PPOSection:
     anneal_lr: bool = True  # linear decay to 0 over the run (CleanRL's default)
     max_grad_norm: float = ranged(1.0, NONNEG)  # 0 = no clipping
     save_every: int = ranged(50, COUNT)  # steps between resumable checkpoints
+    # along-training evaluations of this run (None: curve.points, which is per Trainer run: a FeedME round is one).
+    # A PPO run is many FeedME rounds long, and its held-out KL can jump within a few steps
+    curve_points: Optional[int] = ranged(None, COUNT)
     log_every: int = ranged(1, COUNT)
 
 
@@ -446,6 +449,7 @@ def setup(cfg: DictConfig, out: Path) -> Setup:
     if accelerator.is_main_process:
         _drop_metrics_after(out / "metrics.jsonl", progress.step)
     reference = ref if ref is not None else accelerator.unwrap_model(policy)
+    points = cfg.curve.points if p.curve_points is None else p.curve_points
     exact_metrics = _bandit_setup(cfg, tokenizer, reference) if world.reward_table is not None else None
     curve = None
     if exact_metrics is None and accelerator.is_main_process:
@@ -454,7 +458,7 @@ def setup(cfg: DictConfig, out: Path) -> Setup:
     return Setup(accelerator, policy, ref, value, optimizer, scheduler, params, tokenizer, forward, world, reward,
                  KLPenalty(p.kl_estimator, p.kl_blend), kl_ctl, progress, batches, base, max_new_tokens,
                  missing_eos_penalty, on_policy=p.value_model != "separate", trust_region=p.trust_region_coef > 0,
-                 exact_metrics=exact_metrics, curve=curve, curve_steps=schedule(p.steps, cfg.curve.points, cfg.curve.spacing))
+                 exact_metrics=exact_metrics, curve=curve, curve_steps=schedule(p.steps, points, cfg.curve.spacing))
 
 
 def draw_prompts(cfg: DictConfig, s: Setup) -> list:
