@@ -207,7 +207,9 @@ class CurveConfig:
     KL to the base, entropy change and its cross term, gold reward, ratings consumed so far, and (PPO,
     reward=gold) the TV to the run's own optimum. The points are rows of the run's metrics.jsonl.
     spacing log (default): steps spaced evenly in log(step), dense where the KL is small (the matched grid starts
-    at every curve's first measured point: collapse_lab/evaluation/matched.py); linear: evenly spaced steps."""
+    at every curve's first measured point: collapse_lab/evaluation/matched.py); linear: evenly spaced steps.
+    `points` counts per Trainer run (each round of iterated FeedME has its own); a PPO run takes
+    `ppo.curve_points` where set."""
 
     points: int = 12
     spacing: str = "log"
