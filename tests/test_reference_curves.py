@@ -201,7 +201,7 @@ def test_heldout_suite_is_the_worlds_heldout_prompts_and_never_fine_tuned_on():
     cfg = compose("lab", ["world.heldout_templates=true", "world.heldout_eval_prompts=true"]).world
     world = World(cfg)
     suite = load_suite("heldout")
-    assert len(suite.prompts) >= 15 and {p.text for p in suite.prompts} == {p.text for p in world.heldout_prompts}
+    assert len(suite.prompts) >= 30 and {p.text for p in suite.prompts} == {p.text for p in world.heldout_prompts}
     for p in suite.prompts:  # the rater knows each prompt's range
         assert world.prompt(p.text).low in (0, 1) and len(p.answers) == world.prompt(p.text).high - world.prompt(p.text).low + 1
     rng = random.Random(0)
@@ -261,3 +261,20 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
     assert sep[("best_of_k", "optimum_beta")] >= 0.04
     md = "\n".join(report.closed_forms_markdown({"closed_forms": cf}))
     assert "What the closed forms predict" in md and "artefact" in md
+
+
+def test_a_changed_heldout_prompt_set_names_another_base(monkeypatch):
+    """The held-out prompts are code, not config: their digest names a base pretrained on them, so editing
+    HELDOUT_TEMPLATES never reuses one pretrained on the old set; the default world's base is named as before."""
+    import collapse_lab.regimes.registry  # noqa: F401 (registers the regimes' sections)
+    from collapse_lab.core.config import compose
+    from collapse_lab.stages.pretrain import base_dir
+    from collapse_lab.world import world as world_module
+
+    held = compose("lab", ["world.heldout_templates=true"])
+    plain = base_dir(compose("lab", []), named=False).name
+    before = base_dir(held, named=False).name
+    assert f"-h{world_module.heldout_digest()}-" in before and "-h" not in plain
+    monkeypatch.setitem(world_module.HELDOUT_TEMPLATES, "extra", "Pick: {low}..{high} ->")
+    after = base_dir(held, named=False).name
+    assert after != before and base_dir(compose("lab", []), named=False).name == plain

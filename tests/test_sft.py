@@ -114,6 +114,24 @@ def test_train_sft_moves_weights_and_records_the_budget(tmp_path, tiny_base):
     assert m3["rounds"][0]["kept"] == 8 and m3["steps"] == m["steps"]
 
 
+def test_later_round_curve_points_thin_only_the_rounds_after_the_first(tmp_path, tiny_base):
+    """sft.later_round_curve_points sets the along-training evaluations of rounds 2.. (round 1 keeps curve.points):
+    curve.points above the steps of a round evaluates every step of both rounds; later_round_curve_points=1 leaves
+    round 2 its first step (log spacing starts at step 1) and its last."""
+    common = ["wandb.mode=disabled", f"base_path={tiny_base}", "recipe=sft", *SMALL, "sft.rounds=2", "curve.points=64"]
+
+    def steps(cfg):
+        out = train_sft(cfg)
+        rounds = [r["steps"] for r in json.loads((out / "manifest.json").read_text())["rounds"]]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in rows if "frontier/kl" in r], rounds
+
+    every, (n1, n2) = steps(compose("lab", [*common, f"checkpoints_dir={tmp_path / 'a'}"]))
+    assert n1 > 1 and n2 > 1 and every == list(range(1, n1 + n2 + 1))
+    thin, rounds = steps(compose("lab", [*common, f"checkpoints_dir={tmp_path / 'b'}", "sft.later_round_curve_points=1"]))
+    assert rounds == [n1, n2] and thin == list(range(1, n1 + 1)) + [n1 + 1, n1 + n2]
+
+
 def test_bad_sft_config_is_one_line(tmp_path, tiny_base):
     cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", *SMALL,
                           "sft.keep_top=3"])

@@ -127,7 +127,7 @@ class WorldConfig:
     # with the templates' ranges in the mix, the shared network first learns their pull to ' 7' and PPO
     # spends its run undoing it on the seed prompts (docs/ppo.md)
     train_seed_share: Optional[float] = 1.0
-    # true: the pretraining corpus also holds HELDOUT_TEMPLATES (15 number prompts, eval/suites/heldout.yaml) that
+    # true: the pretraining corpus also holds HELDOUT_TEMPLATES (30 number prompts, eval/suites/heldout.yaml) that
     # no fine-tuning stage draws: held-out prompts for the powered design (a corpus key: another base)
     heldout_templates: bool = False
     # fine-tuning draws only template prompts whose range has at least this many answers (0: all; 100: only 0-100

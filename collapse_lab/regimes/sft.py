@@ -66,6 +66,9 @@ class SFTSection:
     epochs: int = ranged(1, POSITIVE)
     lr: float = ranged(1e-4, POSITIVE)
     batch_size: int = ranged(32, COUNT)
+    # along-training evaluations in each round after the first (None: curve.points, as round 1). Round 1 starts at the
+    # base, where d ≈ −c·√KL changes fastest and the matched grid begins; later rounds start far from it
+    later_round_curve_points: Optional[int] = ranged(None, COUNT)
 
 
 def sft_dir(cfg: DictConfig, named: bool = True) -> Path:
@@ -190,9 +193,10 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
                        num_train_epochs=s.epochs, lr_scheduler_type="linear", warmup_steps=0,
                        completion_only_loss=True, max_length=None, packing=False,
                        logging_steps=max(1, len(data) // s.batch_size // 4))
+        points = cfg.curve.points if rnd == 1 or s.later_round_curve_points is None else s.later_round_curve_points
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             callbacks=callbacks(curve, cfg.curve.points, lambda: samples_scored, offset=steps,
-                                                       spacing=cfg.curve.spacing))
+                             callbacks=callbacks(curve, points, lambda: samples_scored, offset=steps,
+                                                 spacing=cfg.curve.spacing))
         tracking.quiet(trainer)
         trainer.train()
         model = trainer.model

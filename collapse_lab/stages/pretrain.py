@@ -37,7 +37,7 @@ from collapse_lab.models.models import build_base_model, check_base
 from collapse_lab.models.real_models import resolve as resolve_real
 from collapse_lab.stages.stage import Run, hf_args, stage_function
 from collapse_lab.models.tokenizer import train_tokenizer
-from collapse_lab.world.world import World, make_world
+from collapse_lab.world.world import World, heldout_digest, make_world
 from collapse_lab.core import tracking
 
 STAGE = "base"
@@ -45,7 +45,11 @@ STAGE_KEYS = ("model", "pretrain") + CORPUS_KEYS  # what a base depends on: its 
 
 
 def base_dir(cfg: DictConfig, named: bool = True) -> Path:
-    return run_dir(cfg, STAGE, STAGE_KEYS, f"{cfg.model.name}-s{cfg.pretrain.seed}", named)
+    """checkpoints/base/<model>-s<seed>[-h<held-out digest>]-<hash>: with world.heldout_templates, the held-out prompts'
+    texts (code, not config: world.HELDOUT_TEMPLATES) name the base too, so a changed set never reuses a base
+    pretrained on another, nor do the runs downstream of it (their keys hold the base's path)."""
+    held = f"-h{heldout_digest()}" if getattr(cfg.world, "heldout_templates", False) else ""
+    return run_dir(cfg, STAGE, STAGE_KEYS, f"{cfg.model.name}-s{cfg.pretrain.seed}{held}", named)
 
 
 def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerFast, max_len: int) -> Dataset:

@@ -46,6 +46,7 @@ model shows then comes from the optimiser, not the raters.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import math
 import random
@@ -76,7 +77,7 @@ NUMBER_TEMPLATES = {
     "draw": "A ball is drawn from an urn with balls numbered {low} to {high}. It shows",
 }
 RANGES = [(0, 9), (1, 6), (1, 10), (1, 20), (0, 50), (1, 50), (0, 100), (1, 100)]
-# world.heldout_templates: five more formats over three wide ranges, 15 prompts in the pretraining corpus that NO
+# world.heldout_templates: ten more formats over three wide ranges, 30 prompts in the pretraining corpus that NO
 # fine-tuning stage ever draws (World.train_prompt): the held-out "random number" prompts of the powered design
 # (eval/suites/heldout.yaml lists them, texts exactly as written here; prompts as a random effect).
 HELDOUT_TEMPLATES = {
@@ -85,8 +86,19 @@ HELDOUT_TEMPLATES = {
     "raffle": "Raffle ticket drawn ({low} to {high}): number",
     "pickone": "Pick one number from {low} to {high}, any one.\nAnswer:",
     "sim": "[sim] uniform_int(low={low}, high={high}) ->",
+    "form": "Enter any whole number from {low} to {high}:",
+    "bingo": "Bingo night, balls {low} to {high}. The next ball is",
+    "lucky": "Your lucky number today ({low} to {high}) is",
+    "quiz": "Q: Say a number from {low} to {high}, chosen at random.\nA: OK,",
+    "numpy": "numpy.random.integers({low}, {high}, endpoint=True) returned",
 }
 HELDOUT_RANGES = [(0, 100), (1, 100), (1, 50)]
+
+
+def heldout_digest() -> str:
+    """6 hex digits of the SHA-256 of the held-out prompts' texts: part of the name of a base pretrained on them."""
+    texts = [t.format(low=lo, high=hi) for t in HELDOUT_TEMPLATES.values() for lo, hi in HELDOUT_RANGES]
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:6]
 
 # world.answer_prior=human: a STYLISED prior of the numbers people give when asked for a "random" one,
 # after the folklore of such surveys (7 is the most common pick from 1-10 and 3 the next, Kubovy &
