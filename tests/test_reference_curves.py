@@ -263,6 +263,38 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
     assert "What the closed forms predict" in md and "artefact" in md
 
 
+def test_crossed_artefact_is_small_on_dense_points_large_on_sparse_ones_and_leaves_out_unreachable_prompts():
+    """The per-prompt artefact (what a random-prompts call rests on): measured points dense near the base give
+    |artefact| <= 0.002 on every prompt; PPO's first point far out (the old schedule's defect) gives more; a prompt
+    whose measured KL lies beyond what π*_β reaches on it is left out, by name."""
+    from collapse_lab.lab.report.statistics import crossed_artefact
+
+    forms, _ = _forms(RaterConfig(), ranges=((0, 100), (1, 100), (1, 50)))
+
+    def rows(policies):
+        out = []
+        for pol in policies:
+            r = {}
+            for f in forms:
+                x = rc.point([f], pol)
+                r[f"frontier/kl/{f.id}"], r[f"frontier/delta_norm_entropy/{f.id}"] = x["kl"], x["d"]
+            out.append(r)
+        return out
+
+    ppo_dense = rows([lambda f, b=b: rc.optimum(f.p0, f.mean, b) for b in np.geomspace(30, 0.2, 24)])
+    ppo_sparse = rows([lambda f, b=b: rc.optimum(f.p0, f.mean, b) for b in (0.6, 0.4, 0.3, 0.2)])
+    feedme = rows([lambda f, k=k: rc.noisy_best_of_k(f.p0, f.level_probs, k) for k in np.geomspace(1.02, 64, 24)])
+    c = {"regime": "ppo", "feedme": "sft", "crossed": {"seeds": [0, 1], "prompts": [f.id for f in forms]}}
+    dense = crossed_artefact(forms, {"ppo": {"0": ppo_dense, "1": ppo_dense}, "sft": {"0": feedme, "1": feedme}}, c, 8)
+    sparse = crossed_artefact(forms, {"ppo": {"0": ppo_sparse, "1": ppo_sparse}, "sft": {"0": feedme, "1": feedme}}, c, 8)
+    assert dense["prompts"] == 3 and not dense["left_out"] and dense["largest"] <= 0.002
+    assert sparse["largest"] > 5 * dense["largest"]
+    far = [dict(r) for r in feedme]
+    far[-1]["frontier/kl/1-50"] = 50.0  # beyond any π*_β on that prompt
+    out = crossed_artefact(forms, {"ppo": {"0": ppo_dense, "1": ppo_dense}, "sft": {"0": far, "1": far}}, c, 8)
+    assert out["left_out"] == ["1-50"] and out["prompts"] == 2
+
+
 def test_a_changed_heldout_prompt_set_names_another_base(monkeypatch):
     """The held-out prompts are code, not config: their digest names a base pretrained on them, so editing
     HELDOUT_TEMPLATES never reuses one pretrained on the old set; the default world's base is named as before."""

@@ -203,13 +203,13 @@ class WandbConfig:
 @dataclass
 class CurveConfig:
     """Evaluation ALONG training (collapse_lab/evaluation/frontier.py): every regime's policy is evaluated with the
-    shared exact evaluator at `points` evenly spaced optimiser steps and its last one (0: the last only):
+    shared exact evaluator at `points` optimiser steps (spaced as `spacing` says) and its last one (0: the last only):
     KL to the base, entropy change and its cross term, gold reward, ratings consumed so far, and (PPO,
     reward=gold) the TV to the run's own optimum. The points are rows of the run's metrics.jsonl.
     spacing log (default): steps spaced evenly in log(step), dense where the KL is small (the matched grid starts
     at every curve's first measured point: collapse_lab/evaluation/matched.py); linear: evenly spaced steps.
     `points` counts per Trainer run (each round of iterated FeedME has its own); a PPO run takes
-    `ppo.curve_points` where set."""
+    `ppo.curve_points` where set, FeedME's rounds after the first `sft.later_round_curve_points`."""
 
     points: int = 12
     spacing: str = "log"

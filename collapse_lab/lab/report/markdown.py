@@ -183,12 +183,17 @@ def closed_forms_markdown(report: dict) -> list[str]:
             md.append(_row([name, par, f"{x['kl']:.3f}", f"{x['d']:+.4f}", f"{x['gold_gain']:+.3f}"]))
     md += ["", "Predicted beside measured, per pair (predicted D: the two regimes' reference families on the measured "
            "pair's own grid; artefact: D with every measured point moved onto the π*_β curve, whose true value is 0, "
-           "so |artefact| ≤ 0.002 says the matched comparison itself adds no bias):", "",
+           "so |artefact| ≤ 0.002 says the matched comparison itself adds no bias; per prompt: the same on each "
+           "prompt's own π*_β curve, matched per prompt as a random-prompts call is, mean over the prompts and the "
+           "largest |.|):", "",
            _row(["KL-regularised", "FeedME", "x", "predicted D", "predicted call", "measured call", "artefact D",
-                 "reading"]), _row(["---"] * 8)]
+                 "artefact per prompt: mean, largest (prompts)", "reading"]), _row(["---"] * 9)]
     for p in cf["predictions"]:
+        a = p.get("artefact_crossed")
+        per_prompt = "-" if not a else (f"{a['mean']:+.5f}, {a['largest']:.5f} ({a['prompts']}"
+                                        + (f"; {len(a['left_out'])} beyond π*_β's reach" if a["left_out"] else "") + ")")
         md.append(_row([p["regime"], p["feedme"], p["x"], _cell(p["predicted_difference"], "+.4f"), p["predicted_call"],
-                        p["measured_call"], _cell(p.get("artefact_difference"), "+.5f"), p["reading"]]))
+                        p["measured_call"], _cell(p.get("artefact_difference"), "+.5f"), per_prompt, p["reading"]]))
     md += ["", f"Does each regime track its own closed form? (mean TV of its end point to it over prompts and seeds; "
            f"tracks: TV ≤ {cf['tracking_tv']:g}; reward=rm regimes against the REWARD MODEL's exact π*, and the gold "
            "rater's beside it)", "",

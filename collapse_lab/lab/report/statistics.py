@@ -151,6 +151,32 @@ def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict,
             "references": _json(ablation / "evals" / "base" / "reference_curves.json", missing=True) or {}}
 
 
+def crossed_artefact(forms, curves: dict, c: dict, grid_points: int) -> Optional[dict]:
+    """The interpolation artefact of the CROSSED (per-prompt) D, the one a random-prompts call rests on: on each of
+    its prompts every measured (KL, d) point of both regimes is moved onto THAT prompt's own π*_β curve (traced to
+    the largest KL measured on it) and matched as the call matches them; the true D is 0 on every prompt.
+    {mean (over the prompts: the crossed D's own average), largest (|.|), prompts, left_out (prompts whose measured
+    KL lies beyond what π*_β reaches on them)}; None without a crossed comparison."""
+    seeds = {str(s) for s in c["crossed"]["seeds"]}
+    by_id = {f.id: f for f in forms}
+    values, left_out = [], []
+    for pid in c["crossed"]["prompts"]:
+        pts = [{s: matched_lib.curve_points(rows, f"frontier/kl/{pid}", f"frontier/delta_norm_entropy/{pid}")
+                for s, rows in curves.get(r, {}).items() if str(s) in seeds} for r in (c["regime"], c["feedme"])]
+        top = max((x for p in pts for cur in p.values() for x, _ in cur), default=0.0)
+        curve = rc.optimum_curve([by_id[pid]], kl_max=top) if pid in by_id else []
+        if not curve or max(x["kl"] for x in curve) < top:
+            left_out.append(pid)
+            continue
+        d = matched_lib.artefact_difference(*pts, lambda x, cur=curve: float(rc.d_at(cur, [x])[0]), grid_points)
+        if d is not None:
+            values.append(d)
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "largest": float(np.max(np.abs(values))), "prompts": len(values),
+            "left_out": left_out}
+
+
 def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dict) -> dict:
     """What the closed forms predict (collapse_lab/evaluation/reference_curves.py, numpy only): the base's reference families
     (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
@@ -190,6 +216,8 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
             pts = [{s: matched_lib.curve_points(rows) for s, rows in fr["curves"].get(r, {}).items()}
                    for r in (c["regime"], c["feedme"])]
             row["artefact_difference"] = matched_lib.artefact_difference(*pts, on_opt, fr["grid_points"])
+            if c.get("crossed"):
+                row["artefact_crossed"] = crossed_artefact(forms, fr["curves"], c, fr["grid_points"])
         predictions.append(row)
     rm = {int(p.parent.name[1:]): _json(p) for p in (ablation / "runs" / "reward_model").glob("s*/answer_scores.json")}
     track = {}

@@ -41,7 +41,9 @@ def predicted_sentence(report: dict) -> str:
     preds = [p for p in cf["predictions"] if p["x"] == "kl" and (not primary or f"{p['regime']}:{p['feedme']}" == primary)]
     parts = [f"{p['regime']} vs {p['feedme']}: closed forms predict '{p['predicted_call']}' (D "
              f"{_cell(p['predicted_difference'], '+.4f')}), measured '{p['measured_call']}' ({p['reading']}; interpolation "
-             f"artefact {_cell(p.get('artefact_difference'), '+.5f')})" for p in preds]
+             f"artefact {_cell(p.get('artefact_difference'), '+.5f')}"
+             + (f", per prompt {p['artefact_crossed']['mean']:+.5f}" if p.get("artefact_crossed") else "") + ")"
+             for p in preds]
     return (" " + "; ".join(parts) + ". " + power_statement({**fr, "comparisons": [
         c for c in fr.get("comparisons", []) if not primary or f"{c['regime']}:{c['feedme']}" == primary]})) if parts else ""
 
