@@ -179,6 +179,34 @@ def test_resumed_ppo_drops_the_rows_after_its_checkpoint(base, ppo_whole, tmp_pa
     assert _same_weights(out, ppo_whole)
 
 
+def test_resumed_ppo_with_curve_max_gap_measures_from_its_last_point(base, tmp_path, monkeypatch):
+    """curve.max_gap's reference (the probe at the last point) is restored on resume from the metrics kept: the
+    resumed run places its points where the uninterrupted one did. The gap is set from the run's own probe values so
+    that step 3 is due against the last point (step 1) but would be against the base's 0: a resume that forgot the
+    last point would add a point there."""
+    import math
+
+    from collapse_lab.evaluation.frontier import Curve
+    from collapse_lab.models.models import load_pretrained
+    from collapse_lab.world.world import make_world
+
+    lab = ("ppo.lr=3e-4",)
+    every = _rows(train_ppo(_lab(tmp_path / "every", *PPO, *lab, "curve.points=4", base=base)) / "metrics.jsonl")
+    cfg0 = _lab(tmp_path / "every", *PPO, *lab, base=base)
+    curve = Curve(*load_pretrained(str(base), "float32"), make_world(cfg0.world))
+    probe = [math.sqrt(sum(r[f"frontier/kl/{curve.prompts[i].id}"] for i in curve.probes) / len(curve.probes))
+             for r in every]  # steps 1..4
+    lo, hi = max(abs(probe[1] - probe[0]), abs(probe[2] - probe[0])), probe[2]
+    assert lo < hi  # the policy moved away from the base by step 3 more than between steps 1 and 3
+    gap = ("curve.points=1", f"curve.max_gap={(lo + hi) / 2!r}")
+    whole = _rows(train_ppo(_lab(tmp_path / "whole", *PPO, *lab, *gap, base=base)) / "metrics.jsonl")
+    assert [r["step"] for r in whole if "frontier/kl" in r] == [1, 4]
+    cfg = _lab(tmp_path / "cut", *PPO, *lab, *gap, base=base)
+    out = _interrupted_after_row(cfg, monkeypatch, 3)
+    train_ppo(cfg)
+    assert _rows(out / "metrics.jsonl") == whole
+
+
 class _Planted:
     """Unpickling this creates the file `marker`: the proof that a pickle ran."""
 

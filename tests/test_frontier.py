@@ -61,6 +61,26 @@ def test_the_base_is_the_origin_and_the_entropy_decomposition_is_exact(tiny):
     assert point["frontier/kl"] > 0.01 and point["budget/samples_scored"] == 123 and "optimum/tv" not in point
 
 
+def test_max_gap_probe_fires_when_the_probes_moved_and_resumes_from_the_last_point(tiny):
+    """Curve.moved: the probe prompts' exact √KL against the last point's; never with max_gap None; a point resets
+    it; resume(row) restores it from a row's per-prompt KLs exactly as point() set it."""
+    model, tok, world = tiny
+    curve = frontier.Curve(model, tok, world)
+    assert curve.probes == [0, 2, 4] and curve.last_probe == 0.0  # 3 of the 5 seed prompts, spread
+    moved = _perturbed(model, 0.5)
+    assert not curve.moved(model, 1e-6)  # the base itself: the probe reads 0
+    assert curve.moved(moved, 1e-3) and not curve.moved(moved, None) and not curve.moved(moved, 100.0)
+    row = curve.point(moved)
+    assert curve.last_probe > 1e-3 and not curve.moved(moved, 1e-6)  # measured there: no gap left
+    assert curve.last_probe == pytest.approx(math.sqrt(np.mean([row[f"frontier/kl/{curve.prompts[i].id}"]
+                                                               for i in curve.probes])))
+    again = frontier.Curve(model, tok, world)
+    again.resume(row)
+    assert again.last_probe == curve.last_probe and not again.moved(moved, 1e-6) and again.moved(model, 1e-3)
+    again.resume(None)
+    assert again.last_probe == 0.0
+
+
 def test_a_best_of_k_reference_point_equals_enumeration_on_the_base(tiny):
     """The report's best-of-k curve is the closed form on the base's exact distribution. Checked against brute
     force over k = 3 i.i.d. draws on the first seed prompt: draws enumerated over the rater's score levels (a

@@ -350,6 +350,20 @@ def test_ppo_curve_points_override_the_shared_curve_schedule(base, tmp_path):
     assert steps(train_ppo(_cfg(base, tmp_path / "b", *common, "ppo.curve_points=4"))) == [1, 2, 3, 4]
 
 
+def test_curve_max_gap_adds_points_where_the_policy_moves_and_flags_them(base, tmp_path):
+    """curve.max_gap: any step whose probe moved more than the gap gets a point too, flagged frontier/by_gap; a tiny
+    gap evaluates every step of a moving policy, a huge one only the schedule."""
+    common = ("ppo.steps=4", "ppo.rollout_batch_size=8", "ppo.minibatch_size=8", "ppo.lr=1e-3", "curve.points=1")
+    rows = lambda out: [r for r in _rows(out) if "frontier/kl" in r]  # noqa: E731
+    tight = rows(train_ppo(_cfg(base, tmp_path / "a", *common, "curve.max_gap=1e-9")))
+    assert [r["step"] for r in tight] == [1, 2, 3, 4]
+    assert [r["step"] for r in tight if r.get("frontier/by_gap") == 1.0] == [2, 3]  # 1 and 4: the schedule's
+    loose = rows(train_ppo(_cfg(base, tmp_path / "b", *common, "curve.max_gap=100")))
+    assert [r["step"] for r in loose] == [1, 4] and not any("frontier/by_gap" in r for r in loose)
+    same = [r["frontier/kl"] for r in tight if r["step"] in (1, 4)]  # the same run, measured more often
+    assert [r["frontier/kl"] for r in loose] == pytest.approx(same, rel=1e-3)
+
+
 @pytest.mark.parametrize("value_model", ["separate", "shared", "head"])
 def test_first_minibatch_ratio_is_one_and_values_come_from_the_chosen_model(base, tmp_path, value_model):
     """One epoch of one minibatch: the update's log-probs (a fresh forward over micro-batches, each

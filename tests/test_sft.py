@@ -132,6 +132,18 @@ def test_later_round_curve_points_thin_only_the_rounds_after_the_first(tmp_path,
     assert rounds == [n1, n2] and thin == list(range(1, n1 + 1)) + [n1 + 1, n1 + n2]
 
 
+def test_curve_max_gap_adds_flagged_points_to_a_trainer_run(tmp_path, tiny_base):
+    """The Trainer callback's curve.max_gap: with a tiny gap every step of a moving FeedME run is evaluated, the ones
+    off the schedule (curve.points=1: the first and the last step) flagged frontier/by_gap."""
+    cfg = compose("lab", ["wandb.mode=disabled", f"base_path={tiny_base}", "recipe=sft", *SMALL, "curve.points=1",
+                          "curve.max_gap=1e-9", f"checkpoints_dir={tmp_path}"])
+    out = train_sft(cfg)
+    n = json.loads((out / "manifest.json").read_text())["steps"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "frontier/kl" in x]
+    assert n > 2 and [r["step"] for r in rows] == list(range(1, n + 1))
+    assert [r["step"] for r in rows if r.get("frontier/by_gap") == 1.0] == list(range(2, n))
+
+
 def test_bad_sft_config_is_one_line(tmp_path, tiny_base):
     cfg = compose("lab", ["wandb.mode=disabled", f"checkpoints_dir={tmp_path}", f"base_path={tiny_base}", *SMALL,
                           "sft.keep_top=3"])

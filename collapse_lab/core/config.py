@@ -209,10 +209,15 @@ class CurveConfig:
     spacing log (default): steps spaced evenly in log(step), dense where the KL is small (the matched grid starts
     at every curve's first measured point: collapse_lab/evaluation/matched.py); linear: evenly spaced steps.
     `points` counts per Trainer run (each round of iterated FeedME has its own); a PPO run takes
-    `ppo.curve_points` where set, FeedME's rounds after the first `sft.later_round_curve_points`."""
+    `ppo.curve_points` where set, FeedME's rounds after the first `sft.later_round_curve_points`.
+    max_gap (√nats; None: off): ALSO a point at any step where the probe prompts' exact √KL to the base has moved
+    more than this since the last point (frontier.Curve.moved; the row carries frontier/by_gap = 1), so the points
+    are dense where training moves fast, whatever the step: a PPO run's held-out KL can jump by more than a nat
+    between two log-spaced points, and the matched grid would read that stretch off a straight chord."""
 
     points: int = 12
     spacing: str = "log"
+    max_gap: Optional[float] = None
 
 
 @dataclass
@@ -423,7 +428,7 @@ RANGES = {
         "ratings.max_new_tokens": COUNT, "ratings.seed": SEED,
         "reward_model.epochs": POSITIVE, "reward_model.lr": POSITIVE, "reward_model.batch_size": COUNT,
         "reward_model.eval_fraction": OPEN_SHARE,
-        "curve.points": NONNEG, "world.max_tokens": COUNT,
+        "curve.points": NONNEG, "curve.max_gap": POSITIVE, "world.max_tokens": COUNT,
     },
     "evaluate": {
         "batch_size": COUNT, "seed": SEED, "sampling.n": NONNEG, "sampling.temperature": TEMPERATURE,

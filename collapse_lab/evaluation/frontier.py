@@ -51,6 +51,9 @@ from collapse_lab.core.suites import load_suite
 
 BEST_OF = (1, 2, 4, 8, 16, 64)
 BETAS = (10.0, 3.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
+# curve.max_gap's probe: this many prompts, spread over the curve suite, evaluated exactly at every step (a tenth
+# of a point's cost on the 30 held-out prompts); the KL of a collapse moves every number prompt together
+PROBES = 3
 
 
 def schedule(total_steps: int, points: int, spacing: str = "log") -> set[int]:
@@ -100,9 +103,35 @@ class Curve:
         self.base = [answer_distribution(reference, tokenizer, p.text, p.answers, p.continue_chars) for p in self.prompts]
         self.scores = [answer_scores(world.rater, world.prompt(p.text), p.answers) for p in self.prompts]
         self.base_gold = [_mean_score(*_split(b), *s) for b, s in zip(self.base, self.scores)]
+        # curve.max_gap's probe: PROBES prompts spread over the suite, and their √KL at the last point (the base: 0)
+        n = len(self.prompts)
+        self.probes = sorted({int(i) for i in np.linspace(0, n - 1, min(PROBES, n)).round()}) if n else []
+        self.last_probe = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.prompts)
+
+    def _probe_value(self, kls) -> float:
+        """√(mean KL over the probe prompts), √nats, from per-prompt KLs in the suite's order."""
+        return math.sqrt(max(float(np.mean([kls[i] for i in self.probes])), 0.0))
+
+    @torch.no_grad()
+    def moved(self, model, max_gap: Optional[float]) -> bool:
+        """Whether the probe prompts' exact √KL to the base has moved more than `max_gap` since the last point
+        (curve.max_gap; None: never). Evaluates the probe prompts only; consumes no random numbers."""
+        if max_gap is None or not self.probes:
+            return False
+        was_training = model.training
+        kls = {i: metrics.kl(answer_distribution(model, self.tokenizer, self.prompts[i].text, self.prompts[i].answers,
+                                                 self.prompts[i].continue_chars).normalised, self.base[i].normalised)
+               for i in self.probes}
+        model.train(was_training)
+        return abs(self._probe_value(kls) - self.last_probe) > max_gap
+
+    def resume(self, row: Optional[dict]) -> None:
+        """The probe's value at `row`, a resumed run's last point (its per-prompt KLs; None: the base's 0)."""
+        self.last_probe = 0.0 if row is None else self._probe_value(
+            {i: row[f"frontier/kl/{self.prompts[i].id}"] for i in self.probes})
 
     @torch.no_grad()
     def point(self, model, samples_scored: Optional[float] = None, beta: Optional[float] = None,
@@ -113,6 +142,7 @@ class Curve:
         dists = [answer_distribution(model, self.tokenizer, p.text, p.answers, p.continue_chars) for p in self.prompts]
         model.train(was_training)
         rows = [self.row(d, b, s) for d, b, s in zip(dists, self.base, self.scores)]
+        self.last_probe = self._probe_value([r["frontier/kl"] for r in rows])
         out = {k: float(np.mean([r[k] for r in rows])) for k in KEYS}
         for p, r in zip(self.prompts, rows):  # per prompt too: prompts as a random effect (matched.crossed)
             out[f"frontier/kl/{p.id}"] = r["frontier/kl"]
@@ -204,19 +234,25 @@ def _means(rows: list[dict], base_gold: list[float]) -> dict:
     return out
 
 
-def callbacks(curve: Optional[Curve], points: int, budget, offset: int = 0, spacing: str = "log") -> list:
-    """[a transformers TrainerCallback] evaluating `curve` at `schedule(the trainer's max_steps, points)` and
-    appending each point to the trainer's log history (the stage saves it as its metrics.jsonl), `step` =
-    offset + the trainer's step (iterated FeedME: the steps of earlier rounds); `budget()`: the ratings
-    consumed by then. [] without a curve (a world without the seed prompts, e.g. the bandit)."""
+def callbacks(curve: Optional[Curve], points: int, budget, offset: int = 0, spacing: str = "log",
+              max_gap: Optional[float] = None) -> list:
+    """[a transformers TrainerCallback] evaluating `curve` at `schedule(the trainer's max_steps, points)`, and at any
+    other step where the probe prompts moved more than `max_gap` (curve.max_gap: Curve.moved; the row carries
+    frontier/by_gap = 1), appending each point to the trainer's log history (the stage saves it as its
+    metrics.jsonl), `step` = offset + the trainer's step (iterated FeedME: the steps of earlier rounds); `budget()`:
+    the ratings consumed by then. [] without a curve (a world without the seed prompts, e.g. the bandit)."""
     if curve is None:
         return []
     from transformers import TrainerCallback  # optional heavy dependency: the Trainer-based stages load it
 
     class CurvePoints(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step in schedule(state.max_steps, points, spacing) and state.is_world_process_zero:
-                state.log_history.append({"step": offset + state.global_step, **curve.point(model, budget())})
+            if not state.is_world_process_zero:
+                return
+            due = state.global_step in schedule(state.max_steps, points, spacing)
+            if due or curve.moved(model, max_gap):
+                state.log_history.append({"step": offset + state.global_step, **curve.point(model, budget()),
+                                          **({} if due else {"frontier/by_gap": 1.0})})
 
     return [CurvePoints()]
 

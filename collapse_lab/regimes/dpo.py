@@ -121,7 +121,8 @@ def train_dpo(cfg: DictConfig, run: Run) -> None:
     curve = Curve(model, tokenizer, make_world(cfg.world)) or None  # the base's side, before training
     trainer = tokenised_dpo_trainer()(model=model, ref_model=ref, args=args, train_dataset=data,
                                       processing_class=tokenizer,
-                                      callbacks=callbacks(curve, cfg.curve.points, lambda: len(ratings), spacing=cfg.curve.spacing))
+                                      callbacks=callbacks(curve, cfg.curve.points, lambda: len(ratings), spacing=cfg.curve.spacing,
+                                                          max_gap=cfg.curve.max_gap))
     tracking.quiet(trainer)
     trainer.train()
     log = list(trainer.state.log_history)

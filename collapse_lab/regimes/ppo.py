@@ -455,10 +455,18 @@ def setup(cfg: DictConfig, out: Path) -> Setup:
     if exact_metrics is None and accelerator.is_main_process:
         with reference.disable_adapter() if ref is None else nullcontext():
             curve = Curve(reference, tokenizer, world) or None
+        if curve is not None and resume:  # curve.max_gap measures from the last point before the resume
+            curve.resume(_last_curve_row(out / "metrics.jsonl"))
     return Setup(accelerator, policy, ref, value, optimizer, scheduler, params, tokenizer, forward, world, reward,
                  KLPenalty(p.kl_estimator, p.kl_blend), kl_ctl, progress, batches, base, max_new_tokens,
                  missing_eos_penalty, on_policy=p.value_model != "separate", trust_region=p.trust_region_coef > 0,
                  exact_metrics=exact_metrics, curve=curve, curve_steps=schedule(p.steps, points, cfg.curve.spacing))
+
+
+def _last_curve_row(path: Path) -> Optional[dict]:
+    """The last along-training point written to a run's metrics.jsonl (None: none yet)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return next((r for r in reversed(rows) if "frontier/kl" in r), None)
 
 
 def draw_prompts(cfg: DictConfig, s: Setup) -> list:
@@ -660,10 +668,11 @@ def end_step(cfg: DictConfig, s: Setup, row: dict, b: Batch, out: Path, started:
                 "budget/samples_scored": progress.samples_scored})
     if s.exact_metrics is not None and (progress.step % p.log_every == 0 or progress.step == p.steps):
         row.update(s.exact_metrics(a.unwrap_model(s.policy), s.kl_ctl.value))
-    if s.curve is not None and progress.step in s.curve_steps:
+    due = s.curve is not None and progress.step in s.curve_steps
+    if due or (s.curve is not None and s.curve.moved(a.unwrap_model(s.policy), cfg.curve.max_gap)):
         budget = ratings_budget(cfg) if cfg.reward == "rm" else progress.samples_scored
         row.update(s.curve.point(a.unwrap_model(s.policy), budget, s.kl_ctl.value if cfg.reward == "gold" else None,
-                                 p.ent_coef))
+                                 p.ent_coef), **({} if due else {"frontier/by_gap": 1.0}))
     if a.is_main_process:
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")

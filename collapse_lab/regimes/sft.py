@@ -196,7 +196,7 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
         points = cfg.curve.points if rnd == 1 or s.later_round_curve_points is None else s.later_round_curve_points
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              callbacks=callbacks(curve, points, lambda: samples_scored, offset=steps,
-                                                 spacing=cfg.curve.spacing))
+                                                 spacing=cfg.curve.spacing, max_gap=cfg.curve.max_gap))
         tracking.quiet(trainer)
         trainer.train()
         model = trainer.model

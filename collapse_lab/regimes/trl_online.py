@@ -86,7 +86,8 @@ def train_online(cfg: DictConfig, named: bool, regime: Stage, trainer_cls, confi
         trainer = trainer_cls(model=base, reward_funcs=score, args=args, processing_class=tokenizer, peft_config=lora,
                               train_dataset=prompt_dataset(world, s.steps * per_step, cfg.seed),
                               callbacks=callbacks(curve, cfg.curve.points, lambda: ratings_budget(cfg) if cfg.reward == "rm"
-                                                  else trainer.state.global_step * s.rollout_batch_size))
+                                                  else trainer.state.global_step * s.rollout_batch_size,
+                                                  spacing=cfg.curve.spacing, max_gap=cfg.curve.max_gap))
         tracking.quiet(trainer)
         trainer.train()
         log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history) if "loss" in x]
