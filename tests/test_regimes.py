@@ -33,27 +33,28 @@ CONFIGS = {
 # the regimes declared themselves (main 444910c: identical names); pinned again when the graded rater and the curve
 # spacing added config keys (issue 25: the world section is in every stage's key), and the PPO names once more when
 # ppo.curve_points joined the ppo section (a PPO run's curve points are part of what it produced), and the FeedME
-# names when sft.later_round_curve_points joined the sft section. A change here renames runs.
+# names when sft.later_round_curve_points joined the sft section, and every regime's when curve.max_gap joined the
+# curve section (each regime's key holds it: its points are part of what the run produced). A change here renames runs.
 PINNED = {
     ('default', None, 'base'): 'tiny-s0-3c650ffc',
     ('default', None, 'ratings'): 'tiny-numbers-n256k4-s0-387baf99',
     ('default', None, 'reward'): 'tiny-numbers-rm-n256k4-s0-fd72fc62',
-    ('default', None, 'sft'): 'tiny-numbers-top1of4-s0-444cceda',
-    ('default', None, 'dpo'): 'tiny-numbers-dpo0.1-s0-47270e5a',
+    ('default', None, 'sft'): 'tiny-numbers-top1of4-s0-7aeccc6b',
+    ('default', None, 'dpo'): 'tiny-numbers-dpo0.1-s0-38640b43',
     ('default', None, 'bok'): 'tiny-numbers-bo4-341d49d6',
-    ('default', None, 'ppo'): 'tiny-numbers-kl0.1-s0-f2c76141',
-    ('default', None, 'rloo'): 'tiny-numbers-rloo-kl0.1-gold-s0-351ced07',
-    ('default', 'grpo', 'grpo'): 'tiny-numbers-grpo-kl0.1-gold-s0-e15eff58',
-    ('default', 'sft-r3', 'sft'): 'tiny-numbers-top1of4-r3-s0-aed85727',
-    ('rm', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-373db4f5',
-    ('rm', 'rloo-kl0.1', 'rloo'): 'tiny-numbers-rloo-kl0.1-rm-s0-f6a3df94',
-    ('rm_path', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-3b4dd986',
-    ('base_path', 'sft-random', 'sft'): 'tiny-numbers-random1of4-s3-445b570a',
+    ('default', None, 'ppo'): 'tiny-numbers-kl0.1-s0-b3cf8fea',
+    ('default', None, 'rloo'): 'tiny-numbers-rloo-kl0.1-gold-s0-96a297fb',
+    ('default', 'grpo', 'grpo'): 'tiny-numbers-grpo-kl0.1-gold-s0-9c839461',
+    ('default', 'sft-r3', 'sft'): 'tiny-numbers-top1of4-r3-s0-025d7e86',
+    ('rm', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-ba56a872',
+    ('rm', 'rloo-kl0.1', 'rloo'): 'tiny-numbers-rloo-kl0.1-rm-s0-0a53da97',
+    ('rm_path', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-4e2c37ed',
+    ('base_path', 'sft-random', 'sft'): 'tiny-numbers-random1of4-s3-746b3549',
     ('base_path', 'bok', 'bok'): 'tiny-numbers-bo4-b2dcd458',
     ('base_path', None, 'ratings'): 'tiny-numbers-n256k4-s3-7004ed1a',
-    ('peft', 'dpo0.1', 'dpo'): 'gpt2-numbers-dpo0.1-s0-c89fb18b',
-    ('peft', 'klauto', 'ppo'): 'gpt2-numbers-klauto-s0-c25b22c1',
-    ('bandit', 'kl0.1', 'ppo'): 'tiny-bandit-kl0.3-s0-7da53ec4',
+    ('peft', 'dpo0.1', 'dpo'): 'gpt2-numbers-dpo0.1-s0-45b8d73e',
+    ('peft', 'klauto', 'ppo'): 'gpt2-numbers-klauto-s0-f054949f',
+    ('bandit', 'kl0.1', 'ppo'): 'tiny-bandit-kl0.3-s0-d24e304d',
 }
 
 
