@@ -45,7 +45,8 @@ def base_row(report: dict) -> dict:
             "lo": d.get("lo"), "hi": d.get("hi"), "half_width": half, "margin": report["frontier"]["margin"],
             "range": [c.get("x_min"), c.get("x_max")], "seeds": len(c.get("seeds", [])),
             "prompts": len((c.get("crossed") or {}).get("prompts", [])) or None, "call": c["call"],
-            "predicted_call": pred.get("predicted_call"), "artefact": pred.get("artefact_difference")}
+            "predicted_call": pred.get("predicted_call"), "artefact": pred.get("artefact_difference"),
+            "artefact_per_prompt": (pred.get("artefact_crossed") or {}).get("mean")}
 
 
 def agreement(rows: list[dict]) -> str:
@@ -60,13 +61,14 @@ def agreement(rows: list[dict]) -> str:
 def markdown(rows: list[dict], null: Optional[dict] = None) -> str:
     f = lambda x, s="+.4f": "-" if x is None else format(x, s)  # noqa: E731
     md = ["| base | primary pair | KL range | seeds | prompts | D [95% interval] | half-width (margin) | call | "
-          "predicted | artefact D |", "|" + "---|" * 10]
+          "predicted | artefact D | per prompt |", "|" + "---|" * 11]
     for r in rows:
         rng = r.get("range") or [None, None]
         md.append(f"| {r['base']} | {r.get('pair')} | [{f(rng[0], '.3f')}, {f(rng[1], '.3f')}] | {r.get('seeds', '-')} | "
                   f"{r.get('prompts') or '-'} | {f(r.get('mean'))} [{f(r.get('lo'))}, {f(r.get('hi'))}] | "
                   f"{f(r.get('half_width'), '.4f')} ({f(r.get('margin'), 'g')}) | {r['call']} | "
-                  f"{r.get('predicted_call') or '-'} | {f(r.get('artefact'), '+.5f')} |")
+                  f"{r.get('predicted_call') or '-'} | {f(r.get('artefact'), '+.5f')} | "
+                  f"{f(r.get('artefact_per_prompt'), '+.5f')} |")
     md += ["", agreement(rows)]
     if null is not None:
         collapsed = (null.get("verdict") or {}).get("collapsed", [])
