@@ -132,6 +132,23 @@ def test_later_round_curve_points_thin_only_the_rounds_after_the_first(tmp_path,
     assert rounds == [n1, n2] and thin == list(range(1, n1 + 1)) + [n1 + 1, n1 + n2]
 
 
+def test_warmup_restarts_with_every_round(tmp_path, tiny_base):
+    """sft.warmup_steps: each round's Trainer warms up from lr 0, so the first step of EVERY round leaves the model
+    where the previous round ended (the same exact point on the curve); without warmup it moves it."""
+    common = ["wandb.mode=disabled", f"base_path={tiny_base}", "recipe=sft", *SMALL, "sft.rounds=2", "curve.points=64"]
+
+    def kl_by_step(*extra):
+        out = train_sft(compose("lab", [*common, *extra]))
+        n1 = json.loads((out / "manifest.json").read_text())["rounds"][0]["steps"]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "frontier/kl" in x]
+        return {r["step"]: r["frontier/kl"] for r in rows}, n1
+
+    warm, n1 = kl_by_step(f"checkpoints_dir={tmp_path / 'warm'}", "sft.warmup_steps=2")
+    assert warm[1] == pytest.approx(0.0, abs=1e-9) and warm[n1 + 1] == pytest.approx(warm[n1], abs=1e-9)
+    cold, _ = kl_by_step(f"checkpoints_dir={tmp_path / 'cold'}")
+    assert cold[1] > 1e-6 and abs(cold[n1 + 1] - cold[n1]) > 1e-6
+
+
 def test_curve_max_gap_adds_flagged_points_to_a_trainer_run(tmp_path, tiny_base):
     """The Trainer callback's curve.max_gap: with a tiny gap every step of a moving FeedME run is evaluated, the ones
     off the schedule (curve.points=1: the first and the last step) flagged frontier/by_gap."""

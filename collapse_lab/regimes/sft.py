@@ -37,7 +37,7 @@ from collapse_lab.core import tracking
 from collapse_lab.core.console import note
 from collapse_lab.world.bandit import next_token_probs, reward_vector
 from collapse_lab.evaluation.best_of_k import best_of_k
-from collapse_lab.core.config import ANY, COUNT, POSITIVE, ConfigError, one_of, ranged, run_dir
+from collapse_lab.core.config import ANY, COUNT, NONNEG, POSITIVE, ConfigError, one_of, ranged, run_dir
 from collapse_lab.evaluation.frontier import Curve, callbacks
 from collapse_lab.models.models import add_lora, load_pretrained
 from collapse_lab.stages.ratings import episode_tokens, load_ratings, rate_samples, start_on_ratings
@@ -66,6 +66,9 @@ class SFTSection:
     epochs: int = ranged(1, POSITIVE)
     lr: float = ranged(1e-4, POSITIVE)
     batch_size: int = ranged(32, COUNT)
+    # linear warmup at the start of EVERY round (each round is a fresh Trainer, with a fresh Adam: its first step moves
+    # every weight by about lr); 0: none
+    warmup_steps: int = ranged(0, NONNEG)
     # along-training evaluations in each round after the first (None: curve.points, as round 1). Round 1 starts at the
     # base, where d ≈ −c·√KL changes fastest and the matched grid begins; later rounds start far from it
     later_round_curve_points: Optional[int] = ranged(None, COUNT)
@@ -190,7 +193,7 @@ def feedme(cfg: DictConfig, ratings_path: Path, base: str, out: Path):
         data = feedme_dataset(kept, tokenizer)
         # 3. cross-entropy on the kept completions' tokens (TRL)
         args = hf_args(TRLSFTConfig, cfg, out, seed=cfg.seed + rnd, lr=s.lr, batch_size=s.batch_size,
-                       num_train_epochs=s.epochs, lr_scheduler_type="linear", warmup_steps=0,
+                       num_train_epochs=s.epochs, lr_scheduler_type="linear", warmup_steps=s.warmup_steps,
                        completion_only_loss=True, max_length=None, packing=False,
                        logging_steps=max(1, len(data) // s.batch_size // 4))
         points = cfg.curve.points if rnd == 1 or s.later_round_curve_points is None else s.later_round_curve_points
