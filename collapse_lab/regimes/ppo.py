@@ -668,11 +668,12 @@ def end_step(cfg: DictConfig, s: Setup, row: dict, b: Batch, out: Path, started:
                 "budget/samples_scored": progress.samples_scored})
     if s.exact_metrics is not None and (progress.step % p.log_every == 0 or progress.step == p.steps):
         row.update(s.exact_metrics(a.unwrap_model(s.policy), s.kl_ctl.value))
-    due = s.curve is not None and progress.step in s.curve_steps
-    if due or (s.curve is not None and s.curve.moved(a.unwrap_model(s.policy), cfg.curve.max_gap)):
-        budget = ratings_budget(cfg) if cfg.reward == "rm" else progress.samples_scored
-        row.update(s.curve.point(a.unwrap_model(s.policy), budget, s.kl_ctl.value if cfg.reward == "gold" else None,
-                                 p.ent_coef), **({} if due else {"frontier/by_gap": 1.0}))
+    if s.curve is not None:
+        policy, due = a.unwrap_model(s.policy), progress.step in s.curve_steps
+        if due or s.curve.moved(policy, cfg.curve.max_gap):
+            budget = ratings_budget(cfg) if cfg.reward == "rm" else progress.samples_scored
+            row.update(s.curve.point(policy, budget, s.kl_ctl.value if cfg.reward == "gold" else None, p.ent_coef),
+                       **({} if due else {"frontier/by_gap": 1.0}))
     if a.is_main_process:
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
