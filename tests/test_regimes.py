@@ -33,8 +33,9 @@ CONFIGS = {
 # the regimes declared themselves (main 444910c: identical names); pinned again when the graded rater and the curve
 # spacing added config keys (issue 25: the world section is in every stage's key), and the PPO names once more when
 # ppo.curve_points joined the ppo section (a PPO run's curve points are part of what it produced), and the FeedME
-# names when sft.later_round_curve_points and then sft.warmup_steps joined the sft section, and every regime's when curve.max_gap joined the
-# curve section (each regime's key holds it: its points are part of what the run produced). A change here renames runs.
+# names when sft.later_round_curve_points and then sft.warmup_steps joined the sft section, and every regime's when
+# curve.max_gap joined the curve section (each regime's key holds it: its points are part of what the run produced).
+# A change here renames runs.
 PINNED = {
     ('default', None, 'base'): 'tiny-s0-3c650ffc',
     ('default', None, 'ratings'): 'tiny-numbers-n256k4-s0-387baf99',
