@@ -35,3 +35,20 @@ def test_bases_agree_only_on_the_same_decided_call(tmp_path, capsys):
     bad = _report(tmp_path, "null2", 0.0, -0.005, 0.005, "no difference", collapsed=["sft-r8"])
     assert "SHOULD BE NONE" in replication.markdown(rows, json.loads((bad / "report.json").read_text()))
     assert replication.main([str(tmp_path / "missing")]) == 2
+
+
+def test_across_bases_separates_base_heterogeneity_from_seed_noise(tmp_path):
+    """Two bases whose tight intervals do not overlap differ beyond their seeds (small Q p-value), and with the base
+    as a random effect on 2 bases (t with 1 df) the pooled call cannot be decided; two bases within each other's
+    noise show no heterogeneity."""
+    def rows(*specs):  # (name, D, half-width) per base
+        dirs = [_report(tmp_path, n, m, m - h, m + h, "x", seed=i) for i, (n, m, h) in enumerate(specs)]
+        return [replication.base_row(json.loads((d / "report.json").read_text())) for d in dirs]
+
+    apart = replication.across_bases(rows(("a0", -0.02, 0.01), ("a1", 0.014, 0.016)))
+    assert apart["p"] < 0.05 and apart["call"] == "undecided" and apart["lo"] < -0.1 and apart["hi"] > 0.1
+    assert abs(apart["mean"] - (-0.003)) < 1e-12
+    close = replication.across_bases(rows(("c0", -0.004, 0.01), ("c1", 0.001, 0.012)))
+    assert close["p"] > 0.3
+    assert replication.across_bases(rows(("one", 0.0, 0.01))) is None
+    assert "Cochran's Q" in replication.markdown(rows(("m0", -0.02, 0.01), ("m1", 0.014, 0.016)))

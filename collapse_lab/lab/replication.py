@@ -5,8 +5,10 @@
 Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs). For each the
 primary pair's matched-KL comparison (report.json frontier.primary, else the first KL comparison of online RL
 against FeedME): D, its interval, its half-width against the margin, the call, and the closed forms' predicted
-call. The bases AGREE when every call is the same and none is "undecided". With --null: the null world's
-collapsed regimes, which must be none. Writes the table to stdout (and --out).
+call. The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of
+bases (across_bases): do they differ by more than their own intervals explain (Cochran's Q), and what the design
+says about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). With
+--null: the null world's collapsed regimes, which must be none. Writes the table to stdout (and --out).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ import json
 import sys
 from pathlib import Path
 from typing import Optional
+
+from scipy import stats
+
+from collapse_lab.evaluation.matched import equivalence_call
+from collapse_lab.evaluation.metrics import interval
 
 
 def primary_comparison(report: dict) -> Optional[dict]:
@@ -43,7 +50,7 @@ def base_row(report: dict) -> dict:
                  if p["regime"] == c["regime"] and p["feedme"] == c["feedme"] and p["x"] == "kl"), {})
     return {"base": f"pretrain.seed={seed}", "pair": f"{c['regime']} vs {c['feedme']}", "mean": d.get("mean"),
             "lo": d.get("lo"), "hi": d.get("hi"), "half_width": half, "margin": report["frontier"]["margin"],
-            "range": [c.get("x_min"), c.get("x_max")], "seeds": len(c.get("seeds", [])),
+            "df": d.get("df", len(c.get("seeds", [])) - 1), "range": [c.get("x_min"), c.get("x_max")], "seeds": len(c.get("seeds", [])),
             "prompts": len((c.get("crossed") or {}).get("prompts", [])) or None, "call": c["call"],
             "predicted_call": pred.get("predicted_call"), "artefact": pred.get("artefact_difference"),
             "artefact_per_prompt": (pred.get("artefact_crossed") or {}).get("mean")}
@@ -58,6 +65,29 @@ def agreement(rows: list[dict]) -> str:
     return "DISAGREE or undecided: " + "; ".join(f"{r['base']}: {r['call']}" for r in rows)
 
 
+def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
+    """The bases as a sample of bases, from each base's D_b and half-width h_b (None with fewer than 2 decided rows).
+
+        se_b  = h_b / t(1 − (1 − c)/2, df_b)                      D_b's standard error within its base
+        Q     = Σ w_b (D_b − D_w)²,  w_b = 1/se_b²,  D_w = Σ w_b D_b / Σ w_b
+        p     = P(χ²_{k−1} ≥ Q)        small p: the bases differ by more than seeds and prompts explain
+        D̄     = mean_b D_b ± t(1 − (1 − c)/2, k − 1)·sd_b(D_b)/√k    the base as a random effect
+        call  = equivalence_call(D̄, margin)
+
+    With k = 2 bases t has one degree of freedom (12.7 at 95%): a claim about bases in general needs more bases,
+    not more seeds per base."""
+    rs = [r for r in rows if r.get("half_width") is not None and r.get("df")]
+    if len(rs) < 2:
+        return None
+    d = [r["mean"] for r in rs]
+    w = [(stats.t.ppf(0.5 + confidence / 2, r["df"]) / r["half_width"]) ** 2 for r in rs]
+    dw = sum(wi * di for wi, di in zip(w, d)) / sum(w)
+    q = sum(wi * (di - dw) ** 2 for wi, di in zip(w, d))
+    pooled = interval(d, confidence)
+    return {"bases": len(rs), "q": q, "p": float(stats.chi2.sf(q, len(rs) - 1)), "mean": pooled["mean"],
+            "lo": pooled["lo"], "hi": pooled["hi"], "call": equivalence_call(pooled, rs[0]["margin"])}
+
+
 def markdown(rows: list[dict], null: Optional[dict] = None) -> str:
     f = lambda x, s="+.4f": "-" if x is None else format(x, s)  # noqa: E731
     md = ["| base | primary pair | KL range | seeds | prompts | D [95% interval] | half-width (margin) | call | "
@@ -70,6 +100,13 @@ def markdown(rows: list[dict], null: Optional[dict] = None) -> str:
                   f"{r.get('predicted_call') or '-'} | {f(r.get('artefact'), '+.5f')} | "
                   f"{f(r.get('artefact_per_prompt'), '+.5f')} |")
     md += ["", agreement(rows)]
+    ab = across_bases(rows)
+    if ab is not None:
+        differ = ("the bases differ by more than their seeds and prompts explain" if ab["p"] < 0.05
+                  else "no evidence that the bases differ")
+        md += ["", f"Across bases: Cochran's Q {ab['q']:.2f} on {ab['bases'] - 1} df, p = {ab['p']:.2g} ({differ}). "
+               f"The base as a random effect ({ab['bases']} bases): D {f(ab['mean'])} [{f(ab['lo'])}, {f(ab['hi'])}], "
+               f"{ab['call']}."]
     if null is not None:
         collapsed = (null.get("verdict") or {}).get("collapsed", [])
         md += ["", f"Null world ({null.get('ablation')}): collapsed regimes: {', '.join(collapsed) or 'none'} "
