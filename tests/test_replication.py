@@ -48,7 +48,8 @@ def test_across_bases_separates_base_heterogeneity_from_seed_noise(tmp_path):
     apart = replication.across_bases(rows(("a0", -0.02, 0.01), ("a1", 0.014, 0.016)))
     assert apart["p"] < 0.05 and apart["call"] == "undecided" and apart["lo"] < -0.1 and apart["hi"] > 0.1
     assert abs(apart["mean"] - (-0.003)) < 1e-12
+    assert apart["tau"] > 0.015 and apart["bases_needed"] > 10
     close = replication.across_bases(rows(("c0", -0.004, 0.01), ("c1", 0.001, 0.012)))
-    assert close["p"] > 0.3
+    assert close["p"] > 0.3 and close["tau"] == 0.0 and close["bases_needed"] < apart["bases_needed"]
     assert replication.across_bases(rows(("one", 0.0, 0.01))) is None
     assert "Cochran's Q" in replication.markdown(rows(("m0", -0.02, 0.01), ("m1", 0.014, 0.016)))

@@ -73,6 +73,9 @@ def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
         p     = P(χ²_{k−1} ≥ Q)        small p: the bases differ by more than seeds and prompts explain
         D̄     = mean_b D_b ± t(1 − (1 − c)/2, k − 1)·sd_b(D_b)/√k    the base as a random effect
         call  = equivalence_call(D̄, margin)
+        τ²    = max(0, (Q − (k − 1)) / (Σw − Σw²/Σw))            between-base variance (DerSimonian–Laird)
+        K     = the fewest bases with t(1 − (1 − c)/2, K − 1)·√((τ² + mean_b se_b²)/K) ≤ margin/2
+                (at this design's seeds and prompts per base; None beyond 1000)
 
     With k = 2 bases t has one degree of freedom (12.7 at 95%): a claim about bases in general needs more bases,
     not more seeds per base."""
@@ -84,8 +87,14 @@ def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
     dw = sum(wi * di for wi, di in zip(w, d)) / sum(w)
     q = sum(wi * (di - dw) ** 2 for wi, di in zip(w, d))
     pooled = interval(d, confidence)
-    return {"bases": len(rs), "q": q, "p": float(stats.chi2.sf(q, len(rs) - 1)), "mean": pooled["mean"],
-            "lo": pooled["lo"], "hi": pooled["hi"], "call": equivalence_call(pooled, rs[0]["margin"])}
+    tau2 = max(0.0, (q - (len(rs) - 1)) / (sum(w) - sum(wi * wi for wi in w) / sum(w)))
+    per_base = tau2 + sum(1 / wi for wi in w) / len(w)
+    margin = rs[0]["margin"]
+    needed = next((k for k in range(2, 1001)
+                   if stats.t.ppf(0.5 + confidence / 2, k - 1) * (per_base / k) ** 0.5 <= margin / 2), None)
+    return {"bases": len(rs), "q": float(q), "p": float(stats.chi2.sf(q, len(rs) - 1)), "tau": float(tau2) ** 0.5,
+            "bases_needed": needed, "mean": pooled["mean"], "lo": pooled["lo"], "hi": pooled["hi"],
+            "call": equivalence_call(pooled, margin)}
 
 
 def markdown(rows: list[dict], null: Optional[dict] = None) -> str:
@@ -106,7 +115,8 @@ def markdown(rows: list[dict], null: Optional[dict] = None) -> str:
                   else "no evidence that the bases differ")
         md += ["", f"Across bases: Cochran's Q {ab['q']:.2f} on {ab['bases'] - 1} df, p = {ab['p']:.2g} ({differ}). "
                f"The base as a random effect ({ab['bases']} bases): D {f(ab['mean'])} [{f(ab['lo'])}, {f(ab['hi'])}], "
-               f"{ab['call']}."]
+               f"{ab['call']}. Between-base SD τ {ab['tau']:.4f}: a half-width of margin/2 needs about "
+               f"{ab['bases_needed'] or 'over 1000'} bases at this design per base."]
     if null is not None:
         collapsed = (null.get("verdict") or {}).get("collapsed", [])
         md += ["", f"Null world ({null.get('ablation')}): collapsed regimes: {', '.join(collapsed) or 'none'} "
