@@ -60,20 +60,26 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, text, message):
 
 
 def test_local_runner_runs_the_grid_and_writes_one_comparison(tmp_path, monkeypatch):
+    """The grid swept over bases (pretrain.seed), as recipes/sweeps/bases.yaml does: one ablation per point, one
+    comparison, and the primary pair's call per base, each base named by its own pretrain.seed."""
     stages = fake_stages()
     monkeypatch.setattr(ablate, "load_stage", lambda spec: stages[spec])
     f = tmp_path / "mini.yaml"
     f.write_text(yaml.safe_dump({"name": "mini", "method": "grid", "program": "collapse_lab/cli.py",
                                  "metric": {"name": "kl0.1/norm_entropy", "goal": "maximize"},
-                                 "parameters": {"ppo.kl_coef": {"values": [0.01, 0.1]},
+                                 "parameters": {"pretrain.seed": {"values": [0, 1]},
                                                 "regimes": {"value": "[sft,kl0.1]"}, "seeds": {"value": 1}},
                                  "command": ["${program}", "ablate", "${args_no_hyphens}"]}))
     out = sweep.main([str(f), f"checkpoints_dir={tmp_path / 'ck'}", "wandb.mode=disabled", "jobs=1",  # stand-ins: here
                       *TINY_EVAL, *TINY_PRETRAIN])
     assert out == tmp_path / "ck" / "sweeps" / "mini"
     rep = json.loads((out / "report.json").read_text())
-    assert [(r["point"]["ppo.kl_coef"], r["regime"]) for r in rep["rows"]] == [  # + FeedME's control, shown
-        (0.01, "sft"), (0.01, "kl0.1"), (0.01, "sft-random"), (0.1, "sft"), (0.1, "kl0.1"), (0.1, "sft-random")]
+    assert [(r["point"]["pretrain.seed"], r["regime"]) for r in rep["rows"]] == [  # + FeedME's control, shown
+        (0, "sft"), (0, "kl0.1"), (0, "sft-random"), (1, "sft"), (1, "kl0.1"), (1, "sft-random")]
     assert [r["call"] for r in rep["rows"] if r["regime"] == "sft-random"] == ["control of sft"] * 2
     assert len({r["ablation"] for r in rep["rows"]}) == 2  # one ablation per point
-    assert (out / "report.md").read_text().count("| 0.1 |") == 3 and (out / "plots" / "sweep.png").exists()
+    md = (out / "report.md").read_text()
+    assert sum(line.startswith("| 1 | ") for line in md.splitlines()) == 3 and (out / "plots" / "sweep.png").exists()
+    assert [b["base"] for b in rep["bases"]] == ["pretrain.seed=0", "pretrain.seed=1"]
+    assert "## The primary pair per base" in md and md.count("| pretrain.seed=") == 2
+

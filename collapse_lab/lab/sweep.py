@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 
-from collapse_lab.lab import ablate
+from collapse_lab.lab import ablate, replication
 from collapse_lab.core.config import ConfigError, check_name, check_output, read_record
 from collapse_lab.lab.report.markdown import _fmt, _row
 from collapse_lab.core.suites import read_yaml
@@ -108,7 +108,8 @@ COLUMNS = [("norm_entropy", "H/log|A|", ".3f"), ("delta_norm_entropy", "Δ vs ba
 
 
 def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) -> dict:
-    """One report across the grid: per point and regime, the ablation report's key numbers."""
+    """One report across the grid: per point and regime, the ablation report's key numbers; when `pretrain.seed` is
+    swept, also the primary pair's call per base and the bases as a sample (replication.markdown)."""
 
     out.mkdir(parents=True, exist_ok=True)
     keys = swept(spec)
@@ -128,6 +129,11 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
                          "matched_kl": None if matched is None else {**matched["difference"], "call": matched["call"]},
                          "verdict": rep["verdict"]["answer"], "endpoint_verdict": rep["verdict"].get("endpoint_answer")})
     result = {"sweep": spec["name"], "swept": keys, "spec": spec, "rows": rows}
+    bases = None
+    if "pretrain.seed" in keys:  # a sweep over bases: the primary pair's call per base and across them
+        bases = [replication.base_row(read_record(Path(a) / "report.json", f"repair: collapse-lab report {a}"))
+                 for a in ablations]
+        result["bases"], result["across_bases"] = bases, replication.across_bases(bases)
     (out / "report.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = [f"# Sweep `{spec['name']}`", "", spec.get("description", "").strip(), "",
           f"Swept: {', '.join(keys)}; each point is an ablation (`collapse-lab ablate`) whose report is linked.", "",
@@ -140,6 +146,9 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
                         *[_fmt(r[k], f) for k, _, f in COLUMNS], _fmt(r["rm_accuracy"], ".3f"),
                         "-" if m is None else f"{_fmt(m, '+.3f')} ({m['call']})",
                         f"[report]({Path(r['ablation']) / 'report.md'})"]))
+    if bases is not None:
+        md += ["", "## The primary pair per base, and across bases (collapse_lab/lab/replication.py)", "",
+               replication.markdown(bases).rstrip("\n")]
     plot = _plot(out, keys, rows)
     if plot:
         md += ["", f"![{plot.name}](plots/{plot.name})"]
