@@ -50,7 +50,8 @@ def base_row(report: dict) -> dict:
                  if p["regime"] == c["regime"] and p["feedme"] == c["feedme"] and p["x"] == "kl"), {})
     return {"base": f"pretrain.seed={seed}", "pair": f"{c['regime']} vs {c['feedme']}", "mean": d.get("mean"),
             "lo": d.get("lo"), "hi": d.get("hi"), "half_width": half, "margin": report["frontier"]["margin"],
-            "df": d.get("df", len(c.get("seeds", [])) - 1), "range": [c.get("x_min"), c.get("x_max")], "seeds": len(c.get("seeds", [])),
+            "df": d.get("df", len(c.get("seeds", [])) - 1), "range": [c.get("x_min"), c.get("x_max")],
+            "seeds": len(c.get("seeds", [])),
             "prompts": len((c.get("crossed") or {}).get("prompts", [])) or None, "call": c["call"],
             "predicted_call": pred.get("predicted_call"), "artefact": pred.get("artefact_difference"),
             "artefact_per_prompt": (pred.get("artefact_crossed") or {}).get("mean")}
@@ -82,16 +83,16 @@ def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
     rs = [r for r in rows if r.get("half_width") is not None and r.get("df")]
     if len(rs) < 2:
         return None
+    t = lambda df: stats.t.ppf(0.5 + confidence / 2, df)  # noqa: E731
     d = [r["mean"] for r in rs]
-    w = [(stats.t.ppf(0.5 + confidence / 2, r["df"]) / r["half_width"]) ** 2 for r in rs]
+    w = [(t(r["df"]) / r["half_width"]) ** 2 for r in rs]
     dw = sum(wi * di for wi, di in zip(w, d)) / sum(w)
     q = sum(wi * (di - dw) ** 2 for wi, di in zip(w, d))
     pooled = interval(d, confidence)
     tau2 = max(0.0, (q - (len(rs) - 1)) / (sum(w) - sum(wi * wi for wi in w) / sum(w)))
     per_base = tau2 + sum(1 / wi for wi in w) / len(w)
     margin = rs[0]["margin"]
-    needed = next((k for k in range(2, 1001)
-                   if stats.t.ppf(0.5 + confidence / 2, k - 1) * (per_base / k) ** 0.5 <= margin / 2), None)
+    needed = next((k for k in range(2, 1001) if t(k - 1) * (per_base / k) ** 0.5 <= margin / 2), None)
     return {"bases": len(rs), "q": float(q), "p": float(stats.chi2.sf(q, len(rs) - 1)), "tau": float(tau2) ** 0.5,
             "bases_needed": needed, "mean": pooled["mean"], "lo": pooled["lo"], "hi": pooled["hi"],
             "call": equivalence_call(pooled, margin)}

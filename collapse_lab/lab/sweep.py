@@ -113,9 +113,10 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
 
     out.mkdir(parents=True, exist_ok=True)
     keys = swept(spec)
-    rows = []
+    rows, reports = [], []
     for pt, abl in zip(points, ablations):
         rep = read_record(Path(abl) / "report.json", f"repair: collapse-lab report {abl}")
+        reports.append(rep)
         listed = list(rep["config"]["ablate"]["regimes"])  # the ablation's order (report.json sorts keys)
         for regime in listed + [n for n in rep["regimes"] if n not in listed]:  # + controls it added
             r = rep["regimes"][regime]
@@ -131,8 +132,7 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
     result = {"sweep": spec["name"], "swept": keys, "spec": spec, "rows": rows}
     bases = None
     if "pretrain.seed" in keys:  # a sweep over bases: the primary pair's call per base and across them
-        bases = [replication.base_row(read_record(Path(a) / "report.json", f"repair: collapse-lab report {a}"))
-                 for a in ablations]
+        bases = [replication.base_row(rep) for rep in reports]
         result["bases"], result["across_bases"] = bases, replication.across_bases(bases)
     (out / "report.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = [f"# Sweep `{spec['name']}`", "", spec.get("description", "").strip(), "",
