@@ -191,6 +191,23 @@ def test_crossed_matches_each_prompt_at_its_own_kl():
         np.sqrt(matched.grid_between(0.02, 1.0, 6, True))), rel=1e-6)
 
 
+def test_within_narrows_the_matched_range_to_where_the_regimes_agree():
+    """A gap between the regimes that opens only past KL 1: over the full range D is positive, narrowed to [0, 1]
+    (matched and, per prompt, crossed) it is zero, and the range reported is the narrowed one."""
+    kls = np.r_[np.geomspace(0.02, 1.0, 12), np.geomspace(1.0, 3.0, 12)[1:]]  # 1.0 measured: no chord across it
+    gap = lambda k: 0.05 * max(0.0, k - 1.0)  # noqa: E731
+    a = {s: [(k, -0.1 * math.sqrt(k) + gap(k)) for k in kls] for s in range(3)}
+    b = {s: [(k, -0.1 * math.sqrt(k)) for k in kls] for s in range(3)}
+    full, low = matched.matched(a, b), matched.matched(a, b, within=(0.0, 1.0))
+    assert full["difference"]["mean"] > 0.01 and low["x_max"] == pytest.approx(1.0)
+    assert low["difference"]["mean"] == pytest.approx(0.0, abs=1e-12) and low["x_min"] == pytest.approx(0.02)
+    assert matched.matched(a, b, within=(3.5, 4.0)) is None
+    rows = lambda pts: [{"frontier/kl/p0": k, "frontier/delta_norm_entropy/p0": d} for k, d in pts]  # noqa: E731
+    ra, rb = {s: rows(v) for s, v in a.items()}, {s: rows(v) for s, v in b.items()}
+    assert matched.crossed(ra, rb)["difference"]["mean"] == pytest.approx(full["difference"]["mean"])
+    assert matched.crossed(ra, rb, within=(0.0, 1.0))["difference"]["mean"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_heldout_suite_is_the_worlds_heldout_prompts_and_never_fine_tuned_on():
     import random
 

@@ -2,6 +2,10 @@
 
 import json
 
+import numpy as np
+
+from collapse_lab.evaluation import matched
+
 from collapse_lab.lab import replication
 
 
@@ -53,3 +57,40 @@ def test_across_bases_separates_base_heterogeneity_from_seed_noise(tmp_path):
     assert close["p"] > 0.3 and close["tau"] == 0.0 and close["bases_needed"] < apart["bases_needed"]
     assert replication.across_bases(rows(("one", 0.0, 0.01))) is None
     assert "Cochran's Q" in replication.markdown(rows(("m0", -0.02, 0.01), ("m1", 0.014, 0.016)))
+
+
+def test_bases_on_one_range_differ_only_by_how_the_regimes_behave_there(tmp_path):
+    """Two bases with the SAME D(KL) (0 up to 1 nat, then growing), one reaching 3 nats and one 1.5: on their own
+    ranges their D's differ beyond their noise (Q's p < 0.05); recomputed from their curves on the one range both
+    reach, they agree. A base whose regimes really differ there stays apart."""
+    rng = np.random.default_rng(3)
+
+    def base(name, seed, reach, shift=0.0):
+        kls, prompts = np.geomspace(0.05, reach, 20), [f"p{i}" for i in range(6)]
+        def rows(gap, s):  # per-prompt curves of one seed; the gap between regimes opens past 1 nat
+            off = {p: rng.normal(0, 0.004) for p in prompts}
+            return [{**{f"frontier/kl/{p}": k for p in prompts},
+                     **{f"frontier/delta_norm_entropy/{p}": -0.1 * k ** 0.5 + gap * (0.04 * max(0.0, k - 1) + shift
+                                                                                     + off[p]) for p in prompts}}
+                    for k in kls]
+        curves = {"kl0.15": {str(s): rows(1.0, s) for s in range(6)}, "sft-r8": {str(s): rows(0.0, s) for s in range(6)}}
+        cross = matched.crossed(curves["kl0.15"], curves["sft-r8"])
+        comp = {"regime": "kl0.15", "feedme": "sft-r8", "x": "kl", "group": "online RL", "x_min": 0.05,
+                "x_max": float(reach), "seeds": list(range(6)), "difference": cross["difference"], "crossed": cross,
+                "call": matched.equivalence_call(cross["difference"], 0.02)}
+        return {"ablation": name, "config": {"lab": [f"pretrain.seed={seed}"]},
+                "frontier": {"margin": 0.02, "primary": "kl0.15:sft-r8", "comparisons": [comp], "curves": curves,
+                             "grid_points": 8}}
+
+    far, near = base("far", 0, 3.0), base("near", 1, 1.5)
+    own = replication.across_bases([replication.base_row(r) for r in (far, near)])
+    assert own["p"] < 0.05
+    one = replication.on_common_range([far, near])
+    assert one["range"] == [0.05, 1.5] and all(r["range"] == [0.05, 1.5] for r in one["rows"])
+    assert replication.across_bases(one["rows"])["p"] > 0.05
+    low = replication.on_common_range([far, near], within=(0.0, 1.0))
+    assert all(abs(r["mean"]) < 0.01 and r["call"] == "no difference" for r in low["rows"])
+    apart = replication.on_common_range([far, base("shifted", 2, 1.5, shift=0.05)])
+    assert replication.across_bases(apart["rows"])["p"] < 0.05
+    assert "On one KL range for every base, [0.050, 1.500] nats" in replication.markdown(
+        [replication.base_row(r) for r in (far, near)], common=one)

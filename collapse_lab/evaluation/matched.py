@@ -66,8 +66,10 @@ def grid_between(lo: float, hi: float, n: int, sqrt_x: bool) -> np.ndarray:
 
 
 def matched(a: dict[int, list[tuple[float, float]]], b: dict[int, list[tuple[float, float]]], grid_points: int = 8,
-            confidence: float = 0.95, sqrt_x: bool = True) -> Optional[dict]:
+            confidence: float = 0.95, sqrt_x: bool = True,
+            within: Optional[tuple[float, float]] = None) -> Optional[dict]:
     """Regime A vs regime B at matched x, paired by seed (module docstring): `a`, `b` map seed -> measured points.
+    `within` = (lo, hi) narrows the range to its part inside [lo, hi] (a range shared by several bases).
 
     Returns {grid, x_min, x_max, seeds, per_seed, difference (interval of D_s across seeds), at_grid (interval per
     grid point)}, or None when no seed is common, a curve has no point, or the curves share no range."""
@@ -75,6 +77,8 @@ def matched(a: dict[int, list[tuple[float, float]]], b: dict[int, list[tuple[flo
     if not seeds:
         return None
     x_lo, x_hi = common_range([c[s] for c in (a, b) for s in seeds])
+    if within is not None:
+        x_lo, x_hi = max(x_lo, within[0]), min(x_hi, within[1])
     if not x_hi > x_lo:
         return None
     grid = grid_between(x_lo, x_hi, grid_points, sqrt_x)
@@ -147,10 +151,11 @@ def crossed_interval(d, confidence: float = 0.95) -> dict:
 
 
 def crossed(a_rows: dict[int, list[dict]], b_rows: dict[int, list[dict]], grid_points: int = 8,
-            confidence: float = 0.95) -> Optional[dict]:
+            confidence: float = 0.95, within: Optional[tuple[float, float]] = None) -> Optional[dict]:
     """A vs B at matched KL PER PROMPT (each prompt's own KL and d: the rows' frontier/kl/<id> and
-    frontier/delta_norm_entropy/<id>), then crossed_interval over the seeds × prompts table. A prompt on which the
-    curves share no range is left out (listed). None without per-prompt rows or a common seed."""
+    frontier/delta_norm_entropy/<id>; each prompt's range narrowed to `within`, as in matched), then
+    crossed_interval over the seeds × prompts table. A prompt on which the curves share no range is left out
+    (listed). None without per-prompt rows or a common seed."""
     seeds = sorted(set(a_rows) & set(b_rows))
     ids = sorted({k.split("/", 2)[2] for rows in list(a_rows.values()) + list(b_rows.values()) for r in rows
                   for k in r if k.startswith("frontier/kl/")})
@@ -160,7 +165,7 @@ def crossed(a_rows: dict[int, list[dict]], b_rows: dict[int, list[dict]], grid_p
     for pid in ids:
         pts = [{s: curve_points(c[s], f"frontier/kl/{pid}", f"frontier/delta_norm_entropy/{pid}") for s in seeds}
                for c in (a_rows, b_rows)]
-        m = matched(*pts, grid_points, confidence)
+        m = matched(*pts, grid_points, confidence, within=within)
         if m is None or m["seeds"] != seeds:
             dropped.append(pid)
             continue

@@ -1,14 +1,16 @@
 """The call per base, and whether the bases agree (numpy/json only, no torch): the powered design's replication.
 
-    python -m collapse_lab.lab.replication <ablation dir> [<ablation dir> ...] [--null <ablation dir>] [--out FILE]
+    python -m collapse_lab.lab.replication <ablation dir> [<ablation dir> ...] [--null <ablation dir>]
+                                           [--within LO:HI] [--out FILE]
 
 Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs). For each the
 primary pair's matched-KL comparison (report.json frontier.primary, else the first KL comparison of online RL
 against FeedME): D, its interval, its half-width against the margin, the call, and the closed forms' predicted
 call. The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of
 bases (across_bases): do they differ by more than their own intervals explain (Cochran's Q), and what the design
-says about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). With
---null: the null world's collapsed regimes, which must be none. Writes the table to stdout (and --out).
+says about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). The
+same again with every base's D recomputed on ONE KL range (on_common_range: the range every base reaches, or
+--within LO:HI), so that bases are not compared over ranges that end in different places. With --null: the null world's collapsed regimes, which must be none. Writes the table to stdout (and --out).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Optional
 
 from scipy import stats
 
+from collapse_lab.evaluation import matched
 from collapse_lab.evaluation.matched import equivalence_call
 from collapse_lab.evaluation.metrics import interval
 
@@ -37,17 +40,19 @@ def primary_comparison(report: dict) -> Optional[dict]:
     return comps[0] if comps else None
 
 
-def base_row(report: dict) -> dict:
-    """One base's line: which base, the primary pair, D and interval, half-width vs margin, call, predicted call."""
-    c = primary_comparison(report)
+def base_row(report: dict, comparison: Optional[dict] = None) -> dict:
+    """One base's line: which base, the primary pair (or `comparison`), D and interval, half-width vs margin, call,
+    and the closed forms' predicted call (on the report's own range: not given for a `comparison`)."""
+    c = primary_comparison(report) if comparison is None else comparison
     lab = (report.get("config") or {}).get("lab") or []
     seed = next((o.split("=", 1)[1] for o in lab if o.startswith("pretrain.seed=")), "0")
     if c is None:
         return {"base": f"pretrain.seed={seed}", "pair": None, "call": "no comparison"}
     d = c["difference"]
     half = None if d.get("lo") is None else (d["hi"] - d["lo"]) / 2
-    pred = next((p for p in (report.get("closed_forms") or {}).get("predictions", [])
-                 if p["regime"] == c["regime"] and p["feedme"] == c["feedme"] and p["x"] == "kl"), {})
+    pred = {} if comparison is not None else next(
+        (p for p in (report.get("closed_forms") or {}).get("predictions", [])
+         if p["regime"] == c["regime"] and p["feedme"] == c["feedme"] and p["x"] == "kl"), {})
     return {"base": f"pretrain.seed={seed}", "pair": f"{c['regime']} vs {c['feedme']}", "mean": d.get("mean"),
             "lo": d.get("lo"), "hi": d.get("hi"), "half_width": half, "margin": report["frontier"]["margin"],
             "df": d.get("df", len(c.get("seeds", [])) - 1), "range": [c.get("x_min"), c.get("x_max")],
@@ -55,6 +60,36 @@ def base_row(report: dict) -> dict:
             "prompts": len((c.get("crossed") or {}).get("prompts", [])) or None, "call": c["call"],
             "predicted_call": pred.get("predicted_call"), "artefact": pred.get("artefact_difference"),
             "artefact_per_prompt": (pred.get("artefact_crossed") or {}).get("mean")}
+
+
+def on_common_range(reports: list[dict], within: Optional[tuple[float, float]] = None) -> Optional[dict]:
+    """Every base's primary D again, on ONE KL range: `within`, else the range every base reaches (the largest
+    x_min and the smallest x_max of the bases' primary comparisons). Each base's own range differs, and D(KL)
+    need not be flat, so bases compared on their own ranges can differ by where their ranges end; on one range
+    they differ only by how the regimes behave there. Recomputed from the report's stored curves with the same
+    per-prompt matched comparison (matched.crossed, narrowed to the range; a row's range is the part of it that
+    its base reaches). {range, rows} (rows as base_row's,
+    without the predicted call), or None without two bases' curves or a shared range."""
+    comps = [(r, primary_comparison(r)) for r in reports]
+    comps = [(r, c) for r, c in comps if c is not None and c.get("x_min") is not None
+             and c["regime"] in (r["frontier"].get("curves") or {})]
+    if len(comps) < 2:
+        return None
+    lo, hi = within or (max(c["x_min"] for _, c in comps), min(c["x_max"] for _, c in comps))
+    if not hi > lo:
+        return None
+    rows = []
+    for r, c in comps:
+        fr = r["frontier"]
+        cross = matched.crossed(fr["curves"][c["regime"]], fr["curves"][c["feedme"]], fr.get("grid_points", 8),
+                                within=(lo, hi))
+        if cross is None:
+            rows.append(base_row(r, {**c, "difference": {"mean": None, "lo": None}, "call": "no common range"}))
+            continue
+        rows.append(base_row(r, {**c, "difference": cross["difference"], "crossed": cross,
+                                 "x_min": max(lo, c["x_min"]), "x_max": min(hi, c["x_max"]),
+                                 "call": matched.equivalence_call(cross["difference"], fr["margin"])}))
+    return {"range": [lo, hi], "rows": rows}
 
 
 def agreement(rows: list[dict]) -> str:
@@ -98,7 +133,8 @@ def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
             "call": equivalence_call(pooled, margin)}
 
 
-def markdown(rows: list[dict], null: Optional[dict] = None) -> str:
+def _reading(rows: list[dict]) -> list[str]:
+    """The per-base table, whether the calls agree, and the bases as a sample (across_bases)."""
     f = lambda x, s="+.4f": "-" if x is None else format(x, s)  # noqa: E731
     md = ["| base | primary pair | KL range | seeds | prompts | D [95% interval] | half-width (margin) | call | "
           "predicted | artefact D | per prompt |", "|" + "---|" * 11]
@@ -118,6 +154,17 @@ def markdown(rows: list[dict], null: Optional[dict] = None) -> str:
                f"The base as a random effect ({ab['bases']} bases): D {f(ab['mean'])} [{f(ab['lo'])}, {f(ab['hi'])}], "
                f"{ab['call']}. Between-base SD τ {ab['tau']:.4f}: a half-width of margin/2 needs about "
                f"{ab['bases_needed'] or 'over 1000'} bases at this design per base."]
+    return md
+
+
+def markdown(rows: list[dict], null: Optional[dict] = None, common: Optional[dict] = None) -> str:
+    """The bases on their own ranges; with `common` (on_common_range), again on one range; with `null`, the null
+    world's collapsed regimes."""
+    md = _reading(rows)
+    if common is not None:
+        lo, hi = common["range"]
+        md += ["", f"On one KL range for every base, [{lo:.3f}, {hi:.3f}] nats (D recomputed from each base's curves; "
+               "the predicted call is for the base's own range only):", "", *_reading(common["rows"])]
     if null is not None:
         collapsed = (null.get("verdict") or {}).get("collapsed", [])
         md += ["", f"Null world ({null.get('ablation')}): collapsed regimes: {', '.join(collapsed) or 'none'} "
@@ -130,7 +177,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("ablations", nargs="+", type=Path)
     ap.add_argument("--null", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--within", default=None, metavar="LO:HI",
+                    help="the one KL range (nats) to compare every base on (default: the range every base reaches)")
     args = ap.parse_args(argv)
+    within = None
+    if args.within is not None:
+        try:
+            within = tuple(float(v) for v in args.within.split(":"))
+            assert len(within) == 2 and 0 <= within[0] < within[1]
+        except (ValueError, AssertionError):
+            print(f"error: --within {args.within!r}: expected LO:HI in nats with 0 <= LO < HI, e.g. 0:1", file=sys.stderr)
+            return 2
     reports = []
     for d in args.ablations + ([args.null] if args.null else []):
         path = d / "report.json"
@@ -139,7 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         reports.append(json.loads(path.read_text()))
     null = reports.pop() if args.null else None
-    text = markdown([base_row(r) for r in reports], null)
+    common = on_common_range(reports, within) if len(reports) > 1 else None
+    text = markdown([base_row(r) for r in reports], null, common)
     print(text, end="")
     if args.out:
         args.out.write_text(text)

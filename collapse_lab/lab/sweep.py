@@ -130,10 +130,13 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
                          "matched_kl": None if matched is None else {**matched["difference"], "call": matched["call"]},
                          "verdict": rep["verdict"]["answer"], "endpoint_verdict": rep["verdict"].get("endpoint_answer")})
     result = {"sweep": spec["name"], "swept": keys, "spec": spec, "rows": rows}
-    bases = None
-    if "pretrain.seed" in keys:  # a sweep over bases: the primary pair's call per base and across them
-        bases = [replication.base_row(rep) for rep in reports]
+    bases = common = None
+    if "pretrain.seed" in keys:  # a sweep over bases: the primary pair's call per base and across them, also on
+        bases = [replication.base_row(rep) for rep in reports]  # the one KL range every base reaches
+        common = replication.on_common_range(reports)
         result["bases"], result["across_bases"] = bases, replication.across_bases(bases)
+        if common is not None:
+            result["common_range"] = {**common, "across_bases": replication.across_bases(common["rows"])}
     (out / "report.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = [f"# Sweep `{spec['name']}`", "", spec.get("description", "").strip(), "",
           f"Swept: {', '.join(keys)}; each point is an ablation (`collapse-lab ablate`) whose report is linked.", "",
@@ -148,7 +151,7 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
                         f"[report]({Path(r['ablation']) / 'report.md'})"]))
     if bases is not None:
         md += ["", "## The primary pair per base, and across bases (collapse_lab/lab/replication.py)", "",
-               replication.markdown(bases).rstrip("\n")]
+               replication.markdown(bases, common=common).rstrip("\n")]
     plot = _plot(out, keys, rows)
     if plot:
         md += ["", f"![{plot.name}](plots/{plot.name})"]
