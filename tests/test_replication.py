@@ -17,7 +17,8 @@ def _report(tmp_path, name, mean, lo, hi, call, seed=None, collapsed=()):
            "frontier": {"margin": 0.02, "primary": "kl0.15:sft-r8", "comparisons": [comp]},
            "closed_forms": {"predictions": [{"regime": "kl0.15", "feedme": "sft-r8", "x": "kl",
                                              "predicted_call": "no difference", "artefact_difference": 0.0004,
-                                             "artefact_crossed": {"mean": -0.00031}}]},
+                                             "artefact_crossed": {"mean": -0.00031}}],
+                            "tracking": {"kl0.15": {"tv_own": 0.3}, "sft-r8": {"tv_own": 0.04}}},
            "verdict": {"collapsed": list(collapsed)}}
     d = tmp_path / name
     d.mkdir()
@@ -32,7 +33,7 @@ def test_bases_agree_only_on_the_same_decided_call(tmp_path, capsys):
     assert replication.main([str(a), str(b), "--null", str(null), "--out", str(tmp_path / "r.md")]) == 0
     out = capsys.readouterr().out
     assert "AGREE: every base calls 'no difference'" in out and "pretrain.seed=1" in out and "0.0050 (0.02)" in out
-    assert "collapsed regimes: none (as it should be)" in out and "| +0.00040 | -0.00031 |" in out
+    assert "collapsed regimes: none (as it should be)" in out and "| +0.00040 | -0.00031 | 0.300 / 0.040 |" in out
     c = _report(tmp_path, "b2", 0.03, 0.012, 0.048, "more entropy", seed=2)
     rows = [replication.base_row(json.loads((d / "report.json").read_text())) for d in (a, c)]
     assert replication.agreement(rows).startswith("DISAGREE")

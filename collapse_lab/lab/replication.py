@@ -42,7 +42,8 @@ def primary_comparison(report: dict) -> Optional[dict]:
 
 def base_row(report: dict, comparison: Optional[dict] = None) -> dict:
     """One base's line: which base, the primary pair (or `comparison`), D and interval, half-width vs margin, call,
-    and the closed forms' predicted call (on the report's own range: not given for a `comparison`)."""
+    the closed forms' predicted call (on the report's own range: not given for a `comparison`), and each regime's
+    TV to its own closed form (A, B; where it is large the trained regime left the closed form)."""
     c = primary_comparison(report) if comparison is None else comparison
     lab = (report.get("config") or {}).get("lab") or []
     seed = next((o.split("=", 1)[1] for o in lab if o.startswith("pretrain.seed=")), "0")
@@ -59,7 +60,9 @@ def base_row(report: dict, comparison: Optional[dict] = None) -> dict:
             "seeds": len(c.get("seeds", [])),
             "prompts": len((c.get("crossed") or {}).get("prompts", [])) or None, "call": c["call"],
             "predicted_call": pred.get("predicted_call"), "artefact": pred.get("artefact_difference"),
-            "artefact_per_prompt": (pred.get("artefact_crossed") or {}).get("mean")}
+            "artefact_per_prompt": (pred.get("artefact_crossed") or {}).get("mean"),
+            "tv": [((report.get("closed_forms") or {}).get("tracking") or {}).get(n, {}).get("tv_own")
+                   for n in (c["regime"], c["feedme"])]}
 
 
 def on_common_range(reports: list[dict], within: Optional[tuple[float, float]] = None) -> Optional[dict]:
@@ -137,14 +140,15 @@ def _reading(rows: list[dict]) -> list[str]:
     """The per-base table, whether the calls agree, and the bases as a sample (across_bases)."""
     f = lambda x, s="+.4f": "-" if x is None else format(x, s)  # noqa: E731
     md = ["| base | primary pair | KL range | seeds | prompts | D [95% interval] | half-width (margin) | call | "
-          "predicted | artefact D | per prompt |", "|" + "---|" * 11]
+          "predicted | artefact D | per prompt | TV to closed form (A / B) |", "|" + "---|" * 12]
     for r in rows:
         rng = r.get("range") or [None, None]
         md.append(f"| {r['base']} | {r.get('pair')} | [{f(rng[0], '.3f')}, {f(rng[1], '.3f')}] | {r.get('seeds', '-')} | "
                   f"{r.get('prompts') or '-'} | {f(r.get('mean'))} [{f(r.get('lo'))}, {f(r.get('hi'))}] | "
                   f"{f(r.get('half_width'), '.4f')} ({f(r.get('margin'), 'g')}) | {r['call']} | "
                   f"{r.get('predicted_call') or '-'} | {f(r.get('artefact'), '+.5f')} | "
-                  f"{f(r.get('artefact_per_prompt'), '+.5f')} |")
+                  f"{f(r.get('artefact_per_prompt'), '+.5f')} | "
+                  f"{' / '.join(f(v, '.3f') for v in r.get('tv') or [None, None])} |")
     md += ["", agreement(rows)]
     ab = across_bases(rows)
     if ab is not None:
