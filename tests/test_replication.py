@@ -30,7 +30,9 @@ def test_bases_agree_only_on_the_same_decided_call(tmp_path, capsys):
     a = _report(tmp_path, "b0", -0.004, -0.009, 0.001, "no difference")
     b = _report(tmp_path, "b1", 0.002, -0.004, 0.008, "no difference", seed=1)
     null = _report(tmp_path, "null", 0.0, -0.005, 0.005, "no difference", collapsed=[])
-    assert replication.main([str(a), str(b), "--null", str(null), "--out", str(tmp_path / "r.md")]) == 0
+    assert replication.main([str(a), str(b), "--null", str(null), "--out", str(tmp_path / "r.md"),
+                             "--plot", str(tmp_path / "forest.png")]) == 0
+    assert (tmp_path / "forest.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "AGREE: every base calls 'no difference'" in out and "pretrain.seed=1" in out and "0.0050 (0.02)" in out
     assert "collapsed regimes: none (as it should be)" in out and "| +0.00040 | -0.00031 | 0.300 / 0.040 |" in out

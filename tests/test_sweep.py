@@ -82,4 +82,5 @@ def test_local_runner_runs_the_grid_and_writes_one_comparison(tmp_path, monkeypa
     assert sum(line.startswith("| 1 | ") for line in md.splitlines()) == 3 and (out / "plots" / "sweep.png").exists()
     assert [b["base"] for b in rep["bases"]] == ["pretrain.seed=0", "pretrain.seed=1"]
     assert "## The primary pair per base" in md and md.count("| pretrain.seed=") == 2
+    assert (out / "plots" / "bases.png").stat().st_size > 1000 and "![bases.png](plots/bases.png)" in md
 

@@ -1,7 +1,7 @@
 """The call per base, and whether the bases agree (numpy/json only, no torch): the powered design's replication.
 
     python -m collapse_lab.lab.replication <ablation dir> [<ablation dir> ...] [--null <ablation dir>]
-                                           [--within LO:HI] [--out FILE]
+                                           [--within LO:HI] [--out FILE] [--plot FILE.png]
 
 Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs). For each the
 primary pair's matched-KL comparison (report.json frontier.primary, else the first KL comparison of online RL
@@ -176,11 +176,50 @@ def markdown(rows: list[dict], null: Optional[dict] = None, common: Optional[dic
     return "\n".join(md) + "\n"
 
 
+def forest_plot(rows: list[dict], path: Path, common: Optional[dict] = None) -> Path:
+    """A forest plot: each base's D with its 95% interval, the bases as a random effect (the last line, a wider
+    mark), the margin band ±m and 0; a second panel on the one common range when `common` is given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("each base on its own KL range", rows)]
+    if common is not None:
+        panels.append((f"on one range, {common['range'][0]:.2f}–{common['range'][1]:.2f} nats", common["rows"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.35 * len(rows) + 1.6), sharey=True,
+                             squeeze=False)
+    for ax, (title, rs) in zip(axes[0], panels):
+        shown = [r for r in rs if r.get("mean") is not None]
+        ab = across_bases(rs)
+        lines = [(r["base"].split("=")[-1], r["mean"], r.get("lo"), r.get("hi"), "C0") for r in shown]
+        if ab is not None:
+            lines.append((f"all {ab['bases']}", ab["mean"], ab["lo"], ab["hi"], "C3"))
+        for y, (_, m, lo, hi, colour) in enumerate(lines):
+            if lo is not None:
+                ax.plot([lo, hi], [y, y], color=colour, lw=3 if colour == "C3" else 1.5)
+            ax.plot([m], [y], "D" if colour == "C3" else "o", color=colour)
+        margin = (rs[0].get("margin") or 0.0) if rs else 0.0
+        ax.axvspan(-margin, margin, color="0.9", zorder=0)
+        ax.axvline(0, color="0.5", lw=0.8)
+        ax.set_yticks(range(len(lines)), [name for name, *_ in lines])
+        ax.invert_yaxis()
+        ax.set_xlabel("D = d(A) − d(B) at matched KL")
+        ax.set_title(title, fontsize=9)
+    axes[0][0].set_ylabel("base (pretrain.seed)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m collapse_lab.lab.replication", description=__doc__.splitlines()[0])
     ap.add_argument("ablations", nargs="+", type=Path)
     ap.add_argument("--null", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="also draw the forest plot (a .png) here")
     ap.add_argument("--within", default=None, metavar="LO:HI",
                     help="the one KL range (nats) to compare every base on (default: the range every base reaches)")
     args = ap.parse_args(argv)
@@ -205,6 +244,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(text, end="")
     if args.out:
         args.out.write_text(text)
+    if args.plot:
+        forest_plot([base_row(r) for r in reports], args.plot, common)
     return 0
 
 

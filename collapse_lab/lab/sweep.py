@@ -151,7 +151,8 @@ def compare(out: Path, spec: dict, points: list[dict], ablations: list[Path]) ->
                         f"[report]({Path(r['ablation']) / 'report.md'})"]))
     if bases is not None:
         md += ["", "## The primary pair per base, and across bases (collapse_lab/lab/replication.py)", "",
-               replication.markdown(bases, common=common).rstrip("\n")]
+               replication.markdown(bases, common=common).rstrip("\n"), "",
+               f"![bases.png](plots/{replication.forest_plot(bases, out / 'plots' / 'bases.png', common).name})"]
     plot = _plot(out, keys, rows)
     if plot:
         md += ["", f"![{plot.name}](plots/{plot.name})"]
