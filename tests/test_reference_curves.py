@@ -233,7 +233,8 @@ def test_heldout_suite_is_the_worlds_heldout_prompts_and_never_fine_tuned_on():
 def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_form(tmp_path):
     """A synthetic ablation whose measured curves lie ON the closed forms (PPO on π*_β, FeedME on its expected
     selection): the report's predicted D is the measured one, the calls agree, the artefact is ≤ 0.002, and each
-    regime's end point has TV ≈ 0 to its own closed form."""
+    regime's end point has TV ≈ 0 to its own closed form. Curves that go past rc.KL_MAX (β down to 0.03, 20
+    FeedME rounds) still get a prediction: the families are traced as far as the measured points."""
     import json
 
     from collapse_lab.lab import report
@@ -243,33 +244,39 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
         {"id": f.id, "eos_probs": f.p0[:f.n_answers].tolist(), "other_end_probs": f.p0[f.n_answers:-1].tolist(),
          "mu_clean": f.mu[:f.n_answers].tolist(), "mu_other": f.mu[f.n_answers:-1].tolist(),
          "mean_clean": f.mean[:f.n_answers].tolist(), "mean_other": f.mean[f.n_answers:-1].tolist()} for f in forms]}
-    (tmp_path / "evals" / "base").mkdir(parents=True)
-    (tmp_path / "evals" / "base" / "reference_curves.json").write_text(json.dumps({"base": base}))
 
     def row(policy):
         x = rc.point(forms, policy)
         return {"frontier/kl": x["kl"], "frontier/delta_norm_entropy": x["d"], "frontier/gold_gain": x["gold_gain"]}
 
-    ppo_end = lambda f: rc.optimum(f.p0, f.mean, 0.3)  # noqa: E731
-    curves = {"kl0.3": [row(lambda f, b=b: rc.optimum(f.p0, f.mean, b)) for b in np.geomspace(30, 0.3, 12)],
-              "sft": [row(lambda f, k=k: rc.noisy_best_of_k(f.p0, f.level_probs, k)) for k in np.geomspace(1.05, 4, 8)]
-              + [row(lambda f, r=r: rc.feedme_selection(f.p0, f.level_probs, 4, r)) for r in (2, 3)]}
-    ends = {"kl0.3": ppo_end, "sft": lambda f: rc.feedme_selection(f.p0, f.level_probs, 4, 3)}
-    lab = {"ratings": {"samples_per_prompt": 4}, "sft": {"rounds": 3, "keep_top": 1, "select": "top"}, "reward": "gold"}
-    by_regime, regimes = {}, {"kl0.3": {"group": "online RL", "kl_coef": 0.3, "ent_coef": 0.0, "adaptive_kl": False},
-                              "sft": {"group": "selection", "kl_coef": None, "adaptive_kl": None}}
-    for name, rows in curves.items():
-        by_regime[name] = []
-        for s in range(3):
-            d = tmp_path / "runs" / name / f"s{s}"
-            d.mkdir(parents=True)
-            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            by_regime[name].append({"seed": s, "lab": lab, "answers": {
-                f.id: {"probs": f.answers(ends[name](f)).tolist()} for f in forms}})
-    fr = report.frontier_section(tmp_path, by_regime, regimes, {"margin": 0.02, "grid_points": 8}, 0.95)
-    cf = report.closed_forms_section(tmp_path, by_regime, regimes, fr)
-    kl = next(p for p in cf["predictions"] if p["x"] == "kl")
-    measured = next(c for c in fr["comparisons"] if c["x"] == "kl")
+    def ablation(root, beta, rounds):  # PPO at kl_coef=beta, FeedME's selection for `rounds` rounds at k = 4
+        (root / "evals" / "base").mkdir(parents=True)
+        (root / "evals" / "base" / "reference_curves.json").write_text(json.dumps({"base": base}))
+        curves = {f"kl{beta:g}": [row(lambda f, b=b: rc.optimum(f.p0, f.mean, b)) for b in np.geomspace(30, beta, 12)],
+                  "sft": [row(lambda f, k=k: rc.noisy_best_of_k(f.p0, f.level_probs, k))
+                          for k in np.geomspace(1.05, 4, 8)]
+                  + [row(lambda f, r=r: rc.feedme_selection(f.p0, f.level_probs, 4, r)) for r in range(2, rounds + 1)]}
+        ends = {f"kl{beta:g}": lambda f: rc.optimum(f.p0, f.mean, beta),
+                "sft": lambda f: rc.feedme_selection(f.p0, f.level_probs, 4, rounds)}
+        lab = {"ratings": {"samples_per_prompt": 4}, "sft": {"rounds": rounds, "keep_top": 1, "select": "top"},
+               "reward": "gold"}
+        by_regime, regimes = {}, {f"kl{beta:g}": {"group": "online RL", "kl_coef": beta, "ent_coef": 0.0,
+                                                  "adaptive_kl": False},
+                                  "sft": {"group": "selection", "kl_coef": None, "adaptive_kl": None}}
+        for name, rows in curves.items():
+            by_regime[name] = []
+            for s in range(3):
+                d = root / "runs" / name / f"s{s}"
+                d.mkdir(parents=True)
+                (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                by_regime[name].append({"seed": s, "lab": lab, "answers": {
+                    f.id: {"probs": f.answers(ends[name](f)).tolist()} for f in forms}})
+        fr = report.frontier_section(root, by_regime, regimes, {"margin": 0.02, "grid_points": 8}, 0.95)
+        cf = report.closed_forms_section(root, by_regime, regimes, fr)
+        return (next(p for p in cf["predictions"] if p["x"] == "kl"),
+                next(c for c in fr["comparisons"] if c["x"] == "kl"), cf)
+
+    kl, measured, cf = ablation(tmp_path / "near", 0.3, 3)
     assert kl["predicted_difference"] == pytest.approx(measured["difference"]["mean"], abs=0.002)
     assert abs(kl["artefact_difference"]) <= 0.002 and kl["agrees"] and kl["reading"] == "agrees"
     assert cf["tracking"]["kl0.3"]["tv"] < 1e-9 and cf["tracking"]["sft"]["tv"] < 1e-9
@@ -278,6 +285,9 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
     assert sep[("best_of_k", "optimum_beta")] >= 0.04
     md = "\n".join(report.closed_forms_markdown({"closed_forms": cf}))
     assert "What the closed forms predict" in md and "artefact" in md
+    far, far_measured, _ = ablation(tmp_path / "far", 0.03, 20)
+    assert far_measured["x_max"] > rc.KL_MAX and far["predicted_difference"] is not None
+    assert far["predicted_difference"] == pytest.approx(far_measured["difference"]["mean"], abs=0.01)
 
 
 def test_crossed_artefact_is_small_on_dense_points_large_on_sparse_ones_and_leaves_out_unreachable_prompts():

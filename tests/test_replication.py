@@ -76,7 +76,8 @@ def test_bases_on_one_range_differ_only_by_how_the_regimes_behave_there(tmp_path
                      **{f"frontier/delta_norm_entropy/{p}": -0.1 * k ** 0.5 + gap * (0.04 * max(0.0, k - 1) + shift
                                                                                      + off[p]) for p in prompts}}
                     for k in kls]
-        curves = {"kl0.15": {str(s): rows(1.0, s) for s in range(6)}, "sft-r8": {str(s): rows(0.0, s) for s in range(6)}}
+        curves = {"kl0.15": {str(s): rows(1.0, s) for s in range(6)},
+                  "sft-r8": {str(s): rows(0.0, s) for s in range(6)}}
         cross = matched.crossed(curves["kl0.15"], curves["sft-r8"])
         comp = {"regime": "kl0.15", "feedme": "sft-r8", "x": "kl", "group": "online RL", "x_min": 0.05,
                 "x_max": float(reach), "seeds": list(range(6)), "difference": cross["difference"], "crossed": cross,

@@ -10,7 +10,8 @@ call. The bases AGREE when every call is the same and none is "undecided". Then 
 bases (across_bases): do they differ by more than their own intervals explain (Cochran's Q), and what the design
 says about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). The
 same again with every base's D recomputed on ONE KL range (on_common_range: the range every base reaches, or
---within LO:HI), so that bases are not compared over ranges that end in different places. With --null: the null world's collapsed regimes, which must be none. Writes the table to stdout (and --out).
+--within LO:HI), so that bases are not compared over ranges that end in different places. With --null: the
+null world's collapsed regimes, which must be none. Writes the table to stdout (and --out; --plot draws it).
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             within = tuple(float(v) for v in args.within.split(":"))
             assert len(within) == 2 and 0 <= within[0] < within[1]
         except (ValueError, AssertionError):
-            print(f"error: --within {args.within!r}: expected LO:HI in nats with 0 <= LO < HI, e.g. 0:1", file=sys.stderr)
+            print(f"error: --within {args.within!r}: expected LO:HI in nats with 0 <= LO < HI, e.g. 0:1",
+                  file=sys.stderr)
             return 2
     reports = []
     for d in args.ablations + ([args.null] if args.null else []):

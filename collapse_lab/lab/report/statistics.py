@@ -195,9 +195,10 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
     measured = [r["frontier/kl"] for per_seed in fr["curves"].values() for rows in per_seed.values() for r in rows
                 if r.get("frontier/kl") is not None]
     tested = min(rc.KL_MAX, max(measured)) if measured else rc.KL_MAX
-    fams = rc.reference_families(forms, ks[0], alphas)
+    reach = max([rc.KL_MAX, *measured])  # traced as far as any measured point, so every grid has a prediction
+    fams = rc.reference_families(forms, ks[0], alphas, kl_max=reach)
     for k in ks[1:]:
-        fams[f"feedme_k{k}"] = rc.feedme_curve(forms, k)
+        fams[f"feedme_k{k}"] = rc.feedme_curve(forms, k, kl_max=reach)
     pairs = [("best_of_k", "optimum_beta"), ("feedme", "optimum_beta"), ("feedme", "best_of_k")]
     separations = [{"a": a, "b": b, **rc.separation(fams[a], fams[b], tested)} for a, b in pairs]
     family_of = lambda n: None if specs.get(n) is None else (  # noqa: E731
