@@ -98,3 +98,13 @@ def test_bases_on_one_range_differ_only_by_how_the_regimes_behave_there(tmp_path
     assert replication.across_bases(apart["rows"])["p"] < 0.05
     assert "On one KL range for every base, [0.050, 1.500] nats" in replication.markdown(
         [replication.base_row(r) for r in (far, near)], common=one)
+
+
+def test_d_against_the_distance_to_the_closed_forms():
+    """Spearman's ρ of D against A's TV to its closed form: +1 when D rises with it, absent with fewer than 4 bases."""
+    rows = [{"mean": d, "tv": [tv, 0.3]} for d, tv in ((-0.03, 0.2), (-0.01, 0.4), (0.01, 0.7), (0.02, 0.9))]
+    out = replication.with_closed_form_distance(rows)
+    assert out["a"]["rho"] == 1.0 and out["a"]["bases"] == 4 and out["b"] is None  # B's TV is one value
+    flipped = replication.with_closed_form_distance([{**r, "tv": [1 - r["tv"][0], 0.3]} for r in rows])
+    assert flipped["a"]["rho"] == -1.0
+    assert replication.with_closed_form_distance(rows[:3]) is None

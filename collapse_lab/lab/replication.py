@@ -137,6 +137,22 @@ def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
             "call": equivalence_call(pooled, margin)}
 
 
+def with_closed_form_distance(rows: list[dict]) -> Optional[dict]:
+    """Does a base's D go with how far each regime ended from its own closed form? Per regime (a: A, b: B),
+    Spearman's ρ between D_b and TV_b over the bases that have both, with its two-sided p: {a, b}, each None with
+    fewer than 4 such bases or one TV for all; None when both are."""
+    out = {}
+    for i, name in enumerate(("a", "b")):
+        pts = [(r["mean"], r["tv"][i]) for r in rows
+               if r.get("mean") is not None and (r.get("tv") or [None, None])[i] is not None]
+        if len(pts) < 4 or len({t for _, t in pts}) < 2:
+            out[name] = None
+            continue
+        rho = stats.spearmanr([d for d, _ in pts], [t for _, t in pts])
+        out[name] = {"rho": float(rho.statistic), "p": float(rho.pvalue), "bases": len(pts)}
+    return out if any(out.values()) else None
+
+
 def _reading(rows: list[dict]) -> list[str]:
     """The per-base table, whether the calls agree, and the bases as a sample (across_bases)."""
     f = lambda x, s="+.4f": "-" if x is None else format(x, s)  # noqa: E731
@@ -159,6 +175,11 @@ def _reading(rows: list[dict]) -> list[str]:
                f"The base as a random effect ({ab['bases']} bases): D {f(ab['mean'])} [{f(ab['lo'])}, {f(ab['hi'])}], "
                f"{ab['call']}. Between-base SD τ {ab['tau']:.4f}: a half-width of margin/2 needs about "
                f"{ab['bases_needed'] or 'over 1000'} bases at this design per base."]
+    tv = with_closed_form_distance(rows)
+    if tv is not None:
+        said = [f"{ab_} ρ {x['rho']:+.2f} (p = {x['p']:.2g}, {x['bases']} bases)"
+                for ab_, x in zip(("A", "B"), (tv["a"], tv["b"])) if x is not None]
+        md += ["", "D against each regime's TV to its own closed form (Spearman, across bases): " + ", ".join(said) + "."]
     return md
 
 
