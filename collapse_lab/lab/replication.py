@@ -160,7 +160,8 @@ def _reading(rows: list[dict]) -> list[str]:
           "predicted | artefact D | per prompt | TV to closed form (A / B) |", "|" + "---|" * 12]
     for r in rows:
         rng = r.get("range") or [None, None]
-        md.append(f"| {r['base']} | {r.get('pair')} | [{f(rng[0], '.3f')}, {f(rng[1], '.3f')}] | {r.get('seeds', '-')} | "
+        md.append(f"| {r['base']} | {r.get('pair')} | [{f(rng[0], '.3f')}, {f(rng[1], '.3f')}] | "
+                  f"{r.get('seeds', '-')} | "
                   f"{r.get('prompts') or '-'} | {f(r.get('mean'))} [{f(r.get('lo'))}, {f(r.get('hi'))}] | "
                   f"{f(r.get('half_width'), '.4f')} ({f(r.get('margin'), 'g')}) | {r['call']} | "
                   f"{r.get('predicted_call') or '-'} | {f(r.get('artefact'), '+.5f')} | "
@@ -179,7 +180,8 @@ def _reading(rows: list[dict]) -> list[str]:
     if tv is not None:
         said = [f"{ab_} ρ {x['rho']:+.2f} (p = {x['p']:.2g}, {x['bases']} bases)"
                 for ab_, x in zip(("A", "B"), (tv["a"], tv["b"])) if x is not None]
-        md += ["", "D against each regime's TV to its own closed form (Spearman, across bases): " + ", ".join(said) + "."]
+        md += ["", "D against each regime's TV to its own closed form (Spearman, across bases): "
+               + ", ".join(said) + "."]
     return md
 
 
