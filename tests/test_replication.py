@@ -1,5 +1,6 @@
 """The call per base and whether the bases agree (collapse_lab/lab/replication.py), on hand-made report.json files."""
 
+import gzip
 import json
 
 import numpy as np
@@ -42,6 +43,9 @@ def test_bases_agree_only_on_the_same_decided_call(tmp_path, capsys):
     bad = _report(tmp_path, "null2", 0.0, -0.005, 0.005, "no difference", collapsed=["sft-r8"])
     assert "SHOULD BE NONE" in replication.markdown(rows, json.loads((bad / "report.json").read_text()))
     assert replication.main([str(tmp_path / "missing")]) == 2
+    kept = tmp_path / "kept.json.gz"  # a compressed copy of a base's report reads the same
+    kept.write_bytes(gzip.compress((b / "report.json").read_bytes()))
+    assert replication.main([str(a), str(kept)]) == 0 and capsys.readouterr().out.count("| pretrain.seed=1 |") == 1
 
 
 def test_across_bases_separates_base_heterogeneity_from_seed_noise(tmp_path):

@@ -3,7 +3,8 @@
     python -m collapse_lab.lab.replication <ablation dir> [<ablation dir> ...] [--null <ablation dir>]
                                            [--within LO:HI] [--out FILE] [--plot FILE.png]
 
-Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs). For each the
+Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs); a report.json
+or report.json.gz file, or a directory holding report.json.gz, serves too (a kept copy of a base's report). For each the
 primary pair's matched-KL comparison (report.json frontier.primary, else the first KL comparison of online RL
 against FeedME): D, its interval, its half-width against the margin, the call, and the closed forms' predicted
 call. The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of
@@ -17,6 +18,7 @@ null world's collapsed regimes, which must be none. Writes the table to stdout (
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -258,11 +260,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     reports = []
     for d in args.ablations + ([args.null] if args.null else []):
-        path = d / "report.json"
-        if not path.is_file():
-            print(f"error: {path} not found (run `collapse-lab report {d}` or the ablation first)", file=sys.stderr)
+        path = d if d.is_file() else next((d / n for n in ("report.json", "report.json.gz") if (d / n).is_file()), None)
+        if path is None:
+            print(f"error: {d / 'report.json'} not found (run `collapse-lab report {d}` or the ablation first)",
+                  file=sys.stderr)
             return 2
-        reports.append(json.loads(path.read_text()))
+        reports.append(json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()))
     null = reports.pop() if args.null else None
     common = on_common_range(reports, within) if len(reports) > 1 else None
     text = markdown([base_row(r) for r in reports], null, common)
