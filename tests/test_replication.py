@@ -43,6 +43,7 @@ def test_bases_agree_only_on_the_same_decided_call(tmp_path, capsys):
     bad = _report(tmp_path, "null2", 0.0, -0.005, 0.005, "no difference", collapsed=["sft-r8"])
     assert "SHOULD BE NONE" in replication.markdown(rows, json.loads((bad / "report.json").read_text()))
     assert replication.main([str(tmp_path / "missing")]) == 2
+    assert replication.main([str(a), str(b), "--within", "1:x"]) == 2 and "--within '1:x'" in capsys.readouterr().err
     kept = tmp_path / "kept.json.gz"  # a compressed copy of a base's report reads the same
     kept.write_bytes(gzip.compress((b / "report.json").read_bytes()))
     assert replication.main([str(a), str(kept)]) == 0 and capsys.readouterr().out.count("| pretrain.seed=1 |") == 1

@@ -3,11 +3,11 @@
     python -m collapse_lab.lab.replication <ablation dir> [<ablation dir> ...] [--null <ablation dir>]
                                            [--within LO:HI] [--out FILE] [--plot FILE.png]
 
-Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs); a report.json
-or report.json.gz file, or a directory holding report.json.gz, serves too (a kept copy of a base's report). For each the
-primary pair's matched-KL comparison (report.json frontier.primary, else the first KL comparison of online RL
-against FeedME): D, its interval, its half-width against the margin, the call, and the closed forms' predicted
-call. The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of
+Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs); a
+report.json or report.json.gz file, or a directory holding report.json.gz, serves too (a kept copy of a base's
+report). For each the primary pair's matched-KL comparison (report.json frontier.primary, else the first KL
+comparison of online RL against FeedME): D, its interval, its half-width against the margin, the call, and the
+closed forms' predicted call. The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of
 bases (across_bases): do they differ by more than their own intervals explain (Cochran's Q), and what the design
 says about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). The
 same again with every base's D recomputed on ONE KL range (on_common_range: the range every base reaches, or
@@ -74,8 +74,8 @@ def on_common_range(reports: list[dict], within: Optional[tuple[float, float]] =
     need not be flat, so bases compared on their own ranges can differ by where their ranges end; on one range
     they differ only by how the regimes behave there. Recomputed from the report's stored curves with the same
     per-prompt matched comparison (matched.crossed, narrowed to the range; a row's range is the part of it that
-    its base reaches). {range, rows} (rows as base_row's,
-    without the predicted call), or None without two bases' curves or a shared range."""
+    its base reaches). {range, rows} (rows as base_row's, without the predicted call), or None without two
+    bases' curves or a shared range."""
     comps = [(r, primary_comparison(r)) for r in reports]
     comps = [(r, c) for r, c in comps if c is not None and c.get("x_min") is not None
              and c["regime"] in (r["frontier"].get("curves") or {})]
@@ -180,8 +180,8 @@ def _reading(rows: list[dict]) -> list[str]:
                f"{ab['bases_needed'] or 'over 1000'} bases at this design per base."]
     tv = with_closed_form_distance(rows)
     if tv is not None:
-        said = [f"{ab_} ρ {x['rho']:+.2f} (p = {x['p']:.2g}, {x['bases']} bases)"
-                for ab_, x in zip(("A", "B"), (tv["a"], tv["b"])) if x is not None]
+        said = [f"{label} ρ {x['rho']:+.2f} (p = {x['p']:.2g}, {x['bases']} bases)"
+                for label, x in zip(("A", "B"), (tv["a"], tv["b"])) if x is not None]
         md += ["", "D against each regime's TV to its own closed form (Spearman, across bases): "
                + ", ".join(said) + "."]
     return md
@@ -253,8 +253,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.within is not None:
         try:
             within = tuple(float(v) for v in args.within.split(":"))
-            assert len(within) == 2 and 0 <= within[0] < within[1]
-        except (ValueError, AssertionError):
+        except ValueError:
+            within = ()
+        if len(within) != 2 or not 0 <= within[0] < within[1]:
             print(f"error: --within {args.within!r}: expected LO:HI in nats with 0 <= LO < HI, e.g. 0:1",
                   file=sys.stderr)
             return 2
