@@ -3,16 +3,16 @@
     python -m collapse_lab.lab.replication <ablation dir> [<ablation dir> ...] [--null <ablation dir>]
                                            [--within LO:HI] [--out FILE] [--plot FILE.png]
 
-Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs); a
-report.json or report.json.gz file, or a directory holding report.json.gz, serves too (a kept copy of a base's
-report). For each the primary pair's matched-KL comparison (report.json frontier.primary, else the first KL
-comparison of online RL against FeedME): D, its interval, its half-width against the margin, the call, and the
-closed forms' predicted call. The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of
-bases (across_bases): do they differ by more than their own intervals explain (Cochran's Q), and what the design
-says about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). The
-same again with every base's D recomputed on ONE KL range (on_common_range: the range every base reaches, or
---within LO:HI), so that bases are not compared over ranges that end in different places. With --null: the
-null world's collapsed regimes, which must be none. Writes the table to stdout (and --out; --plot draws it).
+Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs); a report.json or
+report.json.gz file, or a directory holding report.json.gz, serves too (a kept copy of a base's report). For each
+the primary pair's matched-KL comparison (report.json frontier.primary, else the first KL comparison of online RL
+against FeedME): D, its interval, its half-width against the margin, the call, and the closed forms' predicted call.
+The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of bases
+(across_bases): do they differ by more than their own intervals explain (Cochran's Q), and what the design says
+about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). The same again
+with every base's D recomputed on ONE KL range (on_common_range: the range every base reaches, or --within LO:HI),
+so that bases are not compared over ranges that end in different places. With --null: the null world's collapsed
+regimes, which must be none. Writes the table to stdout (and --out; --plot draws it).
 """
 
 from __future__ import annotations
