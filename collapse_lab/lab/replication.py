@@ -269,12 +269,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         reports.append(json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()))
     null = reports.pop() if args.null else None
     common = on_common_range(reports, within) if len(reports) > 1 else None
-    text = markdown([base_row(r) for r in reports], null, common)
+    rows = [base_row(r) for r in reports]
+    text = markdown(rows, null, common)
     print(text, end="")
     if args.out:
         args.out.write_text(text)
     if args.plot:
-        forest_plot([base_row(r) for r in reports], args.plot, common)
+        forest_plot(rows, args.plot, common)
     return 0
 
 
