@@ -8,7 +8,7 @@ report.json.gz file, or a directory holding report.json.gz, serves too (a kept c
 the primary pair's matched-KL comparison (report.json frontier.primary, else the first KL comparison of online RL
 against FeedME): D, its interval, its half-width against the margin, the call, and the closed forms' predicted call.
 The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of bases
-(across_bases): do they differ by more than their own intervals explain (Cochran's Q), and what the design says
+(across_bases): do they differ by more than their own intervals explain (an F ratio), and what the design says
 about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). The same again
 with every base's D recomputed on ONE KL range (on_common_range: the range every base reaches, or --within LO:HI),
 so that bases are not compared over ranges that end in different places. With --null: the null world's collapsed
@@ -108,35 +108,40 @@ def agreement(rows: list[dict]) -> str:
 
 
 def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
-    """The bases as a sample of bases, from each base's D_b and half-width h_b (None with fewer than 2 decided rows).
+    """The bases as a sample of bases, from each base's D_b, half-width h_b and degrees of freedom ν_b (None with
+    fewer than 2 decided rows).
 
-        se_b  = h_b / t(1 − (1 − c)/2, df_b)                      D_b's standard error within its base
-        Q     = Σ w_b (D_b − D_w)²,  w_b = 1/se_b²,  D_w = Σ w_b D_b / Σ w_b
-        p     = P(χ²_{k−1} ≥ Q)        small p: the bases differ by more than seeds and prompts explain
-        D̄     = mean_b D_b ± t(1 − (1 − c)/2, k − 1)·sd_b(D_b)/√k    the base as a random effect
+        se_b  = h_b / t(1 − (1 − c)/2, ν_b)                 D_b's standard error within its base
+        s²    = var_b(D_b),  m = mean_b se_b²               how far the D's spread; how far seeds and prompts alone
+                                                            would spread them
+        F     = s² / m,  p = P(F_{k−1, ν_m} ≥ F),  ν_m = (Σ se_b²)² / Σ (se_b⁴/ν_b)    (Satterthwaite)
+                small p: the bases differ by more than their seeds and prompts explain
+        D̄     = mean_b D_b ± t(1 − (1 − c)/2, k − 1)·s/√k   the base as a random effect
         call  = equivalence_call(D̄, margin)
-        τ²    = max(0, (Q − (k − 1)) / (Σw − Σw²/Σw))            between-base variance (DerSimonian–Laird)
-        K     = the fewest bases with t(1 − (1 − c)/2, K − 1)·√((τ² + mean_b se_b²)/K) ≤ margin/2
+        τ²    = max(0, s² − m)                              between-base variance (moments)
+        K     = the fewest bases with t(1 − (1 − c)/2, K − 1)·√(max(s², m)/K) ≤ margin/2
                 (at this design's seeds and prompts per base; None beyond 1000)
 
-    With k = 2 bases t has one degree of freedom (12.7 at 95%): a claim about bases in general needs more bases,
-    not more seeds per base."""
+    Why not Cochran's Q = Σ (D_b − D_w)²/se_b² against χ²_{k−1}: each se_b is estimated from a few seeds (ν_b ≈ 3
+    at 4 seeds), so its weights are noisy and Q is far larger than χ²_{k−1} even when the bases do not differ at all
+    (tests/test_replication.py measures how often). The ratio above uses no weights; its denominator's
+    uncertainty is in ν_m. With k = 2 bases t has one degree of freedom (12.7 at 95%): a claim about bases in
+    general needs more bases, not more seeds per base."""
     rs = [r for r in rows if r.get("half_width") is not None and r.get("df")]
     if len(rs) < 2:
         return None
     t = lambda df: stats.t.ppf(0.5 + confidence / 2, df)  # noqa: E731
-    d = [r["mean"] for r in rs]
-    w = [(t(r["df"]) / r["half_width"]) ** 2 for r in rs]
-    dw = sum(wi * di for wi, di in zip(w, d)) / sum(w)
-    q = sum(wi * (di - dw) ** 2 for wi, di in zip(w, d))
+    k, d = len(rs), [r["mean"] for r in rs]
+    se2 = [(r["half_width"] / t(r["df"])) ** 2 for r in rs]
     pooled = interval(d, confidence)
-    tau2 = max(0.0, (q - (len(rs) - 1)) / (sum(w) - sum(wi * wi for wi in w) / sum(w)))
-    per_base = tau2 + sum(1 / wi for wi in w) / len(w)
+    s2 = sum((di - pooled["mean"]) ** 2 for di in d) / (k - 1)
+    m = sum(se2) / k
+    nu_m = sum(se2) ** 2 / sum(v * v / r["df"] for v, r in zip(se2, rs))
     margin = rs[0]["margin"]
-    needed = next((k for k in range(2, 1001) if t(k - 1) * (per_base / k) ** 0.5 <= margin / 2), None)
-    return {"bases": len(rs), "q": float(q), "p": float(stats.chi2.sf(q, len(rs) - 1)), "tau": float(tau2) ** 0.5,
-            "bases_needed": needed, "mean": pooled["mean"], "lo": pooled["lo"], "hi": pooled["hi"],
-            "call": equivalence_call(pooled, margin)}
+    needed = next((n for n in range(2, 1001) if t(n - 1) * (max(s2, m) / n) ** 0.5 <= margin / 2), None)
+    return {"bases": k, "f": s2 / m, "df": [k - 1, nu_m], "p": float(stats.f.sf(s2 / m, k - 1, nu_m)),
+            "tau": max(0.0, s2 - m) ** 0.5, "bases_needed": needed, "mean": pooled["mean"], "lo": pooled["lo"],
+            "hi": pooled["hi"], "call": equivalence_call(pooled, margin)}
 
 
 def with_closed_form_distance(rows: list[dict]) -> Optional[dict]:
@@ -174,7 +179,9 @@ def _reading(rows: list[dict]) -> list[str]:
     if ab is not None:
         differ = ("the bases differ by more than their seeds and prompts explain" if ab["p"] < 0.05
                   else "no evidence that the bases differ")
-        md += ["", f"Across bases: Cochran's Q {ab['q']:.2f} on {ab['bases'] - 1} df, p = {ab['p']:.2g} ({differ}). "
+        md += ["", f"Across bases: the variance of the D's is {ab['f']:.2f} × what seeds and prompts explain "
+               f"(F on {ab['df'][0]} and {ab['df'][1]:.1f} df, "
+               f"p = {ab['p']:.2g}: {differ}). "
                f"The base as a random effect ({ab['bases']} bases): D {f(ab['mean'])} [{f(ab['lo'])}, {f(ab['hi'])}], "
                f"{ab['call']}. Between-base SD τ {ab['tau']:.4f}: a half-width of margin/2 needs about "
                f"{ab['bases_needed'] or 'over 1000'} bases at this design per base."]
