@@ -139,8 +139,8 @@ def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
     nu_m = sum(se2) ** 2 / sum(v * v / r["df"] for v, r in zip(se2, rs))
     margin = rs[0]["margin"]
     needed = next((n for n in range(2, 1001) if t(n - 1) * (max(s2, m) / n) ** 0.5 <= margin / 2), None)
-    return {"bases": k, "f": s2 / m, "df": [k - 1, nu_m], "p": float(stats.f.sf(s2 / m, k - 1, nu_m)),
-            "tau": max(0.0, s2 - m) ** 0.5, "bases_needed": needed, "mean": pooled["mean"], "lo": pooled["lo"],
+    return {"bases": k, "f": float(s2 / m), "df": [k - 1, float(nu_m)], "p": float(stats.f.sf(s2 / m, k - 1, nu_m)),
+            "tau": float(max(0.0, s2 - m)) ** 0.5, "bases_needed": needed, "mean": pooled["mean"], "lo": pooled["lo"],
             "hi": pooled["hi"], "call": equivalence_call(pooled, margin)}
 
 
