@@ -216,6 +216,7 @@ def forest_plot(rows: list[dict], path: Path, common: Optional[dict] = None) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = [("each base on its own KL range", rows)]
     if common is not None:
@@ -237,6 +238,7 @@ def forest_plot(rows: list[dict], path: Path, common: Optional[dict] = None) -> 
         ax.axvline(0, color="0.5", lw=0.8)
         ax.set_yticks(range(len(lines)), [name for name, *_ in lines])
         ax.invert_yaxis()
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
         ax.set_xlabel("D = d(A) − d(B) at matched KL")
         ax.set_title(title, fontsize=9)
     axes[0][0].set_ylabel("base (pretrain.seed)")
