@@ -122,11 +122,11 @@ def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
         K     = the fewest bases with t(1 − (1 − c)/2, K − 1)·√(max(s², m)/K) ≤ margin/2
                 (at this design's seeds and prompts per base; None beyond 1000)
 
-    Why not Cochran's Q = Σ (D_b − D_w)²/se_b² against χ²_{k−1}: each se_b is estimated from a few seeds (ν_b ≈ 3
-    at 4 seeds), so its weights are noisy and Q is far larger than χ²_{k−1} even when the bases do not differ at all
-    (tests/test_replication.py measures how often). The ratio above uses no weights; its denominator's
-    uncertainty is in ν_m. With k = 2 bases t has one degree of freedom (12.7 at 95%): a claim about bases in
-    general needs more bases, not more seeds per base."""
+    Why not Cochran's Q = Σ (D_b − D̂)²/se_b² (D̂ weighted by 1/se_b²) against χ²_{k−1}: each se_b rests on a few
+    seeds (ν_b ≈ 3 at 4 seeds), so its weights are noisy and Q is far larger than χ²_{k−1} even when the bases do
+    not differ at all (tests/test_replication.py measures how often). The ratio above uses no weights; its
+    denominator's uncertainty is in ν_m. With k = 2 bases t has one degree of freedom (12.7 at 95%): a claim
+    about bases in general needs more bases, not more seeds per base."""
     rs = [r for r in rows if r.get("half_width") is not None and r.get("df")]
     if len(rs) < 2:
         return None
