@@ -73,6 +73,27 @@ def test_seed_replicates_vary_the_training_seed_and_the_ratings_seed_but_not_the
     assert ablate.plan(["regimes=[sft]", "world.preference=0"]).lab_config(0, "sft").world.rater.preference_strength == 0
 
 
+def test_the_powered_null_world_is_the_powered_world_without_the_preference():
+    """The null world is a control only if it differs from the treated world in the preference alone: the same
+    base, prompts, training distribution and optimisers (issue 25; docs/results/bases/prediction.md, prediction 4)."""
+    from omegaconf import OmegaConf
+
+    def flat(preset: str, regime: str) -> dict:
+        c = OmegaConf.to_container(ablate.plan([f"preset={preset}"]).lab_config(0, regime), resolve=True)
+        out, todo = {}, [("", c)]
+        while todo:
+            prefix, node = todo.pop()
+            for k, v in node.items():
+                (todo.append((f"{prefix}{k}.", v)) if isinstance(v, dict) else out.__setitem__(f"{prefix}{k}", v))
+        return out
+
+    for regime in ("kl0.1", "sft-r8"):
+        treated, null = flat("powered", regime), flat("powered-null", regime)
+        differ = {k for k in treated.keys() | null.keys() if treated.get(k) != null.get(k)}
+        assert differ == {"world.rater.preference_strength", "world.rater.graded_strength"}, differ
+        assert null["world.rater.preference_strength"] == 0 != treated["world.rater.preference_strength"]
+
+
 def test_feedme_gets_its_finite_sample_control_right_after_it_unless_listed_or_turned_off():
     assert ablate.plan(["regimes=[sft,kl0.1]"]).regimes == ["sft", "sft-random", "kl0.1"]
     assert ablate.plan(["regimes=[kl0.1,sft-random,sft]"]).regimes == ["kl0.1", "sft-random", "sft"]
