@@ -245,14 +245,17 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
          "mu_clean": f.mu[:f.n_answers].tolist(), "mu_other": f.mu[f.n_answers:-1].tolist(),
          "mean_clean": f.mean[:f.n_answers].tolist(), "mean_other": f.mean[f.n_answers:-1].tolist()} for f in forms]}
 
-    def row(policy):
+    def row(policy, shift=0.0):
         x = rc.point(forms, policy)
-        return {"frontier/kl": x["kl"], "frontier/delta_norm_entropy": x["d"], "frontier/gold_gain": x["gold_gain"]}
+        return {"frontier/kl": x["kl"], "frontier/delta_norm_entropy": x["d"] + shift,
+                "frontier/gold_gain": x["gold_gain"]}
 
-    def ablation(root, beta, rounds):  # PPO at kl_coef=beta, FeedME's selection for `rounds` rounds at k = 4
+    def ablation(root, beta, rounds, shift=0.0):  # PPO at kl_coef=beta (its d moved by `shift`), FeedME's selection
+        # for `rounds` rounds at k = 4
         (root / "evals" / "base").mkdir(parents=True)
         (root / "evals" / "base" / "reference_curves.json").write_text(json.dumps({"base": base}))
-        curves = {f"kl{beta:g}": [row(lambda f, b=b: rc.optimum(f.p0, f.mean, b)) for b in np.geomspace(30, beta, 12)],
+        curves = {f"kl{beta:g}": [row(lambda f, b=b: rc.optimum(f.p0, f.mean, b), shift)
+                                  for b in np.geomspace(30, beta, 12)],
                   "sft": [row(lambda f, k=k: rc.noisy_best_of_k(f.p0, f.level_probs, k))
                           for k in np.geomspace(1.05, 4, 8)]
                   + [row(lambda f, r=r: rc.feedme_selection(f.p0, f.level_probs, 4, r)) for r in range(2, rounds + 1)]}
@@ -288,6 +291,15 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
     far, far_measured, _ = ablation(tmp_path / "far", 0.03, 20)
     assert far_measured["x_max"] > rc.KL_MAX and far["predicted_difference"] is not None
     assert far["predicted_difference"] == pytest.approx(far_measured["difference"]["mean"], abs=0.01)
+    # each regime's distance from its own family at matched KL: ~0 on the curves; D = predicted + off(A) − off(B)
+    assert all(abs(v["mean"]) < 0.002 for v in kl["off_curve"].values())
+    low, low_measured, _ = ablation(tmp_path / "low", 0.3, 3, shift=-0.03)  # PPO's path 0.03 below π*_β's
+    off = low["off_curve"]
+    assert off["kl0.3"]["mean"] == pytest.approx(-0.03, abs=0.002) and abs(off["sft"]["mean"]) < 0.002
+    assert low["predicted_difference"] + off["kl0.3"]["mean"] - off["sft"]["mean"] == pytest.approx(
+        low_measured["difference"]["mean"], abs=1e-9)
+    assert low["measured_call"] == "less entropy" and not low["agrees"]
+    assert "off its own closed-form curve: kl0.3 -0.03" in low["reading"]
 
 
 def test_crossed_artefact_is_small_on_dense_points_large_on_sparse_ones_and_leaves_out_unreachable_prompts():

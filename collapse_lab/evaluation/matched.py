@@ -115,6 +115,20 @@ def artefact_difference(a: dict[int, list[tuple[float, float]]], b: dict[int, li
     return None if m is None else m["difference"]["mean"]
 
 
+def off_curve(a: dict[int, list[tuple[float, float]]], reference, grid, confidence: float = 0.95,
+              sqrt_x: bool = True) -> Optional[dict]:
+    """How far one regime's measured curves lie from an exact reference curve at matched distance: per seed s,
+    off_s = mean over `grid` of [d_s(x) − reference(x)] (d_s interpolated as matched() does), with an interval
+    across seeds. On a pair's own grid, with each regime against its own closed-form family, the pooled D splits
+    exactly: D = predicted D + off(A) − off(B), so a measured D the closed forms did not predict is laid at the
+    door of the regime(s) whose curve left its family. None where the reference does not reach the grid."""
+    grid = np.asarray(grid, dtype=np.float64)
+    ref = np.asarray(reference(grid), dtype=np.float64)
+    if grid.size == 0 or np.isnan(ref).any() or not a:
+        return None
+    return interval([float((interpolate(pts, grid, sqrt_x) - ref).mean()) for pts in a.values()], confidence)
+
+
 # ------------------------------------------------------------------- prompts as a random effect
 
 

@@ -6,7 +6,8 @@
 Each directory is one finished ablation (its report.json; one base each: `pretrain.seed` differs); a report.json or
 report.json.gz file, or a directory holding report.json.gz, serves too (a kept copy of a base's report). For each
 the primary pair's matched-KL comparison (report.json frontier.primary, else the first KL comparison of online RL
-against FeedME): D, its interval, its half-width against the margin, the call, and the closed forms' predicted call.
+against FeedME): D, its interval, its half-width against the margin, the call, the closed forms' predicted call,
+and how far each regime's curve lies off its own closed-form family at matched KL (the report's off_curve).
 The bases AGREE when every call is the same and none is "undecided". Then the bases read as a SAMPLE of bases
 (across_bases): do they differ by more than their own intervals explain (an F ratio), and what the design says
 about bases in general (the base as a random effect: a t-interval over the per-base D's, k − 1 df). The same again
@@ -65,7 +66,8 @@ def base_row(report: dict, comparison: Optional[dict] = None) -> dict:
             "predicted_call": pred.get("predicted_call"), "artefact": pred.get("artefact_difference"),
             "artefact_per_prompt": (pred.get("artefact_crossed") or {}).get("mean"),
             "tv": [((report.get("closed_forms") or {}).get("tracking") or {}).get(n, {}).get("tv_own")
-                   for n in (c["regime"], c["feedme"])]}
+                   for n in (c["regime"], c["feedme"])],
+            "off": [((pred.get("off_curve") or {}).get(n) or {}).get("mean") for n in (c["regime"], c["feedme"])]}
 
 
 def on_common_range(reports: list[dict], within: Optional[tuple[float, float]] = None) -> Optional[dict]:
@@ -164,7 +166,8 @@ def _reading(rows: list[dict]) -> list[str]:
     """The per-base table, whether the calls agree, and the bases as a sample (across_bases)."""
     f = lambda x, s="+.4f": "-" if x is None else format(x, s)  # noqa: E731
     md = ["| base | primary pair | KL range | seeds | prompts | D [95% interval] | half-width (margin) | call | "
-          "predicted | artefact D | per prompt | TV to closed form (A / B) |", "|" + "---|" * 12]
+          "predicted | artefact D | per prompt | TV to closed form (A / B) | off own curve (A / B) |",
+          "|" + "---|" * 13]
     for r in rows:
         rng = r.get("range") or [None, None]
         md.append(f"| {r['base']} | {r.get('pair')} | [{f(rng[0], '.3f')}, {f(rng[1], '.3f')}] | "
@@ -173,7 +176,8 @@ def _reading(rows: list[dict]) -> list[str]:
                   f"{f(r.get('half_width'), '.4f')} ({f(r.get('margin'), 'g')}) | {r['call']} | "
                   f"{r.get('predicted_call') or '-'} | {f(r.get('artefact'), '+.5f')} | "
                   f"{f(r.get('artefact_per_prompt'), '+.5f')} | "
-                  f"{' / '.join(f(v, '.3f') for v in r.get('tv') or [None, None])} |")
+                  f"{' / '.join(f(v, '.3f') for v in r.get('tv') or [None, None])} | "
+                  f"{' / '.join(f(v) for v in r.get('off') or [None, None])} |")
     md += ["", agreement(rows)]
     ab = across_bases(rows)
     if ab is not None:
@@ -185,6 +189,12 @@ def _reading(rows: list[dict]) -> list[str]:
                f"The base as a random effect ({ab['bases']} bases): D {f(ab['mean'])} [{f(ab['lo'])}, {f(ab['hi'])}], "
                f"{ab['call']}. Between-base SD τ {ab['tau']:.4f}: a half-width of margin/2 needs about "
                f"{ab['bases_needed'] or 'over 1000'} bases at this design per base."]
+    off = [[r["off"][i] for r in rows if (r.get("off") or [None, None])[i] is not None] for i in (0, 1)]
+    if min(len(o) for o in off) >= 2:
+        a, b = (interval(o) for o in off)
+        md += ["", f"Off its own closed-form curve at matched KL (pooled D = predicted + off A − off B), mean over "
+               f"bases ({len(off[0])}): A {f(a['mean'])} [{f(a['lo'])}, {f(a['hi'])}], "
+               f"B {f(b['mean'])} [{f(b['lo'])}, {f(b['hi'])}]."]
     tv = with_closed_form_distance(rows)
     if tv is not None:
         said = [f"{label} ρ {x['rho']:+.2f} (p = {x['p']:.2g}, {x['bases']} bases)"

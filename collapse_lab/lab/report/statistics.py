@@ -177,6 +177,14 @@ def crossed_artefact(forms, curves: dict, c: dict, grid_points: int) -> Optional
             "left_out": left_out}
 
 
+def _off_phrase(off: Optional[dict]) -> str:
+    """'; at matched KL off its own closed-form curve: A −0.028 [..], B +0.004 [..]' (nothing without it)."""
+    if not off or any(v is None or v.get("lo") is None for v in off.values()):
+        return ""
+    return "; at matched KL, off its own closed-form curve: " + ", ".join(
+        f"{r} {v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for r, v in off.items())
+
+
 def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dict) -> dict:
     """What the closed forms predict (collapse_lab/evaluation/reference_curves.py, numpy only): the base's reference families
     (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
@@ -217,6 +225,11 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
             pts = [{s: matched_lib.curve_points(rows) for s, rows in fr["curves"].get(r, {}).items()}
                    for r in (c["regime"], c["feedme"])]
             row["artefact_difference"] = matched_lib.artefact_difference(*pts, on_opt, fr["grid_points"])
+            if a and b and c.get("grid"):  # D = predicted + off(A) − off(B), pooled over prompts, on the pair's seeds
+                seeds = {str(s) for s in c.get("seeds", [])}
+                row["off_curve"] = {r: matched_lib.off_curve({s: v for s, v in p.items() if str(s) in seeds},
+                                                             lambda g, f=f: rc.d_at(f, g), c["grid"])
+                                    for r, p, f in zip((c["regime"], c["feedme"]), pts, (a, b))}
             if c.get("crossed"):
                 row["artefact_crossed"] = crossed_artefact(forms, fr["curves"], c, fr["grid_points"])
         predictions.append(row)
@@ -239,7 +252,7 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
                           f"disagrees: {', '.join(left)} left its closed form (TV > {rc.TRACKING_TV:g})" if left else
                           f"disagrees: no closed form to check for {', '.join(unknown)}" if unknown else
                           "disagrees although both regimes track their closed forms: the measured comparison or a "
-                          "closed form is wrong")
+                          "closed form is wrong") + ("" if agree else _off_phrase(row.get("off_curve")))
     return {"kl_tested": tested, "separations": separations, "families": {k: rc.thin(v) for k, v in fams.items()},
             "predictions": predictions, "tracking": track, "tracking_tv": rc.TRACKING_TV}
 
