@@ -189,7 +189,8 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
     """What the closed forms predict (collapse_lab/evaluation/reference_curves.py, numpy only): the base's reference families
     (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
     tested range, per frontier comparison the predicted D and call beside the measured one and the interpolation
-    artefact (every measured point moved onto the π*_β curve: |D| must be ≤ 0.002), and per regime the TV of its
+    artefact (every measured point moved onto the π*_β curve: |D| must be ≤ 0.002) and each regime's offset from
+    its own family at matched KL (off_curve: pooled D = predicted + off A − off B), and per regime the TV of its
     end point to its own closed form (reward=rm: to the reward model's exact π* too). {} without the base's data."""
     refs = fr.get("references") or {}
     if not (refs.get("base") or {}).get("prompts"):
