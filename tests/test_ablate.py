@@ -78,14 +78,14 @@ def test_the_powered_null_world_is_the_powered_world_without_the_preference():
     base, prompts, training distribution and optimisers (issue 25; docs/results/bases/prediction.md, prediction 4)."""
     from omegaconf import OmegaConf
 
-    def flat(preset: str, regime: str) -> dict:
-        c = OmegaConf.to_container(ablate.plan([f"preset={preset}"]).lab_config(0, regime), resolve=True)
-        out, todo = {}, [("", c)]
-        while todo:
-            prefix, node = todo.pop()
-            for k, v in node.items():
-                (todo.append((f"{prefix}{k}.", v)) if isinstance(v, dict) else out.__setitem__(f"{prefix}{k}", v))
+    def leaves(node: dict, prefix: str = "") -> dict:  # {"world.rater.preference_strength": 1.5, ...}
+        out = {}
+        for k, v in node.items():
+            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
+
+    def flat(preset: str, regime: str) -> dict:
+        return leaves(OmegaConf.to_container(ablate.plan([f"preset={preset}"]).lab_config(0, regime), resolve=True))
 
     for regime in ("kl0.1", "sft-r8"):
         treated, null = flat("powered", regime), flat("powered-null", regime)
