@@ -126,6 +126,64 @@ def test_feedme_expected_selection_is_its_own_family():
     assert [x["kl"] for x in fe] == sorted(x["kl"] for x in fe)
 
 
+# ------------------------------------------------------------------------ the policy-gradient paths
+
+
+def test_policy_gradient_is_the_derivative_of_the_regularised_objective_and_vanishes_at_the_optimum():
+    rng = np.random.default_rng(0)
+    p0, r, theta = rng.dirichlet(np.ones(6)), rng.normal(size=6), rng.normal(size=6)
+    beta, alpha = 0.3, 0.1
+
+    def objective(th):
+        q = np.exp(th - th.max()) / np.exp(th - th.max()).sum()
+        return q @ r - beta * rc.kl(q, p0) + alpha * rc.entropy(q)
+
+    q = np.exp(theta) / np.exp(theta).sum()
+    numeric = [(objective(theta + 1e-6 * e) - objective(theta - 1e-6 * e)) / 2e-6 for e in np.eye(6)]
+    vanilla = rc.policy_gradient(q, np.log(p0), r, beta, alpha)
+    assert vanilla == pytest.approx(numeric, abs=1e-7)
+    fisher = np.diag(q) - np.outer(q, q)
+    assert fisher @ rc.policy_gradient(q, np.log(p0), r, beta, alpha, natural=True) == pytest.approx(vanilla, abs=1e-12)
+    star = rc.optimum(p0, r, beta, alpha)
+    for natural in (False, True):
+        assert np.abs(rc.policy_gradient(star, np.log(p0), r, beta, alpha, natural)).max() < 1e-12
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_the_natural_gradient_path_is_the_optimum_family(alpha):
+    """Fisher-preconditioned ascent from the base passes through π*_{β',α} for every β' > β: its (KL, d) path is
+    the family's curve, and it ends at π*_{β,α}."""
+    forms, _ = _forms(RaterConfig())
+    path = rc.gradient_path(forms, 0.3, alpha, natural=True)
+    fam = rc.optimum_curve(forms, alpha=alpha, kl_max=5.0)
+    kls = np.array([x["kl"] for x in path])
+    assert np.nanmax(np.abs(rc.d_at(path, kls) - rc.d_at(fam, kls))) < 1e-3
+    end = rc.point(forms, lambda f: rc.optimum(f.p0, f.mean, 0.3, alpha))
+    assert path[-1]["kl"] == pytest.approx(end["kl"], abs=1e-3) and path[-1]["d"] == pytest.approx(end["d"], abs=1e-3)
+
+
+def test_the_vanilla_gradient_path_concentrates_sooner_than_the_family():
+    """Two equally scored answers, one 5× likelier: on π*_β's family their odds stay 5:1 (the tilt multiplies both
+    by the same e^{R/β}); a vanilla softmax gradient moves each logit by its own probability, so the likelier gains
+    faster and the path has LESS entropy than the family at every KL. With two answers there is one path in the
+    simplex, and the vanilla path is the family."""
+    def forms(p, r):
+        mu = np.asarray(r, float)
+        return [rc.prompt_forms("x", np.asarray(p, float), 0 * np.asarray(p, float), mu, mu, mu, mu, 0.5)]
+
+    three = forms([0.5, 0.1, 0.4], [7.0, 7.0, 5.0])
+    path, fam = rc.gradient_path(three, 0.5), rc.optimum_curve(three, kl_max=5.0)
+    kls = np.array([x["kl"] for x in path[1:]])
+    below = rc.d_at(path, kls) - rc.d_at(fam, kls)
+    assert (below < 1e-4).all() and below.min() < -0.02
+    two = forms([0.7, 0.3], [5.0, 7.0])
+    path, fam = rc.gradient_path(two, 0.5), rc.optimum_curve(two, kl_max=5.0)
+    kls = np.array([x["kl"] for x in path[1:]])
+    assert np.abs(rc.d_at(path, kls) - rc.d_at(fam, kls)).max() < 1e-3
+    with pytest.raises(ValueError, match="beta \\+ alpha > 0"):
+        rc.gradient_path(two, 0.0)
+
+
 # ------------------------------------------------------------------ the matched comparison's artefact
 
 
@@ -300,6 +358,11 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
         low_measured["difference"]["mean"], abs=1e-9)
     assert low["measured_call"] == "less entropy" and not low["agrees"]
     assert "off its own closed-form curve: kl0.3 -0.03" in low["reading"]
+    # PPO's objective climbed by exact softmax policy gradient: its path's offset, and D if PPO had followed it
+    path = low["gradient_path"]
+    assert set(path["off"]) == {"kl0.3"} and path["off"]["kl0.3"] < -0.005
+    assert path["predicted_difference"] == pytest.approx(low["predicted_difference"] + path["off"]["kl0.3"], abs=1e-9)
+    assert "policy-gradient path" in low["reading"] and "gradient_path_beta0.3" in cf["families"]
 
 
 def test_crossed_artefact_is_small_on_dense_points_large_on_sparse_ones_and_leaves_out_unreachable_prompts():

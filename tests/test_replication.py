@@ -10,7 +10,7 @@ from collapse_lab.evaluation import matched
 from collapse_lab.lab import replication
 
 
-def _report(tmp_path, name, mean, lo, hi, call, seed=None, collapsed=(), off=None):
+def _report(tmp_path, name, mean, lo, hi, call, seed=None, collapsed=(), off=None, path_off=None):
     comp = {"regime": "kl0.15", "feedme": "sft-r8", "x": "kl", "group": "online RL", "call": call, "x_min": 0.01,
             "x_max": 2.1, "seeds": list(range(10)), "difference": {"mean": mean, "lo": lo, "hi": hi},
             "crossed": {"prompts": [f"p{i}" for i in range(15)]}}
@@ -20,7 +20,8 @@ def _report(tmp_path, name, mean, lo, hi, call, seed=None, collapsed=(), off=Non
                                              "predicted_call": "no difference", "artefact_difference": 0.0004,
                                              "artefact_crossed": {"mean": -0.00031},
                                              **({"off_curve": {"kl0.15": {"mean": off[0]}, "sft-r8": {"mean": off[1]}}}
-                                                if off else {})}],
+                                                if off else {}),
+                                             **({"gradient_path": {"off": {"kl0.15": path_off}}} if path_off else {})}],
                             "tracking": {"kl0.15": {"tv_own": 0.3}, "sft-r8": {"tv_own": 0.04}}},
            "verdict": {"collapsed": list(collapsed)}}
     d = tmp_path / name
@@ -147,12 +148,14 @@ def test_d_against_the_distance_to_the_closed_forms():
 def test_each_regimes_distance_from_its_own_closed_form_per_base_and_across_bases(tmp_path):
     """The report's off_curve per base (A / B) in the table, and its mean over bases with a t-interval; no line
     when the reports carry none (older reports)."""
-    ds = [_report(tmp_path, f"b{i}", -0.02, -0.03, -0.01, "undecided", seed=i, off=(a, b))
+    ds = [_report(tmp_path, f"b{i}", -0.02, -0.03, -0.01, "undecided", seed=i, off=(a, b), path_off=-0.05)
           for i, (a, b) in enumerate(((-0.02, 0.001), (-0.025, -0.002), (-0.015, 0.004)))]
     rows = [replication.base_row(json.loads((d / "report.json").read_text())) for d in ds]
-    assert rows[1]["off"] == [-0.025, -0.002]
+    assert rows[1]["off"] == [-0.025, -0.002] and rows[1]["path_off"] == -0.05
     md = replication.markdown(rows)
-    assert "| -0.0250 / -0.0020 |" in md
+    assert "| -0.0250 / -0.0020 | -0.0500 |" in md
+    # A's measured offset as a share of its exact policy-gradient path's: 0.4, 0.5, 0.3 -> mean 0.40
+    assert "path lies -0.0500 off A's family" in md and "A's measured offset is 0.40 [" in md
     line = next(x for x in md.splitlines() if x.startswith("Off its own closed-form curve"))
     a_lo, a_hi = (float(v) for v in line.split("A -0.0200 [")[1].split("]")[0].split(", "))
     assert -0.04 < a_lo < -0.03 and -0.01 < a_hi < 0 and "B +0.0010 [" in line  # ±4.30 × 0.0029 (t on 2 df)

@@ -250,6 +250,84 @@ def optimum_curve(forms, alpha: float = 0.0, betas=None, kl_max: float = KL_MAX,
     return out
 
 
+def policy_gradient(q, log_p0, scores, beta: float, alpha: float = 0.0, natural: bool = False) -> np.ndarray:
+    """∂J/∂θ for the softmax policy q = softmax(θ) over outcomes, J(θ) = E_q[R] − β·KL(q‖π0) + α·H(q):
+
+        vanilla:  q(y)·(a(y) − E_q[a]),   a(y) = R(y) − β·log(q(y)/π0(y)) − α·log q(y)
+        natural:  a(y) − E_q[a]           (F⁺·∂J/∂θ, F = diag(q) − q·qᵀ the softmax's Fisher matrix)
+
+    Both are 0 exactly at π*_{β,α} (there a(y) = (α+β)·log Z for every y). Outcomes with q = 0 get 0."""
+    q = np.asarray(q, dtype=np.float64)
+    on = q > 0
+    logq = np.log(np.where(on, q, 1.0))
+    a = np.where(on, np.asarray(scores, float) - beta * (logq - np.asarray(log_p0, float)) - alpha * logq, 0.0)
+    adv = np.where(on, a - (q * a).sum(), 0.0)
+    return adv if natural else q * adv
+
+
+def gradient_path(forms, beta: float, alpha: float = 0.0, natural: bool = False, kl_max: float = KL_MAX,
+                  max_change: float = 0.01, record_every: float = 0.01, patience: int = 2000,
+                  max_steps: int = 200_000) -> list[dict]:
+    """The PATH of exact policy-gradient ascent from the base on J(q) = E_q[R] − β·KL(q‖π0) + α·H(q), for a policy
+    that is a softmax over each prompt's outcomes (one free logit θ(y) per outcome), every prompt on one clock:
+
+        vanilla:  dθ(y)/dt = q(y)·(a(y) − E_q[a])        a(y) = R(y) − β·log(q(y)/π0(y)) − α·log q(y)
+        natural:  dθ(y)/dt =       a(y) − E_q[a]         (the Fisher-preconditioned step: mirror descent's flow)
+
+    Both are ∂J/∂θ (the natural one times the inverse Fisher) and both end at π*_{β,α}. The natural path is
+    π*_{β',α}'s family itself (θ_t moves on the line from log π0 to π*'s logits: β' runs from ∞ down to β), so
+    the family is where an optimiser with that geometry passes on its way. The vanilla step weights each
+    outcome's move by its own probability: of two answers with the same score the likelier gains faster, so
+    its path concentrates sooner than the family at the same KL (and overshoots π*'s KL before it settles, as
+    the unlikely answers' logits catch up slowly). A parametric policy trained by SGD/Adam (PPO, RLOO, GRPO)
+    has neither geometry exactly; these two paths are the tabular references for it.
+
+    Euler steps along the flow, each moving no logit by more than `max_change` (the path, not the clock, is
+    what is returned). The path's KL need not rise monotonically (the vanilla one dips and overshoots), so it is
+    read at FIRST PASSAGE: a point wherever √KL first exceeds the last point's by `record_every`, d as it was
+    then. Ends past `kl_max`, at π* (within 1e-4 in TV), or when no new KL was reached for `patience` steps (a
+    plateau: the unlikely outcomes' logits creep up ∝ their probability); in the last two cases π* itself, the
+    flow's limit, is the last point ("limit": true) unless the path has already passed its KL.
+    Points {family, beta, alpha, t, kl, d, gold_gain}."""
+    if beta < 0 or alpha < 0 or beta + alpha == 0:
+        raise ValueError(f"gradient_path needs beta, alpha >= 0 with beta + alpha > 0; got {beta}, {alpha}")
+    tau = beta + alpha
+    lp0 = [np.log(np.where(f.p0 > 0, f.p0, 1.0)) for f in forms]
+    theta = [x.copy() for x in lp0]
+    live = [f.p0 > 0 for f in forms]  # outcomes the base never produces stay at 0 (no logit to move)
+    targets = [optimum(f.p0, f.mean, beta, alpha) for f in forms]
+    name = "natural_gradient_path" if natural else "gradient_path"
+    out, t = [], 0.0
+
+    def softmax(th, on):
+        z = np.where(on, th, -np.inf)
+        q = np.exp(z - z.max())
+        return q / q.sum()
+
+    last, since = None, 0  # the last point computed; steps since the path last reached a new KL
+    for _ in range(max_steps):
+        qs = [softmax(th, on) for th, on in zip(theta, live)]
+        last = {"family": name, "beta": float(beta), "alpha": float(alpha), "t": t,
+                **point(forms, lambda f, by={f.id: q for f, q in zip(forms, qs)}: by[f.id])}
+        since += 1
+        if not out or math.sqrt(max(last["kl"], 0.0)) - math.sqrt(max(out[-1]["kl"], 0.0)) >= record_every:
+            out.append(last)  # first passage: d where the path first reaches this KL
+            since = 0
+        if last["kl"] > kl_max:
+            break
+        arrived = max(tv_to(q, p) for q, p in zip(qs, targets)) < 1e-4
+        if arrived or since > patience:  # end at π*, the flow's limit, where the path has not yet passed its KL
+            star = point(forms, lambda f, by={f.id: p for f, p in zip(forms, targets)}: by[f.id])
+            if star["kl"] > out[-1]["kl"]:
+                out.append({**last, **star, "limit": True})
+            break
+        grads = [policy_gradient(q, base, f.mean, beta, alpha, natural) for q, base, f in zip(qs, lp0, forms)]
+        h = min(0.1 / tau, max_change / max(float(np.abs(g).max()) for g in grads))
+        theta = [th + h * g for th, g in zip(theta, grads)]
+        t += h
+    return out
+
+
 def reference_families(forms, feedme_k: int, alphas: Sequence[float] = (), kl_max: float = KL_MAX) -> dict:
     """Every reference family of the base: {name: [points]} (π*_{β,α} once per α in `alphas`)."""
     out = {"best_of_k": best_of_k_curve(forms, kl_max=kl_max), "feedme": feedme_curve(forms, feedme_k, kl_max=kl_max),

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from scipy import stats
 
 from collapse_lab.evaluation import matched
@@ -67,7 +68,8 @@ def base_row(report: dict, comparison: Optional[dict] = None) -> dict:
             "artefact_per_prompt": (pred.get("artefact_crossed") or {}).get("mean"),
             "tv": [((report.get("closed_forms") or {}).get("tracking") or {}).get(n, {}).get("tv_own")
                    for n in (c["regime"], c["feedme"])],
-            "off": [((pred.get("off_curve") or {}).get(n) or {}).get("mean") for n in (c["regime"], c["feedme"])]}
+            "off": [((pred.get("off_curve") or {}).get(n) or {}).get("mean") for n in (c["regime"], c["feedme"])],
+            "path_off": ((pred.get("gradient_path") or {}).get("off") or {}).get(c["regime"])}
 
 
 def on_common_range(reports: list[dict], within: Optional[tuple[float, float]] = None) -> Optional[dict]:
@@ -166,8 +168,9 @@ def _reading(rows: list[dict]) -> list[str]:
     """The per-base table, whether the calls agree, and the bases as a sample (across_bases)."""
     f = lambda x, s="+.4f": "-" if x is None else format(x, s)  # noqa: E731
     md = ["| base | primary pair | KL range | seeds | prompts | D [95% interval] | half-width (margin) | call | "
-          "predicted | artefact D | per prompt | TV to closed form (A / B) | off own curve (A / B) |",
-          "|" + "---|" * 13]
+          "predicted | artefact D | per prompt | TV to closed form (A / B) | off own curve (A / B) | "
+          "A's gradient path off |",
+          "|" + "---|" * 14]
     for r in rows:
         rng = r.get("range") or [None, None]
         md.append(f"| {r['base']} | {r.get('pair')} | [{f(rng[0], '.3f')}, {f(rng[1], '.3f')}] | "
@@ -177,7 +180,7 @@ def _reading(rows: list[dict]) -> list[str]:
                   f"{r.get('predicted_call') or '-'} | {f(r.get('artefact'), '+.5f')} | "
                   f"{f(r.get('artefact_per_prompt'), '+.5f')} | "
                   f"{' / '.join(f(v, '.3f') for v in r.get('tv') or [None, None])} | "
-                  f"{' / '.join(f(v) for v in r.get('off') or [None, None])} |")
+                  f"{' / '.join(f(v) for v in r.get('off') or [None, None])} | {f(r.get('path_off'))} |")
     md += ["", agreement(rows)]
     ab = across_bases(rows)
     if ab is not None:
@@ -195,6 +198,13 @@ def _reading(rows: list[dict]) -> list[str]:
         md += ["", f"Off its own closed-form curve at matched KL (pooled D = predicted + off A − off B), mean over "
                f"bases ({len(off[0])}): A {f(a['mean'])} [{f(a['lo'])}, {f(a['hi'])}], "
                f"B {f(b['mean'])} [{f(b['lo'])}, {f(b['hi'])}]."]
+        paths = [(r["off"][0], r["path_off"]) for r in rows
+                 if (r.get("off") or [None])[0] is not None and r.get("path_off")]
+        if len(paths) >= 2:
+            share = interval([o / p for o, p in paths])
+            md[-1] += (f" A's exact softmax policy-gradient path lies {f(float(np.mean([p for _, p in paths])))} off "
+                       f"A's family (its natural-gradient path: 0); A's measured offset is {share['mean']:.2f} "
+                       f"[{share['lo']:.2f}, {share['hi']:.2f}] of its path's, mean over bases ({len(paths)}).")
     tv = with_closed_form_distance(rows)
     if tv is not None:
         said = [f"{label} ρ {x['rho']:+.2f} (p = {x['p']:.2g}, {x['bases']} bases)"

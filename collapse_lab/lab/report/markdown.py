@@ -185,15 +185,21 @@ def closed_forms_markdown(report: dict) -> list[str]:
            "pair's own grid; artefact: D with every measured point moved onto the π*_β curve, whose true value is 0, "
            "so |artefact| ≤ 0.002 says the matched comparison itself adds no bias; per prompt: the same on each "
            "prompt's own π*_β curve, matched per prompt as a random-prompts call is, mean over the prompts and the "
-           "largest |.|):", "",
-           _row(["KL-regularised", "FeedME", "x", "predicted D", "predicted call", "measured call", "artefact D",
-                 "artefact per prompt: mean, largest (prompts)", "reading"]), _row(["---"] * 9)]
+           "largest |.|; on the gradient path: the KL-regularised regime on the path exact softmax policy gradient "
+           "takes to its π*_β (the family is the natural-gradient path), its offset off the family and the D it "
+           "predicts):", "",
+           _row(["KL-regularised", "FeedME", "x", "predicted D", "predicted call", "on the gradient path: off, D, call",
+                 "measured call", "artefact D", "artefact per prompt: mean, largest (prompts)", "reading"]),
+           _row(["---"] * 10)]
     for p in cf["predictions"]:
-        a = p.get("artefact_crossed")
+        a, g = p.get("artefact_crossed"), p.get("gradient_path")
         per_prompt = "-" if not a else (f"{a['mean']:+.5f}, {a['largest']:.5f} ({a['prompts']}"
                                         + (f"; {len(a['left_out'])} beyond π*_β's reach" if a["left_out"] else "") + ")")
+        path = "-" if not g else (", ".join(f"{v:+.4f}" for v in g["off"].values())
+                                  + f", {g['predicted_difference']:+.4f}, {g['predicted_call']}")
         md.append(_row([p["regime"], p["feedme"], p["x"], _cell(p["predicted_difference"], "+.4f"), p["predicted_call"],
-                        p["measured_call"], _cell(p.get("artefact_difference"), "+.5f"), per_prompt, p["reading"]]))
+                        path, p["measured_call"], _cell(p.get("artefact_difference"), "+.5f"), per_prompt,
+                        p["reading"]]))
     md += ["", f"Does each regime track its own closed form? (mean TV of its end point to it over prompts and seeds; "
            f"tracks: TV ≤ {cf['tracking_tv']:g}; reward=rm regimes against the REWARD MODEL's exact π*, and the gold "
            "rater's beside it)", "",

@@ -185,6 +185,34 @@ def _off_phrase(off: Optional[dict]) -> str:
         f"{r} {v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for r, v in off.items())
 
 
+def gradient_path_prediction(c: dict, fam_a: list, fam_b: list, paths: dict, margin: float) -> Optional[dict]:
+    """The pair predicted again with each KL-regularised regime on its exact softmax policy-gradient PATH instead of
+    its π*_β family (rc.gradient_path): {off: {regime: mean over the pair's grid of d_path − d_family}, predicted_
+    difference, predicted_call}. The family is the natural-gradient path (off 0), so a measured offset between 0
+    and the vanilla path's says how far the optimiser's geometry moved it; None where no regime has a path or a
+    path does not reach the grid."""
+    grid = c.get("grid")
+    regimes = (c["regime"], c["feedme"])
+    if not grid or not any(r in paths for r in regimes):
+        return None
+    on = [paths.get(r, f) for r, f in zip(regimes, (fam_a, fam_b))]
+    off = {r: float(np.mean(rc.d_at(paths[r], grid) - rc.d_at(f, grid))) for r, f in zip(regimes, (fam_a, fam_b))
+           if r in paths}
+    pred = rc.predicted_difference(*on, grid)
+    if pred is None or any(np.isnan(v) for v in off.values()):
+        return None
+    return {"off": off, "predicted_difference": pred, "predicted_call": rc.predicted_call(pred, margin)}
+
+
+def _path_phrase(path: Optional[dict]) -> str:
+    """'; on its exact softmax policy-gradient path kl0.1 would lie −0.052 off (natural gradient: 0), D −0.057'."""
+    if not path:
+        return ""
+    offs = ", ".join(f"{r} {v:+.4f}" for r, v in path["off"].items())
+    return (f"; an exact softmax policy-gradient path on the same objective lies off its family by {offs} (the natural-"
+            f"gradient path: 0), which predicts D {path['predicted_difference']:+.4f} ({path['predicted_call']})")
+
+
 def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dict) -> dict:
     """What the closed forms predict (collapse_lab/evaluation/reference_curves.py, numpy only): the base's reference families
     (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
@@ -213,6 +241,12 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
     family_of = lambda n: None if specs.get(n) is None else (  # noqa: E731
         fams.get(f"feedme_k{specs[n]['k']}", fams["feedme"]) if specs[n]["kind"] == "feedme"
         else rc.reference_for(specs[n], fams))
+    paths = {}  # each KL-regularised regime's objective climbed by exact softmax policy gradient (rc.gradient_path)
+    for n, s in specs.items():
+        if s and s["kind"] == "optimum":
+            key = f"gradient_path_beta{s['beta']:g}" + (f"_alpha{s['alpha']:g}" if s["alpha"] else "")
+            fams[key] = fams.get(key) or rc.gradient_path(forms, s["beta"], s["alpha"], kl_max=reach)
+            paths[n] = fams[key]
     opt = fams["optimum_beta"]
     on_opt = lambda x: float(rc.d_at(opt, [x])[0])  # noqa: E731
     predictions = []
@@ -231,6 +265,7 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
                 row["off_curve"] = {r: matched_lib.off_curve({s: v for s, v in p.items() if str(s) in seeds},
                                                              lambda g, f=f: rc.d_at(f, g), c["grid"])
                                     for r, p, f in zip((c["regime"], c["feedme"]), pts, (a, b))}
+                row["gradient_path"] = gradient_path_prediction(c, a, b, paths, fr["margin"])
             if c.get("crossed"):
                 row["artefact_crossed"] = crossed_artefact(forms, fr["curves"], c, fr["grid_points"])
         predictions.append(row)
@@ -253,7 +288,8 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
                           f"disagrees: {', '.join(left)} left its closed form (TV > {rc.TRACKING_TV:g})" if left else
                           f"disagrees: no closed form to check for {', '.join(unknown)}" if unknown else
                           "disagrees although both regimes track their closed forms: the measured comparison or a "
-                          "closed form is wrong") + ("" if agree else _off_phrase(row.get("off_curve")))
+                          "closed form is wrong") + ("" if agree else _off_phrase(row.get("off_curve"))
+                                                     + _path_phrase(row.get("gradient_path")))
     return {"kl_tested": tested, "separations": separations, "families": {k: rc.thin(v) for k, v in fams.items()},
             "predictions": predictions, "tracking": track, "tracking_tv": rc.TRACKING_TV}
 
