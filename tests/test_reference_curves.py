@@ -308,8 +308,8 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
         return {"frontier/kl": x["kl"], "frontier/delta_norm_entropy": x["d"] + shift,
                 "frontier/gold_gain": x["gold_gain"]}
 
-    def ablation(root, beta, rounds, shift=0.0):  # PPO at kl_coef=beta (its d moved by `shift`), FeedME's selection
-        # for `rounds` rounds at k = 4
+    def ablation(root, beta, rounds, shift=0.0, group="online RL"):  # PPO at kl_coef=beta (its d moved by `shift`),
+        # FeedME's selection for `rounds` rounds at k = 4 (group "offline preference": the same curves as DPO's)
         (root / "evals" / "base").mkdir(parents=True)
         (root / "evals" / "base" / "reference_curves.json").write_text(json.dumps({"base": base}))
         curves = {f"kl{beta:g}": [row(lambda f, b=b: rc.optimum(f.p0, f.mean, b), shift)
@@ -321,7 +321,7 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
                 "sft": lambda f: rc.feedme_selection(f.p0, f.level_probs, 4, rounds)}
         lab = {"ratings": {"samples_per_prompt": 4}, "sft": {"rounds": rounds, "keep_top": 1, "select": "top"},
                "reward": "gold"}
-        by_regime, regimes = {}, {f"kl{beta:g}": {"group": "online RL", "kl_coef": beta, "ent_coef": 0.0,
+        by_regime, regimes = {}, {f"kl{beta:g}": {"group": group, "kl_coef": beta, "ent_coef": 0.0,
                                                   "adaptive_kl": False},
                                   "sft": {"group": "selection", "kl_coef": None, "adaptive_kl": None}}
         for name, rows in curves.items():
@@ -363,6 +363,8 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
     assert set(path["off"]) == {"kl0.3"} and path["off"]["kl0.3"] < -0.005
     assert path["predicted_difference"] == pytest.approx(low["predicted_difference"] + path["off"]["kl0.3"], abs=1e-9)
     assert "policy-gradient path" in low["reading"] and "gradient_path_beta0.3" in cf["families"]
+    dpo, _, dpo_cf = ablation(tmp_path / "dpo", 0.3, 3, shift=-0.03, group="offline preference")
+    assert dpo["gradient_path"] is None and "gradient_path_beta0.3" not in dpo_cf["families"]  # DPO takes no such path
 
 
 def test_crossed_artefact_is_small_on_dense_points_large_on_sparse_ones_and_leaves_out_unreachable_prompts():

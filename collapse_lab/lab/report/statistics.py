@@ -241,9 +241,9 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
     family_of = lambda n: None if specs.get(n) is None else (  # noqa: E731
         fams.get(f"feedme_k{specs[n]['k']}", fams["feedme"]) if specs[n]["kind"] == "feedme"
         else rc.reference_for(specs[n], fams))
-    paths = {}  # each KL-regularised regime's objective climbed by exact softmax policy gradient (rc.gradient_path)
-    for n, s in specs.items():
-        if s and s["kind"] == "optimum":
+    paths = {}  # each online RL regime's objective climbed by exact softmax policy gradient (rc.gradient_path); not
+    for n, s in specs.items():  # DPO's, which fits pairs offline, not along a policy-gradient path
+        if s and s["kind"] == "optimum" and regimes[n].get("group") == ONLINE:
             key = f"gradient_path_beta{s['beta']:g}" + (f"_alpha{s['alpha']:g}" if s["alpha"] else "")
             fams[key] = fams.get(key) or rc.gradient_path(forms, s["beta"], s["alpha"], kl_max=reach)
             paths[n] = fams[key]
