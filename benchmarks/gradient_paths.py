@@ -15,7 +15,7 @@ frontier.references.base) and its primary pair's matched grid, the offset off π
   weights shared by every answer, not on one logit per answer.
 
 A path that does not reach the whole grid is averaged over the grid points it reaches (the count is printed).
-Numpy only; about a minute per report on one core.
+Numpy only, one core.
 """
 
 from __future__ import annotations
