@@ -309,6 +309,19 @@ def test_kl0_drives_mass_to_the_best_token(base, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["bandit/best_token_prob"] > 0.95
 
 
+def test_adam_eps_far_above_the_gradients_makes_the_policys_step_sgd_with_rate_lr_over_eps(base, tmp_path):
+    """`ppo.adam_eps` reaches the POLICY's AdamW group: at eps = 1e3 (far above any gradient's RMS) Adam's step is
+    lr·m̂/eps, so lr 2e-2 barely moves the policy in 30 steps where the default eps (1e-5, a sign-like step of ~lr)
+    puts almost all mass on the best token; lr 2e-2 × 1e3 at eps 1e3 moves it again (momentum SGD at rate 20)."""
+    run = lambda tag, *o: json.loads((train_ppo(_bandit(base, tmp_path / tag, "recipe=kl0", "ppo.steps=30",  # noqa: E731
+                                                        "ppo.log_every=30", *o)) / "metrics.json").read_text())
+    adam = run("adam", "ppo.lr=2e-2")
+    still = run("still", "ppo.lr=2e-2", "ppo.adam_eps=1000")
+    sgd = run("sgd", "ppo.lr=20", "ppo.adam_eps=1000")
+    assert adam["bandit/best_token_prob"] > 0.95 and still["bandit/kl"] < 1e-3
+    assert sgd["bandit/kl"] > 100 * max(still["bandit/kl"], 1e-6)
+
+
 def test_bandit_table_must_be_single_tokens(base, tmp_path):
     with pytest.raises(ConfigError, match="not one token"):
         train_ppo(_bandit(base, tmp_path, 'world.rewards=[[" 13",1.0]]'))

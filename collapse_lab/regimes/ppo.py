@@ -97,6 +97,9 @@ class PPOSection:
     # the value model's or head's (None: lr). Adam's step is ~lr whatever vf_coef, and a fresh
     # scalar head at 5e-5 needs ~100 steps to reach returns of ~6: hence its own, larger rate
     value_lr: Optional[float] = ranged(1e-3, POSITIVE)
+    # AdamW's epsilon for the POLICY's parameters (CleanRL's 1e-5). Far above the gradients' RMS it turns the policy's
+    # step into momentum SGD with rate lr/eps: the optimiser-geometry probe of docs/ppo.md (its path, not its end point)
+    adam_eps: float = ranged(1e-5, POSITIVE)
     kl_coef: float = ranged(0.1, KL_COEF)  # beta: per-token -beta * (log pi - log pi_base) in the reward
     adaptive_kl: bool = False
     kl_target: float = ranged(6.0, POSITIVE)
@@ -426,10 +429,10 @@ def setup(cfg: DictConfig, out: Path) -> Setup:
     value = value_model(policy, base, cfg, tokenizer.pad_token_id)
     forward = packed_response_logits if packs(policy) else response_logits
     policy.eval(), value.eval()  # dropout off: log-probs must match between rollout and update
-    groups = [{"params": [q for q in m.parameters() if q.requires_grad], "lr": lr}
-              for m, lr in ((policy, p.lr), (value, p.value_lr or p.lr))]
+    groups = [{"params": [q for q in m.parameters() if q.requires_grad], "lr": lr, "eps": eps}
+              for m, lr, eps in ((policy, p.lr, p.adam_eps), (value, p.value_lr or p.lr, 1e-5))]
     params = [q for g in groups for q in g["params"]]
-    optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     updates = p.steps * p.ppo_epochs * batches.minibatches
     scheduler = get_scheduler("linear" if p.anneal_lr else "constant", optimizer, 0, updates)
     policy, value, optimizer, scheduler = accelerator.prepare(policy, value, optimizer, scheduler)
