@@ -278,8 +278,8 @@ def gradient_path(forms, beta: float, alpha: float = 0.0, natural: bool = False,
     π*_{β',α}'s family itself (θ_t moves on the line from log π0 to π*'s logits: β' runs from ∞ down to β), so
     the family is where an optimiser with that geometry passes on its way. The vanilla step weights each
     outcome's move by its own probability: of two answers with the same score the likelier gains faster, so
-    its path concentrates sooner than the family at the same KL (and overshoots π*'s KL before it settles, as
-    the unlikely answers' logits catch up slowly). A parametric policy trained by SGD/Adam (PPO, RLOO, GRPO)
+    where good answers differ in prior mass its path tends to concentrate sooner than the family at the same KL
+    (and may pass π*'s KL before it settles, as the unlikely answers' logits catch up slowly). A parametric policy trained by SGD/Adam (PPO, RLOO, GRPO)
     has neither geometry exactly; these two paths are the tabular references for it.
 
     Euler steps along the flow, each moving no logit by more than `max_change` (the path, not the clock, is
