@@ -34,7 +34,8 @@ CONFIGS = {
 # spacing added config keys (issue 25: the world section is in every stage's key), and the PPO names once more when
 # ppo.curve_points joined the ppo section (a PPO run's curve points are part of what it produced), and the FeedME
 # names when sft.later_round_curve_points and then sft.warmup_steps joined the sft section, and every regime's when
-# curve.max_gap joined the curve section (each regime's key holds it: its points are part of what the run produced).
+# curve.max_gap joined the curve section (each regime's key holds it: its points are part of what the run produced),
+# and the PPO names when ppo.adam_eps joined the ppo section (the policy's optimiser is part of what it produced).
 # A change here renames runs.
 PINNED = {
     ('default', None, 'base'): 'tiny-s0-3c650ffc',
@@ -43,19 +44,19 @@ PINNED = {
     ('default', None, 'sft'): 'tiny-numbers-top1of4-s0-d006bbe8',
     ('default', None, 'dpo'): 'tiny-numbers-dpo0.1-s0-38640b43',
     ('default', None, 'bok'): 'tiny-numbers-bo4-341d49d6',
-    ('default', None, 'ppo'): 'tiny-numbers-kl0.1-s0-b3cf8fea',
+    ('default', None, 'ppo'): 'tiny-numbers-kl0.1-s0-8a041b18',
     ('default', None, 'rloo'): 'tiny-numbers-rloo-kl0.1-gold-s0-96a297fb',
     ('default', 'grpo', 'grpo'): 'tiny-numbers-grpo-kl0.1-gold-s0-9c839461',
     ('default', 'sft-r3', 'sft'): 'tiny-numbers-top1of4-r3-s0-8d957481',
-    ('rm', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-ba56a872',
+    ('rm', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-dad4b8ad',
     ('rm', 'rloo-kl0.1', 'rloo'): 'tiny-numbers-rloo-kl0.1-rm-s0-0a53da97',
-    ('rm_path', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-4e2c37ed',
+    ('rm_path', 'kl0.1', 'ppo'): 'tiny-numbers-kl0.1-s0-ac71ce0e',
     ('base_path', 'sft-random', 'sft'): 'tiny-numbers-random1of4-s3-822f8ef9',
     ('base_path', 'bok', 'bok'): 'tiny-numbers-bo4-b2dcd458',
     ('base_path', None, 'ratings'): 'tiny-numbers-n256k4-s3-7004ed1a',
     ('peft', 'dpo0.1', 'dpo'): 'gpt2-numbers-dpo0.1-s0-45b8d73e',
-    ('peft', 'klauto', 'ppo'): 'gpt2-numbers-klauto-s0-f054949f',
-    ('bandit', 'kl0.1', 'ppo'): 'tiny-bandit-kl0.3-s0-d24e304d',
+    ('peft', 'klauto', 'ppo'): 'gpt2-numbers-klauto-s0-e3b38b77',
+    ('bandit', 'kl0.1', 'ppo'): 'tiny-bandit-kl0.3-s0-fb7e8f20',
 }
 
 
