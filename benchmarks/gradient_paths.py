@@ -42,10 +42,7 @@ def adam_path(forms, beta: float, lr: float, steps: int = 6000, record_every: fl
     theta, m, v = [x.copy() for x in lp0], [0 * x for x in lp0], [0 * x for x in lp0]
     out = []
     for step in range(1, steps + 1):
-        qs = []
-        for th, on in zip(theta, live):
-            z = np.where(on, th, -np.inf)
-            qs.append(np.exp(z - z.max()) / np.exp(z - z.max()).sum())
+        qs = [rc.masked_softmax(th, on) for th, on in zip(theta, live)]
         now = rc.point(forms, lambda f, by={f.id: q for f, q in zip(forms, qs)}: by[f.id])
         if not out or math.sqrt(max(now["kl"], 0)) - math.sqrt(max(out[-1]["kl"], 0)) >= record_every:
             out.append(now)

@@ -250,6 +250,13 @@ def optimum_curve(forms, alpha: float = 0.0, betas=None, kl_max: float = KL_MAX,
     return out
 
 
+def masked_softmax(theta, live) -> np.ndarray:
+    """softmax(θ) over the outcomes where `live` is true; 0 elsewhere (outcomes the base never produces)."""
+    z = np.where(live, theta, -np.inf)
+    q = np.exp(z - z.max())
+    return q / q.sum()
+
+
 def policy_gradient(q, log_p0, scores, beta: float, alpha: float = 0.0, natural: bool = False) -> np.ndarray:
     """∂J/∂θ for the softmax policy q = softmax(θ) over outcomes, J(θ) = E_q[R] − β·KL(q‖π0) + α·H(q):
 
@@ -279,8 +286,8 @@ def gradient_path(forms, beta: float, alpha: float = 0.0, natural: bool = False,
     the family is where an optimiser with that geometry passes on its way. The vanilla step weights each
     outcome's move by its own probability: of two answers with the same score the likelier gains faster, so
     where good answers differ in prior mass its path tends to concentrate sooner than the family at the same KL
-    (and may pass π*'s KL before it settles, as the unlikely answers' logits catch up slowly). A parametric policy trained by SGD/Adam (PPO, RLOO, GRPO)
-    has neither geometry exactly; these two paths are the tabular references for it.
+    (and may pass π*'s KL before it settles, as the unlikely answers' logits catch up slowly). A parametric policy
+    trained by SGD/Adam (PPO, RLOO, GRPO) has neither geometry exactly; these two paths are tabular references.
 
     Euler steps along the flow, each moving no logit by more than `max_change` (the path, not the clock, is
     what is returned). The path's KL need not rise monotonically (the vanilla one dips and overshoots), so it is
@@ -298,15 +305,9 @@ def gradient_path(forms, beta: float, alpha: float = 0.0, natural: bool = False,
     targets = [optimum(f.p0, f.mean, beta, alpha) for f in forms]
     name = "natural_gradient_path" if natural else "gradient_path"
     out, t = [], 0.0
-
-    def softmax(th, on):
-        z = np.where(on, th, -np.inf)
-        q = np.exp(z - z.max())
-        return q / q.sum()
-
     last, since = None, 0  # the last point computed; steps since the path last reached a new KL
     for _ in range(max_steps):
-        qs = [softmax(th, on) for th, on in zip(theta, live)]
+        qs = [masked_softmax(th, on) for th, on in zip(theta, live)]
         last = {"family": name, "beta": float(beta), "alpha": float(alpha), "t": t,
                 **point(forms, lambda f, by={f.id: q for f, q in zip(forms, qs)}: by[f.id])}
         since += 1
