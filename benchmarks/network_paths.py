@@ -199,6 +199,8 @@ def main(argv=None) -> None:
     trees = [Tree(tok, p.text, p.answers, p.continue_chars, vocab) for p in train_curve.prompts]
     with torch.no_grad():  # the tree reproduces the evaluator's outcome masses at the base
         err = max(float(np.abs(t.outcome_logprobs(model).exp().numpy() - f.p0).max()) for t, f in zip(trees, train_forms))
+    if err > 1e-5:
+        raise SystemExit(f"the tree's outcome probabilities differ from the evaluator's by {err:.1e} (> 1e-5)")
     print(f"{root.name}: beta {beta}, {len(trees)} training prompts, {len(held_forms)} held-out; tree vs evaluator "
           f"max |Δq| {err:.1e}; grid {len(grid)} KL values in [{grid[0]:.3f}, {grid[-1]:.3f}] nats")
     top = grid[-1] + 1.0  # the families traced past the grid's end
