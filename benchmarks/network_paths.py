@@ -1,6 +1,6 @@
 """Where the NETWORK's own exact gradient paths lie against π*_β's family: gradient flow and Adam in weight space.
 
-    python benchmarks/network_paths.py checkpoints/ablations/powered8-b0-s20 [--steps 600] [--adam-lr 1e-4 3e-4]
+    python benchmarks/network_paths.py checkpoints/ablations/powered8-b0-s20 [--steps 120] [--adam-lr 1e-4 3e-5]
 
 benchmarks/gradient_paths.py traces exact paths on ONE LOGIT PER ANSWER; PPO moves the weights of a network shared by
 every answer and every prompt, trains on the training templates and is read on held-out prompts. This benchmark
@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from collapse_lab.evaluation import reference_curves as rc  # noqa: E402
-from collapse_lab.evaluation.evaluator import end_mask  # noqa: E402
+from collapse_lab.evaluation.evaluator import answer_trie, end_mask  # noqa: E402
+from collapse_lab.core.suites import Prompt as SuitePrompt  # noqa: E402
 from collapse_lab.evaluation.frontier import Curve  # noqa: E402
 from collapse_lab.models.models import load_pretrained  # noqa: E402
 from collapse_lab.models.tokenizer import answer_token_ids, encode_texts  # noqa: E402
@@ -55,14 +56,7 @@ class Tree:
     def __init__(self, tokenizer, text: str, answers: list[str], continue_chars: str, vocab: int):
         prompt = encode_texts(tokenizer, [text])[0]
         seqs = answer_token_ids(tokenizer, answers, text)
-        node: dict[tuple, int] = {}
-        parent, depth = [], []
-        for s in seqs:
-            for d in range(1, len(s) + 1):
-                if s[:d] not in node:
-                    node[s[:d]] = len(parent)
-                    parent.append(node[s[:d - 1]] if d > 1 else -1)
-                    depth.append(d)
+        node, parent, depth = answer_trie(seqs)
         P, Q = len(prompt), len(parent)
         sees = torch.zeros(P + Q, P + Q, dtype=torch.bool)
         sees[:P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
@@ -115,15 +109,8 @@ def objective(model, trees, forms, beta: float) -> torch.Tensor:
     return torch.stack(out).mean()
 
 
-def train_point(model, trees, forms) -> dict:
-    """KL and d on the training prompts, read on the answer set as rc.point reads a closed form."""
-    with torch.no_grad():
-        qs = {f.id: t.outcome_logprobs(model).exp().numpy() for t, f in zip(trees, forms)}
-    return rc.point(forms, lambda f: qs[f.id])
-
-
-def trace(name, model, trees, forms, curve, beta, step_fn, steps, read_every, kl_max) -> dict:
-    """Ascend J with `step_fn(loss)`; read held-out (Curve.point) and training points every read_every steps."""
+def trace(name, model, trees, forms, curves, beta, step_fn, steps, read_every, kl_max) -> dict:
+    """Ascend J with `step_fn()` after each backward pass; read held-out (Curve.point) and training points every read_every steps."""
     held, train, t0 = [{"kl": 0.0, "d": 0.0}], [{"kl": 0.0, "d": 0.0}], time.time()
     for i in range(1, steps + 1):
         model.zero_grad(set_to_none=True)
@@ -131,9 +118,9 @@ def trace(name, model, trees, forms, curve, beta, step_fn, steps, read_every, kl
         loss.backward()
         step_fn()
         if i % read_every == 0 or i == steps:
-            p = curve.point(model)
-            held.append({"kl": p["frontier/kl"], "d": p["frontier/delta_norm_entropy"], "step": i})
-            train.append({**train_point(model, trees, forms), "step": i})
+            for where, c in zip((held, train), curves):
+                p = c.point(model)
+                where.append({"kl": p["frontier/kl"], "d": p["frontier/delta_norm_entropy"], "step": i})
             print(f"  {name} step {i}: held-out KL {held[-1]['kl']:.3f} d {held[-1]['d']:+.4f} | train KL "
                   f"{train[-1]['kl']:.3f} d {train[-1]['d']:+.4f} ({time.time() - t0:.0f} s)", flush=True)
             if held[-1]["kl"] > kl_max:
@@ -158,11 +145,11 @@ def offset(path, family, grid) -> tuple[float, int]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("ablation", help="an ablation directory (its runs.json names the base, its report the pair)")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--read-every", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--read-every", type=int, default=2)
     ap.add_argument("--eta", type=float, default=0.01, help="the flow's step length in weight space")
     ap.add_argument("--check-eta", action="store_true", help="also run the flow at eta/2 (discretisation check)")
-    ap.add_argument("--adam-lr", type=float, nargs="*", default=[1e-4, 3e-4])
+    ap.add_argument("--adam-lr", type=float, nargs="*", default=[1e-4, 3e-5])
     ap.add_argument("--kl-max", type=float, default=3.0)
     ap.add_argument("--out", help="write every path as JSON here")
     args = ap.parse_args(argv)
@@ -182,23 +169,15 @@ def main(argv=None) -> None:
     vocab = model.config.vocab_size
     curve = Curve(model, tok, world, suite=cfg.world.curve_suite)
     held_forms = rc.forms_from_json(curve.base_forms())
-    train_prompts = world.train_templates
-    answers = {p.text: [f" {n}" for n in range(p.low, p.high + 1)] for p in train_prompts}
-    train_curve = Curve.__new__(Curve)  # the training prompts' closed-form inputs, as Curve.base_forms reads them
-    from collapse_lab.core.suites import Prompt as SuitePrompt
-    train_curve.tokenizer, train_curve.world = tok, world
-    train_curve.prompts = [SuitePrompt(p.id + f"/{p.low}-{p.high}", p.text, answers[p.text], "0123456789")
-                           for p in train_prompts]
-    from collapse_lab.evaluation.evaluator import answer_distribution
-    from collapse_lab.evaluation.optimum import answer_scores
-    with torch.no_grad():
-        train_curve.base = [answer_distribution(model, tok, p.text, p.answers, p.continue_chars)
-                            for p in train_curve.prompts]
-    train_curve.scores = [answer_scores(world.rater, world.prompt(p.text), p.answers) for p in train_curve.prompts]
+    # the templates PPO draws, with their answer sets spelled as the suites spell them
+    train = [SuitePrompt(f"{p.id}/{p.low}-{p.high}", p.text, [f" {n}" for n in range(p.low, p.high + 1)],
+                         "0123456789") for p in world.train_templates]
+    train_curve = Curve(model, tok, world, prompts=train)
     train_forms = rc.forms_from_json(train_curve.base_forms())
     trees = [Tree(tok, p.text, p.answers, p.continue_chars, vocab) for p in train_curve.prompts]
     with torch.no_grad():  # the tree reproduces the evaluator's outcome masses at the base
-        err = max(float(np.abs(t.outcome_logprobs(model).exp().numpy() - f.p0).max()) for t, f in zip(trees, train_forms))
+        err = max(float(np.abs(t.outcome_logprobs(model).exp().numpy() - f.p0).max())
+                  for t, f in zip(trees, train_forms))
     if err > 1e-5:
         raise SystemExit(f"the tree's outcome probabilities differ from the evaluator's by {err:.1e} (> 1e-5)")
     print(f"{root.name}: beta {beta}, {len(trees)} training prompts, {len(held_forms)} held-out; tree vs evaluator "
@@ -218,16 +197,16 @@ def main(argv=None) -> None:
                     p.add_(p.grad, alpha=-eta / float(norm))  # loss = −J: a descent step on it
         return step
 
-    paths = {}
-    runs_ = [(f"flow eta {args.eta:g}", lambda: flow(args.eta))]
-    if args.check_eta:
-        runs_.append((f"flow eta {args.eta / 2:g}", lambda: flow(args.eta / 2)))
+    optimisers = [(f"flow eta {args.eta:g}", lambda: flow(args.eta), args.steps)]
+    if args.check_eta:  # half the step length, twice the steps: the same path if η is small enough
+        optimisers.append((f"flow eta {args.eta / 2:g}", lambda: flow(args.eta / 2), 2 * args.steps))
     for lr in args.adam_lr:
-        runs_.append((f"adam lr {lr:g}", lambda lr=lr: torch.optim.Adam(params, lr=lr, eps=1e-5).step))
-    for name, make in runs_:
+        optimisers.append((f"adam lr {lr:g}", lambda lr=lr: torch.optim.Adam(params, lr=lr, eps=1e-5).step, args.steps))
+    paths = {}
+    for name, make_step, steps in optimisers:
         model.load_state_dict(start)
-        steps = args.steps * (2 if name.startswith("flow") and args.check_eta and name.endswith(f"{args.eta / 2:g}") else 1)
-        paths[name] = trace(name, model, trees, train_forms, curve, beta, make(), steps, args.read_every, args.kl_max)
+        paths[name] = trace(name, model, trees, train_forms, (curve, train_curve), beta, make_step(), steps,
+                            args.read_every, args.kl_max)
     measured = pred["off_curve"][pred["regime"]]
     print(f"\noffset off pi*_{beta:g}'s family at matched KL (mean over the grid points reached; d units)")
     print(f"{'path':<18} {'held-out':>18} {'training prompts':>18}")

@@ -61,6 +61,22 @@ def test_the_base_is_the_origin_and_the_entropy_decomposition_is_exact(tiny):
     assert point["frontier/kl"] > 0.01 and point["budget/samples_scored"] == 123 and "optimum/tv" not in point
 
 
+def test_a_curve_on_given_prompts_keeps_the_ones_the_world_knows_and_reads_them_as_a_suite_would(tiny):
+    """Curve(prompts=...): suite Prompts given directly (benchmarks/network_paths.py's training templates); prompts
+    without an answer set or unknown to the world are dropped; a prompt reads the same as from its suite."""
+    from collapse_lab.core.suites import Prompt
+
+    model, tok, world = tiny
+    suite = frontier.Curve(model, tok, world)
+    mine = [suite.prompts[1], Prompt("open", suite.prompts[0].text),  # no answers: dropped
+            Prompt("unknown", "Q: a prompt no world has\nA:", [" 1", " 2"], "0123456789")]  # unknown: dropped
+    curve = frontier.Curve(model, tok, world, prompts=mine)
+    assert [p.id for p in curve.prompts] == [suite.prompts[1].id]
+    moved = _perturbed(model, 0.5)
+    assert curve.point(moved)["frontier/kl"] == pytest.approx(suite.point(moved)[f"frontier/kl/{suite.prompts[1].id}"])
+    assert curve.base_forms()["prompts"][0] == suite.base_forms()["prompts"][1]
+
+
 def test_max_gap_probe_fires_when_the_probes_moved_and_resumes_from_the_last_point(tiny):
     """Curve.moved: the probe prompts' exact √KL against the last point's; never with max_gap None; a point resets
     it; resume(row) restores it from a row's per-prompt KLs exactly as point() set it."""

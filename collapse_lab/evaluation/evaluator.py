@@ -180,11 +180,10 @@ def answer_distribution(model, tokenizer, prompt_text: str, answers: list[str],
 _TREE_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> tree attention verified
 
 
-def _tree_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[int, ...]], ends: torch.Tensor,
-                   eos: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """(A,) log p(a) and (A,) log P(a, EOS) (None without `eos`): every trie node in one forward pass
-    with a tree-attention mask."""
-    node: dict[tuple[int, ...], int] = {}  # token prefix -> node index; parents come before children
+def answer_trie(seqs: list[tuple[int, ...]]) -> tuple[dict[tuple[int, ...], int], list[int], list[int]]:
+    """The trie of the answers' token sequences: ({token prefix: node index}, each node's parent index (−1: the
+    prompt), each node's depth (1: the first answer token)); parents come before their children."""
+    node: dict[tuple[int, ...], int] = {}
     parent, depth = [], []
     for s in seqs:
         for d in range(1, len(s) + 1):
@@ -192,6 +191,14 @@ def _tree_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[in
                 node[s[:d]] = len(parent)
                 parent.append(node[s[: d - 1]] if d > 1 else -1)
                 depth.append(d)
+    return node, parent, depth
+
+
+def _tree_logprobs(model, prompt_cache, first: torch.Tensor, seqs: list[tuple[int, ...]], ends: torch.Tensor,
+                   eos: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(A,) log p(a) and (A,) log P(a, EOS) (None without `eos`): every trie node in one forward pass
+    with a tree-attention mask."""
+    node, parent, depth = answer_trie(seqs)
     Q, P = len(parent), prompt_cache.get_seq_length()
     device = first.device
     tokens = torch.tensor([[prefix[-1] for prefix in node]], device=device)  # (1, Q)

@@ -93,13 +93,16 @@ class Curve:
     """The base's exact answer distributions and the rater's mean scores on the seed prompts the world
     knows, computed once; `point(model, ...)` is one along-training evaluation (module docstring)."""
 
-    def __init__(self, reference, tokenizer, world, suite: Optional[str] = None):
+    def __init__(self, reference, tokenizer, world, suite: Optional[str] = None, prompts: Optional[list] = None):
         """suite: the prompts the curves are measured on; None: the world's `curve_suite` (seed by default;
-        `heldout`: the world's held-out number prompts, never drawn by fine-tuning)."""
+        `heldout`: the world's held-out number prompts, never drawn by fine-tuning). prompts: suite Prompts
+        given directly instead (e.g. the training templates with their answer sets)."""
         self.tokenizer, self.world = tokenizer, world
-        suite = suite or getattr(getattr(world, "cfg", None), "curve_suite", None) or "seed"
+        if prompts is None:
+            suite = suite or getattr(getattr(world, "cfg", None), "curve_suite", None) or "seed"
+            prompts = load_suite(suite).prompts
         known = getattr(world, "by_text", {})
-        self.prompts = [p for p in load_suite(suite).prompts if p.answers is not None and p.text in known]
+        self.prompts = [p for p in prompts if p.answers is not None and p.text in known]
         self.base = [answer_distribution(reference, tokenizer, p.text, p.answers, p.continue_chars) for p in self.prompts]
         self.scores = [answer_scores(world.rater, world.prompt(p.text), p.answers) for p in self.prompts]
         self.base_gold = [_mean_score(*_split(b), *s) for b, s in zip(self.base, self.scores)]
