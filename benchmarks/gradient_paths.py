@@ -13,6 +13,8 @@ frontier.references.base) and its primary pair's matched grid, the offset off π
   Adam rescales each logit's step by its own gradient's RMS, so unlikely answers move about as fast as likely
   ones. Exploratory, not in the report: its path depends on the learning rate, and a network's Adam acts on
   weights shared by every answer, not on one logit per answer.
+- an idealised CLIP-BOUND step (every outcome's log-probability ± eps by the sign of its advantage, as a ratio
+  driven to PPO's clip; optionally weighted by the chance 1 − (1 − q)^8 that 8 samples drew it). Exploratory too.
 
 A path that does not reach the whole grid is averaged over the grid points it reaches (the count is printed).
 Numpy only, one core.
@@ -55,6 +57,29 @@ def adam_path(forms, beta: float, lr: float, steps: int = 6000, record_every: fl
     return out
 
 
+def clip_bound_path(forms, beta: float, samples: float = math.inf, eps: float = 0.002, steps: int = 40000,
+                    record_every: float = 0.01, kl_max: float = 6.0) -> list[dict]:
+    """An idealised clip-BOUND PPO step on one logit per outcome: every outcome whose advantage a − E_q[a] is positive
+    gains eps in log-probability, every other one loses eps (a ratio driven to the clip, 1 ± eps, whatever its
+    probability), each weighted by the chance it was sampled at all, 1 − (1 − q)^samples (samples = inf: every
+    outcome moves). Read at first passage of each KL, as rc.gradient_path is; ends past kl_max."""
+    lp0 = [np.log(np.where(f.p0 > 0, f.p0, 1.0)) for f in forms]
+    live = [f.p0 > 0 for f in forms]
+    theta, out = [x.copy() for x in lp0], []
+    for _ in range(steps):
+        qs = [rc.masked_softmax(th, on) for th, on in zip(theta, live)]
+        now = rc.point(forms, lambda f, by={f.id: q for f, q in zip(forms, qs)}: by[f.id])
+        if not out or math.sqrt(max(now["kl"], 0)) - math.sqrt(max(out[-1]["kl"], 0)) >= record_every:
+            out.append(now)
+        if now["kl"] > kl_max:
+            break
+        for i, (q, f) in enumerate(zip(qs, forms)):
+            adv = rc.policy_gradient(q, lp0[i], f.mean, beta, natural=True)
+            seen = 1.0 if math.isinf(samples) else 1.0 - (1.0 - q) ** samples
+            theta[i] = theta[i] + np.where(live[i], eps * np.sign(adv) * seen, 0.0)
+    return out
+
+
 def off(path: list[dict], family: list[dict], grid) -> tuple[float, int]:
     """(mean over the grid points the path reaches of d_path − d_family, how many it reaches)."""
     diff = rc.d_at(path, grid) - rc.d_at(family, grid)
@@ -69,7 +94,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     lrs = [float(x) for x in args.lrs.split(",")]
     print("report | regime (beta) | grid (nats) | measured off [95%] | natural | vanilla | "
-          + " | ".join(f"Adam lr {lr:g}" for lr in lrs))
+          + " | ".join(f"Adam lr {lr:g}" for lr in lrs) + " | clip-bound | clip-bound, 8 samples")
     for path in args.reports:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as fh:
@@ -85,6 +110,7 @@ def main(argv=None) -> None:
         cells = [off(rc.gradient_path(forms, beta, natural=True, kl_max=2 * grid.max()), family, grid),
                  off(rc.gradient_path(forms, beta, kl_max=2 * grid.max()), family, grid)]
         cells += [off(adam_path(forms, beta, lr), family, grid) for lr in lrs]
+        cells += [off(clip_bound_path(forms, beta, n, kl_max=2 * grid.max()), family, grid) for n in (math.inf, 8)]
         print(f"{path} | {pred['regime']} ({beta:g}) | [{grid.min():.3f}, {grid.max():.3f}] | "
               f"{measured['mean']:+.4f} [{measured['lo']:+.4f}, {measured['hi']:+.4f}] | "
               + " | ".join(f"{o:+.4f} ({n}/{len(grid)})" for o, n in cells), flush=True)
