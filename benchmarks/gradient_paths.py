@@ -36,48 +36,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collapse_lab.evaluation import reference_curves as rc  # noqa: E402
 
 
-def adam_path(forms, beta: float, lr: float, steps: int = 6000, record_every: float = 0.01) -> list[dict]:
-    """Adam (bias-corrected, β1 0.9, β2 0.999, ε 1e-8) ascending J on one logit per outcome from the base, every
-    prompt on one clock; read at first passage of each KL, as rc.gradient_path is."""
-    lp0 = [np.log(np.where(f.p0 > 0, f.p0, 1.0)) for f in forms]
-    live = [f.p0 > 0 for f in forms]
-    theta, m, v = [x.copy() for x in lp0], [0 * x for x in lp0], [0 * x for x in lp0]
-    out = []
-    for step in range(1, steps + 1):
-        qs = [rc.masked_softmax(th, on) for th, on in zip(theta, live)]
-        now = rc.point(forms, lambda f, by={f.id: q for f, q in zip(forms, qs)}: by[f.id])
-        if not out or math.sqrt(max(now["kl"], 0)) - math.sqrt(max(out[-1]["kl"], 0)) >= record_every:
-            out.append(now)
-        for i, (q, f) in enumerate(zip(qs, forms)):
-            g = rc.policy_gradient(q, lp0[i], f.mean, beta)
-            m[i] = 0.9 * m[i] + 0.1 * g
-            v[i] = 0.999 * v[i] + 0.001 * g * g
-            step_ = lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
-            theta[i] = theta[i] + np.where(live[i], step_, 0.0)
-    return out
-
-
-def clip_bound_path(forms, beta: float, samples: float = math.inf, eps: float = 0.002, steps: int = 40000,
-                    record_every: float = 0.01, kl_max: float = 6.0) -> list[dict]:
-    """An idealised clip-BOUND PPO step on one logit per outcome: every outcome whose advantage a − E_q[a] is positive
-    gains eps in log-probability, every other one loses eps (a ratio driven to the clip, 1 ± eps, whatever its
-    probability), each weighted by the chance it was sampled at all, 1 − (1 − q)^samples (samples = inf: every
-    outcome moves). Read at first passage of each KL, as rc.gradient_path is; ends past kl_max."""
+def tabular_path(forms, delta, steps: int, record_every: float = 0.01, kl_max: float = math.inf) -> list[dict]:
+    """One logit per outcome from the base, every prompt on one clock: θ_i += delta(step, i, q_i, log π0_i) on the
+    outcomes the base produces; read at first passage of each KL, as rc.gradient_path is; ends after `steps` steps
+    or past kl_max."""
     lp0 = [np.log(np.where(f.p0 > 0, f.p0, 1.0)) for f in forms]
     live = [f.p0 > 0 for f in forms]
     theta, out = [x.copy() for x in lp0], []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         qs = [rc.masked_softmax(th, on) for th, on in zip(theta, live)]
         now = rc.point(forms, lambda f, by={f.id: q for f, q in zip(forms, qs)}: by[f.id])
         if not out or math.sqrt(max(now["kl"], 0)) - math.sqrt(max(out[-1]["kl"], 0)) >= record_every:
             out.append(now)
         if now["kl"] > kl_max:
             break
-        for i, (q, f) in enumerate(zip(qs, forms)):
-            adv = rc.policy_gradient(q, lp0[i], f.mean, beta, natural=True)
-            seen = 1.0 if math.isinf(samples) else 1.0 - (1.0 - q) ** samples
-            theta[i] = theta[i] + np.where(live[i], eps * np.sign(adv) * seen, 0.0)
+        theta = [th + np.where(on, delta(step, i, q, lp0[i]), 0.0)
+                 for i, (th, on, q) in enumerate(zip(theta, live, qs))]
     return out
+
+
+def adam_path(forms, beta: float, lr: float, steps: int = 6000) -> list[dict]:
+    """Adam (bias-corrected, β1 0.9, β2 0.999, ε 1e-8) ascending J on one logit per outcome."""
+    m, v = [0.0] * len(forms), [0.0] * len(forms)
+
+    def delta(step, i, q, lp0):
+        g = rc.policy_gradient(q, lp0, forms[i].mean, beta)
+        m[i] = 0.9 * m[i] + 0.1 * g
+        v[i] = 0.999 * v[i] + 0.001 * g * g
+        return lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
+
+    return tabular_path(forms, delta, steps)
+
+
+def clip_bound_path(forms, beta: float, samples: float = math.inf, eps: float = 0.002, steps: int = 40000,
+                    kl_max: float = 6.0) -> list[dict]:
+    """An idealised clip-BOUND PPO step on one logit per outcome: every outcome whose advantage a − E_q[a] is positive
+    gains eps in log-probability, every other one loses eps (a ratio driven to the clip, 1 ± eps, whatever its
+    probability), each weighted by the chance it was sampled at all, 1 − (1 − q)^samples (samples = inf: every
+    outcome moves)."""
+    def delta(step, i, q, lp0):
+        seen = 1.0 if math.isinf(samples) else 1.0 - (1.0 - q) ** samples
+        return eps * np.sign(rc.policy_gradient(q, lp0, forms[i].mean, beta, natural=True)) * seen
+
+    return tabular_path(forms, delta, steps, kl_max=kl_max)
 
 
 def off(path: list[dict], family: list[dict], grid) -> tuple[float, int]:

@@ -47,6 +47,7 @@ from collapse_lab.evaluation.frontier import Curve  # noqa: E402
 from collapse_lab.models.models import load_pretrained  # noqa: E402
 from collapse_lab.models.tokenizer import answer_token_ids, encode_texts  # noqa: E402
 from collapse_lab.world.world import make_world  # noqa: E402
+from gradient_paths import off  # noqa: E402  (benchmarks/gradient_paths.py: mean offset over the grid points reached)
 
 
 class Tree:
@@ -75,13 +76,7 @@ class Tree:
         self.eos = tokenizer.eos_token_id
         self.other_ends = ends.clone()
         self.other_ends[self.eos] = False
-        # ancestors as a (Q, Q) 0/1 matrix: prefix log-prob = ancestors @ step log-probs
-        anc = torch.zeros(Q, Q)
-        for i in range(Q):
-            j = i
-            while j != -1:
-                anc[i, j], j = 1.0, parent[j]
-        self.ancestors = anc.double()
+        self.ancestors = sees[P:, P:].double()  # (Q, Q) node i sees node j: prefix log-prob = ancestors @ step log-probs
 
     def outcome_logprobs(self, model) -> torch.Tensor:
         """(2A+1,) log q(o): each answer then EOS, each answer then another ending token, then "other"."""
@@ -98,23 +93,22 @@ class Tree:
         return torch.cat([inside, other[None]])
 
 
-def objective(model, trees, forms, beta: float) -> torch.Tensor:
-    """J = mean over prompts of E_q[R] − β·KL(q ‖ q0) on the outcomes (q0 = the base's, forms[i].p0)."""
+def objective(model, trees, targets, beta: float) -> torch.Tensor:
+    """J = mean over prompts of E_q[R] − β·KL(q ‖ q0) on the outcomes; targets: per prompt (R, log q0) tensors."""
     out = []
-    for t, f in zip(trees, forms):
+    for t, (r, lq0) in zip(trees, targets):
         lq = t.outcome_logprobs(model)
         q = lq.exp()
-        lq0 = torch.tensor(np.log(np.maximum(f.p0, 1e-300)))
-        out.append((q * torch.tensor(f.mean)).sum() - beta * (q * (lq - lq0)).sum())
+        out.append((q * r).sum() - beta * (q * (lq - lq0)).sum())
     return torch.stack(out).mean()
 
 
-def trace(name, model, trees, forms, curves, beta, step_fn, steps, read_every, kl_max) -> dict:
+def trace(name, model, trees, targets, curves, beta, step_fn, steps, read_every, kl_max) -> dict:
     """Ascend J with `step_fn()` after each backward pass; read held-out (Curve.point) and training points every read_every steps."""
     held, train, t0 = [{"kl": 0.0, "d": 0.0}], [{"kl": 0.0, "d": 0.0}], time.time()
     for i in range(1, steps + 1):
         model.zero_grad(set_to_none=True)
-        loss = -objective(model, trees, forms, beta)
+        loss = -objective(model, trees, targets, beta)
         loss.backward()
         step_fn()
         if i % read_every == 0 or i == steps:
@@ -128,18 +122,14 @@ def trace(name, model, trees, forms, curves, beta, step_fn, steps, read_every, k
     return {"heldout": held, "train": train}
 
 
-def offset(path, family, grid) -> tuple[float, int]:
-    """Mean over the grid points the path reaches of d_path − d_family (interpolated in √KL), and their count."""
-    top = max(p["kl"] for p in path)
-    g = np.asarray([x for x in grid if x <= top])
-    if len(g) == 0:
-        return float("nan"), 0
-    first, best = [], -1.0  # first passage of each KL, as rc.gradient_path records it
+def first_passage(path: list[dict]) -> list[dict]:
+    """The points where the path first reaches a new KL (as rc.gradient_path records them)."""
+    out, best = [], -1.0
     for p in path:
         if p["kl"] > best:
-            first.append(p)
+            out.append(p)
             best = p["kl"]
-    return float(np.mean(rc.d_at(first, g) - rc.d_at(family, g))), len(g)
+    return out
 
 
 def main(argv=None) -> None:
@@ -186,6 +176,7 @@ def main(argv=None) -> None:
     fam = {"heldout": rc.optimum_curve(held_forms, kl_max=top), "train": rc.optimum_curve(train_forms, kl_max=top)}
     vanilla = {"heldout": rc.gradient_path(held_forms, beta, kl_max=top),
                "train": rc.gradient_path(train_forms, beta, kl_max=top)}
+    targets = [(torch.tensor(f.mean), torch.tensor(np.log(np.maximum(f.p0, 1e-300)))) for f in train_forms]
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -205,7 +196,7 @@ def main(argv=None) -> None:
     paths = {}
     for name, make_step, steps in optimisers:
         model.load_state_dict(start)
-        paths[name] = trace(name, model, trees, train_forms, (curve, train_curve), beta, make_step(), steps,
+        paths[name] = trace(name, model, trees, targets, (curve, train_curve), beta, make_step(), steps,
                             args.read_every, args.kl_max)
     measured = pred["off_curve"][pred["regime"]]
     print(f"\noffset off pi*_{beta:g}'s family at matched KL (mean over the grid points reached; d units)")
@@ -214,7 +205,7 @@ def main(argv=None) -> None:
     for name, p in [("tabular vanilla", vanilla)] + list(paths.items()):
         cells = []
         for where in ("heldout", "train"):
-            o, n = offset(p[where], fam[where], grid)
+            o, n = off(first_passage(p[where]), fam[where], grid)
             cells.append(f"{o:+.4f} ({n}/{len(grid)})")
         print(f"{name:<18} {cells[0]:>18} {cells[1]:>18}")
     if args.out:
