@@ -162,3 +162,43 @@ def test_each_regimes_distance_from_its_own_closed_form_per_base_and_across_base
     plain = [replication.base_row(json.loads((_report(tmp_path, f"p{i}", -0.02, -0.03, -0.01, "undecided",
                                                        seed=i) / "report.json").read_text())) for i in range(3)]
     assert "Off its own" not in replication.markdown(plain)
+
+
+def test_the_chance_of_each_call_is_what_equivalence_call_gives_on_simulated_bases():
+    """call_chances and agreement_chance against simulation: draw a base's D from N(mean, sd²), give it the interval
+    D ± h, call it with matched.equivalence_call, and count; two independent draws per trial for agreement (the same
+    decided call, as replication.agreement requires)."""
+    rng = np.random.default_rng(0)
+    n = 200_000
+    for mean, sd, h, m in [(-0.017, 0.006, 0.010, 0.02), (0.0, 0.01, 0.005, 0.02), (0.03, 0.02, 0.025, 0.02),
+                           (-0.02, 0.004, 0.0, 0.02)]:
+        want = replication.call_chances(mean, sd, h, m)
+        assert abs(sum(want.values()) - 1) < 1e-12
+        pairs = rng.normal(mean, sd, (n, 2))
+        calls = np.array([[matched.equivalence_call({"mean": d, "lo": d - h, "hi": d + h}, m) for d in row]
+                          for row in pairs[: n // 4]])
+        for c, p in want.items():
+            assert abs((calls[:, 0] == c).mean() - p) < 0.01, (mean, sd, h, c)
+        same = (calls[:, 0] == calls[:, 1]) & (calls[:, 0] != "undecided")
+        assert abs(same.mean() - replication.agreement_chance(mean, sd, h, m)) < 0.01
+    # a half-width past the margin leaves no room for "no difference"; at the margin itself with no within-base
+    # noise two bases agree only half the time
+    assert replication.call_chances(0.0, 0.001, 0.03, 0.02)["no difference"] == 0.0
+    assert abs(replication.agreement_chance(-0.02, 0.004, 0.0, 0.02) - 0.5) < 1e-9
+
+
+def test_call_stability_reads_the_bases_estimates(tmp_path):
+    """Two bases near −margin with a between-base spread: each base is often undecided, so the two agree rarely;
+    far below the margin with tight intervals they nearly always agree."""
+    def rows(*specs):
+        dirs = [_report(tmp_path, n, m, m - h, m + h, "x", seed=i) for i, (n, m, h) in enumerate(specs)]
+        return [replication.base_row(json.loads((d / "report.json").read_text())) for d in dirs]
+
+    near = rows(("n0", -0.012, 0.009), ("n1", -0.021, 0.012))
+    cs = replication.call_stability(replication.across_bases(near), near)
+    assert cs["agree"] < 0.3 and cs["chances"]["undecided"] > 0.4 and cs["agree_unlimited"] > cs["agree"]
+    far = rows(("f0", -0.060, 0.004), ("f1", -0.062, 0.004))
+    cs = replication.call_stability(replication.across_bases(far), far)
+    assert cs["agree"] > 0.99 and cs["chances"]["less entropy"] > 0.99
+    assert "same decided call with chance" in replication.markdown(near)
+    assert replication.call_stability(None, near[:1]) is None

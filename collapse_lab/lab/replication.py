@@ -148,6 +148,56 @@ def across_bases(rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
             "hi": pooled["hi"], "call": equivalence_call(pooled, margin)}
 
 
+CALLS = ("less entropy", "no difference", "undecided", "more entropy")
+
+
+def call_chances(mean: float, sd: float, half_width: float, margin: float) -> dict[str, float]:
+    """The chance of each equivalence_call for one base whose D estimate is drawn from N(mean, sd²), judged with a
+    fixed half-width h and margin m (the call's regions on the estimate D):
+
+        more entropy    D ≥ max(m, h)           (interval above 0 and mean ≥ m)
+        less entropy    D ≤ −max(m, h)
+        no difference   |D| ≤ m − h             (the whole interval inside ±m; empty when h ≥ m)
+        undecided       the rest
+
+    With sd² = τ² + se² (between-base and within-base variance) it is the chance for a NEW base of the same design."""
+    cdf = lambda x: float(stats.norm.cdf(x, mean, sd)) if sd > 0 else float(x >= mean)  # noqa: E731
+    edge = max(margin, half_width)
+    inner = margin - half_width
+    p = {"less entropy": cdf(-edge), "more entropy": 1.0 - cdf(edge),
+         "no difference": max(0.0, cdf(inner) - cdf(-inner)) if inner > 0 else 0.0}
+    p["undecided"] = max(0.0, 1.0 - sum(p.values()))
+    return {c: p[c] for c in CALLS}
+
+
+def agreement_chance(mean: float, sd: float, half_width: float, margin: float) -> float:
+    """The chance that two independent bases, each as in call_chances, give the same DECIDED call (what `agreement`
+    calls AGREE): Σ p_c² over "less entropy", "no difference" and "more entropy". At most 1 − p_undecided; near
+    ±margin it cannot pass about one half, however small h is."""
+    p = call_chances(mean, sd, half_width, margin)
+    return sum(p[c] ** 2 for c in CALLS if c != "undecided")
+
+
+def call_stability(ab: dict, rows: list[dict], confidence: float = 0.95) -> Optional[dict]:
+    """Could the per-base calls have come out otherwise? Plug-in chances from across_bases: the mean D̄, τ, and the
+    bases' mean within-base variance se² (half-widths h_b = t(ν_b)·se_b): a new base's D ~ N(D̄, τ² + se²) judged
+    with h = t(ν̄)·se, ν̄ the mean df. {chances, agree} at this design; {chances_unlimited, agree_unlimited} with
+    unlimited seeds and prompts per base (se = h = 0: only τ). Plug-in: D̄ and τ are themselves uncertain (with two
+    bases very), so these are what the estimates imply, not a power analysis."""
+    rs = [r for r in rows if r.get("half_width") is not None and r.get("df")]
+    if ab is None or len(rs) < 2:
+        return None
+    t = lambda df: stats.t.ppf(0.5 + confidence / 2, df)  # noqa: E731
+    se = float(np.mean([(r["half_width"] / t(r["df"])) ** 2 for r in rs])) ** 0.5
+    h = float(t(np.mean([r["df"] for r in rs]))) * se
+    sd = (ab["tau"] ** 2 + se ** 2) ** 0.5
+    margin = rs[0]["margin"]
+    return {"half_width": h, "sd": sd, "chances": call_chances(ab["mean"], sd, h, margin),
+            "agree": agreement_chance(ab["mean"], sd, h, margin),
+            "chances_unlimited": call_chances(ab["mean"], ab["tau"], 0.0, margin),
+            "agree_unlimited": agreement_chance(ab["mean"], ab["tau"], 0.0, margin)}
+
+
 def with_closed_form_distance(rows: list[dict]) -> Optional[dict]:
     """Does a base's D go with how far each regime ended from its own closed form? Per regime (a: A, b: B),
     Spearman's ρ between D_b and TV_b over the bases that have both, with its two-sided p: {a, b}, each None with
@@ -192,6 +242,14 @@ def _reading(rows: list[dict]) -> list[str]:
                f"The base as a random effect ({ab['bases']} bases): D {f(ab['mean'])} [{f(ab['lo'])}, {f(ab['hi'])}], "
                f"{ab['call']}. Between-base SD τ {ab['tau']:.4f}: a half-width of margin/2 needs about "
                f"{ab['bases_needed'] or 'over 1000'} bases at this design per base."]
+        cs = call_stability(ab, rows)
+        if cs is not None:
+            say = lambda ch: ", ".join(f"{c} {ch[c]:.2f}" for c in CALLS if ch[c] >= 0.005)  # noqa: E731
+            md += ["", f"Could the calls have come out otherwise? Plug-in, from D̄ {f(ab['mean'])}, τ {ab['tau']:.4f} "
+                   f"and the bases' mean half-width {cs['half_width']:.4f}: a base of this design calls "
+                   f"{say(cs['chances'])}, so two bases give the same decided call with chance {cs['agree']:.2f}; "
+                   f"with unlimited seeds and prompts per base (only τ left) {say(cs['chances_unlimited'])}, "
+                   f"chance {cs['agree_unlimited']:.2f}. D̄ and τ are estimates: these are what they imply."]
     off = [[r["off"][i] for r in rows if (r.get("off") or [None, None])[i] is not None] for i in (0, 1)]
     if min(len(o) for o in off) >= 2:
         a, b = (interval(o) for o in off)
