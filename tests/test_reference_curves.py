@@ -308,8 +308,9 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
         return {"frontier/kl": x["kl"], "frontier/delta_norm_entropy": x["d"] + shift,
                 "frontier/gold_gain": x["gold_gain"]}
 
-    def ablation(root, beta, rounds, shift=0.0, group="online RL"):  # PPO at kl_coef=beta (its d moved by `shift`),
-        # FeedME's selection for `rounds` rounds at k = 4 (group "offline preference": the same curves as DPO's)
+    def ablation(root, beta, rounds, shift=0.0, group="online RL", clip=None):  # PPO at kl_coef=beta (its d moved by
+        # `shift`), FeedME's selection for `rounds` rounds at k = 4 (group "offline preference": the same curves as
+        # DPO's); `clip`: PPO's early clip fraction per seed, as records.early_updates reads it
         (root / "evals" / "base").mkdir(parents=True)
         (root / "evals" / "base" / "reference_curves.json").write_text(json.dumps({"base": base}))
         curves = {f"kl{beta:g}": [row(lambda f, b=b: rc.optimum(f.p0, f.mean, b), shift)
@@ -331,7 +332,8 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
                 d.mkdir(parents=True)
                 (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
                 by_regime[name].append({"seed": s, "lab": lab, "answers": {
-                    f.id: {"probs": f.answers(ends[name](f)).tolist()} for f in forms}})
+                    f.id: {"probs": f.answers(ends[name](f)).tolist()} for f in forms},
+                    "early": {"clipfrac": clip[s], "approxkl": 0.01, "steps": 10} if clip and name != "sft" else {}})
         fr = report.frontier_section(root, by_regime, regimes, {"margin": 0.02, "grid_points": 8}, 0.95)
         cf = report.closed_forms_section(root, by_regime, regimes, fr)
         return (next(p for p in cf["predictions"] if p["x"] == "kl"),
@@ -351,7 +353,8 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
     assert far["predicted_difference"] == pytest.approx(far_measured["difference"]["mean"], abs=0.01)
     # each regime's distance from its own family at matched KL: ~0 on the curves; D = predicted + off(A) − off(B)
     assert all(abs(v["mean"]) < 0.002 for v in kl["off_curve"].values())
-    low, low_measured, _ = ablation(tmp_path / "low", 0.3, 3, shift=-0.03)  # PPO's path 0.03 below π*_β's
+    low, low_measured, _ = ablation(tmp_path / "low", 0.3, 3, shift=-0.03, clip=[0.08, 0.09, 0.10])  # PPO's path
+    # 0.03 below π*_β's, its first updates clipping 0.09 of sampled tokens on average
     off = low["off_curve"]
     assert off["kl0.3"]["mean"] == pytest.approx(-0.03, abs=0.002) and abs(off["sft"]["mean"]) < 0.002
     assert low["predicted_difference"] + off["kl0.3"]["mean"] - off["sft"]["mean"] == pytest.approx(
@@ -363,6 +366,9 @@ def test_report_predicts_each_pair_and_checks_each_regime_against_its_closed_for
     assert set(path["off"]) == {"kl0.3"} and path["off"]["kl0.3"] < -0.005
     assert path["predicted_difference"] == pytest.approx(low["predicted_difference"] + path["off"]["kl0.3"], abs=1e-9)
     assert "policy-gradient path" in low["reading"] and "gradient_path_beta0.3" in cf["families"]
+    assert low["early_updates"]["clipfrac"]["mean"] == pytest.approx(0.09) and low["early_updates"]["steps"] == 10
+    assert "kl0.3's first 10 updates clipped 0.090 [" in low["reading"]
+    assert kl["early_updates"] is None and "clipped" not in kl["reading"]  # no PPO metrics: nothing said
     dpo, _, dpo_cf = ablation(tmp_path / "dpo", 0.3, 3, shift=-0.03, group="offline preference")
     assert dpo["gradient_path"] is None and "gradient_path_beta0.3" not in dpo_cf["families"]  # DPO takes no such path
 

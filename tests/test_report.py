@@ -261,3 +261,20 @@ def test_gold_reward_interval_holds_its_mean_above_seven():
     assert low == 1.0 and high > 8.5  # 6 + preference_strength 1.5 + graded_strength 1 is reachable
     iv = interval([7.2, 7.4, 7.3], bounds=bounds_of("gold_reward"))
     assert iv["lo"] <= iv["mean"] <= iv["hi"]
+
+
+def test_early_updates_read_ppo_rows_only_and_the_first_ones(tmp_path):
+    """records.early_updates: the mean clip fraction and approxkl over PPO's first updates, skipping the along-training
+    curve rows interleaved with them; nothing for a run that logged no PPO update (FeedME)."""
+    import json
+
+    from collapse_lab.lab.report import records
+
+    rows = [{"frontier/kl": 0.0}] + [{"policy/clipfrac": 0.1 * (i + 1), "policy/approxkl": 0.01 * (i + 1)}
+                                     for i in range(4)] + [{"frontier/kl": 0.3}, {"policy/clipfrac": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = records.early_updates(tmp_path, steps=3)
+    assert got["steps"] == 3 and abs(got["clipfrac"] - 0.2) < 1e-12 and abs(got["approxkl"] - 0.02) < 1e-12
+    assert abs(records.early_updates(tmp_path, steps=10)["clipfrac"] - 0.38) < 1e-12  # all five updates
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"train/loss": 1.0}) + "\n")
+    assert records.early_updates(tmp_path) == {}

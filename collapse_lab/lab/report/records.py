@@ -151,6 +151,22 @@ def run_record(evals: Path) -> dict:
     return rec
 
 
+EARLY_UPDATES = 10  # PPO's first updates, where its path leaves the base (docs/ppo.md, its path)
+
+
+def early_updates(run_dir: Path, steps: int = EARLY_UPDATES) -> dict:
+    """How PPO's first `steps` updates met its clip, from the run's metrics.jsonl (rows with policy/clipfrac, the
+    lab's PPO only): {clipfrac: mean share of sampled tokens whose ratio r = π/π_old left [1 − ε, 1 + ε],
+    approxkl: mean of ½(log r)², how far each update moved the policy on its own samples, steps}; {} for a run
+    without them (FeedME, DPO, TRL's RLOO and GRPO)."""
+    rows = [r for r in _jsonl(run_dir / "metrics.jsonl") if r.get("policy/clipfrac") is not None][:steps]
+    if not rows:
+        return {}
+    return {"clipfrac": _mean([r["policy/clipfrac"] for r in rows]),
+            "approxkl": _mean([r.get("policy/approxkl") for r in rows if r.get("policy/approxkl") is not None]),
+            "steps": len(rows)}
+
+
 def budget_of(run_dir: Path) -> dict:
     """The manifest's budget counters and compute."""
     m = _json(run_dir / "manifest.json", missing=True) or {}
@@ -265,6 +281,7 @@ def collect(ablation: Path) -> tuple[dict, dict, dict[str, list[dict]], dict[str
                    kl_coef=r.get("kl_coef"), adaptive_kl=r.get("adaptive_kl"), ent_coef=r.get("ent_coef"),
                    evals_dir=str(ablation / r["evals"]),
                    budget=budget_of(ablation / "runs" / r["regime"] / f"s{r['seed']}"),
+                   early=early_updates(ablation / "runs" / r["regime"] / f"s{r['seed']}"),
                    lab=_yaml(ablation / "runs" / r["regime"] / f"s{r['seed']}" / "config.yaml"))
         rec["delta_norm_entropy"] = rec["norm_entropy"] - base["norm_entropy"]
         rec["delta_prompts"] = [rec["per_prompt"][k]["norm_entropy"] - base["per_prompt"][k]["norm_entropy"]

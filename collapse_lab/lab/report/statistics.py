@@ -3,6 +3,7 @@ and the closed forms' predictions, from the records (intervals across seeds: met
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -214,6 +215,28 @@ def _path_phrase(path: Optional[dict]) -> str:
             f"gradient path: 0), which predicts D {path['predicted_difference']:+.4f} ({path['predicted_call']})")
 
 
+def early_updates_of(runs: list[dict], seeds: set[str]) -> Optional[dict]:
+    """A regime's first PPO updates on the pair's seeds (records.early_updates per run): {clipfrac, approxkl} as
+    intervals across seeds, and steps; None where its runs logged none (not the lab's PPO)."""
+    early = [x["early"] for x in runs if str(x["seed"]) in seeds and (x.get("early") or {}).get("clipfrac") is not None]
+    if not early:
+        return None
+    return {"clipfrac": interval([e["clipfrac"] for e in early], bounds=(0.0, 1.0)),
+            "approxkl": interval([e["approxkl"] for e in early if e.get("approxkl") is not None], bounds=(0.0, math.inf)),
+            "steps": min(e["steps"] for e in early)}
+
+
+def _early_phrase(regime: str, early: Optional[dict]) -> str:
+    """'; kl0.1's first 10 updates clipped 0.089 [..] of sampled tokens (approxkl 0.0142)' (nothing without them):
+    where PPO's path runs off its family goes with how large its early steps are that meet the clip (docs/ppo.md)."""
+    if not early or early["clipfrac"].get("mean") is None:
+        return ""
+    c, k = early["clipfrac"], early["approxkl"]
+    band = "" if c.get("lo") is None else f" [{c['lo']:.3f}, {c['hi']:.3f}]"
+    step = "" if k.get("mean") is None else f" (approxkl {k['mean']:.4f})"
+    return f"; {regime}'s first {early['steps']} updates clipped {c['mean']:.3f}{band} of sampled tokens{step}"
+
+
 def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dict) -> dict:
     """What the closed forms predict (collapse_lab/evaluation/reference_curves.py, numpy only): the base's reference families
     (best-of-k, FeedME's expected selection, π*_β, π*_{β,α}), their largest separation at matched KL within the
@@ -267,6 +290,7 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
                                                              lambda g, f=f: rc.d_at(f, g), c["grid"])
                                     for r, p, f in zip((c["regime"], c["feedme"]), pts, (a, b))}
                 row["gradient_path"] = gradient_path_prediction(c, a, b, paths, fr["margin"])
+                row["early_updates"] = early_updates_of(by_regime.get(c["regime"], []), seeds)
             if c.get("crossed"):
                 row["artefact_crossed"] = crossed_artefact(forms, fr["curves"], c, fr["grid_points"])
         predictions.append(row)
@@ -290,7 +314,8 @@ def closed_forms_section(ablation: Path, by_regime: dict, regimes: dict, fr: dic
                           f"disagrees: no closed form to check for {', '.join(unknown)}" if unknown else
                           "disagrees although both regimes track their closed forms: the measured comparison or a "
                           "closed form is wrong") + ("" if agree else _off_phrase(row.get("off_curve"))
-                                                     + _path_phrase(row.get("gradient_path")))
+                                                     + _path_phrase(row.get("gradient_path"))
+                                                     + _early_phrase(row["regime"], row.get("early_updates")))
     return {"kl_tested": tested, "separations": separations, "families": {k: rc.thin(v) for k, v in fams.items()},
             "predictions": predictions, "tracking": track, "tracking_tv": rc.TRACKING_TV}
 
