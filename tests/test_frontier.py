@@ -1,6 +1,7 @@
 """Curves along training and the comparison at matched distance (collapse_lab/evaluation/frontier.py)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,33 @@ def test_base_forms_give_the_numpy_closed_forms_the_same_points_as_the_curve(tin
         assert x["kl"] == pytest.approx(ref["frontier/kl"], rel=1e-6, abs=1e-9)
         assert x["d"] == pytest.approx(ref["frontier/delta_norm_entropy"], rel=1e-6, abs=1e-9)
         assert x["gold_gain"] == pytest.approx(ref["frontier/gold_gain"], rel=1e-6, abs=1e-9)
+
+
+def test_closed_forms_on_a_prior_without_a_model_are_the_prior_on_each_held_out_prompt():
+    """benchmarks/closed_forms_bases.py's `human^A` base: on each held-out prompt the world's human prior raised to
+    A and renormalised, every answer ended cleanly; A = 0 is uniform (H/log|A| = 1), and a larger A is more peaked.
+    Its predicted D is the report's reading (π*_β's family against FeedME's) on the closed forms of that prior."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from closed_forms_bases import prior_curve, row, world_of
+
+    from collapse_lab.evaluation import reference_curves as rc
+    from collapse_lab.world.world import answer_prior
+
+    world = world_of(0)
+    h = {}
+    for power in (0.0, 1.0, 3.0):
+        forms_json = prior_curve(world, power).base_forms()
+        assert len(forms_json["prompts"]) >= 15
+        first = forms_json["prompts"][0]
+        q = world.prompt(next(p.text for p in prior_curve(world, power).prompts))
+        want = np.asarray(answer_prior("human", q.low, q.high)) ** power
+        assert np.allclose(first["eos_probs"], want / want.sum()) and max(first["other_end_probs"]) < 1e-12
+        p = np.asarray(first["eos_probs"])
+        h[power] = float(-(p * np.log(p)).sum() / np.log(len(p)))
+    assert h[0.0] == pytest.approx(1.0) and h[0.0] > h[1.0] > h[3.0]
+    forms = rc.forms_from_json(prior_curve(world, 1.0).base_forms())
+    r = row(forms, 0.1, 2.5)
+    assert r["hi"] == 2.5 and r["d"] is not None and r["call"] == rc.predicted_call(r["d"], 0.02)
+    assert r["sep"]["best_of_k"]["value"] > r["sep"]["feedme"]["value"] > 0
