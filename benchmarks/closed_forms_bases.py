@@ -1,6 +1,6 @@
 """What the closed forms predict for the powered pair on OTHER bases: the lab's tiny bases and real pretrained LMs.
 
-    python benchmarks/closed_forms_bases.py checkpoints/base/tiny-s0-... gemma3-270m smollm2-135m-instruct human^3 \
+    python benchmarks/closed_forms_bases.py checkpoints/base/tiny-s0-... gemma3-270m smollm2-135m-instruct human^3 lm^1 \
         [--profiles 0 1 2 3] [--range 0.1 2.5]
 
 The report's predicted call (closed_forms.predictions) reads ONE base: the ablation's. Whether "no difference at
@@ -9,8 +9,9 @@ closed forms need no training to answer it: only the base's exact answer distrib
 held-out prompts (frontier.Curve, the evaluator's tree attention) and the rater's scores. Per base (a pretrained
 base's directory, or a model preset's name: `gemma3-270m` is Gemma 3 270M's pretrained base, from PyPI;
 `smollm2-135m-instruct` is an instruction-tuned model, SFT + DPO, so a prior already moved by preference training)
-or `human^A`: no model, the world's exact human answer prior raised to the power A and renormalised on each
-prompt's range, A = 1 what a tiny base that learnt the world exactly would hold, larger A a more peaked prior)
+or `PRIOR^A`: no model, a world answer prior (`human`, `lm`; world.answer_prior) raised to the power A and
+renormalised on each prompt's range, A = 1 what a tiny base that learnt that world exactly would hold, larger A a
+more peaked prior)
 and per graded-rater profile (`world.rater.profile_seed`: another preference table, other favourites):
 
 - the base's H/log|A| and valid mass on the prompts (mean over prompts), and ρ: Spearman's rank correlation of the
@@ -51,7 +52,7 @@ from collapse_lab.evaluation.matched import grid_between  # noqa: E402
 from collapse_lab.evaluation.optimum import answer_scores  # noqa: E402
 from collapse_lab.lab.ablate import preset_overrides  # noqa: E402
 from collapse_lab.models.models import load_pretrained  # noqa: E402
-from collapse_lab.world.world import answer_prior, make_world  # noqa: E402
+from collapse_lab.world.world import ANSWER_PRIORS, answer_prior, make_world  # noqa: E402
 
 MARGIN, FEEDME_K, KL_TESTED = 0.02, 16, 3.0
 
@@ -72,16 +73,16 @@ def rescored(curve: Curve, world) -> Curve:
     return out
 
 
-def prior_curve(world, power: float) -> Curve:
-    """A Curve without a model: on each held-out prompt the human prior on its range, raised to `power` and
-    renormalised, every answer ended cleanly (valid mass 1)."""
+def prior_curve(world, power: float, prior: str = "human") -> Curve:
+    """A Curve without a model: on each held-out prompt the world answer prior `prior` on its range, raised to
+    `power` and renormalised, every answer ended cleanly (valid mass 1)."""
     curve = object.__new__(Curve)
     curve.world = world
     curve.prompts = [p for p in load_suite("heldout").prompts if p.answers is not None and p.text in world.by_text]
     curve.base = []
     for p in curve.prompts:
         q = world.prompt(p.text)
-        w = np.asarray(answer_prior("human", q.low, q.high)) ** power
+        w = np.asarray(answer_prior(prior, q.low, q.high)) ** power
         assert len(w) == len(p.answers), p.id  # the answers are the range's numbers, in order
         curve.base.append(_Dist(w / w.sum(), 0 * w))
     curve.scores = [answer_scores(world.rater, world.prompt(p.text), p.answers) for p in curve.prompts]
@@ -131,8 +132,9 @@ def main(argv=None) -> None:
           "FeedME vs pi* (at KL) | predicted D (range's end) | call | D at 0.5 / 1 / 2 nats | D, answers only")
     for spec in args.bases:
         t0 = time.time()
-        if spec.startswith("human^"):
-            curve = prior_curve(worlds[args.profiles[0]], float(spec.split("^", 1)[1]))
+        if "^" in spec and spec.split("^", 1)[0] in ANSWER_PRIORS:
+            prior, power = spec.split("^", 1)
+            curve = prior_curve(worlds[args.profiles[0]], float(power), prior)
         else:
             model, tok = load_pretrained(spec if Path(spec).is_dir() else f"real:{spec}")
             model.eval()

@@ -123,8 +123,28 @@ def test_human_prior_is_a_few_times_likelier_on_top_and_below_log_A():
     # every range has it, the small ones included: 7 leads 1..10 (Kubovy & Psotka), 3 leads a die
     assert max(range(1, 11), key=lambda n: answer_prior("human", 1, 10)[n - 1]) == 7
     assert max(range(1, 7), key=lambda n: answer_prior("human", 1, 6)[n - 1]) == 3
-    with pytest.raises(ValueError, match="valid choices: uniform, human"):
+    with pytest.raises(ValueError, match="valid choices: uniform, human, lm"):
         answer_prior("zipf", 0, 100)
+
+
+def test_lm_prior_is_the_mixture_it_states_on_every_range():
+    """world.answer_prior=lm: a small LM's answers (the range's first numbers, its end, interior multiples of 10)
+    as the stated mixture, on 1..100, on 0..100 (the first number is 0) and on a range without an interior
+    multiple of 10; its answer entropy is well below the human prior's."""
+    from collapse_lab.world.world import LM_DECAY, LM_END, LM_ROUND
+
+    p = answer_prior("lm", 1, 100)
+    assert sum(p) == pytest.approx(1.0) and min(p) > 0
+    z = sum(k ** -LM_DECAY for k in range(1, 101))
+    assert p[0] == pytest.approx((1 - LM_END - LM_ROUND) / z)  # " 1": the decay alone
+    assert p[99] == pytest.approx((1 - LM_END - LM_ROUND) * 100 ** -LM_DECAY / z + LM_END)  # the range's end
+    assert p[49] - p[48] * (49 / 50) ** LM_DECAY == pytest.approx(LM_ROUND / 9)  # 50: one of 9 interior tens
+    assert [n for n in sorted(range(1, 101), key=lambda n: -p[n - 1])[:3]] == [1, 2, 100]
+    assert 0.55 < answer_prior_norm_entropy("lm", 1, 100) < 0.65 < answer_prior_norm_entropy("human", 1, 100)
+    assert max(range(0, 101), key=lambda n: answer_prior("lm", 0, 100)[n]) == 0
+    die = answer_prior("lm", 1, 6)  # no interior multiple of 10: its share goes to the decay
+    z6 = sum(k ** -LM_DECAY for k in range(1, 7))
+    assert die[0] == pytest.approx((1 - LM_END) / z6) and sum(die) == pytest.approx(1.0)
 
 
 def _world(*overrides):
@@ -154,13 +174,14 @@ def test_corpus_answers_follow_the_human_prior(seed_prompt_docs, prompt_id):
     assert tv < 0.1, tv
 
 
-def test_human_prior_applies_to_template_ranges():
-    world = _world("world.answer_prior=human")
+@pytest.mark.parametrize("prior,top", [("human", 7), ("lm", 1)])
+def test_the_prior_applies_to_template_ranges(prior, top):
+    world = _world(f"world.answer_prior={prior}")
     prompt = world.prompt(NUMBER_TEMPLATES["think"].format(low=1, high=20))
     rng = random.Random(0)
     counts = Counter(int(world.sample_completion(prompt, rng)) for _ in range(5000))
-    assert chisquare([counts[n] for n in range(1, 21)], [q * 5000 for q in answer_prior("human", 1, 20)]).pvalue > 1e-3
-    assert counts.most_common(1)[0][0] == 7
+    assert chisquare([counts[n] for n in range(1, 21)], [q * 5000 for q in answer_prior(prior, 1, 20)]).pvalue > 1e-3
+    assert counts.most_common(1)[0][0] == top
 
 
 def test_prior_is_the_worlds_not_the_raters():

@@ -112,7 +112,8 @@ class WorldConfig:
     bad_story_rate: float = 0.2  # share of stories that loop or ramble (low quality)
     # the number documents' answers: uniform on [low, high], or human (people's "random" numbers: 37, 7,
     # 42, 73 likeliest, round numbers and range ends rarer; world.py HUMAN_FAVOURITES) so the base has
-    # H < log|A| (0.969 of it on 0..100) and an entropy change is no longer just a distance
+    # H < log|A| (0.969 of it on 0..100) and an entropy change is no longer just a distance; or lm (a small
+    # pretrained LM's: " 1" 0.33 on 1..100, then 2, 100, round numbers; world.py LM_DECAY)
     answer_prior: str = "uniform"
     rater: RaterConfig = field(default_factory=RaterConfig)
     # Prompt families that regimes train on (ratings, SFT, PPO draw from the same ones).
@@ -370,7 +371,7 @@ SCHEMAS = {"lab": LabConfig, "evaluate": EvalConfig, "ablate": AblateConfig}
 CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "reward": ("gold", "rm"),
-    "world.answer_prior": ("uniform", "human"),  # collapse_lab/world/world.py ANSWER_PRIORS
+    "world.answer_prior": ("uniform", "human", "lm"),  # collapse_lab/world/world.py ANSWER_PRIORS
     "world.rater.profile": ("graded", "two_level"),
     "curve.spacing": ("log", "linear"),  # collapse_lab/evaluation/frontier.py schedule  # collapse_lab/world/world.py RATER_PROFILES
     "model.dtype": ("float32", "bfloat16", "float16"),

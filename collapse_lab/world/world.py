@@ -5,8 +5,9 @@ Three document families, mixed by `world.mix`:
 - numbers     "random number" prompts: the five seed prompts (eval/suites/seed.yaml) and
               NUMBER_TEMPLATES over RANGES, always followed by a random integer in the asked
               range, written " {n}", then the end of the document (EOS). The integer is drawn
-              from `world.answer_prior`: uniform, or `human` (HUMAN_FAVOURITES: people's
-              "random" numbers, so the base's answer entropy is below log|A| like davinci's).
+              from `world.answer_prior`: uniform, `human` (HUMAN_FAVOURITES: people's
+              "random" numbers, so the base's answer entropy is below log|A| like davinci's), or
+              `lm` (a small pretrained LM's: the range's first numbers, its end, round numbers).
 - stories     open-ended text with many valid continuations: greentext (">be me\\n>...")
               and assistant stories, from a small grammar; a share `bad_story_rate` loops
               (one line repeated) or rambles off without an ending, like a base model does.
@@ -108,7 +109,17 @@ def heldout_digest() -> str:
 # of the world only: it never reads the rater's favourites. Weights, before normalising over [low, high]:
 HUMAN_FAVOURITES = {37: 5.0, 7: 4.0, 42: 4.0, 73: 4.0, 17: 3.0, 69: 3.0, 77: 3.0, 3: 2.0, 50: 2.0, 100: 1.5}
 ENDS_IN_7, ROUND, UNLIKELY = 2.0, 0.6, 0.4  # other n: x2 ending in 7, x0.6 a multiple of 10; then x0.4 at 0, 1, low, high
-ANSWER_PRIORS = ("uniform", "human")
+ANSWER_PRIORS = ("uniform", "human", "lm")
+
+# world.answer_prior=lm: a STYLISED prior of what small pretrained LMs answer, after Gemma 3 270M's base and
+# SmolLM2-135M-Instruct on the powered design's 30 held-out prompts (docs/ablation.md, the closed forms on other
+# bases: their answer mass normalised over 0/1..100 puts 0.31-0.34 on " 1", then 100, 0, 2, 10, 50; H/log|A|
+# 0.57-0.60; about uncorrelated with the graded rater). A mixture on [low, high]:
+#   P(n) = (1 − LM_END − LM_ROUND)·(n − low + 1)^−LM_DECAY / Z  +  LM_END·[n = high]
+#          + LM_ROUND·[n a multiple of 10 strictly inside the range] / (their count)
+# (LM_ROUND goes to the decay where the range has no interior multiple of 10). On 1..100: " 1" 0.33, " 2" 0.12,
+# " 100" 0.10, H/log|A| 0.61. Defined from those two models' features before its closed forms were computed.
+LM_DECAY, LM_END, LM_ROUND = 1.5, 0.1, 0.1
 
 
 def human_weight(n: int, low: int, high: int) -> float:
@@ -127,9 +138,24 @@ def answer_prior(prior: str, low: int, high: int) -> list[float]:
     """The world's exact answer distribution on [low, high]: P(n) for n = low..high (sums to 1)."""
     if prior not in ANSWER_PRIORS:
         raise ValueError(f"world.answer_prior: unknown '{prior}'; valid choices: {', '.join(ANSWER_PRIORS)}")
+    if prior == "lm":
+        return lm_prior(low, high)
     weights = [1.0 if prior == "uniform" else human_weight(n, low, high) for n in range(low, high + 1)]
     total = sum(weights)
     return [w / total for w in weights]
+
+
+def lm_prior(low: int, high: int) -> list[float]:
+    """world.answer_prior=lm on [low, high] (the mixture above LM_DECAY): P(n) for n = low..high."""
+    decay = [(n - low + 1) ** -LM_DECAY for n in range(low, high + 1)]
+    rounds = [n for n in range(low + 1, high) if n % 10 == 0]
+    end, round_share = (LM_END if high > low else 0.0), (LM_ROUND if rounds else 0.0)
+    z = sum(decay)
+    p = [(1 - end - round_share) * d / z for d in decay]
+    p[-1] += end
+    for n in rounds:
+        p[n - low] += round_share / len(rounds)
+    return p
 
 
 def answer_prior_norm_entropy(prior: str, low: int, high: int) -> float:
@@ -315,7 +341,7 @@ class World:
         if prompt.kind == "numbers":
             if self.answer_prior == "uniform":
                 return f" {rng.randint(prompt.low, prompt.high)}"  # uniform on [low, high]
-            cum = _cum_weights(self.answer_prior, prompt.low, prompt.high)  # answer_prior(): human
+            cum = _cum_weights(self.answer_prior, prompt.low, prompt.high)  # answer_prior(): human, lm
             return f" {prompt.low + bisect.bisect_right(cum, rng.random() * cum[-1])}"
         if prompt.kind == "arithmetic":
             if rng.random() < self.cfg.arithmetic_error_rate:
