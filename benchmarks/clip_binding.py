@@ -11,25 +11,21 @@ For each ablation directory (its runs.json and report.json), the primary pair's 
 
 A step that reaches the clip changes every sampled answer's probability by the factor 1 ± ε, whatever that
 probability (a move in log-probabilities, as the natural gradient's); a step inside it follows the weights' gradient.
-Reads stored results only; no torch.
+Reads stored results only (records.early_updates, as the report does).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def early_means(metrics: Path, keys: tuple[str, ...], steps: int) -> dict[str, float]:
-    """{key: mean over the first `steps` PPO update rows of metrics.jsonl} (rows without the key are curve points)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if keys[0] in r][:steps]
-    if not rows:
-        raise SystemExit(f"{metrics}: no '{keys[0]}' rows (not a PPO run?)")
-    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+from collapse_lab.lab.report.records import early_updates  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -37,7 +33,6 @@ def main(argv=None) -> None:
     ap.add_argument("ablations", nargs="+", help="ablation directories (runs.json, report.json)")
     ap.add_argument("--steps", type=int, default=10, help="the first steps to average over")
     args = ap.parse_args(argv)
-    keys = ("policy/clipfrac", "policy/approxkl")
     print(f"{'ablation':<22} {'regime':<7} {'seeds':>5} {'clipfrac':>15} {'approxkl':>8}  off pi*_beta's family [95%]"
           f"  (KL range)")
     for d in map(Path, args.ablations):
@@ -45,9 +40,11 @@ def main(argv=None) -> None:
         pred = report["closed_forms"]["predictions"][0]
         regime = pred["regime"]
         runs = [r for r in json.loads((d / "runs.json").read_text())["runs"] if r["regime"] == regime]
-        per_seed = [early_means(Path(r["path"]) / "metrics.jsonl", keys, args.steps) for r in runs]
-        clip = np.array([m[keys[0]] for m in per_seed])
-        akl = np.mean([m[keys[1]] for m in per_seed])
+        per_seed = [early_updates(Path(r["path"]), args.steps) for r in runs]  # what the report reads
+        if not all(per_seed):
+            raise SystemExit(f"{d}: a {regime} run logged no policy/clipfrac (not the lab's PPO?)")
+        clip = np.array([m["clipfrac"] for m in per_seed])
+        akl = np.mean([m["approxkl"] for m in per_seed])
         off = pred["off_curve"][regime]
         comp = next(c for c in report["frontier"]["comparisons"] if c["regime"] == regime and c["x"] == "kl")
         print(f"{d.name:<22} {regime:<7} {len(runs):>5} {clip.mean():>7.3f} ± {clip.std(ddof=1):.3f} {akl:>8.4f}  "
