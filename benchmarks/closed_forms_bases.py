@@ -1,7 +1,7 @@
 """What the closed forms predict for the powered pair on OTHER bases: the lab's tiny bases and real pretrained LMs.
 
     python benchmarks/closed_forms_bases.py checkpoints/base/tiny-s0-... gemma3-270m smollm2-135m-instruct human^3 lm^1 \
-        [--profiles 0 1 2 3] [--range 0.1 2.5]
+        [--profiles 0 1 2 3] [--noise 0.5] [--range 0.1 2.5]
 
 The report's predicted call (closed_forms.predictions) reads ONE base: the ablation's. Whether "no difference at
 matched KL" is a property of the world's rater or of that base's prior is a question about other bases, and the
@@ -12,7 +12,9 @@ base's directory, or a model preset's name: `gemma3-270m` is Gemma 3 270M's pret
 or `PRIOR^A`: no model, a world answer prior (`human`, `lm`; world.answer_prior) raised to the power A and
 renormalised on each prompt's range, A = 1 what a tiny base that learnt that world exactly would hold, larger A a
 more peaked prior)
-and per graded-rater profile (`world.rater.profile_seed`: another preference table, other favourites):
+and per graded-rater profile (`world.rater.profile_seed`: another preference table, other favourites) and rating
+noise (`world.rater.noise_std`, the standard deviation of the rater's noise before rounding to 1..7; FeedME selects
+on one noisy rating, π*_β tilts by the expected one):
 
 - the base's H/log|A| and valid mass on the prompts (mean over prompts), and ρ: Spearman's rank correlation of the
   base's log-probability of each answer with the rater's expected score for it (mean over prompts; the graded
@@ -21,8 +23,9 @@ and per graded-rater profile (`world.rater.profile_seed`: another preference tab
   (top-1 of 16 on noisy ratings, iterated rounds: sft-r8's family) and π*_β (reference_curves.separation);
 - the powered pair's predicted D = d(π*_β) − d(FeedME k=16) at matched KL, the mean over a √KL-spaced grid of 8
   points on --range (nats; the same range for every base, so bases are compared on one range), its call at the
-  margin 0.02, and D at 0.5, 1 and 2 nats; and D again on the base renormalised over the answers (its mass outside
-  the answer set, which a real LM's prompts leave large, removed).
+  margin 0.02, and D at 0.5, 1 and 2 nats; D again on the base renormalised over the answers (its mass outside
+  the answer set, which a real LM's prompts leave large, removed); and D against best-of-k instead of FeedME on the
+  same grid (noiseless ranking: the limit FeedME's noisy selection approaches as the rating noise shrinks).
 
 The world is the powered preset's (recipes/preset/powered.yaml: held-out templates, the curve suite `heldout`).
 No sampling: every number is exact given the base's float32 forward passes (which differ in the last bits across
@@ -57,11 +60,12 @@ from collapse_lab.world.world import ANSWER_PRIORS, answer_prior, make_world  # 
 MARGIN, FEEDME_K, KL_TESTED = 0.02, 16, 3.0
 
 
-def world_of(profile: int):
-    """The powered preset's world with the graded rater's profile_seed = profile."""
+def world_of(profile: int, noise: float | None = None):
+    """The powered preset's world with the graded rater's profile_seed = profile (and noise_std = noise, if given)."""
     preset = compose("ablate", ["preset=powered"])
     lab = compose("lab", [*preset_overrides(OmegaConf.to_container(preset.lab, resolve=True)),
-                          f"world.rater.profile_seed={profile}"])
+                          f"world.rater.profile_seed={profile}",
+                          *([] if noise is None else [f"world.rater.noise_std={noise}"])])
     return make_world(lab.world)
 
 
@@ -111,38 +115,45 @@ def row(forms, lo: float, hi: float) -> dict:
     d = rc.predicted_difference(fam["optimum_beta"], fam["feedme"], grid_between(lo, hi, 8, True)) if hi > lo else None
     at = {x: (float(rc.d_at(fam["optimum_beta"], [x])[0] - rc.d_at(fam["feedme"], [x])[0]) if x <= hi else None)
           for x in (0.5, 1.0, 2.0)}
-    return {"sep": sep, "d": d, "call": rc.predicted_call(d, MARGIN), "at": at, "hi": hi}
+    hi_bok = min(hi, max(x["kl"] for x in fam["best_of_k"]))
+    d_bok = (rc.predicted_difference(fam["optimum_beta"], fam["best_of_k"], grid_between(lo, hi_bok, 8, True))
+             if hi_bok > lo else None)
+    return {"sep": sep, "d": d, "call": rc.predicted_call(d, MARGIN), "at": at, "hi": hi, "d_bok": d_bok}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("bases", nargs="+", help="a pretrained base's directory, or a model preset's name")
     ap.add_argument("--profiles", type=int, nargs="+", default=[0, 1, 2, 3], help="graded-rater profile seeds")
+    ap.add_argument("--noise", type=float, nargs="+", default=[None],
+                    help="the rater's noise standard deviations (default: the powered world's)")
     ap.add_argument("--range", type=float, nargs=2, default=[0.1, 2.5], metavar=("LO", "HI"),
                     help="the KL range (nats) the predicted D is averaged over")
     args = ap.parse_args(argv)
     if not 0 <= args.range[0] < args.range[1]:
         raise SystemExit(f"error: --range {args.range}: expected LO HI in nats with 0 <= LO < HI")
+    if any(n is not None and n < 0 for n in args.noise):
+        raise SystemExit(f"error: --noise {args.noise}: expected standard deviations >= 0")
     torch.set_num_threads(1)
-    worlds = {s: world_of(s) for s in args.profiles}
+    worlds = {(s, n): world_of(s, n) for s in args.profiles for n in args.noise}
     print(f"predicted D = d(pi*_beta) - d(FeedME top-1 of {FEEDME_K}, iterated) at matched KL, mean over 8 "
           f"sqrt-spaced points on [{args.range[0]:g}, {args.range[1]:g}] nats (or to where both families end); separations within {KL_TESTED:g} nats; "
           f"call at margin {MARGIN:g}")
-    print("base | profile (favourites) | prompts | base H/log|A| | valid mass | rho | best-of-k vs pi* (at KL) | "
+    print("base | profile (favourites) | noise | prompts | base H/log|A| | valid mass | rho | best-of-k vs pi* (at KL) | "
           "FeedME vs pi* (at KL) | predicted D (range's end) | call | D at 0.5 / 1 / 2 nats | D, answers only")
     for spec in args.bases:
         t0 = time.time()
         if "^" in spec and spec.split("^", 1)[0] in ANSWER_PRIORS:
             prior, power = spec.split("^", 1)
-            curve = prior_curve(worlds[args.profiles[0]], float(power), prior)
+            curve = prior_curve(next(iter(worlds.values())), float(power), prior)
         else:
             model, tok = load_pretrained(spec if Path(spec).is_dir() else f"real:{spec}")
             model.eval()
-            curve = Curve(model, tok, worlds[args.profiles[0]], suite="heldout")
+            curve = Curve(model, tok, next(iter(worlds.values())), suite="heldout")
         if not curve:
             raise SystemExit(f"error: {spec}: the world knows none of the held-out suite's prompts")
         name = Path(spec).name if Path(spec).is_dir() else spec
-        for s, world in worlds.items():
+        for (s, _), world in worlds.items():
             scored = rescored(curve, world)
             forms_json = scored.base_forms()
             forms = rc.forms_from_json(forms_json)
@@ -154,11 +165,12 @@ def main(argv=None) -> None:
             rho = np.mean([stats.spearmanr(np.log(np.maximum(b.normalised, 1e-300)), clean).statistic
                            for b, (clean, _) in zip(curve.base, scored.scores)])
             favs = sorted(world.rater.favourites)
-            print(f"{name} | {s} {favs} | {len(forms)} | {h:.3f} | {valid:.3f} | {rho:+.2f} | "
+            print(f"{name} | {s} {favs} | {world.rater.cfg.noise_std:g} | {len(forms)} | {h:.3f} | {valid:.3f} | {rho:+.2f} | "
                   + " | ".join(f"{r['sep'][a]['value']:.4f} ({r['sep'][a]['at_kl']:.2f})" for a in ("best_of_k", "feedme"))
                   + f" | {'-' if r['d'] is None else format(r['d'], '+.4f')} ({r['hi']:.2f}) | {r['call']} | "
                   + " / ".join("-" if v is None else f"{v:+.4f}" for v in r["at"].values())
-                  + f" | {'-' if r_answers['d'] is None else format(r_answers['d'], '+.4f')}", flush=True)
+                  + f" | {'-' if r_answers['d'] is None else format(r_answers['d'], '+.4f')}"
+                  + f" | {'-' if r['d_bok'] is None else format(r['d_bok'], '+.4f')}", flush=True)
         print(f"  ({name}: {time.time() - t0:.0f} s)", flush=True)
 
 

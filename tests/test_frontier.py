@@ -213,3 +213,26 @@ def test_closed_forms_on_a_prior_without_a_model_are_the_prior_on_each_held_out_
     r = row(forms, 0.1, 2.5)
     assert r["hi"] == 2.5 and r["d"] is not None and r["call"] == rc.predicted_call(r["d"], 0.02)
     assert r["sep"]["best_of_k"]["value"] > r["sep"]["feedme"]["value"] > 0
+
+
+def test_the_raters_noise_moves_feedme_from_best_of_k_toward_the_optimum():
+    """benchmarks/closed_forms_bases.py --noise: the rater's noise σ sets how far FeedME's selection (top-1 of k on
+    ONE noisy rating) lies from π*_β (the tilt by the EXPECTED rating). On a peaked prior of each sign (the human
+    prior cubed, the `lm` prior) the predicted D at σ = 0.25 is more than twice its size at σ = 1 and 2 (where it is
+    near 0 or still shrinking), and has the sign of D against noiseless best-of-k, the limit of small σ."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from closed_forms_bases import prior_curve, rescored, row, world_of
+
+    from collapse_lab.evaluation import reference_curves as rc
+
+    worlds = {s: world_of(0, s) for s in (0.25, 1.0, 2.0)}
+    assert [w.rater.cfg.noise_std for w in worlds.values()] == [0.25, 1.0, 2.0]
+    for prior, power in (("human", 3.0), ("lm", 1.0)):
+        curve = prior_curve(worlds[0.25], power, prior)
+        rows = {s: row(rc.forms_from_json(rescored(curve, w).base_forms()), 0.1, 1.0) for s, w in worlds.items()}
+        d = [rows[s]["d"] for s in worlds]
+        assert abs(d[0]) > 2 * max(abs(d[1]), abs(d[2])) and abs(d[2]) < abs(d[1]) + 1e-3, (prior, d)
+        assert np.sign(d[0]) == np.sign(rows[0.25]["d_bok"]) != 0, (prior, d, rows[0.25]["d_bok"])
+        assert abs(rows[0.25]["d_bok"]) > abs(d[0]), (prior, d, rows[0.25]["d_bok"])
