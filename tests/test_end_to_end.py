@@ -11,6 +11,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -35,6 +36,17 @@ def test_readme_main_job_runs_the_whole_ablation_at_the_quick_preset(tmp_path):
     for name in regimes:
         assert (out / "plots" / f"post_{name}.png").exists(), name
     assert "| regime" in (out / "report.md").read_text()
+    # any pair at matched KL (benchmarks/matched_pair.py): a report pair gives the report's D, kl0 (not a report
+    # pair) gets one too, and an unknown regime is refused with the valid names
+    pair = lambda *a: subprocess.run([sys.executable, "benchmarks/matched_pair.py", str(out), *a], cwd=REPO,  # noqa: E731
+                                     capture_output=True, text=True, timeout=300)
+    (c,) = [c for c in report["frontier"]["comparisons"] if (c["regime"], c["feedme"], c["x"]) == ("kl0.1", "sft", "kl")]
+    r = pair("kl0.1", "sft")
+    assert r.returncode == 0 and f"D {c['difference']['mean']:+.4f}" in r.stdout, (r.stdout, r.stderr, c)
+    r = pair("kl0", "sft")
+    assert r.returncode == 0 and re.search(r"kl: range \[[0-9.]+, [0-9.]+\], 1 seeds, D [+-]0\.\d{4}", r.stdout), r.stdout
+    r = pair("kl9", "sft")
+    assert r.returncode != 0 and "'kl9'" in r.stderr and "kl0.1" in r.stderr and r.stdout == ""
     (base,) = (tmp_path / "base").iterdir()
     result = json.loads((out / "evals" / "base" / "seed.json").read_text())
     assert json.loads((base / "manifest.json").read_text())["status"] == "finished"

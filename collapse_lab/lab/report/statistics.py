@@ -116,37 +116,52 @@ def no_gold_gain(regime: dict, floor: float) -> bool:
     return bool(g["mean"] < floor or (g.get("lo") is not None and g["lo"] <= 0))
 
 
+def regime_curves(ablation: Path, name: str, seeds) -> dict:
+    """{seed: the rows of its curve (curve_rows: the frontier's pooled and per-prompt points)} of one regime of an
+    ablation, for the seeds that have a curve."""
+    per_seed = {s: curve_rows(ablation / "runs" / name / f"s{s}") for s in seeds}
+    return {s: [{k: v for k, v in row.items() if k in CURVE_KEYS or k.startswith(PER_PROMPT)} for row in rows]
+            for s, rows in per_seed.items() if rows}
+
+
+def matched_pair(curves_a: dict, curves_b: dict, x: str, grid_points: int, confidence: float, margin: float,
+                 random_prompts: bool) -> dict:
+    """D = d(A) − d(B) at matched x ("frontier/kl" or "frontier/gold_gain") on the seeds both have
+    (frontier.matched: a grid only where every seed of both has points on both sides), its call
+    (matched_lib.equivalence_call at ±margin) and, on KL, the crossed comparison (each prompt matched at its own KL,
+    seeds and prompts random); with `random_prompts` the call is made on the crossed interval (the pooled one kept
+    as pooled_difference)."""
+    points = [{s: matched_lib.curve_points(rows, x) for s, rows in c.items()} for c in (curves_a, curves_b)]
+    m = matched_lib.matched(*points, grid_points, confidence, sqrt_x=x == "frontier/kl")
+    cross = matched_lib.crossed(curves_a, curves_b, grid_points, confidence) if x == "frontier/kl" else None
+    row = {"x": x.split("/")[1], **(m or {"difference": interval([]), "x_min": None, "x_max": None, "seeds": [],
+                                          "grid": []}),
+           "crossed": cross, "call": "no common range" if m is None else
+           matched_lib.equivalence_call(m["difference"], margin)}
+    if cross and random_prompts:  # the call on the seeds x prompts interval
+        row["pooled_difference"], row["difference"] = row["difference"], cross["difference"]
+        row["call"] = matched_lib.equivalence_call(cross["difference"], margin)
+    return row
+
+
 def frontier_section(ablation: Path, by_regime: dict, regimes: dict, rule: dict, confidence: float) -> dict:
     """The comparison at MATCHED distance: every regime's curves (per seed), the base's exact reference curves
     (evals/base/reference_curves.json), and for each KL-regularised regime (β > 0 or adaptive) against each
     FeedME regime with curves, the paired difference of d = Δ(H/log|A|) at matched KL and at matched gold gain
-    (frontier.matched), with its call (matched_lib.equivalence_call; `rule`: ablate.frontier)."""
+    (matched_pair), with its call (`rule`: ablate.frontier)."""
     margin, grid_points = float(rule.get("margin", 0.02)), int(rule.get("grid_points", 8))
     curves = {}
     for name, runs in by_regime.items():
-        per_seed = {x["seed"]: curve_rows(ablation / "runs" / name / f"s{x['seed']}") for x in runs}
-        per_seed = {s: [{k: v for k, v in row.items() if k in CURVE_KEYS or k.startswith(PER_PROMPT)} for row in rows]
-                    for s, rows in per_seed.items() if rows}
+        per_seed = regime_curves(ablation, name, [x["seed"] for x in runs])
         if per_seed:
             curves[name] = per_seed
     kl = [n for n in curves if regimes[n]["group"] in (ONLINE, OFFLINE)
           and ((regimes[n]["kl_coef"] or 0) > 0 or regimes[n]["adaptive_kl"])]
     feedme = [n for n in curves if regimes[n]["group"] == SELECTION and not regimes[n].get("control_of")]
-    comparisons = []
-    for f in feedme:
-        for n in kl:
-            for x in ("frontier/kl", "frontier/gold_gain"):
-                points = [{s: matched_lib.curve_points(rows, x) for s, rows in curves[r].items()} for r in (n, f)]
-                m = matched_lib.matched(*points, grid_points, confidence, sqrt_x=x == "frontier/kl")
-                cross = matched_lib.crossed(curves[n], curves[f], grid_points, confidence) if x == "frontier/kl" else None
-                row = {"regime": n, "group": regimes[n]["group"], "feedme": f, "x": x.split("/")[1],
-                       **(m or {"difference": interval([]), "x_min": None, "x_max": None, "seeds": [], "grid": []}),
-                       "crossed": cross, "call": "no common range" if m is None else
-                       matched_lib.equivalence_call(m["difference"], margin)}
-                if cross and rule.get("random_prompts"):  # the call on the seeds x prompts interval
-                    row["pooled_difference"], row["difference"] = row["difference"], cross["difference"]
-                    row["call"] = matched_lib.equivalence_call(cross["difference"], margin)
-                comparisons.append(row)
+    comparisons = [{"regime": n, "group": regimes[n]["group"], "feedme": f,
+                    **matched_pair(curves[n], curves[f], x, grid_points, confidence, margin,
+                                   bool(rule.get("random_prompts")))}
+                   for f in feedme for n in kl for x in ("frontier/kl", "frontier/gold_gain")]
     return {"margin": margin, "grid_points": grid_points, "curves": curves, "comparisons": comparisons,
             "primary": rule.get("primary"), "random_prompts": bool(rule.get("random_prompts")),
             "references": _json(ablation / "evals" / "base" / "reference_curves.json", missing=True) or {}}
