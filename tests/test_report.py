@@ -278,3 +278,35 @@ def test_early_updates_read_ppo_rows_only_and_the_first_ones(tmp_path):
     assert abs(records.early_updates(tmp_path, steps=10)["clipfrac"] - 0.38) < 1e-12  # all five updates
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"train/loss": 1.0}) + "\n")
     assert records.early_updates(tmp_path) == {}
+
+
+def test_top_answers_counts_each_seeds_top_answers_and_pairs_seeds(tmp_path):
+    """benchmarks/top_answers.py: per seed the commonest top answers over the suite's prompts, and per regime the
+    interval of H/log|A| on the seed prompts and its difference from another regime paired by seed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from collapse_lab.evaluation.metrics import interval
+
+    def suite(path, tops, h):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"prompts": [{"top_answer": a, "top_prob": 0.5, "answer_entropy": h * 2.0,
+                                                  "max_entropy": 2.0} for a in tops]}))
+
+    ev = tmp_path / "evals"
+    suite(ev / "base" / "heldout.json", [" 7"] * 3, 0.9)
+    suite(ev / "base" / "seed.json", [" 7"], 0.9)
+    for seed, (h_a, h_b) in enumerate([(0.1, 0.3), (0.2, 0.5), (0.3, 0.4)]):
+        suite(ev / "a" / f"s{seed}" / "heldout.json", [" 1", " 1", " 10"], 0.0)
+        suite(ev / "a" / f"s{seed}" / "seed.json", [" 1"], h_a)
+        suite(ev / "b" / f"s{seed}" / "heldout.json", [" 42"] * 3, 0.0)
+        suite(ev / "b" / f"s{seed}" / "seed.json", [" 42"], h_b)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "top_answers.py"
+    r = subprocess.run([sys.executable, str(script), str(tmp_path), "--against", "b"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "a s2: ' 1' on 2, ' 10' on 1" in r.stdout and "b s0: ' 42' on 3" in r.stdout
+    diff = interval([0.1 - 0.3, 0.2 - 0.5, 0.3 - 0.4])
+    assert f"a | 3 | 0.200 [" in r.stdout and f"| {diff['mean']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]" in r.stdout
+    r = subprocess.run([sys.executable, str(script), str(tmp_path), "--against", "c"], capture_output=True, text=True)
+    assert r.returncode != 0 and "valid: a, b" in r.stderr and r.stdout == ""
