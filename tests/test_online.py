@@ -52,7 +52,12 @@ def test_online_regimes_train_and_record_their_budget(tmp_path, tiny_base, recip
     before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all("kl" in r for r in rows)  # β > 0: TRL logs the KL to the base
+    train, curve = [r for r in rows if "loss" in r], [r for r in rows if "frontier/kl" in r]
+    assert len(train) == 2 and all("kl" in r for r in train)  # β > 0: TRL logs the KL to the base
+    # the curve along training (curve.points): its points are kept, as PPO's and DPO's are, for the report's
+    # matched-KL comparison; the last one at the last step, after the policy moved
+    assert curve and curve[-1]["step"] == 2 and curve[-1]["frontier/kl"] > 0, rows
+    assert len(train) + len(curve) == len(rows)
 
 
 @pytest.mark.parametrize("recipe", ["rloo-kl0.1", "grpo"])
@@ -70,5 +75,5 @@ def test_online_regimes_train_a_lora_adapter(tmp_path, tiny_base, recipe):
     assert set(after) == set(before)  # merged: no adapter keys
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved and all("proj" in k for k in moved), moved
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in x]
     assert len(rows) == 2 and all("kl" in r for r in rows)

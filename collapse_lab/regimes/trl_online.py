@@ -90,15 +90,18 @@ def train_online(cfg: DictConfig, named: bool, regime: Stage, trainer_cls, confi
                                                   spacing=cfg.curve.spacing, max_gap=cfg.curve.max_gap))
         tracking.quiet(trainer)
         trainer.train()
-        log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history) if "loss" in x]
+        # TRL's training rows (with a loss) and the curve's points (frontier/*, appended by the callback)
+        log = [dict(x, step=x.get("step", i + 1)) for i, x in enumerate(trainer.state.log_history)
+               if "loss" in x or "frontier/kl" in x]
+        train_rows = [x for x in log if "loss" in x]
         extra = bandit_tv(trainer.model, base, tokenizer, cfg, s.kl_coef) if world.reward_table is not None else {}
         policy = trainer.model.merge_and_unload() if cfg.peft.enabled else trainer.model  # plain HF weights
         save_policy(out, policy, tokenizer, log)
         steps = trainer.state.global_step
-        tokens = int(sum(x.get("completions/mean_length", 0) for x in log) * s.rollout_batch_size)
+        tokens = int(sum(x.get("completions/mean_length", 0) for x in train_rows) * s.rollout_batch_size)
         run.finish(samples_scored=getattr(reward, "samples_scored", None) or steps * s.rollout_batch_size,
                    steps=steps, tokens_trained=tokens, kl_coef=s.kl_coef, **extra,
-                   final={k: v for k, v in (log[-1] if log else {}).items() if isinstance(v, (int, float))})
+                   final={k: v for k, v in (train_rows[-1] if train_rows else {}).items() if isinstance(v, (int, float))})
         note(f"saved {out}: {stage} β={s.kl_coef:g}, {steps} steps" +
               (f", bandit TV to π* {extra['bandit_tv_to_optimum']:.4f}" if extra else ""))
     return out
