@@ -20,15 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collapse_lab.evaluation.metrics import interval  # noqa: E402
+from collapse_lab.lab.report.records import run_record  # noqa: E402
 
 
 def load(path: Path) -> list[dict]:
     return json.loads(path.read_text())["prompts"]
-
-
-def norm_entropy(prompts: list[dict]) -> float:
-    """Mean over prompts of H / log|A| (answer entropy over the maximum)."""
-    return sum(p["answer_entropy"] / p["max_entropy"] for p in prompts) / len(prompts)
 
 
 def tops(prompts: list[dict]) -> str:
@@ -52,7 +48,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --against {args.against!r}: not a regime of {args.ablation}; valid: {', '.join(regimes)}")
     base = load(evals / "base" / f"{args.suite}.json")
     print(f"{args.ablation.name}: top answers on the {len(base)} '{args.suite}' prompts; H/log|A| on the seed prompts")
-    print(f"base: {tops(base)}; H/log|A| {norm_entropy(load(evals / 'base' / 'seed.json')):.3f}")
+    print(f"base: {tops(base)}; H/log|A| {run_record(evals / 'base')['norm_entropy']:.3f}")
     h = {}
     for name in regimes:
         h[name] = {}
@@ -60,7 +56,7 @@ def main(argv=None) -> None:
             if not (d / f"{args.suite}.json").is_file() or not d.name[1:].isdigit():
                 continue
             prompts = load(d / f"{args.suite}.json")
-            h[name][d.name] = norm_entropy(load(d / "seed.json"))
+            h[name][d.name] = run_record(d)["norm_entropy"]  # the report's H/log|A| on the seed prompts
             top_p = sum(p["top_prob"] for p in prompts) / len(prompts)
             print(f"  {name} {d.name}: {tops(prompts)}; mean top p {top_p:.2f}; H/log|A| {h[name][d.name]:.3f}")
     print("regime | seeds | H/log|A| on the seed prompts [95%]" + (f" | minus {args.against}, paired by seed" if args.against else ""))

@@ -291,8 +291,9 @@ def test_top_answers_counts_each_seeds_top_answers_and_pairs_seeds(tmp_path):
 
     def suite(path, tops, h):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"prompts": [{"top_answer": a, "top_prob": 0.5, "answer_entropy": h * 2.0,
-                                                  "max_entropy": 2.0} for a in tops]}))
+        path.write_text(json.dumps({"prompts": [{"id": f"p{i}", "answers": [a], "answer_probs": [1.0], "valid_mass": 1.0,
+                                                  "top_answer": a, "top_prob": 0.5, "answer_entropy": h * 2.0,
+                                                  "max_entropy": 2.0} for i, a in enumerate(tops)]}))
 
     ev = tmp_path / "evals"
     suite(ev / "base" / "heldout.json", [" 7"] * 3, 0.9)
